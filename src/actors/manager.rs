@@ -1,0 +1,255 @@
+use std::collections::HashMap;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use super::user_state_actor::{Passivate, UserStateActor};
+use crate::config::Config;
+use crate::domain::{Command, UserKey, UserState};
+use crate::error::CommandError;
+use crate::store::SharedStore;
+
+/// A command for one user, sent to the [`UserStateManager`].
+#[derive(Debug, Clone, Message)]
+#[rtype(result = "Result<UserState, CommandError>")]
+pub struct UserCommand {
+    /// The user.
+    pub key: UserKey,
+    /// What they did or what is asked.
+    pub command: Command,
+}
+
+impl UserCommand {
+    /// `command` for the user `key`.
+    pub fn new(key: UserKey, command: Command) -> Self {
+        Self { key, command }
+    }
+}
+
+/// Asks the manager for its counters.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "ManagerStats")]
+pub struct GetManagerStats;
+
+/// What the manager has done since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ManagerStats {
+    /// Users with an actor now (passivating ones included).
+    pub resident_users: usize,
+    /// User actors started: first activations and restores after passivation.
+    pub activations: u64,
+    /// User actors passivated for idleness.
+    pub passivations: u64,
+    /// Commands that arrived while their user was passivating and were handed
+    /// to the user's next actor.
+    pub commands_held_during_passivation: u64,
+}
+
+/// Routes each [`UserCommand`] to its user's [`UserStateActor`], starting
+/// (and so restoring) the actor when the user has none.
+///
+/// Passivation is a handshake, as in Pekko's cluster sharding: an idle actor
+/// asks to be passivated; from then on the manager holds back new commands
+/// for that user and sends the actor [`Passivate`] behind everything already
+/// forwarded. The actor handles those first, then stops; when it has stopped
+/// (its last write committed), the held-back commands go to a new actor,
+/// which restores the committed state first. No command is lost, bounced with
+/// a mailbox error, or applied twice.
+///
+/// ```no_run
+/// use persist_durable::{Command, SqliteStore, UserCommand, UserKey, UserStateManager, Config};
+/// use actix::Actor;
+/// use std::sync::Arc;
+///
+/// #[actix::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let store = SqliteStore::open("user-state.db").await?;
+///     let manager = UserStateManager::new(Arc::new(store), Config::default()).start();
+///     let key = UserKey::new("mall001", "user001")?;
+///     let state = manager.send(UserCommand::new(key, Command::UserLogin)).await??;
+///     assert!(state.last_login.is_some());
+///     Ok(())
+/// }
+/// ```
+pub struct UserStateManager {
+    store: SharedStore,
+    config: Config,
+    children: HashMap<UserKey, Child>,
+    stats: ManagerStats,
+    next_incarnation: u64,
+}
+
+struct Child {
+    addr: Addr<UserStateActor>,
+    incarnation: u64,
+    /// `Some` once the child was told to passivate: commands held for its successor.
+    held: Option<Vec<HeldCommand>>,
+}
+
+struct HeldCommand {
+    command: Command,
+    reply: oneshot::Sender<Result<UserState, CommandError>>,
+}
+
+impl UserStateManager {
+    /// A manager whose user actors persist to `store` and behave as `config` says.
+    pub fn new(store: SharedStore, config: Config) -> Self {
+        Self {
+            store,
+            config,
+            children: HashMap::new(),
+            stats: ManagerStats::default(),
+            next_incarnation: 0,
+        }
+    }
+
+    fn spawn_child(&mut self, key: &UserKey, ctx: &mut Context<Self>) -> Child {
+        self.next_incarnation += 1;
+        self.stats.activations += 1;
+        let actor = UserStateActor::supervised(
+            key.clone(),
+            self.store.clone(),
+            self.config.clone(),
+            ctx.address(),
+            self.next_incarnation,
+        );
+        Child {
+            addr: actor.start(),
+            incarnation: self.next_incarnation,
+            held: None,
+        }
+    }
+}
+
+impl Actor for UserStateManager {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Callers may burst far beyond actix's default of 16 queued messages.
+        ctx.set_mailbox_capacity(usize::MAX);
+    }
+}
+
+/// Forwards `command` to `child` and answers with the child's reply.
+fn forward(
+    key: UserKey,
+    child: &Addr<UserStateActor>,
+    command: Command,
+) -> ResponseFuture<Result<UserState, CommandError>> {
+    // `send` queues the message now, in order; only the reply is awaited.
+    let request = child.send(command);
+    Box::pin(async move {
+        request.await.unwrap_or_else(|error| {
+            Err(CommandError::NotDelivered {
+                key,
+                reason: error.to_string(),
+            })
+        })
+    })
+}
+
+impl Handler<UserCommand> for UserStateManager {
+    type Result = ResponseFuture<Result<UserState, CommandError>>;
+
+    fn handle(&mut self, UserCommand { key, command }: UserCommand, ctx: &mut Self::Context) -> Self::Result {
+        if !self.children.contains_key(&key) {
+            let child = self.spawn_child(&key, ctx);
+            self.children.insert(key.clone(), child);
+        }
+        let Some(child) = self.children.get_mut(&key) else {
+            unreachable!("inserted above")
+        };
+        match &mut child.held {
+            None => forward(key, &child.addr, command),
+            Some(held) => {
+                self.stats.commands_held_during_passivation += 1;
+                let (reply, answer) = oneshot::channel();
+                held.push(HeldCommand { command, reply });
+                Box::pin(async move {
+                    answer.await.unwrap_or_else(|_| {
+                        Err(CommandError::NotDelivered {
+                            key,
+                            reason: "the manager stopped while the user was passivating".into(),
+                        })
+                    })
+                })
+            }
+        }
+    }
+}
+
+/// From a child: it has been idle long enough.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct PassivationRequested {
+    pub(crate) key: UserKey,
+    pub(crate) incarnation: u64,
+}
+
+impl Handler<PassivationRequested> for UserStateManager {
+    type Result = ();
+
+    fn handle(&mut self, request: PassivationRequested, _ctx: &mut Self::Context) {
+        let Some(child) = self.children.get_mut(&request.key) else {
+            return;
+        };
+        if child.incarnation == request.incarnation && child.held.is_none() {
+            child.held = Some(Vec::new());
+            child.addr.do_send(Passivate);
+        }
+    }
+}
+
+/// From a child's `stopped`: its mailbox is drained and its last write done.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct ChildStopped {
+    pub(crate) key: UserKey,
+    pub(crate) incarnation: u64,
+}
+
+impl Handler<ChildStopped> for UserStateManager {
+    type Result = ();
+
+    fn handle(&mut self, stopped: ChildStopped, ctx: &mut Self::Context) {
+        let Some(child) = self.children.get(&stopped.key) else {
+            return;
+        };
+        if child.incarnation != stopped.incarnation {
+            return;
+        }
+        let Some(child) = self.children.remove(&stopped.key) else {
+            return;
+        };
+        if child.held.is_some() {
+            self.stats.passivations += 1;
+        }
+        let held = child.held.unwrap_or_default();
+        debug!(user = %stopped.key, held = held.len(), "user actor stopped");
+        if held.is_empty() {
+            return;
+        }
+        let successor = self.spawn_child(&stopped.key, ctx);
+        for HeldCommand { command, reply } in held {
+            let answer = forward(stopped.key.clone(), &successor.addr, command);
+            actix::spawn(async move {
+                // The caller may have given up waiting; nothing to do then.
+                let _ = reply.send(answer.await);
+            });
+        }
+        self.children.insert(stopped.key, successor);
+    }
+}
+
+impl Handler<GetManagerStats> for UserStateManager {
+    type Result = MessageResult<GetManagerStats>;
+
+    fn handle(&mut self, _: GetManagerStats, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(ManagerStats {
+            resident_users: self.children.len(),
+            ..self.stats
+        })
+    }
+}

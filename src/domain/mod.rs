@@ -1,0 +1,13 @@
+//! The domain: who a user is, what we remember about them, and how each
+//! command changes it. Plain data and pure functions; no actix, no diesel,
+//! so every rule here is testable without a runtime or a database.
+
+mod clock;
+mod command;
+mod key;
+mod state;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use command::Command;
+pub use key::{ProductId, UserKey, MAX_ID_BYTES};
+pub use state::{apply, StatePolicy, UserState};

@@ -1,0 +1,196 @@
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Command, ProductId};
+
+/// The latest known state of one user.
+///
+/// Stored as JSON. Every field has a default, so a row written by an older
+/// version (with fewer fields) still loads, and fields this version does not
+/// know are ignored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UserState {
+    /// When the user last logged in.
+    pub last_login: Option<DateTime<Utc>>,
+    /// When the user last used the cart.
+    pub last_cart_use: Option<DateTime<Utc>>,
+    /// Recently viewed products, most recent first, without duplicates.
+    pub recent_products: Vec<ProductId>,
+    /// Whether the user agreed to marketing messages; `false` until they do.
+    pub marketing_opt_in: bool,
+    /// When the last state-changing event for this user was handled.
+    pub last_event_time: Option<DateTime<Utc>>,
+}
+
+/// The knobs of the state transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StatePolicy {
+    /// How many recently viewed products are kept.
+    pub recent_products_limit: usize,
+}
+
+impl Default for StatePolicy {
+    fn default() -> Self {
+        Self {
+            recent_products_limit: 3,
+        }
+    }
+}
+
+impl StatePolicy {
+    /// Keeps `limit` recently viewed products.
+    pub fn with_recent_products_limit(mut self, limit: usize) -> Self {
+        self.recent_products_limit = limit;
+        self
+    }
+}
+
+/// The state after `command` is applied at `now`: the whole domain logic.
+///
+/// Pure, so the actors can retry it after a conflict and tests can check it
+/// without a runtime. [`Command::GetUserState`] returns the state unchanged.
+pub fn apply(state: &UserState, command: &Command, now: DateTime<Utc>, policy: &StatePolicy) -> UserState {
+    let mut next = state.clone();
+    match command {
+        Command::GetUserState => return next,
+        Command::UserLogin => next.last_login = Some(now),
+        Command::UseCart => next.last_cart_use = Some(now),
+        Command::ViewProduct { product_id } => {
+            next.recent_products.retain(|seen| seen != product_id);
+            next.recent_products.insert(0, product_id.clone());
+            next.recent_products.truncate(policy.recent_products_limit);
+        }
+        Command::SetMarketingOptIn { opt_in } => next.marketing_opt_in = *opt_in,
+    }
+    next.last_event_time = Some(now);
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    fn at(minute: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 12, minute, 0).unwrap()
+    }
+
+    fn view(id: &str) -> Command {
+        Command::ViewProduct {
+            product_id: ProductId::new(id).unwrap(),
+        }
+    }
+
+    fn products(state: &UserState) -> Vec<&str> {
+        state.recent_products.iter().map(ProductId::as_str).collect()
+    }
+
+    #[test]
+    fn a_new_user_starts_empty_and_opted_out() {
+        let state = UserState::default();
+        assert_eq!(state.last_login, None);
+        assert_eq!(state.last_cart_use, None);
+        assert!(state.recent_products.is_empty());
+        assert!(!state.marketing_opt_in);
+        assert_eq!(state.last_event_time, None);
+    }
+
+    #[test]
+    fn login_records_login_and_event_time() {
+        let next = apply(
+            &UserState::default(),
+            &Command::UserLogin,
+            at(1),
+            &StatePolicy::default(),
+        );
+        assert_eq!(next.last_login, Some(at(1)));
+        assert_eq!(next.last_event_time, Some(at(1)));
+        assert_eq!(next.last_cart_use, None);
+    }
+
+    #[test]
+    fn cart_use_records_cart_and_event_time() {
+        let next = apply(&UserState::default(), &Command::UseCart, at(2), &StatePolicy::default());
+        assert_eq!(next.last_cart_use, Some(at(2)));
+        assert_eq!(next.last_event_time, Some(at(2)));
+        assert_eq!(next.last_login, None);
+    }
+
+    #[test]
+    fn viewed_products_keep_the_three_most_recent_first() {
+        let policy = StatePolicy::default();
+        let state = ["p1", "p2", "p3", "p4"]
+            .iter()
+            .fold(UserState::default(), |s, id| apply(&s, &view(id), at(3), &policy));
+        assert_eq!(products(&state), ["p4", "p3", "p2"]);
+    }
+
+    #[test]
+    fn viewing_a_listed_product_moves_it_to_the_front() {
+        let policy = StatePolicy::default();
+        let state = ["p1", "p2", "p3", "p1"]
+            .iter()
+            .fold(UserState::default(), |s, id| apply(&s, &view(id), at(3), &policy));
+        assert_eq!(products(&state), ["p1", "p3", "p2"]);
+    }
+
+    #[test]
+    fn the_recent_products_limit_is_configurable() {
+        let policy = StatePolicy::default().with_recent_products_limit(5);
+        let state = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .fold(UserState::default(), |s, id| apply(&s, &view(id), at(3), &policy));
+        assert_eq!(products(&state), ["f", "e", "d", "c", "b"]);
+    }
+
+    #[test]
+    fn marketing_opt_in_can_be_set_and_withdrawn() {
+        let policy = StatePolicy::default();
+        let on = apply(
+            &UserState::default(),
+            &Command::SetMarketingOptIn { opt_in: true },
+            at(4),
+            &policy,
+        );
+        assert!(on.marketing_opt_in);
+        let off = apply(&on, &Command::SetMarketingOptIn { opt_in: false }, at(5), &policy);
+        assert!(!off.marketing_opt_in);
+        assert_eq!(off.last_event_time, Some(at(5)));
+    }
+
+    #[test]
+    fn reading_the_state_changes_nothing() {
+        let policy = StatePolicy::default();
+        let state = apply(&UserState::default(), &Command::UserLogin, at(1), &policy);
+        assert_eq!(apply(&state, &Command::GetUserState, at(9), &policy), state);
+    }
+
+    #[test]
+    fn a_row_from_an_older_version_with_fewer_fields_loads() {
+        let state: UserState = serde_json::from_str(r#"{"marketing_opt_in":true}"#).unwrap();
+        assert!(state.marketing_opt_in);
+        assert!(state.recent_products.is_empty());
+    }
+
+    #[test]
+    fn a_row_from_a_newer_version_with_more_fields_loads() {
+        let state: UserState = serde_json::from_str(r#"{"recent_products":["p1"],"loyalty_tier":"gold"}"#).unwrap();
+        assert_eq!(products(&state), ["p1"]);
+    }
+
+    #[test]
+    fn state_round_trips_through_json() {
+        let policy = StatePolicy::default();
+        let state = apply(
+            &apply(&UserState::default(), &Command::UserLogin, at(1), &policy),
+            &view("p1"),
+            at(2),
+            &policy,
+        );
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(serde_json::from_str::<UserState>(&json).unwrap(), state);
+    }
+}

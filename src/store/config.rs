@@ -1,0 +1,64 @@
+use std::time::Duration;
+
+/// Settings shared by the database backends.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct StoreConfig {
+    /// Connections in the pool. PostgreSQL default 8; SQLite serialises
+    /// writers anyway, so a few connections suffice.
+    pub pool_size: usize,
+    /// How long a query waits for a connection before failing with
+    /// [`StoreError::Unavailable`](crate::StoreError::Unavailable).
+    pub connect_timeout: Duration,
+    /// The most a single load or write may take before it fails with
+    /// [`StoreError::Timeout`](crate::StoreError::Timeout).
+    pub operation_timeout: Duration,
+    /// Worker threads of the store's own runtime.
+    pub worker_threads: usize,
+    /// SQLite only: how long a writer waits for a lock held by another connection or process.
+    pub sqlite_busy_timeout: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(10),
+            worker_threads: 2,
+            sqlite_busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// Sets [`pool_size`](Self::pool_size).
+    pub fn with_pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// Sets [`connect_timeout`](Self::connect_timeout).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets [`operation_timeout`](Self::operation_timeout).
+    pub fn with_operation_timeout(mut self, timeout: Duration) -> Self {
+        self.operation_timeout = timeout;
+        self
+    }
+
+    /// Sets [`worker_threads`](Self::worker_threads).
+    pub fn with_worker_threads(mut self, threads: usize) -> Self {
+        self.worker_threads = threads.max(1);
+        self
+    }
+
+    /// Sets [`sqlite_busy_timeout`](Self::sqlite_busy_timeout).
+    pub fn with_sqlite_busy_timeout(mut self, timeout: Duration) -> Self {
+        self.sqlite_busy_timeout = timeout;
+        self
+    }
+}

@@ -1,0 +1,88 @@
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::runtime::Runtime;
+
+use crate::error::StoreError;
+
+/// A multi-threaded tokio runtime owned by one store, on which all its
+/// database work runs to completion.
+///
+/// Why not the caller's runtime: diesel-async's migration harness and its
+/// SQLite wrapper call `block_in_place`, which panics on actix's
+/// current-thread runtime; a query future dropped there (because its actor
+/// stopped) would be cancelled mid-write; and timeouts must keep real time
+/// when a test pauses the caller's clock.
+#[derive(Debug)]
+pub(crate) struct DbRuntime {
+    runtime: Option<Runtime>,
+    operation_timeout: Duration,
+}
+
+impl DbRuntime {
+    pub(crate) fn new(name: &str, worker_threads: usize, operation_timeout: Duration) -> Result<Self, StoreError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(worker_threads.max(1))
+            .thread_name(format!("persist-durable-{name}"))
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Setup(format!("cannot start the {name} store's runtime: {e}")))?;
+        Ok(Self {
+            runtime: Some(runtime),
+            operation_timeout,
+        })
+    }
+
+    /// Runs `work` on the store's runtime, bounded by the operation timeout.
+    ///
+    /// The work is spawned before this returns, so it runs to completion even
+    /// if the returned future is dropped.
+    pub(crate) fn run<T, F>(&self, work: F) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let limit = self.operation_timeout;
+        let spawned = self.runtime.as_ref().map(|runtime| {
+            runtime.spawn(async move {
+                tokio::time::timeout(limit, work)
+                    .await
+                    .unwrap_or(Err(StoreError::Timeout(limit)))
+            })
+        });
+        async move {
+            match spawned {
+                Some(handle) => handle
+                    .await
+                    .map_err(|e| StoreError::Setup(format!("a database task failed: {e}")))?,
+                None => Err(StoreError::Setup("the store's runtime is shut down".into())),
+            }
+        }
+    }
+
+    /// Runs `work` on the store's runtime without a timeout (migrations).
+    pub(crate) async fn run_unbounded<T, F>(&self, work: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| StoreError::Setup("the store's runtime is shut down".into()))?;
+        runtime
+            .spawn(work)
+            .await
+            .map_err(|e| StoreError::Setup(format!("a database task failed: {e}")))?
+    }
+}
+
+impl Drop for DbRuntime {
+    /// A store may be dropped inside an async context (the last actor holding
+    /// it stops), where dropping a runtime normally panics.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
