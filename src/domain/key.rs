@@ -1,4 +1,5 @@
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -30,25 +31,29 @@ fn validate(field: IdField, value: &str) -> Result<(), InvalidInput> {
 /// Identifies one shop user: a mall id plus a user id, both validated.
 ///
 /// The pair is the identity, not a joined string: `("a-b", "c")` and
-/// `("a", "b-c")` are different users and never share state.
+/// `("a", "b-c")` are different users and never share state. Cloning is a
+/// reference-count increment: keys travel with every message.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "RawUserKey")]
-pub struct UserKey {
+#[serde(try_from = "Ids", into = "Ids")]
+pub struct UserKey(Arc<Ids>);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+struct Ids {
     mall_id: String,
     user_id: String,
 }
 
-#[derive(Deserialize)]
-struct RawUserKey {
-    mall_id: String,
-    user_id: String,
-}
-
-impl TryFrom<RawUserKey> for UserKey {
+impl TryFrom<Ids> for UserKey {
     type Error = InvalidInput;
 
-    fn try_from(raw: RawUserKey) -> Result<Self, Self::Error> {
-        UserKey::new(raw.mall_id, raw.user_id)
+    fn try_from(ids: Ids) -> Result<Self, Self::Error> {
+        UserKey::new(ids.mall_id, ids.user_id)
+    }
+}
+
+impl From<UserKey> for Ids {
+    fn from(key: UserKey) -> Self {
+        Arc::unwrap_or_clone(key.0)
     }
 }
 
@@ -58,24 +63,24 @@ impl UserKey {
         let (mall_id, user_id) = (mall_id.into(), user_id.into());
         validate(IdField::MallId, &mall_id)?;
         validate(IdField::UserId, &user_id)?;
-        Ok(Self { mall_id, user_id })
+        Ok(Self(Arc::new(Ids { mall_id, user_id })))
     }
 
     /// The mall this user belongs to.
     pub fn mall_id(&self) -> &str {
-        &self.mall_id
+        &self.0.mall_id
     }
 
     /// The user within the mall.
     pub fn user_id(&self) -> &str {
-        &self.user_id
+        &self.0.user_id
     }
 }
 
 /// Shows the original's `mallId-userId` form, for logs and error messages.
 impl fmt::Display for UserKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.mall_id, self.user_id)
+        write!(f, "{}-{}", self.mall_id(), self.user_id())
     }
 }
 
