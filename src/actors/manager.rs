@@ -128,7 +128,7 @@ impl Actor for UserStateManager {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         // Callers may burst far beyond actix's default of 16 queued messages.
-        ctx.set_mailbox_capacity(usize::MAX);
+        ctx.set_mailbox_capacity(0); // 0: unbounded
     }
 }
 

@@ -154,7 +154,7 @@ impl Actor for UserStateActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         // Under a manager nothing may bounce off a full mailbox: the manager
         // relies on everything it forwarded being queued ahead of `Passivate`.
-        ctx.set_mailbox_capacity(usize::MAX);
+        ctx.set_mailbox_capacity(0); // 0: unbounded
         let (store, key) = (self.store.clone(), self.key.clone());
         // `wait` holds back every message until the state is restored.
         ctx.wait(
