@@ -1,0 +1,223 @@
+//! Passivation after 30 idle minutes and restore on the next command, in
+//! paused tokio time: the Rust counterpart of Pekko's `manualTime.timePasses`.
+
+mod common;
+
+use std::time::Duration;
+
+use actix::{Actor, Addr};
+use common::{key, t0, Backend, TestDb};
+use persist_durable::{
+    Command, Config, GetManagerStats, ManualClock, ProductId, Revision, UserCommand, UserState, UserStateActor,
+    UserStateManager,
+};
+use rstest::rstest;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn view(id: &str) -> Command {
+    Command::ViewProduct {
+        product_id: ProductId::new(id).unwrap(),
+    }
+}
+
+/// Lets the actors on this thread run until `actor` has stopped, without
+/// moving the clock; fails if it does not stop.
+async fn until_stopped(actor: &Addr<UserStateActor>) {
+    for _ in 0..1_000 {
+        if !actor.connected() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the actor did not stop");
+}
+
+/// Lets the actors on this thread run until the manager reports `resident` users.
+async fn until_resident(manager: &Addr<UserStateManager>, resident: usize) {
+    for _ in 0..1_000 {
+        if manager.send(GetManagerStats).await.unwrap().resident_users == resident {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the manager never had {resident} resident users");
+}
+
+#[rstest]
+#[actix::test]
+async fn idle_user_is_passivated_after_30_minutes_and_restored_field_by_field(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    tokio::time::pause();
+    let store = db.connect().await;
+    let config = Config::default().with_clock(ManualClock::new(t0()));
+    let user = key("mall001", "user001");
+    let actor = UserStateActor::new(user.clone(), store.clone(), config.clone()).start();
+    actor.send(Command::UserLogin).await.unwrap().unwrap();
+    for id in ["p1", "p2", "p3", "p4"] {
+        actor.send(view(id)).await.unwrap().unwrap();
+    }
+    actor.send(Command::UseCart).await.unwrap().unwrap();
+    let before = actor
+        .send(Command::SetMarketingOptIn { opt_in: true })
+        .await
+        .unwrap()
+        .unwrap();
+
+    tokio::time::advance(29 * MINUTE).await;
+    assert!(actor.connected(), "still alive after 29 idle minutes");
+
+    tokio::time::advance(MINUTE + 5 * MINUTE).await;
+    until_stopped(&actor).await;
+
+    let restored = UserStateActor::new(user.clone(), store, config).start();
+    let after = restored.send(Command::GetUserState).await.unwrap().unwrap();
+    assert_eq!(after.last_login, Some(t0()));
+    assert_eq!(after.last_cart_use, Some(t0()));
+    let products: Vec<&str> = after.recent_products.iter().map(ProductId::as_str).collect();
+    assert_eq!(products, ["p4", "p3", "p2"]);
+    assert!(after.marketing_opt_in);
+    assert_eq!(after.last_event_time, Some(t0()));
+    assert_eq!(after, before);
+}
+
+#[rstest]
+#[actix::test]
+async fn each_command_restarts_the_idle_countdown(#[values(Backend::Sqlite)] backend: Backend) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    tokio::time::pause();
+    let actor = UserStateActor::new(key("m", "u"), db.connect().await, Config::default()).start();
+
+    for _ in 0..4 {
+        tokio::time::advance(20 * MINUTE).await;
+        actor.send(Command::UseCart).await.unwrap().unwrap();
+    }
+
+    assert!(actor.connected(), "80 minutes of use, never 30 idle");
+}
+
+#[rstest]
+#[actix::test]
+async fn idle_timeout_and_check_interval_are_configurable(#[values(Backend::Sqlite)] backend: Backend) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    tokio::time::pause();
+    let config = Config::default()
+        .with_idle_timeout(2 * MINUTE)
+        .with_idle_check_interval(MINUTE);
+    let actor = UserStateActor::new(key("m", "u"), db.connect().await, config).start();
+    actor.send(Command::UserLogin).await.unwrap().unwrap();
+
+    tokio::time::advance(MINUTE).await;
+    assert!(actor.connected());
+    tokio::time::advance(2 * MINUTE).await;
+    until_stopped(&actor).await;
+}
+
+#[rstest]
+#[actix::test]
+async fn the_manager_forgets_a_passivated_user_and_restores_it_on_the_next_command(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    tokio::time::pause();
+    let manager = UserStateManager::new(db.connect().await, Config::default()).start();
+    let user = key("mall001", "user001");
+    let before = manager
+        .send(UserCommand::new(user.clone(), view("p1")))
+        .await
+        .unwrap()
+        .unwrap();
+
+    tokio::time::advance(29 * MINUTE).await;
+    assert_eq!(manager.send(GetManagerStats).await.unwrap().resident_users, 1);
+    tokio::time::advance(6 * MINUTE).await;
+    until_resident(&manager, 0).await;
+    assert_eq!(manager.send(GetManagerStats).await.unwrap().passivations, 1);
+
+    let after = manager
+        .send(UserCommand::new(user, Command::GetUserState))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after, before);
+    let stats = manager.send(GetManagerStats).await.unwrap();
+    assert_eq!((stats.resident_users, stats.activations), (1, 2));
+}
+
+#[rstest]
+#[actix::test]
+async fn commands_racing_with_passivation_are_all_applied_once_in_order(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    tokio::time::pause();
+    let store = db.connect().await;
+    let manager = UserStateManager::new(store.clone(), Config::default()).start();
+    let user = key("mall001", "user001");
+    manager
+        .send(UserCommand::new(user.clone(), Command::UserLogin))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // The idle check fires; while the child asks to be passivated, is told to,
+    // and stops, commands keep arriving, one per scheduler turn.
+    tokio::time::advance(35 * MINUTE).await;
+    let racing: Vec<_> = {
+        let mut requests = Vec::new();
+        for i in 0..20 {
+            requests.push(manager.send(UserCommand::new(user.clone(), view(&format!("p{i}")))));
+            tokio::task::yield_now().await;
+        }
+        requests
+    };
+    let mut replies = Vec::new();
+    for request in racing {
+        replies.push(request.await.expect("the manager answers"));
+    }
+
+    for (i, reply) in replies.iter().enumerate() {
+        assert!(reply.is_ok(), "command {i} failed: {reply:?}");
+    }
+    let stats = manager.send(GetManagerStats).await.unwrap();
+    assert!(stats.passivations >= 1, "the child did passivate: {stats:?}");
+    assert!(
+        stats.commands_held_during_passivation >= 1,
+        "some commands hit the window: {stats:?}"
+    );
+    let stored = store.load(&user).await.unwrap().unwrap();
+    assert_eq!(stored.revision, Revision(21), "each command written exactly once");
+    let products: Vec<&str> = stored.state.recent_products.iter().map(ProductId::as_str).collect();
+    assert_eq!(products, ["p19", "p18", "p17"], "in the order sent");
+    assert_eq!(Ok(&stored.state), replies.last().unwrap().as_ref().map_err(|_| ()));
+}
+
+#[rstest]
+#[actix::test]
+async fn a_user_passivated_twice_keeps_its_state(#[values(Backend::Sqlite)] backend: Backend) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    tokio::time::pause();
+    let manager = UserStateManager::new(db.connect().await, Config::default()).start();
+    let user = key("mall001", "user001");
+
+    let mut last = UserState::default();
+    for id in ["a", "b"] {
+        last = manager
+            .send(UserCommand::new(user.clone(), view(id)))
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::advance(40 * MINUTE).await;
+        until_resident(&manager, 0).await;
+    }
+
+    let restored = manager
+        .send(UserCommand::new(user, Command::GetUserState))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(restored, last);
+    assert_eq!(manager.send(GetManagerStats).await.unwrap().passivations, 2);
+}
