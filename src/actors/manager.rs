@@ -52,7 +52,7 @@ pub struct ManagerStats {
 ///
 /// Passivation is a handshake, as in Pekko's cluster sharding: an idle actor
 /// asks to be passivated; from then on the manager holds back new commands
-/// for that user and sends the actor [`Passivate`] behind everything already
+/// for that user and sends the actor a `Passivate` message behind everything already
 /// forwarded. The actor handles those first, then stops; when it has stopped
 /// (its last write committed), the held-back commands go to a new actor,
 /// which restores the committed state first. No command is lost, bounced with

@@ -77,15 +77,15 @@ impl SqliteStore {
             config.operation_timeout,
         )?);
         let migrate_path = path.clone();
+        let busy_ms = config.sqlite_busy_timeout.as_millis();
         runtime
             .run_unbounded(async move {
-                tokio::task::spawn_blocking(move || migrate(&migrate_path))
+                tokio::task::spawn_blocking(move || migrate(&migrate_path, busy_ms))
                     .await
                     .map_err(|e| StoreError::Migration(e.to_string()))?
             })
             .await?;
 
-        let busy_ms = config.sqlite_busy_timeout.as_millis();
         let mut manager_config = ManagerConfig::<SqliteAsync>::default();
         manager_config.custom_setup = Box::new(move |url| {
             let url = url.to_owned();
@@ -115,9 +115,20 @@ impl SqliteStore {
 }
 
 /// Migrations with a plain synchronous connection: this runs on a blocking
-/// thread, and diesel's harness needs no async wrapper for SQLite.
-fn migrate(path: &str) -> Result<(), StoreError> {
+/// thread, and diesel's harness needs no async wrapper for SQLite. Several
+/// processes may open the same file at once, so it waits for their locks.
+fn migrate(path: &str, busy_ms: u128) -> Result<(), StoreError> {
     let mut conn = SqliteConnection::establish(path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    diesel::connection::SimpleConnection::batch_execute(
+        &mut conn,
+        &format!("PRAGMA busy_timeout = {busy_ms}; PRAGMA journal_mode = WAL;"),
+    )
+    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    // Another process may apply the same migration between our check and our
+    // write; the second attempt then finds nothing pending.
+    if conn.run_pending_migrations(MIGRATIONS).is_ok() {
+        return Ok(());
+    }
     conn.run_pending_migrations(MIGRATIONS)
         .map(drop)
         .map_err(|e| StoreError::Migration(e.to_string()))
