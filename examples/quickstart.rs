@@ -27,7 +27,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let store = SqliteStore::open(&path).await?;
     println!("1. Opened the SQLite store at {}", path.display());
 
-    let manager = UserStateManager::new(Arc::new(store), Config::default().with_clock(clock.clone())).start();
+    // Simulated time is per thread: keep the user actors on this one (arbiters 0).
+    let config = Config::default().with_clock(clock.clone()).with_arbiters(0);
+    let manager = UserStateManager::new(Arc::new(store), config).start();
     let user = UserKey::new("mall001", "user001")?;
 
     let state = manager

@@ -26,6 +26,11 @@ pub struct Config {
     pub recent_products_limit: usize,
     /// Where recorded times come from.
     pub clock: Arc<dyn Clock>,
+    /// Arbiters (threads) the manager spreads user actors over; default: one
+    /// per core. With 0, user actors run on the manager's own arbiter, which
+    /// tests that pause tokio's clock need: paused time is per runtime, and
+    /// each arbiter has its own.
+    pub arbiters: usize,
 }
 
 impl Default for Config {
@@ -35,6 +40,7 @@ impl Default for Config {
             idle_check_interval: Duration::from_secs(5 * 60),
             recent_products_limit: StatePolicy::default().recent_products_limit,
             clock: Arc::new(SystemClock),
+            arbiters: std::thread::available_parallelism().map_or(1, usize::from),
         }
     }
 }
@@ -46,6 +52,7 @@ impl fmt::Debug for Config {
             .field("idle_check_interval", &self.idle_check_interval)
             .field("recent_products_limit", &self.recent_products_limit)
             .field("clock", &self.clock)
+            .field("arbiters", &self.arbiters)
             .finish()
     }
 }
@@ -72,6 +79,12 @@ impl Config {
     /// Sets [`clock`](Self::clock).
     pub fn with_clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Sets [`arbiters`](Self::arbiters).
+    pub fn with_arbiters(mut self, arbiters: usize) -> Self {
+        self.arbiters = arbiters;
         self
     }
 

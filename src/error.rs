@@ -73,8 +73,9 @@ pub enum InvalidInput {
     },
 }
 
-/// A failure of the state store.
-#[derive(Debug, thiserror::Error)]
+/// A failure of the state store. Cloneable: one failed batch fails each of
+/// the writes in it with the same error.
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The stored revision was not the one the write expected: someone else
@@ -101,7 +102,7 @@ pub enum StoreError {
     Unavailable(String),
     /// The database answered with an error.
     #[error("database error: {0}")]
-    Query(#[from] diesel::result::Error),
+    Query(String),
     /// The operation took longer than the configured limit; its outcome is unknown.
     #[error("the database did not answer within {0:?}")]
     Timeout(Duration),
@@ -111,6 +112,12 @@ pub enum StoreError {
     /// The store was misconfigured or its worker runtime is gone.
     #[error("the store cannot run: {0}")]
     Setup(String),
+}
+
+impl From<diesel::result::Error> for StoreError {
+    fn from(error: diesel::result::Error) -> Self {
+        StoreError::Query(error.to_string())
+    }
 }
 
 /// Why a command was not applied. The user's stored state is unchanged by it,

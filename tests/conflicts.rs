@@ -29,10 +29,17 @@ async fn a_store_write_from_a_stale_revision_is_a_conflict_and_changes_nothing(
         marketing_opt_in: true,
         ..UserState::default()
     };
-    assert_eq!(store.write(&user, Revision::NONE, &first).await.unwrap(), Revision(1));
+    assert_eq!(
+        store.write(&user, Revision::NONE, Revision(1), &first).await.unwrap(),
+        Revision(1)
+    );
 
-    let again_from_none = store.write(&user, Revision::NONE, &UserState::default()).await;
-    let from_the_future = store.write(&user, Revision(5), &UserState::default()).await;
+    let again_from_none = store
+        .write(&user, Revision::NONE, Revision(1), &UserState::default())
+        .await;
+    let from_the_future = store
+        .write(&user, Revision(5), Revision(6), &UserState::default())
+        .await;
 
     assert!(matches!(
         again_from_none,

@@ -21,6 +21,11 @@ fn view(id: &str) -> Command {
     }
 }
 
+/// Paused time is per runtime: user actors must run on the test's own.
+fn on_this_runtime() -> Config {
+    Config::default().with_arbiters(0)
+}
+
 /// Lets the actors on this thread run until `actor` has stopped, without
 /// moving the clock; fails if it does not stop.
 async fn until_stopped(actor: &Addr<UserStateActor>) {
@@ -122,7 +127,7 @@ async fn the_manager_forgets_a_passivated_user_and_restores_it_on_the_next_comma
 ) {
     let Some(db) = TestDb::open(backend).await else { return };
     tokio::time::pause();
-    let manager = UserStateManager::new(db.connect().await, Config::default()).start();
+    let manager = UserStateManager::new(db.connect().await, on_this_runtime()).start();
     let user = key("mall001", "user001");
     let before = manager
         .send(UserCommand::new(user.clone(), view("p1")))
@@ -154,7 +159,7 @@ async fn commands_racing_with_passivation_are_all_applied_once_in_order(
     let Some(db) = TestDb::open(backend).await else { return };
     tokio::time::pause();
     let store = db.connect().await;
-    let manager = UserStateManager::new(store.clone(), Config::default()).start();
+    let manager = UserStateManager::new(store.clone(), on_this_runtime()).start();
     let user = key("mall001", "user001");
     manager
         .send(UserCommand::new(user.clone(), Command::UserLogin))
@@ -199,7 +204,7 @@ async fn commands_racing_with_passivation_are_all_applied_once_in_order(
 async fn a_user_passivated_twice_keeps_its_state(#[values(Backend::Sqlite)] backend: Backend) {
     let Some(db) = TestDb::open(backend).await else { return };
     tokio::time::pause();
-    let manager = UserStateManager::new(db.connect().await, Config::default()).start();
+    let manager = UserStateManager::new(db.connect().await, on_this_runtime()).start();
     let user = key("mall001", "user001");
 
     let mut last = UserState::default();

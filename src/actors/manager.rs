@@ -1,9 +1,11 @@
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::debug;
 
+use super::start_unbounded;
 use super::user_state_actor::{Passivate, UserStateActor};
 use crate::config::Config;
 use crate::domain::{Command, UserKey, UserState};
@@ -75,7 +77,9 @@ pub struct ManagerStats {
 /// ```
 pub struct UserStateManager {
     store: SharedStore,
-    config: Config,
+    config: Arc<Config>,
+    /// Where user actors run; empty: on the manager's own arbiter.
+    arbiters: Vec<Arbiter>,
     children: HashMap<UserKey, Child>,
     stats: ManagerStats,
     next_incarnation: u64,
@@ -98,7 +102,8 @@ impl UserStateManager {
     pub fn new(store: SharedStore, config: Config) -> Self {
         Self {
             store,
-            config,
+            arbiters: Vec::new(),
+            config: Arc::new(config),
             children: HashMap::new(),
             stats: ManagerStats::default(),
             next_incarnation: 0,
@@ -115,8 +120,12 @@ impl UserStateManager {
             ctx.address(),
             self.next_incarnation,
         );
+        // Round robin: consecutive activations land on different threads.
+        let arbiter = (!self.arbiters.is_empty())
+            .then(|| self.arbiters[(self.next_incarnation % self.arbiters.len() as u64) as usize].handle());
+        let addr = start_unbounded(actor, arbiter.as_ref());
         Child {
-            addr: actor.start(),
+            addr,
             incarnation: self.next_incarnation,
             held: None,
         }
@@ -126,9 +135,20 @@ impl UserStateManager {
 impl Actor for UserStateManager {
     type Context = Context<Self>;
 
-    fn started(&mut self, ctx: &mut Self::Context) {
-        // Callers may burst far beyond actix's default of 16 queued messages.
-        ctx.set_mailbox_capacity(0); // 0: unbounded
+    /// Starts the manager with an unbounded mailbox: callers burst far beyond
+    /// actix's default of 16 queued messages.
+    fn start(self) -> Addr<Self> {
+        start_unbounded(self, None)
+    }
+
+    fn started(&mut self, _ctx: &mut Self::Context) {
+        self.arbiters = (0..self.config.arbiters).map(|_| Arbiter::new()).collect();
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
     }
 }
 

@@ -6,3 +6,29 @@ mod user_state_actor;
 
 pub use manager::{GetManagerStats, ManagerStats, UserCommand, UserStateManager};
 pub use user_state_actor::UserStateActor;
+
+use actix::dev::channel;
+use actix::{Actor, Addr, ArbiterHandle, Context};
+
+/// Starts `actor` with an unbounded mailbox, on `arbiter` or on the current one.
+///
+/// The mailbox must be unbounded from its creation, not from `started`:
+/// actix's default holds 16 messages, and a `send` beyond that parks the
+/// message in the sender's future, to be queued only when that future is
+/// polled. Senders would then be served one at a time, and a later
+/// `do_send` (which ignores the bound) could overtake parked messages.
+pub(crate) fn start_unbounded<A>(actor: A, arbiter: Option<&ArbiterHandle>) -> Addr<A>
+where
+    A: Actor<Context = Context<A>> + Send,
+{
+    let (sender, receiver) = channel::channel(0); // 0: unbounded
+    match arbiter {
+        None => Context::with_receiver(receiver).run(actor),
+        Some(arbiter) => {
+            arbiter.spawn_fn(move || {
+                actix::spawn(Context::with_receiver(receiver).into_future(actor));
+            });
+            Addr::new(sender)
+        }
+    }
+}

@@ -17,6 +17,14 @@ pub struct StoreConfig {
     pub worker_threads: usize,
     /// SQLite only: how long a writer waits for a lock held by another connection or process.
     pub sqlite_busy_timeout: Duration,
+    /// Group commit: the most writes (or restores) in one statement.
+    pub max_batch_size: usize,
+    /// Group commit: how long a batch waits for more requests after its first.
+    pub max_batch_wait: Duration,
+    /// Group commit: write statements in flight at once.
+    pub max_write_batches_in_flight: usize,
+    /// Restore statements in flight at once, so a restart does not storm the database.
+    pub max_restores_in_flight: usize,
 }
 
 impl Default for StoreConfig {
@@ -27,6 +35,10 @@ impl Default for StoreConfig {
             operation_timeout: Duration::from_secs(10),
             worker_threads: 2,
             sqlite_busy_timeout: Duration::from_secs(5),
+            max_batch_size: 512,
+            max_batch_wait: Duration::from_millis(1),
+            max_write_batches_in_flight: 4,
+            max_restores_in_flight: 2,
         }
     }
 }
@@ -53,6 +65,30 @@ impl StoreConfig {
     /// Sets [`worker_threads`](Self::worker_threads).
     pub fn with_worker_threads(mut self, threads: usize) -> Self {
         self.worker_threads = threads.max(1);
+        self
+    }
+
+    /// Sets [`max_batch_size`](Self::max_batch_size); at least 1.
+    pub fn with_max_batch_size(mut self, size: usize) -> Self {
+        self.max_batch_size = size.max(1);
+        self
+    }
+
+    /// Sets [`max_batch_wait`](Self::max_batch_wait); zero sends what is queued at once.
+    pub fn with_max_batch_wait(mut self, wait: Duration) -> Self {
+        self.max_batch_wait = wait;
+        self
+    }
+
+    /// Sets [`max_write_batches_in_flight`](Self::max_write_batches_in_flight); at least 1.
+    pub fn with_max_write_batches_in_flight(mut self, batches: usize) -> Self {
+        self.max_write_batches_in_flight = batches.max(1);
+        self
+    }
+
+    /// Sets [`max_restores_in_flight`](Self::max_restores_in_flight); at least 1.
+    pub fn with_max_restores_in_flight(mut self, restores: usize) -> Self {
+        self.max_restores_in_flight = restores.max(1);
         self
     }
 

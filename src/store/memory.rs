@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{persistence_id, Revision, StateStore, StoredState};
+use super::{persistence_id, Revision, StateStore, StoreStats, StoredState};
 use crate::domain::{UserKey, UserState};
 use crate::error::StoreError;
 
@@ -16,6 +16,7 @@ use crate::error::StoreError;
 pub struct MemoryStore {
     rows: Mutex<HashMap<String, StoredState>>,
     unavailable: AtomicBool,
+    stats: Mutex<StoreStats>,
 }
 
 impl MemoryStore {
@@ -38,6 +39,10 @@ impl MemoryStore {
         }
     }
 
+    fn count(&self, update: impl FnOnce(&mut StoreStats)) {
+        update(&mut self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+    }
+
     fn rows(&self) -> std::sync::MutexGuard<'_, HashMap<String, StoredState>> {
         self.rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -47,21 +52,33 @@ impl MemoryStore {
 impl StateStore for MemoryStore {
     async fn load(&self, key: &UserKey) -> Result<Option<StoredState>, StoreError> {
         self.check_available()?;
+        self.count(|stats| {
+            stats.load_statements += 1;
+            stats.users_loaded += 1;
+        });
         Ok(self.rows().get(&persistence_id(key)).cloned())
     }
 
-    async fn write(&self, key: &UserKey, expected: Revision, state: &UserState) -> Result<Revision, StoreError> {
+    async fn write(
+        &self,
+        key: &UserKey,
+        expected: Revision,
+        revision: Revision,
+        state: &UserState,
+    ) -> Result<Revision, StoreError> {
         self.check_available()?;
         let mut rows = self.rows();
         let id = persistence_id(key);
         let stored = rows.get(&id).map_or(Revision::NONE, |row| row.revision);
+        self.count(|stats| stats.write_statements += 1);
         if stored != expected {
+            self.count(|stats| stats.conflicts += 1);
             return Err(StoreError::Conflict {
                 key: key.clone(),
                 expected,
             });
         }
-        let revision = expected.next();
+        self.count(|stats| stats.rows_written += 1);
         rows.insert(
             id,
             StoredState {
@@ -74,5 +91,9 @@ impl StateStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.check_available()
+    }
+
+    fn stats(&self) -> StoreStats {
+        *self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }

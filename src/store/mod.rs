@@ -21,6 +21,7 @@ use crate::domain::{UserKey, UserState};
 use crate::error::StoreError;
 
 mod config;
+mod group_commit;
 mod memory;
 #[cfg(feature = "postgres")]
 mod postgres;
@@ -79,20 +80,48 @@ impl StoredState {
 /// Durable storage of user states with revision-checked writes.
 ///
 /// Implementations must make `write` atomic and conditional: it succeeds only
-/// if the stored revision is still `expected`, and then stores
-/// `expected.next()`.
+/// if the stored revision is still `expected`.
 #[async_trait]
 pub trait StateStore: Send + Sync + fmt::Debug + 'static {
     /// The user's committed state, or `None` for a user never written.
     async fn load(&self, key: &UserKey) -> Result<Option<StoredState>, StoreError>;
 
-    /// Stores `state` as revision `expected.next()` if the stored revision is
-    /// `expected` ([`Revision::NONE`]: no row yet); otherwise fails with
+    /// Stores `state` as `revision` if the stored revision is `expected`
+    /// ([`Revision::NONE`]: no row yet); otherwise fails with
     /// [`StoreError::Conflict`] and changes nothing.
-    async fn write(&self, key: &UserKey, expected: Revision, state: &UserState) -> Result<Revision, StoreError>;
+    ///
+    /// `revision` is `expected` plus the number of commands the state
+    /// reflects: an actor that coalesces several commands into one write
+    /// still counts each of them.
+    async fn write(
+        &self,
+        key: &UserKey,
+        expected: Revision,
+        revision: Revision,
+        state: &UserState,
+    ) -> Result<Revision, StoreError>;
 
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// What the store has done since it was opened.
+    fn stats(&self) -> StoreStats;
+}
+
+/// Counters of a store: how well group commit and bulk restore are batching.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Write statements (batches) executed.
+    pub write_statements: u64,
+    /// Rows those statements wrote (conflicts excluded).
+    pub rows_written: u64,
+    /// Rows refused because their revision had moved on.
+    pub conflicts: u64,
+    /// Load statements (batches) executed.
+    pub load_statements: u64,
+    /// Users those statements looked up.
+    pub users_loaded: u64,
 }
 
 /// A shared, type-erased store, as the actors hold it.

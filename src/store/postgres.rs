@@ -1,16 +1,18 @@
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use diesel::sql_types::{BigInt, Binary, Integer, Text};
-use diesel::OptionalExtension;
+use diesel::sql_types::{Array, BigInt, Binary, Integer, Text};
+use diesel::QueryableByName;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use super::row::{encode, revision_column, StateRow, JSON_SERIALIZER_ID, STATE_MANIFEST};
+use super::group_commit::{GroupCommit, RowWrite, SqlBackend};
+use super::row::{StateRow, JSON_SERIALIZER_ID, STATE_MANIFEST};
 use super::runtime::DbRuntime;
-use super::{persistence_id, Revision, StateStore, StoreConfig, StoredState, ENTITY_TYPE};
+use super::{Revision, StateStore, StoreConfig, StoreStats, StoredState, ENTITY_TYPE};
 use crate::domain::{UserKey, UserState};
 use crate::error::StoreError;
 
@@ -19,36 +21,49 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 /// Serialises concurrent migrations from several processes (an arbitrary, fixed key).
 const MIGRATION_LOCK_KEY: i64 = 0x7065_7273_6973_7400;
 
-const LOAD: &str = "SELECT revision, state_ser_id, state_payload FROM durable_state WHERE persistence_id = $1";
+/// Restores a batch of users in one round trip.
+pub const LOAD_ROWS_SQL: &str = "SELECT persistence_id, revision, state_ser_id, state_payload \
+     FROM durable_state WHERE persistence_id = ANY($1)";
 
-const INSERT_FIRST: &str = "INSERT INTO durable_state \
-     (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload) \
-     VALUES ($1, $2, 1, now(), $3, $4, $5) ON CONFLICT (persistence_id) DO NOTHING";
-
-const UPDATE_IF_REVISION: &str = "UPDATE durable_state \
-     SET revision = $1, db_timestamp = now(), state_ser_id = $2, state_ser_manifest = $3, state_payload = $4 \
-     WHERE persistence_id = $5 AND revision = $6";
+/// The group-commit write: one statement for a batch of users, each row
+/// written only if its stored revision is the one expected (0: no row yet).
+/// It answers the persistence ids written; any other row of the batch was a
+/// conflict and is unchanged.
+pub const WRITE_ROWS_SQL: &str = "\
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[])
+        AS t(persistence_id, expected, revision, payload)
+), inserted AS (
+    INSERT INTO durable_state
+        (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload)
+    SELECT persistence_id, $5, revision, now(), $6, $7, payload FROM input WHERE expected = 0
+    ON CONFLICT (persistence_id) DO NOTHING
+    RETURNING persistence_id
+), updated AS (
+    UPDATE durable_state AS d
+    SET revision = i.revision, db_timestamp = now(), state_ser_id = $6, state_ser_manifest = $7,
+        state_payload = i.payload
+    FROM input AS i
+    WHERE i.expected <> 0 AND d.persistence_id = i.persistence_id AND d.revision = i.expected
+    RETURNING d.persistence_id
+)
+SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated";
 
 /// The production store: PostgreSQL through diesel-async's pure-Rust driver
-/// and a deadpool connection pool.
+/// and a deadpool connection pool, with group commit.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), persist_durable::StoreError> {
 /// let store = persist_durable::PostgresStore::connect("postgres://postgres:postgres@localhost/persist_durable").await?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
 pub struct PostgresStore {
-    pool: Pool<AsyncPgConnection>,
-    // Declared last: dropped after the pool whose connections live on it.
-    runtime: Arc<DbRuntime>,
+    group_commit: GroupCommit,
 }
 
 impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresStore")
-            .field("pool", &self.pool.status())
-            .finish()
+        f.debug_struct("PostgresStore").finish_non_exhaustive()
     }
 }
 
@@ -66,12 +81,12 @@ impl PostgresStore {
             config.operation_timeout,
         )?);
         let url = database_url.to_owned();
-        let connect_timeout = config.connect_timeout;
+        let limit = config.connect_timeout * 4;
         runtime
             .run_unbounded(async move {
-                tokio::time::timeout(connect_timeout * 4, migrate(url))
+                tokio::time::timeout(limit, migrate(url))
                     .await
-                    .unwrap_or(Err(StoreError::Timeout(connect_timeout * 4)))
+                    .unwrap_or(Err(StoreError::Timeout(limit)))
             })
             .await?;
         let pool = Pool::builder(AsyncDieselConnectionManager::<AsyncPgConnection>::new(database_url))
@@ -82,7 +97,8 @@ impl PostgresStore {
             .recycle_timeout(Some(config.connect_timeout))
             .build()
             .map_err(|e| StoreError::Setup(format!("cannot build the connection pool: {e}")))?;
-        Ok(Self { pool, runtime })
+        let group_commit = GroupCommit::start(Arc::new(PgBackend { pool }), runtime, &config);
+        Ok(Self { group_commit })
     }
 }
 
@@ -103,73 +119,91 @@ async fn migrate(url: String) -> Result<(), StoreError> {
     applied
 }
 
-async fn checkout(pool: &Pool<AsyncPgConnection>) -> Result<Object<AsyncPgConnection>, StoreError> {
-    pool.get().await.map_err(|e| StoreError::Unavailable(e.to_string()))
-}
-
 #[async_trait]
 impl StateStore for PostgresStore {
     async fn load(&self, key: &UserKey) -> Result<Option<StoredState>, StoreError> {
-        let (pool, key) = (self.pool.clone(), key.clone());
-        self.runtime
-            .run(async move {
-                let mut conn = checkout(&pool).await?;
-                let row: Option<StateRow> = diesel::sql_query(LOAD)
-                    .bind::<Text, _>(persistence_id(&key))
-                    .get_result(&mut conn)
-                    .await
-                    .optional()?;
-                row.map(|row| row.decode(&key)).transpose()
-            })
-            .await
+        self.group_commit.load_state(key).await
     }
 
-    async fn write(&self, key: &UserKey, expected: Revision, state: &UserState) -> Result<Revision, StoreError> {
-        let (pool, key) = (self.pool.clone(), key.clone());
-        let payload = encode(state)?;
-        let revision = expected.next();
-        let (new_column, expected_column) = (revision_column(revision)?, revision_column(expected)?);
-        self.runtime
-            .run(async move {
-                let mut conn = checkout(&pool).await?;
-                let id = persistence_id(&key);
-                let written = if expected == Revision::NONE {
-                    diesel::sql_query(INSERT_FIRST)
-                        .bind::<Text, _>(id)
-                        .bind::<Text, _>(ENTITY_TYPE)
-                        .bind::<Integer, _>(JSON_SERIALIZER_ID)
-                        .bind::<Text, _>(STATE_MANIFEST)
-                        .bind::<Binary, _>(payload)
-                        .execute(&mut conn)
-                        .await?
-                } else {
-                    diesel::sql_query(UPDATE_IF_REVISION)
-                        .bind::<BigInt, _>(new_column)
-                        .bind::<Integer, _>(JSON_SERIALIZER_ID)
-                        .bind::<Text, _>(STATE_MANIFEST)
-                        .bind::<Binary, _>(payload)
-                        .bind::<Text, _>(id)
-                        .bind::<BigInt, _>(expected_column)
-                        .execute(&mut conn)
-                        .await?
-                };
-                if written == 1 {
-                    Ok(revision)
-                } else {
-                    Err(StoreError::Conflict { key, expected })
-                }
-            })
-            .await
+    async fn write(
+        &self,
+        key: &UserKey,
+        expected: Revision,
+        revision: Revision,
+        state: &UserState,
+    ) -> Result<Revision, StoreError> {
+        self.group_commit.write_state(key, expected, revision, state).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let pool = self.pool.clone();
-        self.runtime
-            .run(async move {
-                let mut conn = checkout(&pool).await?;
-                conn.batch_execute("SELECT 1").await?;
-                Ok(())
-            })
+        self.group_commit.ping().await
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.group_commit.stats()
+    }
+}
+
+struct PgBackend {
+    pool: Pool<AsyncPgConnection>,
+}
+
+impl PgBackend {
+    async fn checkout(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
+        self.pool
+            .get()
             .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+}
+
+#[derive(QueryableByName)]
+struct Written {
+    #[diesel(sql_type = Text)]
+    persistence_id: String,
+}
+
+#[async_trait]
+impl SqlBackend for PgBackend {
+    async fn write_rows(&self, rows: Vec<RowWrite>) -> Result<Vec<bool>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let (mut ids, mut expected, mut revisions, mut payloads) = (
+            Vec::with_capacity(rows.len()),
+            Vec::with_capacity(rows.len()),
+            Vec::with_capacity(rows.len()),
+            Vec::with_capacity(rows.len()),
+        );
+        for row in rows {
+            ids.push(row.persistence_id);
+            expected.push(row.expected);
+            revisions.push(row.revision);
+            payloads.push(row.payload);
+        }
+        let written: Vec<Written> = diesel::sql_query(WRITE_ROWS_SQL)
+            .bind::<Array<Text>, _>(&ids)
+            .bind::<Array<BigInt>, _>(expected)
+            .bind::<Array<BigInt>, _>(revisions)
+            .bind::<Array<Binary>, _>(payloads)
+            .bind::<Text, _>(ENTITY_TYPE)
+            .bind::<Integer, _>(JSON_SERIALIZER_ID)
+            .bind::<Text, _>(STATE_MANIFEST)
+            .load(&mut conn)
+            .await?;
+        let written: std::collections::HashSet<String> = written.into_iter().map(|w| w.persistence_id).collect();
+        Ok(ids.iter().map(|id| written.contains(id)).collect())
+    }
+
+    async fn load_rows(&self, persistence_ids: Vec<String>) -> Result<HashMap<String, StateRow>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let rows: Vec<StateRow> = diesel::sql_query(LOAD_ROWS_SQL)
+            .bind::<Array<Text>, _>(persistence_ids)
+            .load(&mut conn)
+            .await?;
+        Ok(rows.into_iter().map(|row| (row.persistence_id.clone(), row)).collect())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.checkout().await?.batch_execute("SELECT 1").await?;
+        Ok(())
     }
 }

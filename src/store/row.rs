@@ -15,6 +15,8 @@ pub(crate) const STATE_MANIFEST: &str = "UserState/v1";
 /// The columns a load reads.
 #[derive(Debug, QueryableByName)]
 pub(crate) struct StateRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub(crate) persistence_id: String,
     #[diesel(sql_type = BigInt)]
     pub(crate) revision: i64,
     #[diesel(sql_type = Integer)]
@@ -26,7 +28,7 @@ pub(crate) struct StateRow {
 impl StateRow {
     /// Decodes the row, failing with [`StoreError::Corrupt`] (naming the user)
     /// for anything this version cannot read.
-    pub(crate) fn decode(self, key: &UserKey) -> Result<StoredState, StoreError> {
+    pub(crate) fn decode(&self, key: &UserKey) -> Result<StoredState, StoreError> {
         let corrupt = |reason: String| StoreError::Corrupt {
             key: key.clone(),
             revision: self.revision,

@@ -60,6 +60,16 @@ impl DbRuntime {
         }
     }
 
+    /// Starts a long-running task (a batch collector) on the store's runtime.
+    pub(crate) fn spawn<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        if let Some(runtime) = &self.runtime {
+            runtime.spawn(task);
+        }
+    }
+
     /// Runs `work` on the store's runtime without a timeout (migrations).
     pub(crate) async fn run_unbounded<T, F>(&self, work: F) -> Result<T, StoreError>
     where

@@ -1,18 +1,21 @@
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use diesel::connection::SimpleConnection;
 use diesel::sql_types::{BigInt, Binary, Integer, Text};
-use diesel::{Connection, OptionalExtension, SqliteConnection};
+use diesel::{Connection, OptionalExtension, RunQueryDsl, SqliteConnection};
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
-use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use super::row::{encode, revision_column, StateRow, JSON_SERIALIZER_ID, STATE_MANIFEST};
+use super::group_commit::{GroupCommit, RowWrite, SqlBackend};
+use super::row::{StateRow, JSON_SERIALIZER_ID, STATE_MANIFEST};
 use super::runtime::DbRuntime;
-use super::{persistence_id, Revision, StateStore, StoreConfig, StoredState, ENTITY_TYPE};
+use super::{Revision, StateStore, StoreConfig, StoreStats, StoredState, ENTITY_TYPE};
 use crate::domain::{UserKey, UserState};
 use crate::error::StoreError;
 
@@ -20,11 +23,12 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
 type SqliteAsync = SyncConnectionWrapper<SqliteConnection>;
 
-const LOAD: &str = "SELECT revision, state_ser_id, state_payload FROM durable_state WHERE persistence_id = ?";
+const LOAD_ROW: &str =
+    "SELECT persistence_id, revision, state_ser_id, state_payload FROM durable_state WHERE persistence_id = ?";
 
 const INSERT_FIRST: &str = "INSERT INTO durable_state \
      (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload) \
-     VALUES (?, ?, 1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?, ?, ?) ON CONFLICT (persistence_id) DO NOTHING";
+     VALUES (?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?, ?, ?) ON CONFLICT (persistence_id) DO NOTHING";
 
 const UPDATE_IF_REVISION: &str = "UPDATE durable_state \
      SET revision = ?, db_timestamp = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), state_ser_id = ?, \
@@ -35,25 +39,21 @@ const UPDATE_IF_REVISION: &str = "UPDATE durable_state \
 ///
 /// Uses diesel-async's sync-connection wrapper over a bundled libsqlite3, in
 /// WAL mode with `synchronous = FULL`, so an acknowledged write survives a
-/// crash of the process or the machine.
+/// crash of the process or the machine. A batch of writes is one transaction:
+/// one fsync for many users.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), persist_durable::StoreError> {
 /// let store = persist_durable::SqliteStore::open("user-state.db").await?;
 /// # Ok(()) }
 /// ```
-#[derive(Clone)]
 pub struct SqliteStore {
-    pool: Pool<SqliteAsync>,
-    // Declared last: dropped after the pool whose connections live on it.
-    runtime: Arc<DbRuntime>,
+    group_commit: GroupCommit,
 }
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("pool", &self.pool.status())
-            .finish()
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
     }
 }
 
@@ -110,7 +110,8 @@ impl SqliteStore {
         .recycle_timeout(Some(config.connect_timeout))
         .build()
         .map_err(|e| StoreError::Setup(format!("cannot build the connection pool: {e}")))?;
-        Ok(Self { pool, runtime })
+        let group_commit = GroupCommit::start(Arc::new(SqliteBackend { pool }), runtime, &config);
+        Ok(Self { group_commit })
     }
 }
 
@@ -119,11 +120,8 @@ impl SqliteStore {
 /// processes may open the same file at once, so it waits for their locks.
 fn migrate(path: &str, busy_ms: u128) -> Result<(), StoreError> {
     let mut conn = SqliteConnection::establish(path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
-    diesel::connection::SimpleConnection::batch_execute(
-        &mut conn,
-        &format!("PRAGMA busy_timeout = {busy_ms}; PRAGMA journal_mode = WAL;"),
-    )
-    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    conn.batch_execute(&format!("PRAGMA busy_timeout = {busy_ms}; PRAGMA journal_mode = WAL;"))
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
     // Another process may apply the same migration between our check and our
     // write; the second attempt then finds nothing pending.
     if conn.run_pending_migrations(MIGRATIONS).is_ok() {
@@ -134,73 +132,104 @@ fn migrate(path: &str, busy_ms: u128) -> Result<(), StoreError> {
         .map_err(|e| StoreError::Migration(e.to_string()))
 }
 
-async fn checkout(pool: &Pool<SqliteAsync>) -> Result<Object<SqliteAsync>, StoreError> {
-    pool.get().await.map_err(|e| StoreError::Unavailable(e.to_string()))
-}
-
 #[async_trait]
 impl StateStore for SqliteStore {
     async fn load(&self, key: &UserKey) -> Result<Option<StoredState>, StoreError> {
-        let (pool, key) = (self.pool.clone(), key.clone());
-        self.runtime
-            .run(async move {
-                let mut conn = checkout(&pool).await?;
-                let row: Option<StateRow> = diesel::sql_query(LOAD)
-                    .bind::<Text, _>(persistence_id(&key))
-                    .get_result(&mut conn)
-                    .await
-                    .optional()?;
-                row.map(|row| row.decode(&key)).transpose()
-            })
-            .await
+        self.group_commit.load_state(key).await
     }
 
-    async fn write(&self, key: &UserKey, expected: Revision, state: &UserState) -> Result<Revision, StoreError> {
-        let (pool, key) = (self.pool.clone(), key.clone());
-        let payload = encode(state)?;
-        let revision = expected.next();
-        let (new_column, expected_column) = (revision_column(revision)?, revision_column(expected)?);
-        self.runtime
-            .run(async move {
-                let mut conn = checkout(&pool).await?;
-                let id = persistence_id(&key);
-                let written = if expected == Revision::NONE {
-                    diesel::sql_query(INSERT_FIRST)
-                        .bind::<Text, _>(id)
-                        .bind::<Text, _>(ENTITY_TYPE)
-                        .bind::<Integer, _>(JSON_SERIALIZER_ID)
-                        .bind::<Text, _>(STATE_MANIFEST)
-                        .bind::<Binary, _>(payload)
-                        .execute(&mut conn)
-                        .await?
-                } else {
-                    diesel::sql_query(UPDATE_IF_REVISION)
-                        .bind::<BigInt, _>(new_column)
-                        .bind::<Integer, _>(JSON_SERIALIZER_ID)
-                        .bind::<Text, _>(STATE_MANIFEST)
-                        .bind::<Binary, _>(payload)
-                        .bind::<Text, _>(id)
-                        .bind::<BigInt, _>(expected_column)
-                        .execute(&mut conn)
-                        .await?
-                };
-                if written == 1 {
-                    Ok(revision)
-                } else {
-                    Err(StoreError::Conflict { key, expected })
-                }
-            })
-            .await
+    async fn write(
+        &self,
+        key: &UserKey,
+        expected: Revision,
+        revision: Revision,
+        state: &UserState,
+    ) -> Result<Revision, StoreError> {
+        self.group_commit.write_state(key, expected, revision, state).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        let pool = self.pool.clone();
-        self.runtime
-            .run(async move {
-                let mut conn = checkout(&pool).await?;
-                conn.batch_execute("SELECT 1").await?;
-                Ok(())
-            })
+        self.group_commit.ping().await
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.group_commit.stats()
+    }
+}
+
+struct SqliteBackend {
+    pool: Pool<SqliteAsync>,
+}
+
+impl SqliteBackend {
+    async fn checkout(&self) -> Result<Object<SqliteAsync>, StoreError> {
+        self.pool
+            .get()
             .await
+            .map_err(|e| StoreError::Unavailable(e.to_string()))
+    }
+}
+
+fn write_row(conn: &mut SqliteConnection, row: RowWrite) -> diesel::QueryResult<bool> {
+    let written = if row.expected == 0 {
+        diesel::sql_query(INSERT_FIRST)
+            .bind::<Text, _>(row.persistence_id)
+            .bind::<Text, _>(ENTITY_TYPE)
+            .bind::<BigInt, _>(row.revision)
+            .bind::<Integer, _>(JSON_SERIALIZER_ID)
+            .bind::<Text, _>(STATE_MANIFEST)
+            .bind::<Binary, _>(row.payload)
+            .execute(conn)?
+    } else {
+        diesel::sql_query(UPDATE_IF_REVISION)
+            .bind::<BigInt, _>(row.revision)
+            .bind::<Integer, _>(JSON_SERIALIZER_ID)
+            .bind::<Text, _>(STATE_MANIFEST)
+            .bind::<Binary, _>(row.payload)
+            .bind::<Text, _>(row.persistence_id)
+            .bind::<BigInt, _>(row.expected)
+            .execute(conn)?
+    };
+    Ok(written == 1)
+}
+
+#[async_trait]
+impl SqlBackend for SqliteBackend {
+    async fn write_rows(&self, rows: Vec<RowWrite>) -> Result<Vec<bool>, StoreError> {
+        let mut conn = self.checkout().await?;
+        // One immediate transaction for the batch: one commit, one fsync.
+        let written = conn
+            .spawn_blocking(move |conn| {
+                conn.immediate_transaction(|conn| rows.into_iter().map(|row| write_row(conn, row)).collect())
+            })
+            .await?;
+        Ok(written)
+    }
+
+    async fn load_rows(&self, persistence_ids: Vec<String>) -> Result<HashMap<String, StateRow>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let rows = conn
+            .spawn_blocking(move |conn| {
+                conn.transaction(|conn| {
+                    let mut rows = HashMap::with_capacity(persistence_ids.len());
+                    for id in persistence_ids {
+                        let row: Option<StateRow> = diesel::sql_query(LOAD_ROW)
+                            .bind::<Text, _>(&id)
+                            .get_result(conn)
+                            .optional()?;
+                        if let Some(row) = row {
+                            rows.insert(id, row);
+                        }
+                    }
+                    Ok(rows)
+                })
+            })
+            .await?;
+        Ok(rows)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.checkout().await?.batch_execute("SELECT 1").await?;
+        Ok(())
     }
 }

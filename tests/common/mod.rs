@@ -97,9 +97,18 @@ impl TestDb {
     }
 
     pub async fn try_connect(&self) -> Result<SharedStore, persist_durable::StoreError> {
+        self.try_connect_with(test_store_config()).await
+    }
+
+    /// A new store on this database with `config`.
+    pub async fn connect_with(&self, config: StoreConfig) -> SharedStore {
+        self.try_connect_with(config).await.expect("the test database opens")
+    }
+
+    pub async fn try_connect_with(&self, config: StoreConfig) -> Result<SharedStore, persist_durable::StoreError> {
         Ok(match &self.location {
-            Location::Sqlite { path, .. } => Arc::new(SqliteStore::open_with(path, test_store_config()).await?),
-            Location::Postgres { url, .. } => Arc::new(PostgresStore::connect_with(url, test_store_config()).await?),
+            Location::Sqlite { path, .. } => Arc::new(SqliteStore::open_with(path, config).await?),
+            Location::Postgres { url, .. } => Arc::new(PostgresStore::connect_with(url, config).await?),
         })
     }
 
