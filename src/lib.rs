@@ -59,7 +59,8 @@ pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{
-    persistence_id, MemoryStore, Revision, SharedStore, StateStore, StoreConfig, StoredState, ENTITY_TYPE,
+    persistence_id, MemoryStore, Revision, SharedStore, StateStore, StoreConfig, StoreStats, StoredState, ENTITY_TYPE,
+    JSON_SERIALIZER_ID, STATE_MANIFEST,
 };
 
 /// The types most programs need: `use persist_durable::prelude::*;`.

@@ -34,6 +34,7 @@ pub use config::StoreConfig;
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
+pub use row::{JSON_SERIALIZER_ID, STATE_MANIFEST};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 

@@ -22,14 +22,10 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 const MIGRATION_LOCK_KEY: i64 = 0x7065_7273_6973_7400;
 
 /// Restores a batch of users in one round trip.
-pub const LOAD_ROWS_SQL: &str = "SELECT persistence_id, revision, state_ser_id, state_payload \
+const LOAD_ROWS_SQL: &str = "SELECT persistence_id, revision, state_ser_id, state_payload \
      FROM durable_state WHERE persistence_id = ANY($1)";
 
-/// The group-commit write: one statement for a batch of users, each row
-/// written only if its stored revision is the one expected (0: no row yet).
-/// It answers the persistence ids written; any other row of the batch was a
-/// conflict and is unchanged.
-pub const WRITE_ROWS_SQL: &str = "\
+const WRITE_ROWS_SQL: &str = "\
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[])
         AS t(persistence_id, expected, revision, payload)
@@ -68,6 +64,14 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
+    /// The group-commit write: one statement for a batch of users, each row
+    /// written only if its stored revision is the one expected (0: no row
+    /// yet). It answers the persistence ids written; any other row of the
+    /// batch was a conflict and is unchanged. Binds: persistence ids,
+    /// expected revisions, new revisions, payloads (arrays), then entity
+    /// type, serializer id, manifest.
+    pub const WRITE_SQL: &'static str = WRITE_ROWS_SQL;
+
     /// Connects with [`StoreConfig::default`] and applies pending migrations.
     pub async fn connect(database_url: &str) -> Result<Self, StoreError> {
         Self::connect_with(database_url, StoreConfig::default()).await

@@ -8,9 +8,9 @@ use crate::domain::{UserKey, UserState};
 use crate::error::StoreError;
 
 /// `state_ser_id` of rows whose payload is `UserState` as serde JSON.
-pub(crate) const JSON_SERIALIZER_ID: i32 = 1;
+pub const JSON_SERIALIZER_ID: i32 = 1;
 /// `state_ser_manifest`: what the payload is, so a later format can coexist.
-pub(crate) const STATE_MANIFEST: &str = "UserState/v1";
+pub const STATE_MANIFEST: &str = "UserState/v1";
 
 /// The columns a load reads.
 #[derive(Debug, QueryableByName)]
