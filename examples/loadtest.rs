@@ -68,6 +68,10 @@ struct Options {
     /// Commands in flight at once.
     #[arg(long, default_value_t = 512)]
     concurrency: usize,
+    /// Send at this many commands per second (open loop; latency counts from
+    /// each command's scheduled time); as fast as possible when absent.
+    #[arg(long)]
+    rate: Option<f64>,
     /// PostgreSQL URL, or a SQLite file path; a temporary SQLite file when absent.
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
@@ -87,7 +91,7 @@ struct Options {
     #[arg(long, default_value_t = 1000)]
     batch_wait_us: u64,
     /// Group commit: write statements in flight.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 6)]
     batches_in_flight: usize,
     /// Arbiters for user actors; default: one per core.
     #[arg(long)]
@@ -96,6 +100,11 @@ struct Options {
     #[arg(long, default_value_t = 42)]
     seed: u64,
 }
+
+/// The application's allocator, for both modes alike: glibc's malloc spends a
+/// quarter of the CPU here on frees across threads (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 type AnyError = Box<dyn Error + Send + Sync>;
 
@@ -131,6 +140,7 @@ fn main() -> Result<(), AnyError> {
     report["users"] = json!(options.users);
     report["skew"] = json!(options.skew);
     report["concurrency"] = json!(options.concurrency);
+    report["rate"] = json!(options.rate);
     report["peak_rss_bytes"] = json!(peak_rss_bytes());
     println!("{report}");
     Ok(())
@@ -227,7 +237,13 @@ impl Workload {
 }
 
 /// Sends `count` commands with at most `concurrency` in flight and measures them.
-async fn drive<F, Fut>(workload: &mut Workload, count: u64, concurrency: usize, execute: F) -> serde_json::Value
+async fn drive<F, Fut>(
+    workload: &mut Workload,
+    count: u64,
+    concurrency: usize,
+    rate: Option<f64>,
+    execute: F,
+) -> serde_json::Value
 where
     F: Fn(UserKey, Command) -> Fut,
     Fut: Future<Output = Result<(), String>>,
@@ -237,13 +253,21 @@ where
     let progress = std::io::stderr().is_terminal();
     let started = Instant::now();
     let mut last_report = started;
-    let requests = futures_util::stream::iter(0..count).map(|_| {
-        let (key, command) = workload.next();
-        let sent = Instant::now();
-        let work = execute(key, command);
-        async move { (work.await, sent.elapsed()) }
-    });
-    let mut replies = requests.buffer_unordered(concurrency);
+    let scheduled = move |i: u64| rate.map(|rate| started + Duration::from_secs_f64(i as f64 / rate));
+    let requests = futures_util::stream::iter(0..count)
+        .then(move |i| async move {
+            if let Some(at) = scheduled(i) {
+                tokio::time::sleep_until(at.into()).await;
+            }
+            i
+        })
+        .map(|i| {
+            let (key, command) = workload.next();
+            let sent = scheduled(i).unwrap_or_else(Instant::now);
+            let work = execute(key, command);
+            async move { (work.await, sent.elapsed()) }
+        });
+    let mut replies = std::pin::pin!(requests.buffer_unordered(concurrency));
     while let Some((result, latency)) = replies.next().await {
         done += 1;
         let _ = latencies.record(latency.as_micros().max(1) as u64);
@@ -278,16 +302,22 @@ async fn run_actors(options: &Options, location: &str, backend: &str) -> Result<
     let store = open_store(options, location, backend).await?;
     let manager = UserStateManager::new(store.clone(), manager_config(options)).start();
     let mut workload = Workload::new(options)?;
-    let mut report = drive(&mut workload, options.commands, options.concurrency, |key, command| {
-        let request = manager.send(UserCommand::new(key, command));
-        async move {
-            match request.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(error)) => Err(error.to_string()),
-                Err(error) => Err(error.to_string()),
+    let mut report = drive(
+        &mut workload,
+        options.commands,
+        options.concurrency,
+        options.rate,
+        |key, command| {
+            let request = manager.send(UserCommand::new(key, command));
+            async move {
+                match request.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(error) => Err(error.to_string()),
+                }
             }
-        }
-    })
+        },
+    )
     .await;
     let stats = manager.send(GetManagerStats).await?;
     let store_stats = store.stats();
@@ -369,10 +399,16 @@ fn run_naive(options: &Options, url: &str) -> Result<serde_json::Value, AnyError
             .max_size(options.pool_size)
             .build()?;
         let mut workload = Workload::new(options)?;
-        let report = drive(&mut workload, options.commands, options.concurrency, |key, command| {
-            let task = tokio::spawn(naive_command(pool.clone(), key, command));
-            async move { task.await.map_err(|e| e.to_string())? }
-        })
+        let report = drive(
+            &mut workload,
+            options.commands,
+            options.concurrency,
+            options.rate,
+            |key, command| {
+                let task = tokio::spawn(naive_command(pool.clone(), key, command));
+                async move { task.await.map_err(|e| e.to_string())? }
+            },
+        )
         .await;
         Ok::<_, AnyError>(report)
     })

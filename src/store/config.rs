@@ -37,7 +37,7 @@ impl Default for StoreConfig {
             sqlite_busy_timeout: Duration::from_secs(5),
             max_batch_size: 512,
             max_batch_wait: Duration::from_millis(1),
-            max_write_batches_in_flight: 4,
+            max_write_batches_in_flight: 6,
             max_restores_in_flight: 2,
         }
     }

@@ -211,3 +211,28 @@ impl SqlBackend for PgBackend {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(sql: &str) -> String {
+        sql.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    /// BENCHMARKS.md compares the library with pgbench running this statement:
+    /// the two must not drift apart.
+    #[test]
+    fn the_ceiling_script_runs_the_librarys_write_statement() {
+        let script = include_str!("../../scripts/pg-ceiling.sh");
+        let from_inserted = &WRITE_ROWS_SQL[WRITE_ROWS_SQL.find("), inserted AS (").unwrap()..];
+        let with_constants = from_inserted
+            .replace("$5", &format!("'{ENTITY_TYPE}'"))
+            .replace("$6", &JSON_SERIALIZER_ID.to_string())
+            .replace("$7", &format!("'{STATE_MANIFEST}'"));
+        assert!(
+            words(script).contains(&words(&with_constants)),
+            "scripts/pg-ceiling.sh no longer runs PostgresStore::WRITE_SQL"
+        );
+    }
+}
