@@ -26,6 +26,21 @@ pub struct Config {
     pub recent_products_limit: usize,
     /// Where recorded times come from.
     pub clock: Arc<dyn Clock>,
+    /// How many applied event ids each user remembers, to recognise redelivery.
+    pub event_id_memory: usize,
+    /// How often a write that lost a revision conflict is reloaded and
+    /// applied again before its commands fail with
+    /// [`CommandError::Conflict`](crate::CommandError::Conflict).
+    pub conflict_retries: u32,
+    /// Commands queued for one user at most; beyond it, commands are refused
+    /// with [`CommandError::Overloaded`](crate::CommandError::Overloaded).
+    pub max_queued_per_user: usize,
+    /// Commands in flight through the manager at most; beyond it, refused
+    /// with [`CommandError::Overloaded`](crate::CommandError::Overloaded).
+    pub max_commands_in_flight: usize,
+    /// Users with an actor at most; beyond it, the least recently used ones
+    /// are passivated (Akka's default for a shard region is 100,000).
+    pub max_resident_users: usize,
     /// Arbiters (threads) the manager spreads user actors over; default: one
     /// per core. With 0, user actors run on the manager's own arbiter, which
     /// tests that pause tokio's clock need: paused time is per runtime, and
@@ -40,6 +55,11 @@ impl Default for Config {
             idle_check_interval: Duration::from_secs(5 * 60),
             recent_products_limit: StatePolicy::default().recent_products_limit,
             clock: Arc::new(SystemClock),
+            event_id_memory: StatePolicy::default().event_id_memory,
+            conflict_retries: 3,
+            max_queued_per_user: 1_000,
+            max_commands_in_flight: 100_000,
+            max_resident_users: 100_000,
             arbiters: std::thread::available_parallelism().map_or(1, usize::from),
         }
     }
@@ -52,6 +72,11 @@ impl fmt::Debug for Config {
             .field("idle_check_interval", &self.idle_check_interval)
             .field("recent_products_limit", &self.recent_products_limit)
             .field("clock", &self.clock)
+            .field("event_id_memory", &self.event_id_memory)
+            .field("conflict_retries", &self.conflict_retries)
+            .field("max_queued_per_user", &self.max_queued_per_user)
+            .field("max_commands_in_flight", &self.max_commands_in_flight)
+            .field("max_resident_users", &self.max_resident_users)
             .field("arbiters", &self.arbiters)
             .finish()
     }
@@ -82,6 +107,36 @@ impl Config {
         self
     }
 
+    /// Sets [`event_id_memory`](Self::event_id_memory).
+    pub fn with_event_id_memory(mut self, count: usize) -> Self {
+        self.event_id_memory = count;
+        self
+    }
+
+    /// Sets [`conflict_retries`](Self::conflict_retries); 0 reports every conflict.
+    pub fn with_conflict_retries(mut self, retries: u32) -> Self {
+        self.conflict_retries = retries;
+        self
+    }
+
+    /// Sets [`max_queued_per_user`](Self::max_queued_per_user); at least 1.
+    pub fn with_max_queued_per_user(mut self, limit: usize) -> Self {
+        self.max_queued_per_user = limit.max(1);
+        self
+    }
+
+    /// Sets [`max_commands_in_flight`](Self::max_commands_in_flight); at least 1.
+    pub fn with_max_commands_in_flight(mut self, limit: usize) -> Self {
+        self.max_commands_in_flight = limit.max(1);
+        self
+    }
+
+    /// Sets [`max_resident_users`](Self::max_resident_users); at least 1.
+    pub fn with_max_resident_users(mut self, limit: usize) -> Self {
+        self.max_resident_users = limit.max(1);
+        self
+    }
+
     /// Sets [`arbiters`](Self::arbiters).
     pub fn with_arbiters(mut self, arbiters: usize) -> Self {
         self.arbiters = arbiters;
@@ -89,6 +144,8 @@ impl Config {
     }
 
     pub(crate) fn policy(&self) -> StatePolicy {
-        StatePolicy::default().with_recent_products_limit(self.recent_products_limit)
+        StatePolicy::default()
+            .with_recent_products_limit(self.recent_products_limit)
+            .with_event_id_memory(self.event_id_memory)
     }
 }

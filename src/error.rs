@@ -17,6 +17,8 @@ pub enum IdField {
     UserId,
     /// The product id of a [`ViewProduct`](crate::Command::ViewProduct).
     ProductId,
+    /// The id of an [`Event`](crate::Event).
+    EventId,
 }
 
 impl fmt::Display for IdField {
@@ -25,6 +27,7 @@ impl fmt::Display for IdField {
             IdField::MallId => "mall id",
             IdField::UserId => "user id",
             IdField::ProductId => "product id",
+            IdField::EventId => "event id",
         })
     }
 }
@@ -155,6 +158,15 @@ pub enum CommandError {
         #[source]
         source: StoreError,
     },
+    /// Too much is already queued (for this user, or in total); the command
+    /// was refused, not applied. Retry later, more slowly.
+    #[error("the command for user {key} was refused: {reason}")]
+    Overloaded {
+        /// The user.
+        key: UserKey,
+        /// Which limit was reached.
+        reason: String,
+    },
     /// The command never reached the user's actor (it was stopped by its
     /// system); it was not applied.
     #[error("the command for user {key} was not delivered: {reason}")]
@@ -191,6 +203,7 @@ impl CommandError {
             CommandError::Conflict { key, .. }
             | CommandError::CorruptState { key, .. }
             | CommandError::StoreUnavailable { key, .. }
+            | CommandError::Overloaded { key, .. }
             | CommandError::NotDelivered { key, .. } => key,
         }
     }

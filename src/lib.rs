@@ -51,7 +51,8 @@ mod store;
 pub use actors::{GetManagerStats, ManagerStats, UserCommand, UserStateActor, UserStateManager};
 pub use config::Config;
 pub use domain::{
-    apply, Clock, Command, ManualClock, ProductId, StatePolicy, SystemClock, UserKey, UserState, MAX_ID_BYTES,
+    apply, apply_event, Clock, Command, Event, EventId, ManualClock, ProductId, StatePolicy, SystemClock, UserKey,
+    UserState, MAX_ID_BYTES,
 };
 pub use error::{CommandError, IdField, InvalidInput, StoreError};
 #[cfg(feature = "postgres")]

@@ -66,8 +66,9 @@ async fn two_actors_writing_from_the_same_revision_one_wins_and_the_loser_recove
 ) {
     let Some(db) = TestDb::open(backend).await else { return };
     let user = key("mall001", "user001");
-    let winner = UserStateActor::new(user.clone(), db.connect().await, Config::default()).start();
-    let loser = UserStateActor::new(user.clone(), db.connect().await, Config::default()).start();
+    let report_conflicts = Config::default().with_conflict_retries(0);
+    let winner = UserStateActor::new(user.clone(), db.connect().await, report_conflicts.clone()).start();
+    let loser = UserStateActor::new(user.clone(), db.connect().await, report_conflicts).start();
     // Both have restored revision 0.
     winner.send(Command::GetUserState).await.unwrap().unwrap();
     loser.send(Command::GetUserState).await.unwrap().unwrap();
@@ -101,8 +102,9 @@ async fn two_managers_on_one_database_never_overwrite_each_other(
 ) {
     let Some(db) = TestDb::open(backend).await else { return };
     let user = key("mall001", "user001");
-    let node_a = UserStateManager::new(db.connect().await, Config::default()).start();
-    let node_b = UserStateManager::new(db.connect().await, Config::default()).start();
+    let report_conflicts = Config::default().with_conflict_retries(0);
+    let node_a = UserStateManager::new(db.connect().await, report_conflicts.clone()).start();
+    let node_b = UserStateManager::new(db.connect().await, report_conflicts).start();
     node_a
         .send(UserCommand::new(user.clone(), Command::GetUserState))
         .await
@@ -146,4 +148,34 @@ async fn two_managers_on_one_database_never_overwrite_each_other(
     );
     let products: Vec<&str> = stored.state.recent_products.iter().map(ProductId::as_str).collect();
     assert_eq!(products, ["p9", "p8", "p7"], "no acknowledged write was lost");
+}
+
+#[rstest]
+#[actix::test]
+async fn by_default_a_conflicting_write_is_reloaded_and_applied_again_without_an_error(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let user = key("mall001", "user001");
+    let node_a = UserStateManager::new(db.connect().await, Config::default()).start();
+    let node_b = UserStateManager::new(db.connect().await, Config::default()).start();
+
+    // Both nodes get commands for the same user, interleaved and concurrent.
+    let mut requests = Vec::new();
+    for i in 0..40 {
+        let node = if i % 3 == 0 { &node_b } else { &node_a };
+        requests.push(node.send(UserCommand::new(user.clone(), view(&format!("p{i}")))));
+    }
+    let mut acknowledged = 0;
+    for request in requests {
+        request.await.unwrap().expect("no conflict reaches the caller");
+        acknowledged += 1;
+    }
+
+    let stored = db.connect().await.load(&user).await.unwrap().unwrap();
+    assert_eq!(
+        stored.revision,
+        Revision(acknowledged),
+        "every acknowledged command applied exactly once"
+    );
 }

@@ -146,7 +146,7 @@ async fn users_activated_together_are_restored_in_bulk(#[values(Backend::Sqlite,
 }
 
 #[actix::test]
-async fn a_write_that_fails_leaves_later_commands_to_the_reloaded_state() {
+async fn a_conflicting_write_is_applied_again_on_the_reloaded_state() {
     let store = std::sync::Arc::new(persist_durable::MemoryStore::new());
     let manager = UserStateManager::new(store.clone(), Config::default().with_arbiters(0)).start();
     let user = key("mall001", "user001");
@@ -156,6 +156,38 @@ async fn a_write_that_fails_leaves_later_commands_to_the_reloaded_state() {
         .unwrap()
         .unwrap();
     // Another writer moves the row on behind the actor's back.
+    let stored = store.load(&user).await.unwrap().unwrap();
+    store
+        .write(&user, stored.revision, Revision(2), &UserState::default())
+        .await
+        .unwrap();
+
+    let reapplied = manager
+        .send(UserCommand::new(user.clone(), view("p1")))
+        .await
+        .unwrap()
+        .unwrap();
+
+    assert!(
+        reapplied.last_login.is_none(),
+        "applied on the other writer's state, reloaded"
+    );
+    assert_eq!(reapplied.recent_products, [ProductId::new("p1").unwrap()]);
+    assert_eq!(store.stats().conflicts, 1, "the first attempt did conflict");
+    assert_eq!(store.load(&user).await.unwrap().unwrap().revision, Revision(3));
+}
+
+#[actix::test]
+async fn a_conflict_is_reported_once_the_retries_are_used_up() {
+    let store = std::sync::Arc::new(persist_durable::MemoryStore::new());
+    let config = Config::default().with_arbiters(0).with_conflict_retries(0);
+    let manager = UserStateManager::new(store.clone(), config).start();
+    let user = key("mall001", "user001");
+    manager
+        .send(UserCommand::new(user.clone(), Command::UserLogin))
+        .await
+        .unwrap()
+        .unwrap();
     let stored = store.load(&user).await.unwrap().unwrap();
     store
         .write(&user, stored.revision, Revision(2), &UserState::default())
@@ -175,8 +207,7 @@ async fn a_write_that_fails_leaves_later_commands_to_the_reloaded_state() {
     );
     assert!(
         next.last_login.is_none(),
-        "applied on the other writer's state, reloaded"
+        "the next command applies on the reloaded state"
     );
     assert_eq!(next.recent_products, [ProductId::new("p2").unwrap()]);
-    assert_eq!(store.load(&user).await.unwrap().unwrap().revision, Revision(3));
 }

@@ -1,4 +1,5 @@
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -8,7 +9,7 @@ use tracing::debug;
 use super::start_unbounded;
 use super::user_state_actor::{Passivate, UserStateActor};
 use crate::config::Config;
-use crate::domain::{Command, UserKey, UserState};
+use crate::domain::{Command, Event, UserKey, UserState};
 use crate::error::CommandError;
 use crate::store::SharedStore;
 
@@ -18,14 +19,22 @@ use crate::store::SharedStore;
 pub struct UserCommand {
     /// The user.
     pub key: UserKey,
-    /// What they did or what is asked.
-    pub command: Command,
+    /// What they did or what is asked, with the event's id and time if known.
+    pub event: Event,
 }
 
 impl UserCommand {
-    /// `command` for the user `key`.
-    pub fn new(key: UserKey, command: Command) -> Self {
-        Self { key, command }
+    /// `command` (a [`Command`] or an [`Event`]) for the user `key`.
+    pub fn new(key: UserKey, command: impl Into<Event>) -> Self {
+        Self {
+            key,
+            event: command.into(),
+        }
+    }
+
+    /// The command itself.
+    pub fn command(&self) -> &Command {
+        &self.event.command
     }
 }
 
@@ -47,6 +56,10 @@ pub struct ManagerStats {
     /// Commands that arrived while their user was passivating and were handed
     /// to the user's next actor.
     pub commands_held_during_passivation: u64,
+    /// Users passivated early because [`Config::max_resident_users`] was reached.
+    pub evictions: u64,
+    /// Commands refused with [`CommandError::Overloaded`] by the manager.
+    pub commands_refused: u64,
 }
 
 /// Routes each [`UserCommand`] to its user's [`UserStateActor`], starting
@@ -83,17 +96,23 @@ pub struct UserStateManager {
     children: HashMap<UserKey, Child>,
     stats: ManagerStats,
     next_incarnation: u64,
+    /// Commands forwarded and not yet answered, across all users.
+    in_flight: Arc<AtomicUsize>,
+    /// A logical clock: one tick per command, to find the least recently used users.
+    ticks: u64,
 }
 
 struct Child {
     addr: Addr<UserStateActor>,
     incarnation: u64,
+    /// The tick of the last command for this user.
+    last_used: u64,
     /// `Some` once the child was told to passivate: commands held for its successor.
     held: Option<Vec<HeldCommand>>,
 }
 
 struct HeldCommand {
-    command: Command,
+    event: Event,
     reply: oneshot::Sender<Result<UserState, CommandError>>,
 }
 
@@ -107,6 +126,37 @@ impl UserStateManager {
             children: HashMap::new(),
             stats: ManagerStats::default(),
             next_incarnation: 0,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            ticks: 0,
+        }
+    }
+
+    /// Passivates the least recently used users once there are more than
+    /// [`Config::max_resident_users`]: a hundredth of the limit at a time, so
+    /// the scan is paid once per many activations.
+    fn evict_least_recently_used(&mut self) {
+        let limit = self.config.max_resident_users;
+        if self.children.len() <= limit {
+            return;
+        }
+        let excess = self.children.len() - limit + limit / 100;
+        let mut candidates: Vec<(u64, UserKey)> = self
+            .children
+            .iter()
+            .filter(|(_, child)| child.held.is_none())
+            .map(|(key, child)| (child.last_used, key.clone()))
+            .collect();
+        let excess = excess.min(candidates.len());
+        if excess == 0 {
+            return;
+        }
+        candidates.select_nth_unstable_by_key(excess - 1, |(last_used, _)| *last_used);
+        for (_, key) in candidates.into_iter().take(excess) {
+            if let Some(child) = self.children.get_mut(&key) {
+                child.held = Some(Vec::new());
+                child.addr.do_send(Passivate);
+                self.stats.evictions += 1;
+            }
         }
     }
 
@@ -127,6 +177,7 @@ impl UserStateManager {
         Child {
             addr,
             incarnation: self.next_incarnation,
+            last_used: self.ticks,
             held: None,
         }
     }
@@ -152,15 +203,26 @@ impl Actor for UserStateManager {
     }
 }
 
-/// Forwards `command` to `child` and answers with the child's reply.
+/// Counts a command in flight until it is answered.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Forwards `event` to `child` and answers with the child's reply.
 fn forward(
     key: UserKey,
     child: &Addr<UserStateActor>,
-    command: Command,
+    event: Event,
+    in_flight: InFlight,
 ) -> ResponseFuture<Result<UserState, CommandError>> {
     // `send` queues the message now, in order; only the reply is awaited.
-    let request = child.send(command);
+    let request = child.send(event);
     Box::pin(async move {
+        let _counted = in_flight;
         request.await.unwrap_or_else(|error| {
             Err(CommandError::NotDelivered {
                 key,
@@ -173,21 +235,37 @@ fn forward(
 impl Handler<UserCommand> for UserStateManager {
     type Result = ResponseFuture<Result<UserState, CommandError>>;
 
-    fn handle(&mut self, UserCommand { key, command }: UserCommand, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, UserCommand { key, event }: UserCommand, ctx: &mut Self::Context) -> Self::Result {
+        if self.in_flight.load(Ordering::Relaxed) >= self.config.max_commands_in_flight {
+            self.stats.commands_refused += 1;
+            let limit = self.config.max_commands_in_flight;
+            return Box::pin(async move {
+                Err(CommandError::Overloaded {
+                    key,
+                    reason: format!("{limit} commands are already in flight"),
+                })
+            });
+        }
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        let in_flight = InFlight(self.in_flight.clone());
+        self.ticks += 1;
         if !self.children.contains_key(&key) {
             let child = self.spawn_child(&key, ctx);
             self.children.insert(key.clone(), child);
+            self.evict_least_recently_used();
         }
         let Some(child) = self.children.get_mut(&key) else {
             unreachable!("inserted above")
         };
+        child.last_used = self.ticks;
         match &mut child.held {
-            None => forward(key, &child.addr, command),
+            None => forward(key, &child.addr, event, in_flight),
             Some(held) => {
                 self.stats.commands_held_during_passivation += 1;
                 let (reply, answer) = oneshot::channel();
-                held.push(HeldCommand { command, reply });
+                held.push(HeldCommand { event, reply });
                 Box::pin(async move {
+                    let _counted = in_flight;
                     answer.await.unwrap_or_else(|_| {
                         Err(CommandError::NotDelivered {
                             key,
@@ -252,8 +330,15 @@ impl Handler<ChildStopped> for UserStateManager {
             return;
         }
         let successor = self.spawn_child(&stopped.key, ctx);
-        for HeldCommand { command, reply } in held {
-            let answer = forward(stopped.key.clone(), &successor.addr, command);
+        for HeldCommand { event, reply } in held {
+            // Counted already, by the handler waiting on `reply`.
+            self.in_flight.fetch_add(1, Ordering::Relaxed);
+            let answer = forward(
+                stopped.key.clone(),
+                &successor.addr,
+                event,
+                InFlight(self.in_flight.clone()),
+            );
             actix::spawn(async move {
                 // The caller may have given up waiting; nothing to do then.
                 let _ = reply.send(answer.await);

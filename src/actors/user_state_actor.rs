@@ -8,13 +8,19 @@ use tracing::{debug, warn};
 
 use super::manager::{ChildStopped, PassivationRequested, UserStateManager};
 use crate::config::Config;
-use crate::domain::{apply, Command, UserKey, UserState};
+use crate::domain::{apply_event, Command, Event, UserKey, UserState};
 use crate::error::{CommandError, StoreError};
 use crate::store::{Revision, SharedStore, StoredState};
 
 impl Message for Command {
     type Result = Result<UserState, CommandError>;
 }
+
+impl Message for Event {
+    type Result = Result<UserState, CommandError>;
+}
+
+type Reply = oneshot::Sender<Result<UserState, CommandError>>;
 
 /// Keeps one user's state in memory and every change of it in the store.
 ///
@@ -26,6 +32,10 @@ impl Message for Command {
 ///   applied in order and committed together in the next write, so a busy
 ///   user costs one row write per round trip, not one per command. The
 ///   revision still grows by one per state-changing command.
+/// - When its write loses a revision conflict (another node wrote the user),
+///   it reloads and applies the same events again, up to
+///   [`Config::conflict_retries`] times: the transition is pure, and event
+///   ids keep a re-applied event from counting twice.
 /// - Every [`Config::idle_check_interval`] it checks whether it has been idle
 ///   for [`Config::idle_timeout`]; if so it passivates. It never stops with a
 ///   load or write in flight.
@@ -53,9 +63,11 @@ pub struct UserStateActor {
 }
 
 struct Queued {
-    command: Command,
+    event: Event,
     received_at: DateTime<Utc>,
-    reply: oneshot::Sender<Result<UserState, CommandError>>,
+    reply: Reply,
+    /// Writes of this event lost to a conflict so far.
+    conflicts: u32,
 }
 
 struct Supervisor {
@@ -153,24 +165,20 @@ impl UserStateActor {
         let policy = self.config.policy();
         let mut state = committed.state;
         let mut changes = 0;
-        let mut replies = Vec::with_capacity(self.queue.len());
-        for Queued {
-            command,
-            received_at,
-            reply,
-        } in self.queue.drain(..)
-        {
-            if command.is_read_only() {
-                if changes == 0 {
-                    let _ = reply.send(Ok(state.clone()));
-                } else {
-                    // Answered once the writes before it are committed.
-                    replies.push((reply, state.clone()));
+        let mut written = Vec::with_capacity(self.queue.len());
+        for queued in std::mem::take(&mut self.queue) {
+            match apply_event(&state, &queued.event, queued.received_at, &policy) {
+                // A read or a redelivered event before any change: answer now.
+                None if changes == 0 => {
+                    let _ = queued.reply.send(Ok(state.clone()));
                 }
-            } else {
-                state = apply(&state, &command, received_at, &policy);
-                changes += 1;
-                replies.push((reply, state.clone()));
+                // Otherwise it is answered once the changes before it commit.
+                None => written.push((queued, state.clone())),
+                Some(next) => {
+                    state = next;
+                    changes += 1;
+                    written.push((queued, state.clone()));
+                }
             }
         }
         if changes == 0 {
@@ -182,40 +190,52 @@ impl UserStateActor {
         let (store, key) = (self.store.clone(), self.key.clone());
         ctx.spawn(
             async move {
-                let written = store.write(&key, expected, revision, &state).await;
-                written.map(|revision| StoredState { revision, state })
+                let result = store.write(&key, expected, revision, &state).await;
+                result.map(|revision| StoredState { revision, state })
             }
             .into_actor(self)
-            .map(move |written, actor, ctx| {
+            .map(move |result, actor, ctx| {
                 actor.busy = false;
                 actor.last_active = Instant::now();
-                actor.settle(written, replies);
+                actor.settle(result, written);
                 actor.pump(ctx);
             }),
         );
     }
 
-    /// Answers the commands of a finished write.
-    fn settle(
-        &mut self,
-        written: Result<StoredState, StoreError>,
-        replies: Vec<(oneshot::Sender<Result<UserState, CommandError>>, UserState)>,
-    ) {
-        match written {
+    /// Answers the events of a finished write, or queues them again after a conflict.
+    fn settle(&mut self, result: Result<StoredState, StoreError>, written: Vec<(Queued, UserState)>) {
+        let error = match result {
             Ok(stored) => {
-                debug!(user = %self.key, revision = %stored.revision, commands = replies.len(), "committed");
+                debug!(user = %self.key, revision = %stored.revision, events = written.len(), "committed");
                 self.committed = Some(stored);
-                for (reply, state) in replies {
-                    let _ = reply.send(Ok(state));
+                for (queued, state) in written {
+                    let _ = queued.reply.send(Ok(state));
                 }
+                return;
             }
-            Err(error) => {
-                warn!(user = %self.key, %error, "write failed; reloading before the next command");
-                self.committed = None;
-                for (reply, _) in replies {
-                    let _ = reply.send(Err(CommandError::from_store(&self.key, error.clone())));
-                }
+            Err(error) => error,
+        };
+        // The stored state is not what this actor believed: reload first.
+        self.committed = None;
+        let mut retry = Vec::new();
+        for (mut queued, _) in written {
+            if matches!(error, StoreError::Conflict { .. }) && queued.conflicts < self.config.conflict_retries {
+                queued.conflicts += 1;
+                retry.push(queued);
+            } else {
+                let _ = queued
+                    .reply
+                    .send(Err(CommandError::from_store(&self.key, error.clone())));
             }
+        }
+        if retry.is_empty() {
+            warn!(user = %self.key, %error, "write failed; reloading before the next command");
+        } else {
+            debug!(user = %self.key, retrying = retry.len(), "conflict; reloading to apply again");
+            // Ahead of what arrived meanwhile: order is kept.
+            retry.append(&mut self.queue);
+            self.queue = retry;
         }
     }
 
@@ -266,21 +286,28 @@ impl Actor for UserStateActor {
     }
 }
 
-impl Handler<Command> for UserStateActor {
-    /// Answered from a channel, so the mailbox keeps flowing while a write is
-    /// in flight: that is what lets queued commands share the next write.
-    type Result = ResponseFuture<Result<UserState, CommandError>>;
-
-    fn handle(&mut self, command: Command, ctx: &mut Self::Context) -> Self::Result {
+impl UserStateActor {
+    /// Queues `event` and answers once it is applied and committed.
+    fn accept(&mut self, event: Event, ctx: &mut Context<Self>) -> ResponseFuture<Result<UserState, CommandError>> {
         self.last_active = Instant::now();
+        let key = self.key.clone();
+        if self.queue.len() >= self.config.max_queued_per_user {
+            let limit = self.config.max_queued_per_user;
+            return Box::pin(async move {
+                Err(CommandError::Overloaded {
+                    key,
+                    reason: format!("{limit} commands are already queued for this user"),
+                })
+            });
+        }
         let (reply, answer) = oneshot::channel();
         self.queue.push(Queued {
-            command,
+            event,
             received_at: self.config.clock.now(),
             reply,
+            conflicts: 0,
         });
         self.pump(ctx);
-        let key = self.key.clone();
         Box::pin(async move {
             answer.await.unwrap_or_else(|_| {
                 Err(CommandError::NotDelivered {
@@ -289,6 +316,24 @@ impl Handler<Command> for UserStateActor {
                 })
             })
         })
+    }
+}
+
+impl Handler<Command> for UserStateActor {
+    /// Answered from a channel, so the mailbox keeps flowing while a write is
+    /// in flight: that is what lets queued commands share the next write.
+    type Result = ResponseFuture<Result<UserState, CommandError>>;
+
+    fn handle(&mut self, command: Command, ctx: &mut Self::Context) -> Self::Result {
+        self.accept(command.into(), ctx)
+    }
+}
+
+impl Handler<Event> for UserStateActor {
+    type Result = ResponseFuture<Result<UserState, CommandError>>;
+
+    fn handle(&mut self, event: Event, ctx: &mut Self::Context) -> Self::Result {
+        self.accept(event, ctx)
     }
 }
 

@@ -40,13 +40,7 @@ impl Command {
     /// Decodes a command from JSON, with a typed error for anything malformed:
     /// an unknown `type`, a missing field, an invalid product id, oversized input.
     pub fn from_json(json: &str) -> Result<Self, InvalidInput> {
-        if json.len() > MAX_JSON_BYTES {
-            return Err(InvalidInput::CommandTooLarge {
-                len: json.len(),
-                max: MAX_JSON_BYTES,
-            });
-        }
-        serde_json::from_str(json).map_err(|e| InvalidInput::MalformedCommand { reason: e.to_string() })
+        decode_json(json)
     }
 
     /// Whether the command only reads state (and so is never written).
@@ -64,6 +58,17 @@ impl Command {
             Command::GetUserState => "get_user_state",
         }
     }
+}
+
+/// Decodes a command or event, refusing oversized input before parsing it.
+pub(super) fn decode_json<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, InvalidInput> {
+    if json.len() > MAX_JSON_BYTES {
+        return Err(InvalidInput::CommandTooLarge {
+            len: json.len(),
+            max: MAX_JSON_BYTES,
+        });
+    }
+    serde_json::from_str(json).map_err(|e| InvalidInput::MalformedCommand { reason: e.to_string() })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use crate::error::{IdField, InvalidInput};
 /// turns a runaway producer into a clear error instead of a bloated row.
 pub const MAX_ID_BYTES: usize = 128;
 
-fn validate(field: IdField, value: &str) -> Result<(), InvalidInput> {
+pub(super) fn validate(field: IdField, value: &str) -> Result<(), InvalidInput> {
     if value.is_empty() {
         return Err(InvalidInput::EmptyId { field });
     }

@@ -4,10 +4,12 @@
 
 mod clock;
 mod command;
+mod event;
 mod key;
 mod state;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use command::Command;
+pub use event::{Event, EventId};
 pub use key::{ProductId, UserKey, MAX_ID_BYTES};
-pub use state::{apply, StatePolicy, UserState};
+pub use state::{apply, apply_event, StatePolicy, UserState};

@@ -1,7 +1,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Command, ProductId};
+use super::{Command, Event, EventId, ProductId};
 
 /// The latest known state of one user.
 ///
@@ -19,8 +19,13 @@ pub struct UserState {
     pub recent_products: Vec<ProductId>,
     /// Whether the user agreed to marketing messages; `false` until they do.
     pub marketing_opt_in: bool,
-    /// When the last state-changing event for this user was handled.
+    /// When the last state-changing event for this user happened.
     pub last_event_time: Option<DateTime<Utc>>,
+    /// Ids of the most recently applied events, oldest first, so that a
+    /// redelivered event is not applied twice; bounded by
+    /// [`StatePolicy::event_id_memory`].
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub recent_event_ids: Vec<EventId>,
 }
 
 /// The knobs of the state transition.
@@ -29,12 +34,15 @@ pub struct UserState {
 pub struct StatePolicy {
     /// How many recently viewed products are kept.
     pub recent_products_limit: usize,
+    /// How many applied event ids are remembered per user for deduplication.
+    pub event_id_memory: usize,
 }
 
 impl Default for StatePolicy {
     fn default() -> Self {
         Self {
             recent_products_limit: 3,
+            event_id_memory: 32,
         }
     }
 }
@@ -45,18 +53,42 @@ impl StatePolicy {
         self.recent_products_limit = limit;
         self
     }
+
+    /// Remembers `count` applied event ids per user.
+    pub fn with_event_id_memory(mut self, count: usize) -> Self {
+        self.event_id_memory = count;
+        self
+    }
 }
 
-/// The state after `command` is applied at `now`: the whole domain logic.
-///
-/// Pure, so the actors can retry it after a conflict and tests can check it
-/// without a runtime. [`Command::GetUserState`] returns the state unchanged.
+/// The state after `command` is applied at `now`: [`apply_event`] for an
+/// event without id or time. [`Command::GetUserState`] returns the state unchanged.
 pub fn apply(state: &UserState, command: &Command, now: DateTime<Utc>, policy: &StatePolicy) -> UserState {
+    apply_event(state, &Event::from(command.clone()), now, policy).unwrap_or_else(|| state.clone())
+}
+
+/// The state after `event`, or `None` when the event changes nothing: a read,
+/// or an event whose id this user has already applied. The whole domain logic.
+///
+/// Pure, so the actors can re-apply an event after a conflict and tests can
+/// check it without a runtime. The event happened at its `event_time`, or at
+/// `now` without one; a late event never moves a recorded time backwards.
+pub fn apply_event(state: &UserState, event: &Event, now: DateTime<Utc>, policy: &StatePolicy) -> Option<UserState> {
+    if event.command.is_read_only() {
+        return None;
+    }
+    if let Some(id) = &event.event_id {
+        if state.recent_event_ids.contains(id) {
+            return None;
+        }
+    }
+    let at = event.event_time.unwrap_or(now);
+    let latest = |recorded: Option<DateTime<Utc>>| Some(recorded.map_or(at, |recorded| recorded.max(at)));
     let mut next = state.clone();
-    match command {
-        Command::GetUserState => return next,
-        Command::UserLogin => next.last_login = Some(now),
-        Command::UseCart => next.last_cart_use = Some(now),
+    match &event.command {
+        Command::GetUserState => return None,
+        Command::UserLogin => next.last_login = latest(next.last_login),
+        Command::UseCart => next.last_cart_use = latest(next.last_cart_use),
         Command::ViewProduct { product_id } => {
             next.recent_products.retain(|seen| seen != product_id);
             next.recent_products.insert(0, product_id.clone());
@@ -64,8 +96,13 @@ pub fn apply(state: &UserState, command: &Command, now: DateTime<Utc>, policy: &
         }
         Command::SetMarketingOptIn { opt_in } => next.marketing_opt_in = *opt_in,
     }
-    next.last_event_time = Some(now);
-    next
+    next.last_event_time = latest(next.last_event_time);
+    if let Some(id) = &event.event_id {
+        next.recent_event_ids.push(id.clone());
+        let excess = next.recent_event_ids.len().saturating_sub(policy.event_id_memory);
+        next.recent_event_ids.drain(..excess);
+    }
+    Some(next)
 }
 
 #[cfg(test)]
@@ -166,6 +203,68 @@ mod tests {
         let policy = StatePolicy::default();
         let state = apply(&UserState::default(), &Command::UserLogin, at(1), &policy);
         assert_eq!(apply(&state, &Command::GetUserState, at(9), &policy), state);
+    }
+
+    fn event(command: Command, id: &str) -> Event {
+        Event::from(command).with_id(EventId::new(id).unwrap())
+    }
+
+    #[test]
+    fn a_redelivered_event_is_not_applied_twice() {
+        let policy = StatePolicy::default();
+        let once = apply_event(&UserState::default(), &event(view("p1"), "e1"), at(1), &policy).unwrap();
+        let twice = apply_event(&once, &event(view("p2"), "e1"), at(2), &policy);
+        assert_eq!(twice, None, "same id: not applied again");
+        let other = apply_event(&once, &event(view("p2"), "e2"), at(2), &policy).unwrap();
+        assert_eq!(products(&other), ["p2", "p1"]);
+    }
+
+    #[test]
+    fn remembered_event_ids_are_bounded_oldest_first_out() {
+        let policy = StatePolicy::default().with_event_id_memory(2);
+        let state = ["e1", "e2", "e3"].iter().fold(UserState::default(), |s, id| {
+            apply_event(&s, &event(Command::UseCart, id), at(1), &policy).unwrap()
+        });
+        let ids: Vec<&str> = state.recent_event_ids.iter().map(EventId::as_str).collect();
+        assert_eq!(ids, ["e2", "e3"]);
+        assert!(
+            apply_event(&state, &event(Command::UseCart, "e1"), at(2), &policy).is_some(),
+            "forgotten"
+        );
+    }
+
+    #[test]
+    fn a_late_event_never_moves_recorded_times_backwards() {
+        let policy = StatePolicy::default();
+        let newer = apply_event(
+            &UserState::default(),
+            &Event::from(Command::UserLogin).at(at(10)),
+            at(30),
+            &policy,
+        )
+        .unwrap();
+        let late_login = apply_event(&newer, &Event::from(Command::UserLogin).at(at(5)), at(31), &policy).unwrap();
+        assert_eq!(late_login.last_login, Some(at(10)));
+        assert_eq!(late_login.last_event_time, Some(at(10)));
+        let late_cart = apply_event(&newer, &Event::from(Command::UseCart).at(at(7)), at(32), &policy).unwrap();
+        assert_eq!(
+            late_cart.last_cart_use,
+            Some(at(7)),
+            "the first cart use is recorded even if late"
+        );
+        assert_eq!(late_cart.last_event_time, Some(at(10)));
+    }
+
+    #[test]
+    fn an_event_without_a_time_happens_now() {
+        let next = apply_event(
+            &UserState::default(),
+            &Command::UseCart.into(),
+            at(4),
+            &StatePolicy::default(),
+        )
+        .unwrap();
+        assert_eq!(next.last_cart_use, Some(at(4)));
     }
 
     #[test]
