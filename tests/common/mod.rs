@@ -325,3 +325,51 @@ fn find_postgres_bin() -> Option<PathBuf> {
     versions.sort();
     versions.pop()
 }
+
+/// A lock on `durable_state` held by another session until dropped: loads
+/// and writes wait behind it, like a database that stopped answering.
+pub struct TableLock {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    holder: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestDb {
+    /// PostgreSQL only: takes an exclusive lock on the table in another session.
+    pub fn lock_table(&self) -> TableLock {
+        let Location::Postgres { url, .. } = &self.location else {
+            panic!("lock_table is for PostgreSQL")
+        };
+        let url = url.clone();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (locked, is_locked) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+                conn.batch_execute("BEGIN; LOCK TABLE durable_state IN ACCESS EXCLUSIVE MODE;")
+                    .await
+                    .unwrap();
+                locked.send(()).unwrap();
+                let _ = tokio::task::spawn_blocking(move || released.recv()).await;
+                conn.batch_execute("ROLLBACK").await.unwrap();
+            });
+        });
+        is_locked.recv().expect("the lock is taken");
+        TableLock {
+            release: Some(release),
+            holder: Some(holder),
+        }
+    }
+}
+
+impl Drop for TableLock {
+    fn drop(&mut self) {
+        drop(self.release.take());
+        if let Some(holder) = self.holder.take() {
+            let _ = holder.join();
+        }
+    }
+}
