@@ -4,18 +4,12 @@ mod common;
 
 use actix::Actor;
 use chrono::Duration;
-use common::{key, t0, Backend, TestDb};
+use common::{key, t0, view, Backend, TestDb};
 use persist_durable::{
     Command, CommandError, Config, ManualClock, ProductId, Revision, UserCommand, UserKey, UserState, UserStateActor,
     UserStateManager,
 };
 use rstest::rstest;
-
-fn view(id: &str) -> Command {
-    Command::ViewProduct {
-        product_id: ProductId::new(id).unwrap(),
-    }
-}
 
 fn product_ids(state: &UserState) -> Vec<&str> {
     state.recent_products.iter().map(ProductId::as_str).collect()

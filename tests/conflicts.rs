@@ -4,18 +4,12 @@
 mod common;
 
 use actix::Actor;
-use common::{key, Backend, TestDb};
+use common::{key, view, Backend, TestDb};
 use persist_durable::{
     Command, CommandError, Config, ProductId, Revision, StoreError, UserCommand, UserState, UserStateActor,
     UserStateManager,
 };
 use rstest::rstest;
-
-fn view(id: &str) -> Command {
-    Command::ViewProduct {
-        product_id: ProductId::new(id).unwrap(),
-    }
-}
 
 #[rstest]
 #[actix::test]

@@ -6,18 +6,12 @@ mod common;
 use std::time::Duration;
 
 use actix::Actor;
-use common::{key, test_store_config, Backend, TestDb};
+use common::{key, test_store_config, view, Backend, TestDb};
 use persist_durable::{
     Command, CommandError, Config, ProductId, Revision, StateStore, StoreError, UserCommand, UserKey, UserState,
     UserStateManager,
 };
 use rstest::rstest;
-
-fn view(id: &str) -> Command {
-    Command::ViewProduct {
-        product_id: ProductId::new(id).unwrap(),
-    }
-}
 
 fn users(n: usize) -> Vec<UserKey> {
     (0..n).map(|i| key("mall001", &format!("user{i}"))).collect()

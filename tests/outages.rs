@@ -5,18 +5,12 @@
 mod common;
 
 use actix::Actor;
-use common::{key, Backend, TestDb};
+use common::{key, view, Backend, TestDb};
 use persist_durable::{
     Command, CommandError, Config, GetManagerStats, MemoryStore, ProductId, Revision, UserCommand, UserStateManager,
 };
 use rstest::rstest;
 use std::sync::Arc;
-
-fn view(id: &str) -> Command {
-    Command::ViewProduct {
-        product_id: ProductId::new(id).unwrap(),
-    }
-}
 
 #[rstest]
 #[actix::test]

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use actix::{Actor, Addr};
-use common::{key, t0, Backend, TestDb};
+use common::{key, t0, view, Backend, TestDb};
 use persist_durable::{
     Command, Config, GetManagerStats, ManualClock, ProductId, Revision, UserCommand, UserState, UserStateActor,
     UserStateManager,
@@ -14,12 +14,6 @@ use persist_durable::{
 use rstest::rstest;
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-fn view(id: &str) -> Command {
-    Command::ViewProduct {
-        product_id: ProductId::new(id).unwrap(),
-    }
-}
 
 /// Paused time is per runtime: user actors must run on the test's own.
 fn on_this_runtime() -> Config {

@@ -8,18 +8,12 @@ use std::time::{Duration, Instant};
 
 use actix::Actor;
 use chrono::Duration as Minutes;
-use common::{key, t0, test_store_config, Backend, TestDb};
+use common::{key, t0, test_store_config, view, Backend, TestDb};
 use persist_durable::{
-    Command, CommandError, Config, Event, EventId, GetManagerStats, ManualClock, ProductId, Revision, StateStore,
-    StoreError, UserCommand, UserKey, UserStateManager,
+    Command, CommandError, Config, Event, EventId, GetManagerStats, ManualClock, Revision, StateStore, StoreError,
+    UserCommand, UserKey, UserStateManager,
 };
 use rstest::rstest;
-
-fn view(id: &str) -> Command {
-    Command::ViewProduct {
-        product_id: ProductId::new(id).unwrap(),
-    }
-}
 
 #[rstest]
 #[actix::test]

@@ -19,7 +19,9 @@ use chrono::{DateTime, TimeZone, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, SqliteConnection};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
-use persist_durable::{persistence_id, PostgresStore, SharedStore, SqliteStore, StoreConfig, UserKey};
+use persist_durable::{
+    persistence_id, Command, PostgresStore, ProductId, SharedStore, SqliteStore, StoreConfig, UserKey,
+};
 
 /// The databases every store test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +57,13 @@ pub fn t0() -> DateTime<Utc> {
 
 pub fn key(mall: &str, user: &str) -> UserKey {
     UserKey::new(mall, user).unwrap()
+}
+
+/// The user viewed product `id`.
+pub fn view(id: &str) -> Command {
+    Command::ViewProduct {
+        product_id: ProductId::new(id).unwrap(),
+    }
 }
 
 /// Store settings for tests: failures show up within a second or two.
