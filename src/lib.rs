@@ -46,6 +46,7 @@ mod actors;
 mod config;
 mod domain;
 mod error;
+mod feed;
 mod store;
 
 pub use actors::{GetManagerStats, ManagerStats, UserCommand, UserStateActor, UserStateManager};
@@ -55,13 +56,14 @@ pub use domain::{
     UserState, MAX_ID_BYTES,
 };
 pub use error::{CommandError, IdField, InvalidInput, StoreError};
+pub use feed::ChangeFeed;
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{
-    persistence_id, MemoryStore, Revision, SharedStore, StateStore, StoreConfig, StoreStats, StoredState, ENTITY_TYPE,
-    JSON_SERIALIZER_ID, STATE_MANIFEST,
+    persistence_id, MemoryStore, Revision, SharedStore, StateChange, StateStore, StoreConfig, StoreStats, StoredState,
+    ENTITY_TYPE, JSON_SERIALIZER_ID, STATE_MANIFEST,
 };
 
 /// The types most programs need: `use persist_durable::prelude::*;`.

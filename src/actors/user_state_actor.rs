@@ -10,7 +10,7 @@ use super::manager::{ChildStopped, PassivationRequested, UserStateManager};
 use crate::config::Config;
 use crate::domain::{apply_event, Command, Event, UserKey, UserState};
 use crate::error::{CommandError, StoreError};
-use crate::store::{Revision, SharedStore, StoredState};
+use crate::store::{SharedStore, StoredState};
 
 impl Message for Command {
     type Result = Result<UserState, CommandError>;
@@ -164,33 +164,33 @@ impl UserStateActor {
     fn write_queued(&mut self, committed: StoredState, ctx: &mut Context<Self>) {
         let policy = self.config.policy();
         let mut state = committed.state;
-        let mut changes = 0;
+        // Every state this write commits, one per change: the feed gets each.
+        let mut changes = Vec::new();
         let mut written = Vec::with_capacity(self.queue.len());
         for queued in std::mem::take(&mut self.queue) {
             match apply_event(&state, &queued.event, queued.received_at, &policy) {
                 // A read or a redelivered event before any change: answer now.
-                None if changes == 0 => {
+                None if changes.is_empty() => {
                     let _ = queued.reply.send(Ok(state.clone()));
                 }
                 // Otherwise it is answered once the changes before it commit.
                 None => written.push((queued, state.clone())),
                 Some(next) => {
                     state = next;
-                    changes += 1;
+                    changes.push(state.clone());
                     written.push((queued, state.clone()));
                 }
             }
         }
-        if changes == 0 {
+        if changes.is_empty() {
             return;
         }
         let expected = committed.revision;
-        let revision = Revision(expected.0 + changes);
         self.busy = true;
         let (store, key) = (self.store.clone(), self.key.clone());
         ctx.spawn(
             async move {
-                let result = store.write(&key, expected, revision, &state).await;
+                let result = store.write_changes(&key, expected, &changes).await;
                 result.map(|revision| StoredState { revision, state })
             }
             .into_actor(self)

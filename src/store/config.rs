@@ -25,6 +25,11 @@ pub struct StoreConfig {
     pub max_write_batches_in_flight: usize,
     /// Restore statements in flight at once, so a restart does not storm the database.
     pub max_restores_in_flight: usize,
+    /// Record every committed revision in the change feed, in the same
+    /// statement as the state (see [`ChangeFeed`](crate::ChangeFeed)). Off by
+    /// default: it costs a row per command and serialises the commits of
+    /// write statements (measured in BENCHMARKS.md).
+    pub change_feed: bool,
 }
 
 impl Default for StoreConfig {
@@ -39,6 +44,7 @@ impl Default for StoreConfig {
             max_batch_wait: Duration::from_millis(1),
             max_write_batches_in_flight: 6,
             max_restores_in_flight: 2,
+            change_feed: false,
         }
     }
 }
@@ -89,6 +95,12 @@ impl StoreConfig {
     /// Sets [`max_restores_in_flight`](Self::max_restores_in_flight); at least 1.
     pub fn with_max_restores_in_flight(mut self, restores: usize) -> Self {
         self.max_restores_in_flight = restores.max(1);
+        self
+    }
+
+    /// Sets [`change_feed`](Self::change_feed).
+    pub fn with_change_feed(mut self, enabled: bool) -> Self {
+        self.change_feed = enabled;
         self
     }
 

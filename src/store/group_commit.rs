@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::row::{encode, revision_column, StateRow};
 use super::runtime::DbRuntime;
-use super::{persistence_id, Revision, StoreConfig, StoreStats, StoredState};
+use super::{persistence_id, Revision, StateChange, StoreConfig, StoreStats, StoredState};
 use crate::domain::{UserKey, UserState};
 use crate::error::StoreError;
 
@@ -28,10 +28,45 @@ use crate::error::StoreError;
 #[derive(Debug)]
 pub(crate) struct RowWrite {
     pub(crate) persistence_id: String,
+    pub(crate) mall_id: String,
+    pub(crate) user_id: String,
     /// The revision the row must have (0: the row must not exist).
     pub(crate) expected: i64,
     pub(crate) revision: i64,
     pub(crate) payload: Vec<u8>,
+    /// For the change feed, when it is on: every revision this write
+    /// commits, in order, with its state (the last is `revision`, `payload`).
+    pub(crate) changes: Vec<(i64, Vec<u8>)>,
+}
+
+/// A change feed row as a backend read it.
+pub(crate) struct ChangeRow {
+    pub(crate) position: i64,
+    pub(crate) mall_id: String,
+    pub(crate) user_id: String,
+    pub(crate) revision: i64,
+    pub(crate) committed_at: chrono::DateTime<chrono::Utc>,
+    pub(crate) state_payload: Vec<u8>,
+}
+
+impl ChangeRow {
+    fn decode(self) -> Result<StateChange, StoreError> {
+        let key = UserKey::new(self.mall_id, self.user_id)
+            .map_err(|e| StoreError::Query(format!("change {} names an invalid user: {e}", self.position)))?;
+        let corrupt = |reason: String| StoreError::Corrupt {
+            key: key.clone(),
+            revision: self.revision,
+            reason,
+        };
+        let state = serde_json::from_slice(&self.state_payload).map_err(|e| corrupt(format!("feed payload: {e}")))?;
+        Ok(StateChange {
+            position: u64::try_from(self.position).map_err(|_| corrupt("negative feed position".into()))?,
+            revision: Revision(u64::try_from(self.revision).map_err(|_| corrupt("negative revision".into()))?),
+            key,
+            state,
+            committed_at: self.committed_at,
+        })
+    }
 }
 
 /// What a SQL backend must do for the group-commit engine: the SQL, nothing else.
@@ -47,6 +82,15 @@ pub(crate) trait SqlBackend: Send + Sync + 'static {
 
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Up to `limit` change feed rows after `after`, in position order.
+    async fn read_changes(&self, after: i64, limit: i64) -> Result<Vec<ChangeRow>, StoreError>;
+
+    /// The position `consumer` saved.
+    async fn load_offset(&self, consumer: String) -> Result<Option<i64>, StoreError>;
+
+    /// Saves `consumer`'s position.
+    async fn save_offset(&self, consumer: String, position: i64) -> Result<(), StoreError>;
 }
 
 struct WriteRequest {
@@ -54,7 +98,8 @@ struct WriteRequest {
     persistence_id: String,
     expected: Revision,
     revision: Revision,
-    state: UserState,
+    /// The states after each command of this write; the row keeps the last.
+    states: Vec<UserState>,
     reply: oneshot::Sender<Result<Revision, StoreError>>,
 }
 
@@ -82,6 +127,8 @@ impl Counters {
 /// The batching front of a SQL store.
 pub(crate) struct GroupCommit {
     counters: Arc<Counters>,
+    /// Whether writes record the change feed; reading an unwritten feed is refused.
+    feed: bool,
     writes: mpsc::UnboundedSender<WriteRequest>,
     loads: mpsc::UnboundedSender<LoadRequest>,
     backend: Arc<dyn SqlBackend>,
@@ -108,6 +155,7 @@ impl GroupCommit {
         ));
         Self {
             counters,
+            feed: config.change_feed,
             writes,
             loads,
             backend,
@@ -126,6 +174,7 @@ impl GroupCommit {
         answer.await.map_err(|_| stopped())?
     }
 
+    /// Writes `state` as `revision`; the feed records that revision only.
     pub(crate) async fn write_state(
         &self,
         key: &UserKey,
@@ -133,13 +182,37 @@ impl GroupCommit {
         revision: Revision,
         state: &UserState,
     ) -> Result<Revision, StoreError> {
+        self.submit(key, expected, revision, vec![state.clone()]).await
+    }
+
+    /// Writes each of `states` as the next revision.
+    pub(crate) async fn write_states(
+        &self,
+        key: &UserKey,
+        expected: Revision,
+        states: &[UserState],
+    ) -> Result<Revision, StoreError> {
+        if states.is_empty() {
+            return Err(StoreError::Setup("write_changes needs at least one state".into()));
+        }
+        let revision = Revision(expected.0 + states.len() as u64);
+        self.submit(key, expected, revision, states.to_vec()).await
+    }
+
+    async fn submit(
+        &self,
+        key: &UserKey,
+        expected: Revision,
+        revision: Revision,
+        states: Vec<UserState>,
+    ) -> Result<Revision, StoreError> {
         let (reply, answer) = oneshot::channel();
         let request = WriteRequest {
             key: key.clone(),
             persistence_id: persistence_id(key),
             expected,
             revision,
-            state: state.clone(),
+            states,
             reply,
         };
         self.writes.send(request).map_err(|_| stopped())?;
@@ -149,6 +222,46 @@ impl GroupCommit {
     pub(crate) async fn ping(&self) -> Result<(), StoreError> {
         let backend = self.backend.clone();
         self.runtime.run(async move { backend.ping().await }).await
+    }
+
+    pub(crate) async fn read_changes(&self, after: u64, limit: usize) -> Result<Vec<StateChange>, StoreError> {
+        self.require_feed()?;
+        let backend = self.backend.clone();
+        let after = i64::try_from(after).map_err(|_| StoreError::Setup("feed position beyond BIGINT".into()))?;
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        self.runtime
+            .run(async move {
+                let rows = backend.read_changes(after, limit).await?;
+                rows.into_iter().map(ChangeRow::decode).collect()
+            })
+            .await
+    }
+
+    pub(crate) async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
+        self.require_feed()?;
+        let (backend, consumer) = (self.backend.clone(), consumer.to_owned());
+        let position = self
+            .runtime
+            .run(async move { backend.load_offset(consumer).await })
+            .await?;
+        Ok(position.and_then(|p| u64::try_from(p).ok()))
+    }
+
+    pub(crate) async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
+        self.require_feed()?;
+        let (backend, consumer) = (self.backend.clone(), consumer.to_owned());
+        let position = i64::try_from(position).map_err(|_| StoreError::Setup("feed position beyond BIGINT".into()))?;
+        self.runtime
+            .run(async move { backend.save_offset(consumer, position).await })
+            .await
+    }
+
+    fn require_feed(&self) -> Result<(), StoreError> {
+        if self.feed {
+            Ok(())
+        } else {
+            Err(super::no_change_feed())
+        }
     }
 
     pub(crate) fn stats(&self) -> StoreStats {
@@ -239,9 +352,9 @@ async fn collect_writes(
         )
         .await;
         let (backend, counters) = (backend.clone(), counters.clone());
-        let timeout = config.operation_timeout;
+        let (timeout, feed) = (config.operation_timeout, config.change_feed);
         tokio::spawn(async move {
-            execute_writes(backend.as_ref(), batch, timeout, &counters).await;
+            execute_writes(backend.as_ref(), batch, timeout, feed, &counters).await;
             drop(slot);
         });
     }
@@ -251,6 +364,7 @@ async fn execute_writes(
     backend: &dyn SqlBackend,
     mut batch: Vec<WriteRequest>,
     timeout: Duration,
+    feed: bool,
     counters: &Counters,
 ) {
     // The same lock order in every statement: concurrent batches from several
@@ -260,11 +374,26 @@ async fn execute_writes(
     let mut accepted = Vec::with_capacity(batch.len());
     for request in batch {
         let row = (|| {
+            let last = request
+                .states
+                .last()
+                .ok_or_else(|| StoreError::Setup("a write without a state".into()))?;
+            let revision = revision_column(request.revision)?;
+            let mut changes = Vec::new();
+            if feed {
+                let first = revision - request.states.len() as i64 + 1;
+                for (i, state) in request.states.iter().enumerate() {
+                    changes.push((first + i as i64, encode(state)?));
+                }
+            }
             Ok::<_, StoreError>(RowWrite {
                 persistence_id: request.persistence_id.clone(),
+                mall_id: request.key.mall_id().to_owned(),
+                user_id: request.key.user_id().to_owned(),
                 expected: revision_column(request.expected)?,
-                revision: revision_column(request.revision)?,
-                payload: encode(&request.state)?,
+                revision,
+                payload: encode(last)?,
+                changes,
             })
         })();
         match row {

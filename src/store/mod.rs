@@ -102,11 +102,68 @@ pub trait StateStore: Send + Sync + fmt::Debug + 'static {
         state: &UserState,
     ) -> Result<Revision, StoreError>;
 
+    /// Writes the states after each of several commands as revisions
+    /// `expected + 1 ..= expected + states.len()`: the row keeps the last,
+    /// the change feed (when the store keeps one) gets every one. Fails like
+    /// [`write`](Self::write) and then records nothing.
+    ///
+    /// The default writes the last state only: a store without a change feed.
+    async fn write_changes(
+        &self,
+        key: &UserKey,
+        expected: Revision,
+        states: &[UserState],
+    ) -> Result<Revision, StoreError> {
+        let last = states
+            .last()
+            .ok_or_else(|| StoreError::Setup("write_changes needs at least one state".into()))?;
+        self.write(key, expected, Revision(expected.0 + states.len() as u64), last)
+            .await
+    }
+
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
     /// What the store has done since it was opened.
     fn stats(&self) -> StoreStats;
+
+    /// Up to `limit` committed changes after feed position `after` (0: from
+    /// the start), in position order. See [`ChangeFeed`](crate::ChangeFeed).
+    async fn read_changes(&self, after: u64, limit: usize) -> Result<Vec<StateChange>, StoreError> {
+        let _ = (after, limit);
+        Err(no_change_feed())
+    }
+
+    /// The feed position `consumer` saved last, if any.
+    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
+        let _ = consumer;
+        Err(no_change_feed())
+    }
+
+    /// Saves the feed position `consumer` has processed up to, inclusive.
+    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
+        let _ = (consumer, position);
+        Err(no_change_feed())
+    }
+}
+
+pub(crate) fn no_change_feed() -> StoreError {
+    StoreError::Setup("this store keeps no change feed; open it with StoreConfig::with_change_feed(true)".into())
+}
+
+/// One committed revision of a user's state, as the change feed delivers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateChange {
+    /// Where the change stands in the feed: gapless, in commit order.
+    pub position: u64,
+    /// The user.
+    pub key: UserKey,
+    /// The revision this state was committed as.
+    pub revision: Revision,
+    /// The state at that revision.
+    pub state: UserState,
+    /// When the writing transaction ran, by the database's clock.
+    pub committed_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// Counters of a store: how well group commit and bulk restore are batching.

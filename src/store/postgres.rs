@@ -2,17 +2,17 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use diesel::sql_types::{Array, BigInt, Binary, Integer, Text};
-use diesel::QueryableByName;
+use diesel::sql_types::{Array, BigInt, Binary, Integer, Text, Timestamptz};
+use diesel::{OptionalExtension, QueryableByName};
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use super::group_commit::{GroupCommit, RowWrite, SqlBackend};
+use super::group_commit::{ChangeRow, GroupCommit, RowWrite, SqlBackend};
 use super::row::{StateRow, JSON_SERIALIZER_ID, STATE_MANIFEST};
 use super::runtime::DbRuntime;
-use super::{Revision, StateStore, StoreConfig, StoreStats, StoredState, ENTITY_TYPE};
+use super::{Revision, StateChange, StateStore, StoreConfig, StoreStats, StoredState, ENTITY_TYPE};
 use crate::domain::{UserKey, UserState};
 use crate::error::StoreError;
 
@@ -25,7 +25,10 @@ const MIGRATION_LOCK_KEY: i64 = 0x7065_7273_6973_7400;
 const LOAD_ROWS_SQL: &str = "SELECT persistence_id, revision, state_ser_id, state_payload \
      FROM durable_state WHERE persistence_id = ANY($1)";
 
-const WRITE_ROWS_SQL: &str = "\
+/// The revision-checked writes of a batch, shared by both write statements.
+macro_rules! write_ctes {
+    () => {
+        "\
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[])
         AS t(persistence_id, expected, revision, payload)
@@ -42,8 +45,49 @@ WITH input AS (
     FROM input AS i
     WHERE i.expected <> 0 AND d.persistence_id = i.persistence_id AND d.revision = i.expected
     RETURNING d.persistence_id
+)"
+    };
+}
+
+const WRITE_ROWS_SQL: &str = concat!(
+    write_ctes!(),
+    "
+SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated"
+);
+
+/// The same write, plus one change feed row per committed revision
+/// (binds 8 to 12: persistence ids, mall ids, user ids, revisions, payloads).
+/// Positions come from `feed_head`, whose row lock is held until commit: feed
+/// writers commit one after another, so positions appear gapless and in
+/// commit order, and a rolled-back statement rolls its positions back.
+const WRITE_ROWS_WITH_FEED_SQL: &str = concat!(
+    write_ctes!(),
+    ", written AS (
+    SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated
+), changes AS (
+    SELECT c.mall_id, c.user_id, c.revision, c.payload, c.ord
+    FROM unnest($8::text[], $9::text[], $10::text[], $11::bigint[], $12::bytea[])
+        WITH ORDINALITY AS c(persistence_id, mall_id, user_id, revision, payload, ord)
+    WHERE c.persistence_id IN (SELECT persistence_id FROM written)
+), head AS (
+    UPDATE feed_head SET position = position + (SELECT count(*) FROM changes) WHERE id = 1
+    RETURNING position - (SELECT count(*) FROM changes) AS base
+), feed AS (
+    INSERT INTO state_changes (position, mall_id, user_id, revision, committed_at, state_payload)
+    SELECT head.base + row_number() OVER (ORDER BY changes.ord), changes.mall_id, changes.user_id,
+           changes.revision, now(), changes.payload
+    FROM changes CROSS JOIN head
 )
-SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated";
+SELECT persistence_id FROM written"
+);
+
+const READ_CHANGES_SQL: &str = "SELECT position, mall_id, user_id, revision, committed_at, state_payload \
+     FROM state_changes WHERE position > $1 ORDER BY position LIMIT $2";
+
+const LOAD_OFFSET_SQL: &str = "SELECT position FROM feed_offsets WHERE consumer = $1";
+
+const SAVE_OFFSET_SQL: &str = "INSERT INTO feed_offsets (consumer, position, updated_at) VALUES ($1, $2, now()) \
+     ON CONFLICT (consumer) DO UPDATE SET position = excluded.position, updated_at = now()";
 
 /// The production store: PostgreSQL through diesel-async's pure-Rust driver
 /// and a deadpool connection pool, with group commit.
@@ -101,7 +145,11 @@ impl PostgresStore {
             .recycle_timeout(Some(config.connect_timeout))
             .build()
             .map_err(|e| StoreError::Setup(format!("cannot build the connection pool: {e}")))?;
-        let group_commit = GroupCommit::start(Arc::new(PgBackend { pool }), runtime, &config);
+        let backend = PgBackend {
+            pool,
+            feed: config.change_feed,
+        };
+        let group_commit = GroupCommit::start(Arc::new(backend), runtime, &config);
         Ok(Self { group_commit })
     }
 }
@@ -146,10 +194,32 @@ impl StateStore for PostgresStore {
     fn stats(&self) -> StoreStats {
         self.group_commit.stats()
     }
+
+    async fn write_changes(
+        &self,
+        key: &UserKey,
+        expected: Revision,
+        states: &[UserState],
+    ) -> Result<Revision, StoreError> {
+        self.group_commit.write_states(key, expected, states).await
+    }
+
+    async fn read_changes(&self, after: u64, limit: usize) -> Result<Vec<StateChange>, StoreError> {
+        self.group_commit.read_changes(after, limit).await
+    }
+
+    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
+        self.group_commit.load_offset(consumer).await
+    }
+
+    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
+        self.group_commit.save_offset(consumer, position).await
+    }
 }
 
 struct PgBackend {
     pool: Pool<AsyncPgConnection>,
+    feed: bool,
 }
 
 impl PgBackend {
@@ -167,6 +237,28 @@ struct Written {
     persistence_id: String,
 }
 
+#[derive(QueryableByName)]
+struct PgChange {
+    #[diesel(sql_type = BigInt)]
+    position: i64,
+    #[diesel(sql_type = Text)]
+    mall_id: String,
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = BigInt)]
+    revision: i64,
+    #[diesel(sql_type = Timestamptz)]
+    committed_at: chrono::DateTime<chrono::Utc>,
+    #[diesel(sql_type = Binary)]
+    state_payload: Vec<u8>,
+}
+
+#[derive(QueryableByName)]
+struct Offset {
+    #[diesel(sql_type = BigInt)]
+    position: i64,
+}
+
 #[async_trait]
 impl SqlBackend for PgBackend {
     async fn write_rows(&self, rows: Vec<RowWrite>) -> Result<Vec<bool>, StoreError> {
@@ -177,22 +269,44 @@ impl SqlBackend for PgBackend {
             Vec::with_capacity(rows.len()),
             Vec::with_capacity(rows.len()),
         );
+        let mut changes: (Vec<String>, Vec<String>, Vec<String>, Vec<i64>, Vec<Vec<u8>>) = Default::default();
         for row in rows {
+            for (revision, payload) in row.changes {
+                changes.0.push(row.persistence_id.clone());
+                changes.1.push(row.mall_id.clone());
+                changes.2.push(row.user_id.clone());
+                changes.3.push(revision);
+                changes.4.push(payload);
+            }
             ids.push(row.persistence_id);
             expected.push(row.expected);
             revisions.push(row.revision);
             payloads.push(row.payload);
         }
-        let written: Vec<Written> = diesel::sql_query(WRITE_ROWS_SQL)
-            .bind::<Array<Text>, _>(&ids)
-            .bind::<Array<BigInt>, _>(expected)
-            .bind::<Array<BigInt>, _>(revisions)
-            .bind::<Array<Binary>, _>(payloads)
-            .bind::<Text, _>(ENTITY_TYPE)
-            .bind::<Integer, _>(JSON_SERIALIZER_ID)
-            .bind::<Text, _>(STATE_MANIFEST)
-            .load(&mut conn)
-            .await?;
+        let write = diesel::sql_query(if self.feed {
+            WRITE_ROWS_WITH_FEED_SQL
+        } else {
+            WRITE_ROWS_SQL
+        })
+        .into_boxed()
+        .bind::<Array<Text>, _>(ids.clone())
+        .bind::<Array<BigInt>, _>(expected)
+        .bind::<Array<BigInt>, _>(revisions)
+        .bind::<Array<Binary>, _>(payloads)
+        .bind::<Text, _>(ENTITY_TYPE)
+        .bind::<Integer, _>(JSON_SERIALIZER_ID)
+        .bind::<Text, _>(STATE_MANIFEST);
+        let write = if self.feed {
+            write
+                .bind::<Array<Text>, _>(changes.0)
+                .bind::<Array<Text>, _>(changes.1)
+                .bind::<Array<Text>, _>(changes.2)
+                .bind::<Array<BigInt>, _>(changes.3)
+                .bind::<Array<Binary>, _>(changes.4)
+        } else {
+            write
+        };
+        let written: Vec<Written> = write.load(&mut conn).await?;
         let written: std::collections::HashSet<String> = written.into_iter().map(|w| w.persistence_id).collect();
         Ok(ids.iter().map(|id| written.contains(id)).collect())
     }
@@ -208,6 +322,46 @@ impl SqlBackend for PgBackend {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.checkout().await?.batch_execute("SELECT 1").await?;
+        Ok(())
+    }
+
+    async fn read_changes(&self, after: i64, limit: i64) -> Result<Vec<ChangeRow>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let rows: Vec<PgChange> = diesel::sql_query(READ_CHANGES_SQL)
+            .bind::<BigInt, _>(after)
+            .bind::<BigInt, _>(limit)
+            .load(&mut conn)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ChangeRow {
+                position: r.position,
+                mall_id: r.mall_id,
+                user_id: r.user_id,
+                revision: r.revision,
+                committed_at: r.committed_at,
+                state_payload: r.state_payload,
+            })
+            .collect())
+    }
+
+    async fn load_offset(&self, consumer: String) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let offset: Option<Offset> = diesel::sql_query(LOAD_OFFSET_SQL)
+            .bind::<Text, _>(consumer)
+            .get_result(&mut conn)
+            .await
+            .optional()?;
+        Ok(offset.map(|o| o.position))
+    }
+
+    async fn save_offset(&self, consumer: String, position: i64) -> Result<(), StoreError> {
+        let mut conn = self.checkout().await?;
+        diesel::sql_query(SAVE_OFFSET_SQL)
+            .bind::<Text, _>(consumer)
+            .bind::<BigInt, _>(position)
+            .execute(&mut conn)
+            .await?;
         Ok(())
     }
 }

@@ -12,10 +12,10 @@ use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use super::group_commit::{GroupCommit, RowWrite, SqlBackend};
+use super::group_commit::{ChangeRow, GroupCommit, RowWrite, SqlBackend};
 use super::row::{StateRow, JSON_SERIALIZER_ID, STATE_MANIFEST};
 use super::runtime::DbRuntime;
-use super::{Revision, StateStore, StoreConfig, StoreStats, StoredState, ENTITY_TYPE};
+use super::{Revision, StateChange, StateStore, StoreConfig, StoreStats, StoredState, ENTITY_TYPE};
 use crate::domain::{UserKey, UserState};
 use crate::error::StoreError;
 
@@ -34,6 +34,40 @@ const UPDATE_IF_REVISION: &str = "UPDATE durable_state \
      SET revision = ?, db_timestamp = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), state_ser_id = ?, \
          state_ser_manifest = ?, state_payload = ? \
      WHERE persistence_id = ? AND revision = ?";
+
+const INSERT_CHANGE: &str = "INSERT INTO state_changes (mall_id, user_id, revision, committed_at, state_payload) \
+     VALUES (?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?)";
+
+const READ_CHANGES: &str = "SELECT position, mall_id, user_id, revision, committed_at, state_payload \
+     FROM state_changes WHERE position > ? ORDER BY position LIMIT ?";
+
+const LOAD_OFFSET: &str = "SELECT position FROM feed_offsets WHERE consumer = ?";
+
+const SAVE_OFFSET: &str = "INSERT INTO feed_offsets (consumer, position, updated_at) \
+     VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) \
+     ON CONFLICT (consumer) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at";
+
+#[derive(diesel::QueryableByName)]
+struct SqliteChange {
+    #[diesel(sql_type = BigInt)]
+    position: i64,
+    #[diesel(sql_type = Text)]
+    mall_id: String,
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = BigInt)]
+    revision: i64,
+    #[diesel(sql_type = Text)]
+    committed_at: String,
+    #[diesel(sql_type = Binary)]
+    state_payload: Vec<u8>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Offset {
+    #[diesel(sql_type = BigInt)]
+    position: i64,
+}
 
 /// The embedded default: a SQLite file, no server needed.
 ///
@@ -155,6 +189,27 @@ impl StateStore for SqliteStore {
     fn stats(&self) -> StoreStats {
         self.group_commit.stats()
     }
+
+    async fn write_changes(
+        &self,
+        key: &UserKey,
+        expected: Revision,
+        states: &[UserState],
+    ) -> Result<Revision, StoreError> {
+        self.group_commit.write_states(key, expected, states).await
+    }
+
+    async fn read_changes(&self, after: u64, limit: usize) -> Result<Vec<StateChange>, StoreError> {
+        self.group_commit.read_changes(after, limit).await
+    }
+
+    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
+        self.group_commit.load_offset(consumer).await
+    }
+
+    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
+        self.group_commit.save_offset(consumer, position).await
+    }
 }
 
 struct SqliteBackend {
@@ -170,7 +225,11 @@ impl SqliteBackend {
     }
 }
 
+/// Writes one row if its revision is the expected one, and then its changes
+/// to the feed: SQLite runs one writer at a time, so the feed's
+/// AUTOINCREMENT positions follow commit order.
 fn write_row(conn: &mut SqliteConnection, row: RowWrite) -> diesel::QueryResult<bool> {
+    let (mall_id, user_id, changes) = (row.mall_id, row.user_id, row.changes);
     let written = if row.expected == 0 {
         diesel::sql_query(INSERT_FIRST)
             .bind::<Text, _>(row.persistence_id)
@@ -190,7 +249,18 @@ fn write_row(conn: &mut SqliteConnection, row: RowWrite) -> diesel::QueryResult<
             .bind::<BigInt, _>(row.expected)
             .execute(conn)?
     };
-    Ok(written == 1)
+    if written != 1 {
+        return Ok(false);
+    }
+    for (revision, payload) in changes {
+        diesel::sql_query(INSERT_CHANGE)
+            .bind::<Text, _>(&mall_id)
+            .bind::<Text, _>(&user_id)
+            .bind::<BigInt, _>(revision)
+            .bind::<Binary, _>(payload)
+            .execute(conn)?;
+    }
+    Ok(true)
 }
 
 #[async_trait]
@@ -230,6 +300,58 @@ impl SqlBackend for SqliteBackend {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.checkout().await?.batch_execute("SELECT 1").await?;
+        Ok(())
+    }
+
+    async fn read_changes(&self, after: i64, limit: i64) -> Result<Vec<ChangeRow>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let rows: Vec<SqliteChange> = conn
+            .spawn_blocking(move |conn| {
+                diesel::sql_query(READ_CHANGES)
+                    .bind::<BigInt, _>(after)
+                    .bind::<BigInt, _>(limit)
+                    .load(conn)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                let committed_at = chrono::DateTime::parse_from_rfc3339(&r.committed_at)
+                    .map_err(|e| StoreError::Query(format!("change {}: bad committed_at: {e}", r.position)))?
+                    .with_timezone(&chrono::Utc);
+                Ok(ChangeRow {
+                    position: r.position,
+                    mall_id: r.mall_id,
+                    user_id: r.user_id,
+                    revision: r.revision,
+                    committed_at,
+                    state_payload: r.state_payload,
+                })
+            })
+            .collect()
+    }
+
+    async fn load_offset(&self, consumer: String) -> Result<Option<i64>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let offset: Option<Offset> = conn
+            .spawn_blocking(move |conn| {
+                diesel::sql_query(LOAD_OFFSET)
+                    .bind::<Text, _>(consumer)
+                    .get_result(conn)
+                    .optional()
+            })
+            .await?;
+        Ok(offset.map(|o| o.position))
+    }
+
+    async fn save_offset(&self, consumer: String, position: i64) -> Result<(), StoreError> {
+        let mut conn = self.checkout().await?;
+        conn.spawn_blocking(move |conn| {
+            diesel::sql_query(SAVE_OFFSET)
+                .bind::<Text, _>(consumer)
+                .bind::<BigInt, _>(position)
+                .execute(conn)
+        })
+        .await?;
         Ok(())
     }
 }

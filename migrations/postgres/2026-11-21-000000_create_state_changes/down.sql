@@ -1,0 +1,3 @@
+DROP TABLE IF EXISTS feed_offsets;
+DROP TABLE IF EXISTS feed_head;
+DROP TABLE IF EXISTS state_changes;
