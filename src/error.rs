@@ -208,6 +208,17 @@ impl CommandError {
         }
     }
 
+    /// A short, stable name of the failure, for metrics and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CommandError::Conflict { .. } => "conflict",
+            CommandError::CorruptState { .. } => "corrupt_state",
+            CommandError::StoreUnavailable { .. } => "store_unavailable",
+            CommandError::Overloaded { .. } => "overloaded",
+            CommandError::NotDelivered { .. } => "not_delivered",
+        }
+    }
+
     /// Whether sending the same command again may succeed.
     pub fn is_retryable(&self) -> bool {
         !matches!(self, CommandError::CorruptState { .. })

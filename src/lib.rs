@@ -40,6 +40,7 @@
 //! ## Features
 //! - `sqlite` (default): [`SqliteStore`], with a bundled libsqlite3.
 //! - `postgres` (default): [`PostgresStore`], on diesel-async's pure-Rust driver.
+//! - `http` (default): [`http::configure`], actix-web routes for the manager.
 #![warn(missing_docs)]
 
 mod actors;
@@ -47,6 +48,8 @@ mod config;
 mod domain;
 mod error;
 mod feed;
+#[cfg(feature = "http")]
+pub mod http;
 mod store;
 
 pub use actors::{GetManagerStats, ManagerStats, UserCommand, UserStateActor, UserStateManager};

@@ -163,6 +163,7 @@ impl UserStateManager {
     fn spawn_child(&mut self, key: &UserKey, ctx: &mut Context<Self>) -> Child {
         self.next_incarnation += 1;
         self.stats.activations += 1;
+        metrics::counter!("persist_durable_activations_total").increment(1);
         let actor = UserStateActor::supervised(
             key.clone(),
             self.store.clone(),
@@ -238,6 +239,12 @@ impl Handler<UserCommand> for UserStateManager {
     fn handle(&mut self, UserCommand { key, event }: UserCommand, ctx: &mut Self::Context) -> Self::Result {
         if self.in_flight.load(Ordering::Relaxed) >= self.config.max_commands_in_flight {
             self.stats.commands_refused += 1;
+            metrics::counter!(
+                "persist_durable_commands_total",
+                "command" => event.command.name(),
+                "outcome" => "overloaded"
+            )
+            .increment(1);
             let limit = self.config.max_commands_in_flight;
             return Box::pin(async move {
                 Err(CommandError::Overloaded {
@@ -253,6 +260,7 @@ impl Handler<UserCommand> for UserStateManager {
             let child = self.spawn_child(&key, ctx);
             self.children.insert(key.clone(), child);
             self.evict_least_recently_used();
+            metrics::gauge!("persist_durable_resident_users").set(self.children.len() as f64);
         }
         let Some(child) = self.children.get_mut(&key) else {
             unreachable!("inserted above")
@@ -323,7 +331,9 @@ impl Handler<ChildStopped> for UserStateManager {
         };
         if child.held.is_some() {
             self.stats.passivations += 1;
+            metrics::counter!("persist_durable_passivations_total").increment(1);
         }
+        metrics::gauge!("persist_durable_resident_users").set(self.children.len() as f64);
         let held = child.held.unwrap_or_default();
         debug!(user = %stopped.key, held = held.len(), "user actor stopped");
         if held.is_empty() {

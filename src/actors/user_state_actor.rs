@@ -4,7 +4,7 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use super::manager::{ChildStopped, PassivationRequested, UserStateManager};
 use crate::config::Config;
@@ -68,6 +68,8 @@ struct Queued {
     reply: Reply,
     /// Writes of this event lost to a conflict so far.
     conflicts: u32,
+    /// The command's span: the user, the command, and the revision written.
+    span: tracing::Span,
 }
 
 struct Supervisor {
@@ -178,6 +180,9 @@ impl UserStateActor {
                 Some(next) => {
                     state = next;
                     changes.push(state.clone());
+                    queued
+                        .span
+                        .record("revision", committed.revision.0 + changes.len() as u64);
                     written.push((queued, state.clone()));
                 }
             }
@@ -293,6 +298,12 @@ impl UserStateActor {
         let key = self.key.clone();
         if self.queue.len() >= self.config.max_queued_per_user {
             let limit = self.config.max_queued_per_user;
+            metrics::counter!(
+                "persist_durable_commands_total",
+                "command" => event.command.name(),
+                "outcome" => "overloaded"
+            )
+            .increment(1);
             return Box::pin(async move {
                 Err(CommandError::Overloaded {
                     key,
@@ -300,22 +311,32 @@ impl UserStateActor {
                 })
             });
         }
+        let command = event.command.name();
+        let span = tracing::debug_span!("command", user = %key, command, revision = tracing::field::Empty);
         let (reply, answer) = oneshot::channel();
         self.queue.push(Queued {
             event,
             received_at: self.config.clock.now(),
             reply,
             conflicts: 0,
+            span: span.clone(),
         });
         self.pump(ctx);
-        Box::pin(async move {
-            answer.await.unwrap_or_else(|_| {
-                Err(CommandError::NotDelivered {
-                    key,
-                    reason: "the user's actor stopped before answering".into(),
-                })
-            })
-        })
+        Box::pin(
+            async move {
+                let reply = answer.await.unwrap_or_else(|_| {
+                    Err(CommandError::NotDelivered {
+                        key,
+                        reason: "the user's actor stopped before answering".into(),
+                    })
+                });
+                let outcome = reply.as_ref().map_or_else(CommandError::kind, |_| "ok");
+                metrics::counter!("persist_durable_commands_total", "command" => command, "outcome" => outcome)
+                    .increment(1);
+                reply
+            }
+            .instrument(span),
+        )
     }
 }
 

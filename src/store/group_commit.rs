@@ -409,15 +409,19 @@ async fn execute_writes(
     if rows.is_empty() {
         return;
     }
+    metrics::histogram!("persist_durable_batch_rows").record(rows.len() as f64);
+    let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(timeout, backend.write_rows(rows))
         .await
         .unwrap_or(Err(StoreError::Timeout(timeout)));
+    metrics::histogram!("persist_durable_persist_seconds").record(started.elapsed().as_secs_f64());
     Counters::add(&counters.write_statements, 1);
     match outcome {
         Ok(written) => {
             let rows_written = written.iter().filter(|&&w| w).count();
             Counters::add(&counters.rows_written, rows_written);
             Counters::add(&counters.conflicts, written.len() - rows_written);
+            metrics::counter!("persist_durable_conflicts_total").increment((written.len() - rows_written) as u64);
             for (request, written) in accepted.into_iter().zip(written) {
                 let result = if written {
                     Ok(request.revision)
@@ -476,6 +480,7 @@ async fn execute_loads(backend: &dyn SqlBackend, batch: Vec<LoadRequest>, timeou
     ids.dedup();
     Counters::add(&counters.load_statements, 1);
     Counters::add(&counters.users_loaded, ids.len());
+    metrics::counter!("persist_durable_restores_total").increment(ids.len() as u64);
     let outcome = tokio::time::timeout(timeout, backend.load_rows(ids))
         .await
         .unwrap_or(Err(StoreError::Timeout(timeout)));
