@@ -93,6 +93,9 @@ struct Options {
     /// Group commit: write statements in flight.
     #[arg(long, default_value_t = 6)]
     batches_in_flight: usize,
+    /// Record the change feed (StoreConfig::with_change_feed), to measure its cost.
+    #[arg(long)]
+    change_feed: bool,
     /// Arbiters for user actors; default: one per core.
     #[arg(long)]
     arbiters: Option<usize>,
@@ -141,6 +144,7 @@ fn main() -> Result<(), AnyError> {
     report["skew"] = json!(options.skew);
     report["concurrency"] = json!(options.concurrency);
     report["rate"] = json!(options.rate);
+    report["change_feed"] = json!(options.change_feed);
     report["peak_rss_bytes"] = json!(peak_rss_bytes());
     println!("{report}");
     Ok(())
@@ -153,6 +157,7 @@ fn store_config(options: &Options) -> StoreConfig {
         .with_max_batch_wait(Duration::from_micros(options.batch_wait_us))
         .with_max_write_batches_in_flight(options.batches_in_flight)
         .with_operation_timeout(Duration::from_secs(60))
+        .with_change_feed(options.change_feed)
 }
 
 async fn open_store(options: &Options, location: &str, backend: &str) -> Result<SharedStore, AnyError> {

@@ -40,6 +40,10 @@ for c in $sweep; do
   loadtest --mode naive --commands $((naive_commands / 2)) --concurrency "$c" >/dev/null
 done
 
+echo "== the change feed's cost: the same load without and with it"
+loadtest --commands $((commands / 2)) >/dev/null
+loadtest --commands $((commands / 2)) --change-feed >/dev/null
+
 echo "== footprint and restore"
 ./target/release/examples/loadtest --mode resident --users 1000000 --concurrency 2048 | tail -n 1 | tee -a "$out"
 loadtest --mode restore --users 100000 --concurrency 2048 >/dev/null

@@ -19,16 +19,26 @@ use crate::store::{SharedStore, StateChange};
 /// consumer's offset so that a restarted consumer goes on where it stopped,
 /// with no gap and no duplicate.
 ///
-/// ```no_run
-/// # async fn run(store: persist_durable::SharedStore) -> Result<(), persist_durable::StoreError> {
-/// let mut feed = persist_durable::ChangeFeed::resume(store, "search-index").await?;
-/// loop {
-///     for change in feed.next().await? {
-///         println!("{} is at revision {}: {:?}", change.key, change.revision, change.state);
-///     }
-///     feed.commit().await?; // after the changes are processed
+/// ```
+/// use actix::Actor;
+/// use persist_durable::{ChangeFeed, Command, Config, SqliteStore, StoreConfig, UserCommand, UserKey, UserStateManager};
+/// use std::sync::Arc;
+///
+/// #[actix::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let dir = tempfile::tempdir()?;
+///     let config = StoreConfig::default().with_change_feed(true);
+///     let store: persist_durable::SharedStore =
+///         Arc::new(SqliteStore::open_with(dir.path().join("state.db"), config).await?);
+///     let manager = UserStateManager::new(store.clone(), Config::default()).start();
+///     manager.send(UserCommand::new(UserKey::new("mall001", "user001")?, Command::UserLogin)).await??;
+///
+///     let mut feed = ChangeFeed::resume(store, "search-index").await?;
+///     let changes = feed.next().await?; // waits until there is something
+///     assert_eq!((changes[0].position, changes[0].revision.0), (1, 1));
+///     feed.commit().await?; // a restarted consumer resumes after position 1
+///     Ok(())
 /// }
-/// # }
 /// ```
 pub struct ChangeFeed {
     store: SharedStore,

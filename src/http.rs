@@ -11,6 +11,36 @@
 //! could not be resolved, 503 with `Retry-After` when the database is down or
 //! the library is overloaded, 500 for a corrupt stored row.
 //!
+//! In a test, with actix-web's test utilities:
+//!
+//! ```
+//! use actix::Actor;
+//! use actix_web::{test, web, App};
+//! use persist_durable::{http, Config, MemoryStore, SharedStore, UserStateManager};
+//! use std::sync::Arc;
+//!
+//! #[actix::main]
+//! async fn main() {
+//!     let store: SharedStore = Arc::new(MemoryStore::new());
+//!     let manager = UserStateManager::new(store.clone(), Config::default()).start();
+//!     let app = test::init_service(
+//!         App::new()
+//!             .app_data(web::Data::new(manager))
+//!             .app_data(web::Data::new(store))
+//!             .configure(http::configure),
+//!     )
+//!     .await;
+//!     let request = test::TestRequest::post()
+//!         .uri("/malls/mall001/users/user001/commands")
+//!         .set_payload(r#"{"type": "view_product", "product_id": "p1"}"#)
+//!         .to_request();
+//!     let state: serde_json::Value = test::call_and_read_body_json(&app, request).await;
+//!     assert_eq!(state["recent_products"][0], "p1");
+//! }
+//! ```
+//!
+//! In a server:
+//!
 //! ```no_run
 //! use actix::Actor;
 //! use actix_web::{web, App, HttpServer};

@@ -73,14 +73,15 @@ pub struct ManagerStats {
 /// which restores the committed state first. No command is lost, bounced with
 /// a mailbox error, or applied twice.
 ///
-/// ```no_run
+/// ```
 /// use persist_durable::{Command, SqliteStore, UserCommand, UserKey, UserStateManager, Config};
 /// use actix::Actor;
 /// use std::sync::Arc;
 ///
 /// #[actix::main]
 /// async fn main() -> Result<(), Box<dyn std::error::Error>> {
-///     let store = SqliteStore::open("user-state.db").await?;
+///     let dir = tempfile::tempdir()?;
+///     let store = SqliteStore::open(dir.path().join("user-state.db")).await?;
 ///     let manager = UserStateManager::new(Arc::new(store), Config::default()).start();
 ///     let key = UserKey::new("mall001", "user001")?;
 ///     let state = manager.send(UserCommand::new(key, Command::UserLogin)).await??;

@@ -45,6 +45,22 @@ type Reply = oneshot::Sender<Result<UserState, CommandError>>;
 /// actor suits one-off use and tests. Under a [`UserStateManager`] it asks
 /// the manager to passivate it instead, which makes passivation invisible to
 /// senders.
+///
+/// ```
+/// use actix::Actor;
+/// use persist_durable::{Command, Config, MemoryStore, UserKey, UserStateActor};
+/// use std::sync::Arc;
+///
+/// #[actix::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let key = UserKey::new("mall001", "user001")?;
+///     let actor = UserStateActor::new(key, Arc::new(MemoryStore::new()), Config::default()).start();
+///     actor.send(Command::UserLogin).await??;
+///     let state = actor.send(Command::GetUserState).await??;
+///     assert!(state.last_login.is_some());
+///     Ok(())
+/// }
+/// ```
 pub struct UserStateActor {
     key: UserKey,
     store: SharedStore,

@@ -76,9 +76,15 @@ struct Offset {
 /// crash of the process or the machine. A batch of writes is one transaction:
 /// one fsync for many users.
 ///
-/// ```no_run
-/// # async fn run() -> Result<(), persist_durable::StoreError> {
-/// let store = persist_durable::SqliteStore::open("user-state.db").await?;
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use persist_durable::{Revision, SqliteStore, StateStore, UserKey, UserState};
+/// let dir = tempfile::tempdir()?;
+/// let store = SqliteStore::open(dir.path().join("user-state.db")).await?;
+/// let key = UserKey::new("mall001", "user001")?;
+/// store.write(&key, Revision::NONE, Revision(1), &UserState::default()).await?;
+/// assert_eq!(store.load(&key).await?.unwrap().revision, Revision(1));
 /// # Ok(()) }
 /// ```
 pub struct SqliteStore {

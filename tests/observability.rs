@@ -1,0 +1,186 @@
+//! What the library reports: metrics through the `metrics` facade, and a
+//! span per command with the user and the revision it wrote.
+
+mod common;
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use actix::Actor;
+use common::{key, view};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use persist_durable::{Command, Config, MemoryStore, UserCommand, UserStateManager};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::Layer;
+
+fn snapshotter() -> &'static Snapshotter {
+    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().expect("the only recorder of this test binary");
+        snapshotter
+    })
+}
+
+type Snapshot = Vec<(
+    metrics_util::CompositeKey,
+    Option<metrics::Unit>,
+    Option<metrics::SharedString>,
+    DebugValue,
+)>;
+
+/// The counts since the previous snapshot: taking one drains the counters.
+fn snapshot() -> Snapshot {
+    snapshotter().snapshot().into_vec()
+}
+
+fn counter(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
+    snapshot
+        .iter()
+        .filter(|(key, ..)| {
+            key.key().name() == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| key.key().labels().any(|l| l.key() == *k && l.value() == *v))
+        })
+        .map(|(.., value)| match value {
+            DebugValue::Counter(n) => *n,
+            _ => 0,
+        })
+        .sum()
+}
+
+#[actix::test]
+async fn commands_are_counted_by_type_and_outcome() {
+    recorded_spans(); // before any span is created in this binary: see recorded_spans
+    snapshot();
+    let store = Arc::new(MemoryStore::new());
+    let manager = UserStateManager::new(store.clone(), Config::default().with_arbiters(0)).start();
+    let user = key("mall001", "metrics");
+
+    for id in ["p1", "p2", "p3"] {
+        manager
+            .send(UserCommand::new(user.clone(), view(id)))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    manager
+        .send(UserCommand::new(user.clone(), Command::GetUserState))
+        .await
+        .unwrap()
+        .unwrap();
+    store.set_unavailable(true);
+    manager
+        .send(UserCommand::new(user, Command::UseCart))
+        .await
+        .unwrap()
+        .unwrap_err();
+
+    let counts = snapshot();
+    let commands = |command, outcome| {
+        counter(
+            &counts,
+            "persist_durable_commands_total",
+            &[("command", command), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(commands("view_product", "ok"), 3);
+    assert_eq!(commands("get_user_state", "ok"), 1);
+    assert_eq!(commands("use_cart", "store_unavailable"), 1);
+    assert!(counter(&counts, "persist_durable_activations_total", &[]) >= 1);
+}
+
+/// The `user` and `revision` fields of one `command` span.
+type SpanFields = (String, Option<u64>);
+
+/// Collects the fields of `command` spans.
+#[derive(Clone, Default)]
+struct CommandSpans(Arc<Mutex<Vec<SpanFields>>>);
+
+struct Fields<'a>(&'a mut SpanFields);
+
+impl Visit for Fields<'_> {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        if field.name() == "revision" {
+            self.0 .1 = Some(value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "user" {
+            self.0 .0 = format!("{value:?}");
+        }
+    }
+}
+
+impl<S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>> Layer<S> for CommandSpans {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        if attrs.metadata().name() == "command" {
+            let mut fields = (String::new(), None);
+            attrs.record(&mut Fields(&mut fields));
+            // One lock for index and push: other tests create spans concurrently.
+            let mut all = self.0.lock().unwrap();
+            if let Some(span) = ctx.span(id) {
+                span.extensions_mut().insert(all.len());
+            }
+            all.push(fields);
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        let Some(index) = ctx.span(id).and_then(|span| span.extensions().get::<usize>().copied()) else {
+            return;
+        };
+        values.record(&mut Fields(&mut self.0.lock().unwrap()[index]));
+    }
+}
+
+/// The spans of every test in this binary. One global subscriber: tracing
+/// caches per call site whether anyone listens, so a thread-local one set
+/// while other tests run can miss spans.
+fn recorded_spans() -> &'static CommandSpans {
+    static SPANS: OnceLock<CommandSpans> = OnceLock::new();
+    SPANS.get_or_init(|| {
+        let spans = CommandSpans::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(spans.clone())
+            .with(tracing_subscriber::filter::LevelFilter::DEBUG);
+        tracing::subscriber::set_global_default(subscriber).expect("the only subscriber of this test binary");
+        spans
+    })
+}
+
+#[actix::test]
+async fn each_command_has_a_span_with_the_user_and_the_revision_written() {
+    let spans = recorded_spans();
+    let manager = UserStateManager::new(Arc::new(MemoryStore::new()), Config::default().with_arbiters(0)).start();
+    let user = key("mall001", "traced");
+
+    manager
+        .send(UserCommand::new(user.clone(), Command::UserLogin))
+        .await
+        .unwrap()
+        .unwrap();
+    manager
+        .send(UserCommand::new(user, Command::UseCart))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let traced: Vec<SpanFields> = spans
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(user, _)| user.contains("mall001-traced"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        traced.iter().map(|(_, revision)| *revision).collect::<Vec<_>>(),
+        [Some(1), Some(2)],
+        "{traced:?}"
+    );
+}
