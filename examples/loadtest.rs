@@ -169,9 +169,13 @@ async fn open_store(options: &Options, location: &str, backend: &str) -> Result<
 }
 
 fn manager_config(options: &Options) -> Config {
+    // Every user stays resident and nothing is refused: the load is the measure.
+    let config = Config::default()
+        .with_max_resident_users(options.users.max(1))
+        .with_max_commands_in_flight(options.concurrency.max(1) * 2);
     match options.arbiters {
-        Some(arbiters) => Config::default().with_arbiters(arbiters),
-        None => Config::default(),
+        Some(arbiters) => config.with_arbiters(arbiters),
+        None => config,
     }
 }
 

@@ -9,11 +9,13 @@ import sys
 
 
 def sweep_points(rows, mode):
-    """The sweep's runs of `mode`: uniform, unpaced, the default user count."""
+    """The runs of `mode` that are uniform, unpaced and without the change feed; at a concurrency
+    measured more than once, the first (the headline run)."""
     points = {}
     for row in rows:
-        if row.get("mode") == mode and row.get("skew") == 0.0 and row.get("rate") is None and "commands_per_sec" in row:
-            points[row["concurrency"]] = row["commands_per_sec"]
+        plain = row.get("skew") == 0.0 and row.get("rate") is None and not row.get("change_feed")
+        if row.get("mode") == mode and plain and "commands_per_sec" in row:
+            points.setdefault(row["concurrency"], row["commands_per_sec"])
     return sorted(points.items())
 
 

@@ -112,6 +112,11 @@ impl ChangeFeed {
     /// Saves the current position as the consumer's offset. Call it once the
     /// changes returned so far are processed: a consumer restarted with
     /// [`resume`](Self::resume) continues right after them.
+    ///
+    /// Changes processed but not yet committed are delivered again after a
+    /// crash (at least once). For exactly once, store the position together
+    /// with the consumer's own side effect, in its transaction, and start
+    /// from it with [`from_position`](Self::from_position).
     pub async fn commit(&self) -> Result<(), StoreError> {
         match &self.consumer {
             Some(consumer) => self.store.save_offset(consumer, self.position).await,

@@ -93,7 +93,9 @@ pub trait StateStore: Send + Sync + fmt::Debug + 'static {
     ///
     /// `revision` is `expected` plus the number of commands the state
     /// reflects: an actor that coalesces several commands into one write
-    /// still counts each of them.
+    /// still counts each of them. With the change feed on, only `revision`
+    /// itself is recorded; [`write_changes`](Self::write_changes), which the
+    /// actors use, records every revision.
     async fn write(
         &self,
         key: &UserKey,
