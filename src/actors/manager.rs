@@ -219,12 +219,10 @@ fn forward(
     key: UserKey,
     child: &Addr<UserStateActor>,
     event: Event,
-    in_flight: InFlight,
 ) -> ResponseFuture<Result<UserState, CommandError>> {
     // `send` queues the message now, in order; only the reply is awaited.
     let request = child.send(event);
     Box::pin(async move {
-        let _counted = in_flight;
         request.await.unwrap_or_else(|error| {
             Err(CommandError::NotDelivered {
                 key,
@@ -268,7 +266,13 @@ impl Handler<UserCommand> for UserStateManager {
         };
         child.last_used = self.ticks;
         match &mut child.held {
-            None => forward(key, &child.addr, event, in_flight),
+            None => {
+                let answer = forward(key, &child.addr, event);
+                Box::pin(async move {
+                    let _counted = in_flight;
+                    answer.await
+                })
+            }
             Some(held) => {
                 self.stats.commands_held_during_passivation += 1;
                 let (reply, answer) = oneshot::channel();
@@ -342,14 +346,8 @@ impl Handler<ChildStopped> for UserStateManager {
         }
         let successor = self.spawn_child(&stopped.key, ctx);
         for HeldCommand { event, reply } in held {
-            // Counted already, by the handler waiting on `reply`.
-            self.in_flight.fetch_add(1, Ordering::Relaxed);
-            let answer = forward(
-                stopped.key.clone(),
-                &successor.addr,
-                event,
-                InFlight(self.in_flight.clone()),
-            );
+            // Counted in flight already, by the handler's future waiting on `reply`.
+            let answer = forward(stopped.key.clone(), &successor.addr, event);
             actix::spawn(async move {
                 // The caller may have given up waiting; nothing to do then.
                 let _ = reply.send(answer.await);

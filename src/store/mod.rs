@@ -30,6 +30,68 @@ mod runtime;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
+/// Implements [`StateStore`] for a SQL store by handing every call to its
+/// `group_commit` field: the stores differ in their SQL, not in this.
+macro_rules! delegate_to_group_commit {
+    ($store:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::store::StateStore for $store {
+            async fn load(
+                &self,
+                key: &$crate::UserKey,
+            ) -> Result<Option<$crate::store::StoredState>, $crate::StoreError> {
+                self.group_commit.load_state(key).await
+            }
+
+            async fn write(
+                &self,
+                key: &$crate::UserKey,
+                expected: $crate::store::Revision,
+                revision: $crate::store::Revision,
+                state: &$crate::UserState,
+            ) -> Result<$crate::store::Revision, $crate::StoreError> {
+                self.group_commit
+                    .write_state(key, expected, revision, state)
+                    .await
+            }
+
+            async fn write_changes(
+                &self,
+                key: &$crate::UserKey,
+                expected: $crate::store::Revision,
+                states: &[$crate::UserState],
+            ) -> Result<$crate::store::Revision, $crate::StoreError> {
+                self.group_commit.write_states(key, expected, states).await
+            }
+
+            async fn ping(&self) -> Result<(), $crate::StoreError> {
+                self.group_commit.ping().await
+            }
+
+            fn stats(&self) -> $crate::store::StoreStats {
+                self.group_commit.stats()
+            }
+
+            async fn read_changes(
+                &self,
+                after: u64,
+                limit: usize,
+            ) -> Result<Vec<$crate::store::StateChange>, $crate::StoreError> {
+                self.group_commit.read_changes(after, limit).await
+            }
+
+            async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, $crate::StoreError> {
+                self.group_commit.load_offset(consumer).await
+            }
+
+            async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), $crate::StoreError> {
+                self.group_commit.save_offset(consumer, position).await
+            }
+        }
+    };
+}
+pub(crate) use delegate_to_group_commit;
+
 pub use config::StoreConfig;
 pub use memory::MemoryStore;
 #[cfg(feature = "postgres")]

@@ -12,8 +12,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use super::group_commit::{ChangeRow, GroupCommit, RowWrite, SqlBackend};
 use super::row::{StateRow, JSON_SERIALIZER_ID, STATE_MANIFEST};
 use super::runtime::DbRuntime;
-use super::{Revision, StateChange, StateStore, StoreConfig, StoreStats, StoredState, ENTITY_TYPE};
-use crate::domain::{UserKey, UserState};
+use super::{StoreConfig, ENTITY_TYPE};
 use crate::error::StoreError;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -171,51 +170,7 @@ async fn migrate(url: String) -> Result<(), StoreError> {
     applied
 }
 
-#[async_trait]
-impl StateStore for PostgresStore {
-    async fn load(&self, key: &UserKey) -> Result<Option<StoredState>, StoreError> {
-        self.group_commit.load_state(key).await
-    }
-
-    async fn write(
-        &self,
-        key: &UserKey,
-        expected: Revision,
-        revision: Revision,
-        state: &UserState,
-    ) -> Result<Revision, StoreError> {
-        self.group_commit.write_state(key, expected, revision, state).await
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.group_commit.ping().await
-    }
-
-    fn stats(&self) -> StoreStats {
-        self.group_commit.stats()
-    }
-
-    async fn write_changes(
-        &self,
-        key: &UserKey,
-        expected: Revision,
-        states: &[UserState],
-    ) -> Result<Revision, StoreError> {
-        self.group_commit.write_states(key, expected, states).await
-    }
-
-    async fn read_changes(&self, after: u64, limit: usize) -> Result<Vec<StateChange>, StoreError> {
-        self.group_commit.read_changes(after, limit).await
-    }
-
-    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
-        self.group_commit.load_offset(consumer).await
-    }
-
-    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
-        self.group_commit.save_offset(consumer, position).await
-    }
-}
+super::delegate_to_group_commit!(PostgresStore);
 
 struct PgBackend {
     pool: Pool<AsyncPgConnection>,
