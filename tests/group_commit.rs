@@ -205,3 +205,37 @@ async fn a_conflict_is_reported_once_the_retries_are_used_up() {
     );
     assert_eq!(next.recent_products, [ProductId::new("p2").unwrap()]);
 }
+
+#[rstest]
+#[actix::test]
+async fn two_writes_for_one_user_in_one_batch_window_cannot_both_succeed(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = db
+        .connect_with(test_store_config().with_max_batch_wait(Duration::from_millis(200)))
+        .await;
+    let user = key("mall001", "contended");
+    let (first, second) = (
+        UserState {
+            marketing_opt_in: true,
+            ..UserState::default()
+        },
+        UserState::default(),
+    );
+
+    let (a, b) = tokio::join!(
+        store.write(&user, Revision::NONE, Revision(1), &first),
+        store.write(&user, Revision::NONE, Revision(1), &second),
+    );
+
+    let won: Vec<&UserState> = [(a.is_ok(), &first), (b.is_ok(), &second)]
+        .into_iter()
+        .filter(|(ok, _)| *ok)
+        .map(|(_, state)| state)
+        .collect();
+    assert_eq!(won.len(), 1, "exactly one wins: {a:?} {b:?}");
+    assert!(matches!(a.err().or(b.err()), Some(StoreError::Conflict { .. })));
+    let stored = store.load(&user).await.unwrap().unwrap();
+    assert_eq!(&stored.state, won[0], "the stored state is the winner's");
+}

@@ -195,6 +195,55 @@ async fn commands_racing_with_passivation_are_all_applied_once_in_order(
 
 #[rstest]
 #[actix::test]
+async fn reads_and_writes_racing_with_passivation_are_all_answered(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    tokio::time::pause();
+    let store = db.connect().await;
+    let manager = UserStateManager::new(store.clone(), on_this_runtime()).start();
+    let user = key("mall001", "user001");
+    manager
+        .send(UserCommand::new(user.clone(), Command::UserLogin))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // A write then a read at every scheduler turn while the child passivates:
+    // a read left last in the queue must not keep the child from stopping.
+    tokio::time::advance(35 * MINUTE).await;
+    let mut requests = Vec::new();
+    for i in 0..10 {
+        requests.push(manager.send(UserCommand::new(user.clone(), view(&format!("p{i}")))));
+        requests.push(manager.send(UserCommand::new(user.clone(), Command::GetUserState)));
+        tokio::task::yield_now().await;
+    }
+    let replies = within_real_seconds(30, futures_util::future::join_all(requests)).await;
+
+    assert!(replies.iter().all(|r| matches!(r, Ok(Ok(_)))), "{replies:?}");
+    assert_eq!(store.load(&user).await.unwrap().unwrap().revision, Revision(11));
+    // And the user is not stuck for later commands either.
+    let later = within_real_seconds(30, manager.send(UserCommand::new(user, Command::GetUserState))).await;
+    assert!(matches!(later, Ok(Ok(_))));
+}
+
+/// Awaits `work`, failing the test if it takes `seconds` of real time. Not a
+/// tokio timer: paused time auto-advances through timers while the runtime
+/// waits on the database thread, so a tokio timeout would fire spuriously.
+async fn within_real_seconds<T>(seconds: u64, work: impl std::future::Future<Output = T>) -> T {
+    let (expired, deadline) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(seconds));
+        let _ = expired.send(());
+    });
+    tokio::select! {
+        done = work => done,
+        _ = deadline => panic!("not answered within {seconds} s of real time: the user is stuck"),
+    }
+}
+
+#[rstest]
+#[actix::test]
 async fn a_user_passivated_twice_keeps_its_state(#[values(Backend::Sqlite)] backend: Backend) {
     let Some(db) = TestDb::open(backend).await else { return };
     tokio::time::pause();

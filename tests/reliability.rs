@@ -10,8 +10,8 @@ use actix::Actor;
 use chrono::Duration as Minutes;
 use common::{key, t0, test_store_config, view, Backend, TestDb};
 use persist_durable::{
-    Command, CommandError, Config, Event, EventId, GetManagerStats, ManualClock, Revision, StateStore, StoreError,
-    UserCommand, UserKey, UserStateManager,
+    Command, CommandError, Config, Event, EventId, GetManagerStats, ManualClock, Revision, StateStore, UserCommand,
+    UserKey, UserStateManager,
 };
 use rstest::rstest;
 
@@ -187,7 +187,7 @@ async fn past_the_resident_limit_the_least_recently_used_users_are_passivated_ke
     }
 
     assert!(stats.resident_users <= 11, "{stats:?}");
-    assert!(stats.evictions >= 19, "{stats:?}");
+    assert_eq!(stats.evictions, 20, "exactly the excess, no cascade: {stats:?}");
     for user in &users {
         let state = manager
             .send(UserCommand::new(user.clone(), Command::GetUserState))
@@ -220,14 +220,9 @@ async fn a_restore_that_hangs_fails_within_the_operation_timeout(#[values(Backen
         "bounded: {:?}",
         started.elapsed()
     );
+    // Whichever gives up first, the client or the server's statement timeout.
     assert!(
-        matches!(
-            &reply,
-            Err(CommandError::StoreUnavailable {
-                source: StoreError::Timeout(_),
-                ..
-            })
-        ),
+        matches!(&reply, Err(CommandError::StoreUnavailable { .. })),
         "{reply:?}"
     );
     drop(lock);

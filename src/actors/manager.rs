@@ -101,6 +101,8 @@ pub struct UserStateManager {
     in_flight: Arc<AtomicUsize>,
     /// A logical clock: one tick per command, to find the least recently used users.
     ticks: u64,
+    /// Children told to passivate that have not stopped yet.
+    passivating: usize,
 }
 
 struct Child {
@@ -129,6 +131,7 @@ impl UserStateManager {
             next_incarnation: 0,
             in_flight: Arc::new(AtomicUsize::new(0)),
             ticks: 0,
+            passivating: 0,
         }
     }
 
@@ -137,10 +140,12 @@ impl UserStateManager {
     /// the scan is paid once per many activations.
     fn evict_least_recently_used(&mut self) {
         let limit = self.config.max_resident_users;
-        if self.children.len() <= limit {
+        // Users already passivating are on their way out: they do not count.
+        let active = self.children.len() - self.passivating;
+        if active <= limit {
             return;
         }
-        let excess = self.children.len() - limit + limit / 100;
+        let excess = active - limit + limit / 100;
         let mut candidates: Vec<(u64, UserKey)> = self
             .children
             .iter()
@@ -156,6 +161,7 @@ impl UserStateManager {
             if let Some(child) = self.children.get_mut(&key) {
                 child.held = Some(Vec::new());
                 child.addr.do_send(Passivate);
+                self.passivating += 1;
                 self.stats.evictions += 1;
             }
         }
@@ -309,6 +315,7 @@ impl Handler<PassivationRequested> for UserStateManager {
         if child.incarnation == request.incarnation && child.held.is_none() {
             child.held = Some(Vec::new());
             child.addr.do_send(Passivate);
+            self.passivating += 1;
         }
     }
 }
@@ -335,6 +342,7 @@ impl Handler<ChildStopped> for UserStateManager {
             return;
         };
         if child.held.is_some() {
+            self.passivating -= 1;
             self.stats.passivations += 1;
             metrics::counter!("persist_durable_passivations_total").increment(1);
         }

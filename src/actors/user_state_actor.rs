@@ -138,20 +138,18 @@ impl UserStateActor {
         !self.busy && self.queue.is_empty()
     }
 
-    /// Moves the actor forward: restore if needed, else write what is queued.
+    /// Moves the actor forward: restore if needed, else write what is queued;
+    /// then, if passivation was asked for and nothing is left, stop.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if self.busy {
-            return;
-        }
-        if self.queue.is_empty() {
-            if self.stop_when_drained {
-                ctx.stop();
+        if !self.busy && !self.queue.is_empty() {
+            match self.committed.clone() {
+                None => self.restore(ctx),
+                // May answer everything at once (reads, redeliveries) and stay idle.
+                Some(committed) => self.write_queued(committed, ctx),
             }
-            return;
         }
-        match self.committed.clone() {
-            None => self.restore(ctx),
-            Some(committed) => self.write_queued(committed, ctx),
+        if self.stop_when_drained && self.is_drained() {
+            ctx.stop();
         }
     }
 

@@ -10,8 +10,11 @@ pub struct StoreConfig {
     /// How long a query waits for a connection before failing with
     /// [`StoreError::Unavailable`](crate::StoreError::Unavailable).
     pub connect_timeout: Duration,
-    /// The most a single load or write may take before it fails with
-    /// [`StoreError::Timeout`](crate::StoreError::Timeout).
+    /// The most a single load or write may take. The database enforces it
+    /// (PostgreSQL's `statement_timeout` and `lock_timeout` on each
+    /// connection), so a write that fails for time is rolled back, not
+    /// committed later; the client gives up on its own only after twice as
+    /// long, with [`StoreError::Timeout`](crate::StoreError::Timeout).
     pub operation_timeout: Duration,
     /// Worker threads of the store's own runtime.
     pub worker_threads: usize,

@@ -206,6 +206,12 @@ impl GroupCommit {
         revision: Revision,
         states: Vec<UserState>,
     ) -> Result<Revision, StoreError> {
+        // Refused here, alone: in the batch it would fail everyone's statement.
+        if revision <= expected {
+            return Err(StoreError::Setup(format!(
+                "a write must raise the revision: {revision} is not above {expected}"
+            )));
+        }
         let (reply, answer) = oneshot::channel();
         let request = WriteRequest {
             key: key.clone(),
@@ -291,6 +297,10 @@ async fn gather<R>(
     mut admit: impl FnMut(&R) -> bool,
 ) -> Vec<R> {
     let mut batch = Vec::with_capacity(max.min(1024));
+    // The first request is admitted through the same check, so that it
+    // counts against what follows (one row per user per statement).
+    let admitted = admit(&first);
+    debug_assert!(admitted, "the first request of a batch is always admitted");
     batch.push(first);
     // Requests deferred from the previous batch come first.
     let mut still_deferred = VecDeque::new();
@@ -411,9 +421,14 @@ async fn execute_writes(
     }
     metrics::histogram!("persist_durable_batch_rows").record(rows.len() as f64);
     let started = std::time::Instant::now();
-    let outcome = tokio::time::timeout(timeout, backend.write_rows(rows))
+    // The database enforces `timeout` itself (PostgreSQL's statement and lock
+    // timeouts, SQLite's busy timeout), so its answer says whether the write
+    // committed. Waiting twice as long only guards against a connection that
+    // hangs without an answer, whose outcome is unknown.
+    let backstop = timeout * 2;
+    let outcome = tokio::time::timeout(backstop, backend.write_rows(rows))
         .await
-        .unwrap_or(Err(StoreError::Timeout(timeout)));
+        .unwrap_or(Err(StoreError::Timeout(backstop)));
     metrics::histogram!("persist_durable_persist_seconds").record(started.elapsed().as_secs_f64());
     Counters::add(&counters.write_statements, 1);
     match outcome {

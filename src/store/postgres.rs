@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use diesel::sql_types::{Array, BigInt, Binary, Integer, Text, Timestamptz};
 use diesel::{OptionalExtension, QueryableByName};
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
-use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
@@ -136,14 +136,35 @@ impl PostgresStore {
                     .unwrap_or(Err(StoreError::Timeout(limit)))
             })
             .await?;
-        let pool = Pool::builder(AsyncDieselConnectionManager::<AsyncPgConnection>::new(database_url))
-            .max_size(config.pool_size)
-            .runtime(deadpool::Runtime::Tokio1)
-            .wait_timeout(Some(config.connect_timeout))
-            .create_timeout(Some(config.connect_timeout))
-            .recycle_timeout(Some(config.connect_timeout))
-            .build()
-            .map_err(|e| StoreError::Setup(format!("cannot build the connection pool: {e}")))?;
+        // The server enforces the operation timeout, so that a write the
+        // client gave up on is rolled back rather than committed later; the
+        // feed's commit-ordered positions rely on READ COMMITTED.
+        let limit_ms = config.operation_timeout.as_millis().max(1);
+        let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
+        manager_config.custom_setup = Box::new(move |url| {
+            let url = url.to_owned();
+            Box::pin(async move {
+                let mut conn = AsyncPgConnection::establish(&url).await?;
+                conn.batch_execute(&format!(
+                    "SET statement_timeout = {limit_ms}; SET lock_timeout = {limit_ms}; \
+                     SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED;"
+                ))
+                .await
+                .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                Ok(conn)
+            })
+        });
+        let pool = Pool::builder(AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+            database_url,
+            manager_config,
+        ))
+        .max_size(config.pool_size)
+        .runtime(deadpool::Runtime::Tokio1)
+        .wait_timeout(Some(config.connect_timeout))
+        .create_timeout(Some(config.connect_timeout))
+        .recycle_timeout(Some(config.connect_timeout))
+        .build()
+        .map_err(|e| StoreError::Setup(format!("cannot build the connection pool: {e}")))?;
         let backend = PgBackend {
             pool,
             feed: config.change_feed,
