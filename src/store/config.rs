@@ -113,3 +113,20 @@ impl StoreConfig {
         self
     }
 }
+
+impl StoreConfig {
+    /// A connection pool for `manager` with this configuration's size and timeouts.
+    pub(crate) fn build_pool<M: deadpool::managed::Manager>(
+        &self,
+        manager: M,
+    ) -> Result<deadpool::managed::Pool<M>, crate::StoreError> {
+        deadpool::managed::Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(deadpool::Runtime::Tokio1)
+            .wait_timeout(Some(self.connect_timeout))
+            .create_timeout(Some(self.connect_timeout))
+            .recycle_timeout(Some(self.connect_timeout))
+            .build()
+            .map_err(|e| crate::StoreError::Setup(format!("cannot build the connection pool: {e}")))
+    }
+}

@@ -154,17 +154,10 @@ impl PostgresStore {
                 Ok(conn)
             })
         });
-        let pool = Pool::builder(AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+        let pool = config.build_pool(AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
             database_url,
             manager_config,
-        ))
-        .max_size(config.pool_size)
-        .runtime(deadpool::Runtime::Tokio1)
-        .wait_timeout(Some(config.connect_timeout))
-        .create_timeout(Some(config.connect_timeout))
-        .recycle_timeout(Some(config.connect_timeout))
-        .build()
-        .map_err(|e| StoreError::Setup(format!("cannot build the connection pool: {e}")))?;
+        ))?;
         let backend = PgBackend {
             pool,
             feed: config.change_feed,

@@ -138,17 +138,10 @@ impl SqliteStore {
                 Ok(conn)
             })
         });
-        let pool = Pool::builder(AsyncDieselConnectionManager::<SqliteAsync>::new_with_config(
+        let pool = config.build_pool(AsyncDieselConnectionManager::<SqliteAsync>::new_with_config(
             path,
             manager_config,
-        ))
-        .max_size(config.pool_size)
-        .runtime(deadpool::Runtime::Tokio1)
-        .wait_timeout(Some(config.connect_timeout))
-        .create_timeout(Some(config.connect_timeout))
-        .recycle_timeout(Some(config.connect_timeout))
-        .build()
-        .map_err(|e| StoreError::Setup(format!("cannot build the connection pool: {e}")))?;
+        ))?;
         let group_commit = GroupCommit::start(Arc::new(SqliteBackend { pool }), runtime, &config);
         Ok(Self { group_commit })
     }
