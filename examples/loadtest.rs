@@ -35,10 +35,12 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncC
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use persist_durable::{
-    apply, persistence_id, Command, Config, GetManagerStats, PostgresStore, ProductId, SharedStore, SqliteStore,
-    StatePolicy, StoreConfig, UserCommand, UserKey, UserState, UserStateManager, ENTITY_TYPE, JSON_SERIALIZER_ID,
-    STATE_MANIFEST,
+    apply, Command, Config, DurableEntity, EntityKey, GetManagerStats, PostgresStore, ProductId, SharedStore,
+    SqliteStore, StatePolicy, StoreConfig, UserCommand, UserKey, UserState, UserStateManager,
 };
+
+/// The serializer id the library writes: serde JSON.
+const JSON_SERIALIZER_ID: i32 = 1;
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
 
@@ -358,7 +360,7 @@ struct NaiveRow {
 /// The service without actors: read, apply, write back, in one transaction.
 async fn naive_command(pool: Pool<AsyncPgConnection>, key: UserKey, command: Command) -> Result<(), String> {
     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-    let id = persistence_id(&key);
+    let id = key.persistence_id().to_string();
     conn.transaction::<_, diesel::result::Error, _>(async |conn| {
         let row: Option<NaiveRow> = diesel::sql_query(NAIVE_READ)
             .bind::<Text, _>(&id)
@@ -378,9 +380,9 @@ async fn naive_command(pool: Pool<AsyncPgConnection>, key: UserKey, command: Com
             None => {
                 diesel::sql_query(NAIVE_INSERT)
                     .bind::<Text, _>(&id)
-                    .bind::<Text, _>(ENTITY_TYPE)
+                    .bind::<Text, _>(UserState::ENTITY_TYPE)
                     .bind::<Integer, _>(JSON_SERIALIZER_ID)
-                    .bind::<Text, _>(STATE_MANIFEST)
+                    .bind::<Text, _>(UserState::MANIFEST)
                     .bind::<Binary, _>(payload)
                     .execute(conn)
                     .await?

@@ -27,7 +27,7 @@ use clap::{Parser, Subcommand};
 use diesel::sql_types::{BigInt, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use persist_durable::{
-    persistence_id, Command, CommandError, Config, Event, EventId, PostgresStore, ProductId, StoreConfig, UserCommand,
+    Command, CommandError, Config, EntityKey, Event, EventId, PostgresStore, ProductId, StoreConfig, UserCommand,
     UserKey, UserStateManager,
 };
 use rand::{RngExt, SeedableRng};
@@ -370,7 +370,7 @@ impl Ledger {
         let mut counts = HashMap::new();
         for request in self.requests.iter().filter(|r| self.acked[r.seq as usize]) {
             if let Ok(key) = UserKey::new(request.mall.clone(), request.user.clone()) {
-                *counts.entry(persistence_id(&key)).or_insert(0) += 1;
+                *counts.entry(key.persistence_id().to_string()).or_insert(0) += 1;
             }
         }
         counts
@@ -384,12 +384,12 @@ impl Ledger {
         let mut sent = HashMap::new();
         for request in &self.requests {
             if let Ok(key) = UserKey::new(request.mall.clone(), request.user.clone()) {
-                *sent.entry(persistence_id(&key)).or_insert(0i64) += 1;
+                *sent.entry(key.persistence_id().to_string()).or_insert(0i64) += 1;
             }
         }
         let (mut lost, mut twice) = (0, 0);
         for user in &self.users {
-            let id = persistence_id(user);
+            let id = user.persistence_id().to_string();
             let revision = stored.get(&id).copied().unwrap_or(0);
             lost += (acked.get(&id).copied().unwrap_or(0) - revision).max(0);
             twice += (revision - sent.get(&id).copied().unwrap_or(0)).max(0);

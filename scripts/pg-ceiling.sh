@@ -41,18 +41,19 @@ write_script() { # $1: rows per statement
 \set span $rows / :clients
 \set base :client_id * :span + random(0, :span - $1 - 1)
 WITH input AS (
-    SELECT d.persistence_id, d.revision AS expected, d.revision + 1 AS revision, d.state_payload AS payload
+    SELECT d.persistence_id, d.revision AS expected, d.revision + 1 AS revision, d.state_payload AS payload,
+           d.entity_type, d.state_ser_manifest AS manifest
     FROM durable_state AS d
     WHERE d.persistence_id IN (SELECT 'UserState|bench-' || (:base + g) FROM generate_series(1, $1) AS g)
 ), inserted AS (
     INSERT INTO durable_state
         (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload)
-    SELECT persistence_id, 'UserState', revision, now(), 1, 'UserState/v1', payload FROM input WHERE expected = 0
+    SELECT persistence_id, entity_type, revision, now(), 1, manifest, payload FROM input WHERE expected = 0
     ON CONFLICT (persistence_id) DO NOTHING
     RETURNING persistence_id
 ), updated AS (
     UPDATE durable_state AS d
-    SET revision = i.revision, db_timestamp = now(), state_ser_id = 1, state_ser_manifest = 'UserState/v1',
+    SET revision = i.revision, db_timestamp = now(), state_ser_id = 1, state_ser_manifest = i.manifest,
         state_payload = i.payload
     FROM input AS i
     WHERE i.expected <> 0 AND d.persistence_id = i.persistence_id AND d.revision = i.expected

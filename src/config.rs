@@ -2,11 +2,12 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::domain::{Clock, StatePolicy, SystemClock};
+use crate::clock::{Clock, SystemClock};
 
-/// How the user actors behave. Defaults follow the original design: a user
-/// idle for 30 minutes is passivated, checked every 5 minutes, and 3 recently
-/// viewed products are kept.
+/// How the entity actors and their manager behave, for every entity type.
+/// Defaults follow the original design: an entity idle for 30 minutes is
+/// passivated, checked every 5 minutes, and (for users) 3 recently viewed
+/// products are kept.
 ///
 /// ```
 /// use std::time::Duration;
@@ -22,11 +23,12 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// How often an actor checks whether it has been idle long enough.
     pub idle_check_interval: Duration,
-    /// How many recently viewed products are kept.
+    /// Users only: how many recently viewed products are kept (see
+    /// [`DurableEntity::settings`](crate::DurableEntity::settings)).
     pub recent_products_limit: usize,
     /// Where recorded times come from.
     pub clock: Arc<dyn Clock>,
-    /// How many applied event ids each user remembers, to recognise redelivery.
+    /// How many applied event ids each entity remembers, to recognise redelivery.
     pub event_id_memory: usize,
     /// How often a write that lost a revision conflict is reloaded and
     /// applied again before its commands fail with
@@ -53,9 +55,9 @@ impl Default for Config {
         Self {
             idle_timeout: Duration::from_secs(30 * 60),
             idle_check_interval: Duration::from_secs(5 * 60),
-            recent_products_limit: StatePolicy::default().recent_products_limit,
+            recent_products_limit: 3,
             clock: Arc::new(SystemClock),
-            event_id_memory: StatePolicy::default().event_id_memory,
+            event_id_memory: 32,
             conflict_retries: 3,
             max_queued_per_user: 1_000,
             max_commands_in_flight: 100_000,
@@ -141,11 +143,5 @@ impl Config {
     pub fn with_arbiters(mut self, arbiters: usize) -> Self {
         self.arbiters = arbiters;
         self
-    }
-
-    pub(crate) fn policy(&self) -> StatePolicy {
-        StatePolicy::default()
-            .with_recent_products_limit(self.recent_products_limit)
-            .with_event_id_memory(self.event_id_memory)
     }
 }

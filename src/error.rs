@@ -1,80 +1,16 @@
-//! One error type per boundary: what a caller gave us ([`InvalidInput`]),
-//! what the database did ([`StoreError`]), and what a command's sender gets
-//! back ([`CommandError`]).
+//! The errors of the two boundaries below the caller: what the database did
+//! ([`StoreError`]) and what a command's sender gets back ([`CommandError`]).
+//! What a caller gave us and we refused is [`InvalidInput`](crate::InvalidInput).
 
-use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::domain::UserKey;
-use crate::store::Revision;
+use crate::domain::UserState;
+use crate::entity::{DurableEntity, InvalidInput, PersistenceId, Revision};
 
-/// Which id an [`InvalidInput`] is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IdField {
-    /// The mall id of a [`UserKey`].
-    MallId,
-    /// The user id of a [`UserKey`].
-    UserId,
-    /// The product id of a [`ViewProduct`](crate::Command::ViewProduct).
-    ProductId,
-    /// The id of an [`Event`](crate::Event).
-    EventId,
-}
-
-impl fmt::Display for IdField {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            IdField::MallId => "mall id",
-            IdField::UserId => "user id",
-            IdField::ProductId => "product id",
-            IdField::EventId => "event id",
-        })
-    }
-}
-
-/// Input rejected before it reaches an actor; nothing was changed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum InvalidInput {
-    /// An id was empty.
-    #[error("the {field} is empty")]
-    EmptyId {
-        /// Which id.
-        field: IdField,
-    },
-    /// An id was longer than [`MAX_ID_BYTES`](crate::MAX_ID_BYTES).
-    #[error("the {field} is {len} bytes long; at most {max} are allowed")]
-    IdTooLong {
-        /// Which id.
-        field: IdField,
-        /// Its length in bytes.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// An id contained a control character (a newline, NUL, DEL...).
-    #[error("the {field} contains a control character at character {position}")]
-    ControlCharacter {
-        /// Which id.
-        field: IdField,
-        /// The character index of the first control character.
-        position: usize,
-    },
-    /// A JSON command could not be decoded: bad JSON, an unknown `type`, a missing or invalid field.
-    #[error("malformed command: {reason}")]
-    MalformedCommand {
-        /// What the decoder said.
-        reason: String,
-    },
-    /// A JSON command was larger than any valid command can be.
-    #[error("the command is {len} bytes long; at most {max} are accepted")]
-    CommandTooLarge {
-        /// Its length in bytes.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-}
+/// The cause of a failure, shared: one failed batch fails each of its writes
+/// with the same error.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
 
 /// A failure of the state store. Cloneable: one failed batch fails each of
 /// the writes in it with the same error.
@@ -82,105 +18,180 @@ pub enum InvalidInput {
 #[non_exhaustive]
 pub enum StoreError {
     /// The stored revision was not the one the write expected: someone else
-    /// wrote this user since it was loaded. Nothing was overwritten.
-    #[error("write conflict for user {key}: expected stored revision {expected}, found another")]
+    /// wrote this entity since it was loaded. Nothing was overwritten.
+    #[error("write conflict for {key}: expected stored revision {expected}, found another")]
     Conflict {
-        /// The user.
-        key: UserKey,
+        /// The entity (compares equal to its typed key).
+        key: PersistenceId,
         /// The revision the write was based on.
         expected: Revision,
     },
-    /// The stored row cannot be decoded; only this user is affected.
-    #[error("the stored state of user {key} (revision {revision}) is corrupt: {reason}")]
+    /// The stored row cannot be decoded; only this entity is affected.
+    #[error("the stored state of {key} (revision {revision}) is corrupt")]
     Corrupt {
-        /// The user.
-        key: UserKey,
+        /// The entity.
+        key: PersistenceId,
         /// The revision found in the row.
         revision: i64,
         /// What is wrong with it.
-        reason: String,
+        #[source]
+        source: CorruptRow,
     },
     /// No connection could be had: the database is down, refusing, or the pool timed out.
-    #[error("the database is unavailable: {0}")]
-    Unavailable(String),
+    #[error("the database is unavailable")]
+    Unavailable(#[source] Cause),
     /// The database answered with an error.
-    #[error("database error: {0}")]
-    Query(String),
+    #[error("database error")]
+    Query(#[source] Arc<diesel::result::Error>),
     /// The operation took longer than the configured limit; its outcome is unknown.
     #[error("the database did not answer within {0:?}")]
     Timeout(Duration),
     /// The schema migrations could not be applied.
-    #[error("applying the schema migrations failed: {0}")]
-    Migration(String),
-    /// The store was misconfigured or its worker runtime is gone.
-    #[error("the store cannot run: {0}")]
-    Setup(String),
+    #[error("applying the schema migrations failed")]
+    Migration(#[source] Cause),
+    /// A setting of [`StoreConfig`](crate::StoreConfig) or the database
+    /// location cannot work; fix the configuration.
+    #[error("invalid store configuration: {0}")]
+    InvalidConfig(String),
+    /// A state could not be encoded; nothing was written.
+    #[error("the state of {key} cannot be encoded")]
+    Encode {
+        /// The entity.
+        key: PersistenceId,
+        /// The encoder's error.
+        #[source]
+        source: Arc<serde_json::Error>,
+    },
+    /// A write that does not raise the revision, or names no state: a bug in
+    /// the caller; nothing was written.
+    #[error("invalid write for {key}: from revision {expected} to {revision} with {states} states")]
+    InvalidWrite {
+        /// The entity.
+        key: PersistenceId,
+        /// The revision the write was based on.
+        expected: Revision,
+        /// The revision it would have written.
+        revision: Revision,
+        /// The states it carried.
+        states: usize,
+    },
+    /// The store's runtime or batching task has stopped (the store is being
+    /// dropped); open the store again.
+    #[error("the store has stopped")]
+    Stopped,
+    /// A database task panicked or was cancelled; its outcome is unknown.
+    #[error("a database task failed")]
+    TaskFailed(#[source] Arc<tokio::task::JoinError>),
+    /// The change feed was asked for on a store opened without it.
+    #[error("this store keeps no change feed; open it with StoreConfig::with_change_feed(true)")]
+    NoChangeFeed,
+    /// A feed position or revision beyond what the database column holds.
+    #[error("{0} exceeds the database's BIGINT")]
+    OutOfRange(u64),
 }
 
 impl From<diesel::result::Error> for StoreError {
     fn from(error: diesel::result::Error) -> Self {
-        StoreError::Query(error.to_string())
+        StoreError::Query(Arc::new(error))
     }
 }
 
-/// Why a command was not applied. The user's stored state is unchanged by it,
-/// and the actor that answered it keeps serving.
+impl StoreError {
+    pub(crate) fn unavailable(error: impl std::error::Error + Send + Sync + 'static) -> Self {
+        StoreError::Unavailable(Arc::new(error))
+    }
+}
+
+/// What is wrong with a stored row, in a [`StoreError::Corrupt`].
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum CorruptRow {
+    /// Revisions start at 1.
+    #[error("the revision is not positive")]
+    Revision,
+    /// The serializer id is not one this version writes.
+    #[error("unknown serializer id {0}")]
+    SerializerId(i32),
+    /// The payload is not the entity's state.
+    #[error("the payload does not decode")]
+    Payload(#[source] Arc<serde_json::Error>),
+    /// The feed row's persistence id does not decode to a key.
+    #[error("the persistence id does not decode to a key")]
+    Key(#[source] InvalidInput),
+    /// The feed row's timestamp does not parse.
+    #[error("the commit timestamp does not parse")]
+    Timestamp(#[source] chrono::ParseError),
+}
+
+/// Why a command was not applied. The entity's stored state is unchanged by
+/// it, and the actor that answered it keeps serving. For users (the default
+/// type parameter) the key is a [`UserKey`](crate::UserKey).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum CommandError {
-    /// Another writer changed this user first (another node, or a stale actor).
-    /// The actor reloads the stored state; sending the command again applies it
-    /// on top of that.
-    #[error("user {key} was changed concurrently (this write expected revision {expected}); retry the command")]
+pub enum CommandError<E: DurableEntity = UserState> {
+    /// Another writer changed this entity first (another node, or a stale
+    /// actor). The actor reloads the stored state; sending the command again
+    /// applies it on top of that.
+    #[error("{key} was changed concurrently (this write expected revision {expected}); retry the command")]
     Conflict {
-        /// The user.
-        key: UserKey,
+        /// The entity.
+        key: E::Key,
         /// The revision the failed write was based on.
         expected: Revision,
     },
-    /// The user's stored state cannot be decoded; an operator must repair or
-    /// delete the row. Other users are not affected.
-    #[error("the stored state of user {key} is corrupt: {source}")]
+    /// The entity's stored state cannot be decoded; an operator must repair
+    /// or delete the row. Other entities are not affected.
+    #[error("the stored state of {key} is corrupt: {source}")]
     CorruptState {
-        /// The user.
-        key: UserKey,
+        /// The entity.
+        key: E::Key,
         /// The decoding failure.
         #[source]
         source: StoreError,
     },
     /// The database could not be read or written; retry later. If a write's
     /// outcome is unknown, the actor reloads before its next command.
-    #[error("the state of user {key} could not be read or written; retry later: {source}")]
+    #[error("the state of {key} could not be read or written; retry later: {source}")]
     StoreUnavailable {
-        /// The user.
-        key: UserKey,
+        /// The entity.
+        key: E::Key,
         /// The store's error.
         #[source]
         source: StoreError,
     },
-    /// Too much is already queued (for this user, or in total); the command
+    /// Too much is already queued (for this entity, or in total); the command
     /// was refused, not applied. Retry later, more slowly.
-    #[error("the command for user {key} was refused: {reason}")]
+    #[error("the command for {key} was refused: {reason}")]
     Overloaded {
-        /// The user.
-        key: UserKey,
+        /// The entity.
+        key: E::Key,
         /// Which limit was reached.
         reason: String,
     },
-    /// The command never reached the user's actor (it was stopped by its
+    /// The command never reached the entity's actor (it was stopped by its
     /// system); it was not applied.
-    #[error("the command for user {key} was not delivered: {reason}")]
+    #[error("the command for {key} was not delivered: {reason}")]
     NotDelivered {
-        /// The user.
-        key: UserKey,
+        /// The entity.
+        key: E::Key,
         /// Why.
         reason: String,
     },
+    /// The entity's domain refused the command (an empty cart's checkout);
+    /// nothing was written. Sending it again is refused again.
+    #[error("the command for {key} was refused by the domain: {reason}")]
+    Rejected {
+        /// The entity.
+        key: E::Key,
+        /// The domain's typed reason.
+        #[source]
+        reason: E::Rejection,
+    },
 }
 
-impl CommandError {
+impl<E: DurableEntity> CommandError<E> {
     /// Classifies a store failure for the sender of a command.
-    pub(crate) fn from_store(key: &UserKey, error: StoreError) -> Self {
+    pub(crate) fn from_store(key: &E::Key, error: StoreError) -> Self {
         match error {
             StoreError::Conflict { expected, .. } => CommandError::Conflict {
                 key: key.clone(),
@@ -197,14 +208,15 @@ impl CommandError {
         }
     }
 
-    /// The user the failed command was for.
-    pub fn key(&self) -> &UserKey {
+    /// The entity the failed command was for.
+    pub fn key(&self) -> &E::Key {
         match self {
             CommandError::Conflict { key, .. }
             | CommandError::CorruptState { key, .. }
             | CommandError::StoreUnavailable { key, .. }
             | CommandError::Overloaded { key, .. }
-            | CommandError::NotDelivered { key, .. } => key,
+            | CommandError::NotDelivered { key, .. }
+            | CommandError::Rejected { key, .. } => key,
         }
     }
 
@@ -216,11 +228,12 @@ impl CommandError {
             CommandError::StoreUnavailable { .. } => "store_unavailable",
             CommandError::Overloaded { .. } => "overloaded",
             CommandError::NotDelivered { .. } => "not_delivered",
+            CommandError::Rejected { .. } => "rejected",
         }
     }
 
     /// Whether sending the same command again may succeed.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, CommandError::CorruptState { .. })
+        !matches!(self, CommandError::CorruptState { .. } | CommandError::Rejected { .. })
     }
 }

@@ -1,6 +1,7 @@
 //! The change feed: every committed state change, in order, from a
 //! resumable position, for downstream systems (a search index, a cache, a
-//! Kafka topic).
+//! Kafka topic). One feed holds every entity type; an [`EntityFeed`] reads
+//! the changes of one, typed.
 //!
 //! Enable it on the store with [`StoreConfig::with_change_feed`]. Each
 //! committed revision is written in the same statement as the state, so a
@@ -10,14 +11,55 @@
 //!
 //! [`StoreConfig::with_change_feed`]: crate::StoreConfig::with_change_feed
 
+use std::marker::PhantomData;
 use std::time::Duration;
 
-use crate::error::StoreError;
-use crate::store::{SharedStore, StateChange};
+use crate::domain::UserState;
+use crate::entity::{DurableEntity, EntityKey, Revision};
+use crate::error::{CorruptRow, StoreError};
+use crate::store::{ChangeRow, SharedStore};
 
-/// Follows the change feed from a position, and can save that position as a
-/// consumer's offset so that a restarted consumer goes on where it stopped,
-/// with no gap and no duplicate.
+/// One committed revision of an entity's state, as the change feed delivers
+/// it. For users (the default) a [`UserState`] keyed by [`UserKey`](crate::UserKey).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StateChange<E: DurableEntity = UserState> {
+    /// Where the change stands in the feed: in commit order, across entity types.
+    pub position: u64,
+    /// The entity.
+    pub key: E::Key,
+    /// The revision this state was committed as.
+    pub revision: Revision,
+    /// The state at that revision.
+    pub state: E,
+    /// When the writing transaction ran, by the database's clock.
+    pub committed_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl<E: DurableEntity> StateChange<E> {
+    fn decode(row: ChangeRow) -> Result<Self, StoreError> {
+        let corrupt = |source: CorruptRow| StoreError::Corrupt {
+            key: row.key.clone(),
+            revision: row.revision.0 as i64,
+            source,
+        };
+        let key = E::Key::from_entity_id(row.key.entity_id()).map_err(|e| corrupt(CorruptRow::Key(e)))?;
+        let (state, _event_ids) = crate::store::decode_payload::<E>(&row.payload).map_err(corrupt)?;
+        Ok(Self {
+            position: row.position,
+            key,
+            revision: row.revision,
+            state,
+            committed_at: row.committed_at,
+        })
+    }
+}
+
+/// The change feed of the user states.
+pub type ChangeFeed = EntityFeed<UserState>;
+
+/// Follows the changes of one entity type from a position, and can save that
+/// position as a consumer's offset so that a restarted consumer goes on where
+/// it stopped, with no gap and no duplicate. For users it is [`ChangeFeed`].
 ///
 /// ```
 /// use actix::Actor;
@@ -40,15 +82,16 @@ use crate::store::{SharedStore, StateChange};
 ///     Ok(())
 /// }
 /// ```
-pub struct ChangeFeed {
+pub struct EntityFeed<E: DurableEntity> {
     store: SharedStore,
     consumer: Option<String>,
     position: u64,
     batch_size: usize,
     poll_interval: Duration,
+    entity: PhantomData<fn() -> E>,
 }
 
-impl ChangeFeed {
+impl<E: DurableEntity> EntityFeed<E> {
     /// Follows the feed after `position` (0: from the beginning), without a stored offset.
     pub fn from_position(store: SharedStore, position: u64) -> Self {
         Self {
@@ -57,6 +100,7 @@ impl ChangeFeed {
             position,
             batch_size: 500,
             poll_interval: Duration::from_millis(100),
+            entity: PhantomData,
         }
     }
 
@@ -90,8 +134,15 @@ impl ChangeFeed {
 
     /// The changes after the current position, up to the batch size; empty
     /// when there are none yet.
-    pub async fn next_batch(&mut self) -> Result<Vec<StateChange>, StoreError> {
-        let changes = self.store.read_changes(self.position, self.batch_size).await?;
+    pub async fn next_batch(&mut self) -> Result<Vec<StateChange<E>>, StoreError> {
+        let rows = self
+            .store
+            .read_change_rows(E::ENTITY_TYPE, self.position, self.batch_size)
+            .await?;
+        let changes = rows
+            .into_iter()
+            .map(StateChange::decode)
+            .collect::<Result<Vec<_>, _>>()?;
         if let Some(last) = changes.last() {
             self.position = last.position;
         }
@@ -99,7 +150,7 @@ impl ChangeFeed {
     }
 
     /// Waits until there are changes after the current position and returns them.
-    pub async fn next(&mut self) -> Result<Vec<StateChange>, StoreError> {
+    pub async fn next(&mut self) -> Result<Vec<StateChange<E>>, StoreError> {
         loop {
             let changes = self.next_batch().await?;
             if !changes.is_empty() {
@@ -120,8 +171,8 @@ impl ChangeFeed {
     pub async fn commit(&self) -> Result<(), StoreError> {
         match &self.consumer {
             Some(consumer) => self.store.save_offset(consumer, self.position).await,
-            None => Err(StoreError::Setup(
-                "this feed has no consumer name; start it with ChangeFeed::resume".into(),
+            None => Err(StoreError::InvalidConfig(
+                "this feed has no consumer name; start it with EntityFeed::resume".into(),
             )),
         }
     }

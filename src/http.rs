@@ -11,25 +11,18 @@
 //! could not be resolved, 503 with `Retry-After` when the database is down or
 //! the library is overloaded, 500 for a corrupt stored row.
 //!
-//! In a test, with actix-web's test utilities:
+//! Mount them with [`routes`], handing them the typed handle they serve;
+//! they need nothing else from the application:
 //!
 //! ```
-//! use actix::Actor;
-//! use actix_web::{test, web, App};
-//! use persist_durable::{http, Config, MemoryStore, SharedStore, UserStateManager};
+//! use actix_web::{test, App};
+//! use persist_durable::{http, Config, MemoryStore, UserStates};
 //! use std::sync::Arc;
 //!
 //! #[actix::main]
 //! async fn main() {
-//!     let store: SharedStore = Arc::new(MemoryStore::new());
-//!     let manager = UserStateManager::new(store.clone(), Config::default()).start();
-//!     let app = test::init_service(
-//!         App::new()
-//!             .app_data(web::Data::new(manager))
-//!             .app_data(web::Data::new(store))
-//!             .configure(http::configure),
-//!     )
-//!     .await;
+//!     let users = UserStates::start(Arc::new(MemoryStore::new()), Config::default());
+//!     let app = test::init_service(App::new().configure(http::routes(users))).await;
 //!     let request = test::TestRequest::post()
 //!         .uri("/malls/mall001/users/user001/commands")
 //!         .set_payload(r#"{"type": "view_product", "product_id": "p1"}"#)
@@ -42,40 +35,47 @@
 //! In a server:
 //!
 //! ```no_run
-//! use actix::Actor;
-//! use actix_web::{web, App, HttpServer};
-//! use persist_durable::{http, Config, SqliteStore, UserStateManager};
+//! use actix_web::{App, HttpServer};
+//! use persist_durable::{http, Config, SqliteStore, UserStates};
 //! use std::sync::Arc;
 //!
 //! #[actix_web::main]
 //! async fn main() -> std::io::Result<()> {
-//!     let store: persist_durable::SharedStore =
-//!         Arc::new(SqliteStore::open("user-state.db").await.map_err(std::io::Error::other)?);
-//!     let manager = UserStateManager::new(store.clone(), Config::default()).start();
-//!     HttpServer::new(move || {
-//!         App::new()
-//!             .app_data(web::Data::new(manager.clone()))
-//!             .app_data(web::Data::new(store.clone()))
-//!             .configure(http::configure)
-//!     })
-//!     .bind("127.0.0.1:8080")?
-//!     .run()
-//!     .await
+//!     let store = SqliteStore::open("user-state.db").await.map_err(std::io::Error::other)?;
+//!     let users = UserStates::start(Arc::new(store), Config::default());
+//!     HttpServer::new(move || App::new().configure(http::routes(users.clone())))
+//!         .bind("127.0.0.1:8080")?
+//!         .run()
+//!         .await
 //! }
 //! ```
+//!
+//! Applications written before [`routes`] existed mount [`configure`] and
+//! provide `web::Data<Addr<UserStateManager>>` and `web::Data<SharedStore>`
+//! themselves; it serves the same routes.
 
 use actix::Addr;
 use actix_web::http::header::RETRY_AFTER;
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpResponse, ResponseError};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use serde::Serialize;
 
 use crate::domain::{Command, Event, UserKey, UserState};
-use crate::error::{CommandError, InvalidInput};
-use crate::{SharedStore, UserCommand, UserStateManager};
+use crate::entity::InvalidInput;
+use crate::error::CommandError;
+use crate::{SharedStore, UserStateManager, UserStates};
 
-/// Registers the routes. The application must provide
-/// `web::Data<Addr<UserStateManager>>`, and `web::Data<SharedStore>` for `/healthz`.
+/// The routes, serving `users`: `App::new().configure(http::routes(users))`.
+pub fn routes(users: UserStates) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |config| {
+        config.app_data(web::Data::new(users));
+        configure(config);
+    }
+}
+
+/// Registers the routes without their state: the application provides
+/// either `web::Data<UserStates>` or, as before [`routes`] existed, both
+/// `web::Data<Addr<UserStateManager>>` and `web::Data<SharedStore>`.
 pub fn configure(config: &mut web::ServiceConfig) {
     config
         .route(
@@ -107,7 +107,7 @@ pub enum ApiError {
     /// The command failed: the status depends on why.
     #[error(transparent)]
     Command(#[from] CommandError),
-    /// The manager could not be reached: 503.
+    /// The routes cannot reach the user states: 503.
     #[error("the user state manager is unavailable: {0}")]
     Unavailable(String),
 }
@@ -138,16 +138,25 @@ impl ResponseError for ApiError {
     }
 }
 
-async fn execute(
-    manager: &Addr<UserStateManager>,
-    path: (String, String),
-    event: Event,
-) -> Result<HttpResponse, ApiError> {
+/// The handle the routes serve: given by [`routes`], or put together from
+/// the two entries [`configure`]'s applications provide.
+fn users(request: &HttpRequest) -> Result<UserStates, ApiError> {
+    if let Some(users) = request.app_data::<web::Data<UserStates>>() {
+        return Ok(users.get_ref().clone());
+    }
+    let manager = request.app_data::<web::Data<Addr<UserStateManager>>>();
+    let store = request.app_data::<web::Data<SharedStore>>();
+    match (manager, store) {
+        (Some(manager), Some(store)) => Ok(UserStates::new(manager.get_ref().clone(), store.get_ref().clone())),
+        _ => Err(ApiError::Unavailable(
+            "the routes were mounted without their state: use http::routes(users)".into(),
+        )),
+    }
+}
+
+async fn execute(request: &HttpRequest, path: (String, String), event: Event) -> Result<HttpResponse, ApiError> {
     let key = UserKey::new(path.0, path.1)?;
-    let state = manager
-        .send(UserCommand::new(key.clone(), event))
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))??;
+    let state = users(request)?.send(key.clone(), event).await?;
     Ok(HttpResponse::Ok().json(StateResponse {
         mall_id: key.mall_id().to_owned(),
         user_id: key.user_id().to_owned(),
@@ -156,7 +165,7 @@ async fn execute(
 }
 
 async fn post_command(
-    manager: web::Data<Addr<UserStateManager>>,
+    request: HttpRequest,
     path: web::Path<(String, String)>,
     body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
@@ -164,23 +173,20 @@ async fn post_command(
         reason: format!("the body is not UTF-8: {e}"),
     })?;
     let event = Event::from_json(text)?;
-    execute(&manager, path.into_inner(), event).await
+    execute(&request, path.into_inner(), event).await
 }
 
-async fn get_state(
-    manager: web::Data<Addr<UserStateManager>>,
-    path: web::Path<(String, String)>,
-) -> Result<HttpResponse, ApiError> {
-    execute(&manager, path.into_inner(), Command::GetUserState.into()).await
+async fn get_state(request: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
+    execute(&request, path.into_inner(), Command::GetUserState.into()).await
 }
 
-async fn healthz(store: web::Data<SharedStore>) -> HttpResponse {
-    match store.ping().await {
-        Ok(()) => HttpResponse::Ok().json(serde_json::json!({ "status": "ok" })),
-        Err(error) => HttpResponse::ServiceUnavailable()
+async fn healthz(request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    match users(&request)?.ping().await {
+        Ok(()) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))),
+        Err(error) => Ok(HttpResponse::ServiceUnavailable()
             .insert_header((RETRY_AFTER, "1"))
             .json(ErrorBody {
                 error: error.to_string(),
-            }),
+            })),
     }
 }

@@ -31,45 +31,62 @@
 //! ```
 //!
 //! ## Layout
-//! - [`domain`](crate::UserState): state, commands and the pure transition [`apply`];
-//! - actors: [`UserStateActor`], [`UserStateManager`];
+//! - the entity core ([`DurableEntity`], [`EntityKey`], [`EntityEvent`],
+//!   [`Revision`]): what an application writes once per entity type;
+//! - the user state, the first entity: [`UserState`], [`UserKey`],
+//!   [`Command`], [`Event`] and the pure transition [`apply`]; the second,
+//!   [`cart`], shows how small another one is;
+//! - actors: [`EntityActor`] and [`EntityManager`] ([`UserStateActor`],
+//!   [`UserStateManager`] for users), and the typed handle [`Entities`]
+//!   ([`UserStates`]);
 //! - store: the [`StateStore`] trait and its backends [`PostgresStore`],
-//!   [`SqliteStore`], [`MemoryStore`];
+//!   [`SqliteStore`], [`MemoryStore`]; the change feed [`EntityFeed`]
+//!   ([`ChangeFeed`]);
 //! - errors: [`InvalidInput`], [`StoreError`], [`CommandError`].
 //!
 //! ## Features
 //! - `sqlite` (default): [`SqliteStore`], with a bundled libsqlite3.
 //! - `postgres` (default): [`PostgresStore`], on diesel-async's pure-Rust driver.
-//! - `http` (default): [`http::configure`], actix-web routes for the manager.
+//! - `http` (default): [`http::routes`], actix-web routes for the user states.
 #![warn(missing_docs)]
 
 mod actors;
+mod clock;
 mod config;
 mod domain;
+mod entity;
 mod error;
 mod feed;
 #[cfg(feature = "http")]
 pub mod http;
 mod store;
 
-pub use actors::{GetManagerStats, ManagerStats, UserCommand, UserStateActor, UserStateManager};
-pub use config::Config;
-pub use domain::{
-    apply, apply_event, Clock, Command, Event, EventId, ManualClock, ProductId, StatePolicy, SystemClock, UserKey,
-    UserState, MAX_ID_BYTES,
+pub use actors::{
+    Entities, EntityActor, EntityCommand, EntityManager, Execute, GetManagerStats, ManagerStats, UserCommand,
+    UserStateActor, UserStateManager, UserStates,
 };
-pub use error::{CommandError, IdField, InvalidInput, StoreError};
-pub use feed::ChangeFeed;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use config::Config;
+pub use domain::cart;
+pub use domain::{apply, apply_event, Command, Event, ProductId, StatePolicy, UserKey, UserState};
+pub use entity::{
+    decode_json, validate_id, DurableEntity, EntityEvent, EntityKey, EventId, IdField, InvalidInput, PersistenceId,
+    Revision, MAX_ID_BYTES,
+};
+pub use error::{Cause, CommandError, CorruptRow, StoreError};
+pub use feed::{ChangeFeed, EntityFeed, StateChange};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]
 pub use store::SqliteStore;
 pub use store::{
-    persistence_id, MemoryStore, Revision, SharedStore, StateChange, StateStore, StoreConfig, StoreStats, StoredState,
-    ENTITY_TYPE, JSON_SERIALIZER_ID, STATE_MANIFEST,
+    ChangeRow, MemoryStore, SharedStore, StateStore, StoreConfig, StoreStats, StoredRow, StoredState, WriteRow,
 };
 
 /// The types most programs need: `use persist_durable::prelude::*;`.
 pub mod prelude {
-    pub use crate::{Command, CommandError, Config, UserCommand, UserKey, UserState, UserStateActor, UserStateManager};
+    pub use crate::{
+        Command, CommandError, Config, DurableEntity, Entities, EntityKey, UserCommand, UserKey, UserState,
+        UserStateActor, UserStateManager, UserStates,
+    };
 }

@@ -6,7 +6,7 @@ mod common;
 use actix::Actor;
 use common::{Backend, TestDb};
 use persist_durable::{
-    persistence_id, Command, Config, Event, EventId, InvalidInput, ProductId, UserCommand, UserKey, UserStateManager,
+    Command, Config, EntityKey, Event, EventId, InvalidInput, ProductId, UserCommand, UserKey, UserStateManager,
     MAX_ID_BYTES,
 };
 use proptest::prelude::*;
@@ -112,7 +112,7 @@ proptest! {
     ) {
         let left = UserKey::new(a, b).unwrap();
         let right = UserKey::new(c, d).unwrap();
-        prop_assert_eq!(left == right, persistence_id(&left) == persistence_id(&right));
+        prop_assert_eq!(left == right, left.persistence_id() == right.persistence_id());
     }
 }
 

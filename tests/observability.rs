@@ -93,7 +93,7 @@ async fn commands_are_counted_by_type_and_outcome() {
     assert!(counter(&counts, "persist_durable_activations_total", &[]) >= 1);
 }
 
-/// The `user` and `revision` fields of one `command` span.
+/// The `key` (the user) and `revision` fields of one `command` span.
 type SpanFields = (String, Option<u64>);
 
 /// Collects the fields of `command` spans.
@@ -110,7 +110,8 @@ impl Visit for Fields<'_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "user" {
+        // The entity's key: for users, `mall-user`.
+        if field.name() == "key" {
             self.0 .0 = format!("{value:?}");
         }
     }

@@ -10,8 +10,8 @@ use actix::Actor;
 use chrono::Duration as Minutes;
 use common::{key, t0, test_store_config, view, Backend, TestDb};
 use persist_durable::{
-    Command, CommandError, Config, Event, EventId, GetManagerStats, ManualClock, Revision, StateStore, UserCommand,
-    UserKey, UserStateManager,
+    Command, CommandError, Config, Event, EventId, GetManagerStats, ManualClock, Revision, UserCommand, UserKey,
+    UserStateManager,
 };
 use rstest::rstest;
 

@@ -6,26 +6,31 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::debug;
 
+use super::entity_actor::{EntityActor, Execute, Supervisor};
+use super::protocol::{ChildStopped, Passivate, PassivationRequested};
 use super::start_unbounded;
-use super::user_state_actor::{Passivate, UserStateActor};
 use crate::config::Config;
-use crate::domain::{Command, Event, UserKey, UserState};
+use crate::entity::{DurableEntity, EntityEvent};
 use crate::error::CommandError;
 use crate::store::SharedStore;
 
-/// A command for one user, sent to the [`UserStateManager`].
-#[derive(Debug, Clone, Message)]
-#[rtype(result = "Result<UserState, CommandError>")]
-pub struct UserCommand {
-    /// The user.
-    pub key: UserKey,
-    /// What they did or what is asked, with the event's id and time if known.
-    pub event: Event,
+/// A command for one entity, sent to its [`EntityManager`]; for users it is
+/// [`UserCommand`](crate::UserCommand).
+#[derive(Debug, Clone)]
+pub struct EntityCommand<E: DurableEntity> {
+    /// The entity.
+    pub key: E::Key,
+    /// What is asked of it, with the event's id and time if known.
+    pub event: EntityEvent<E::Command>,
 }
 
-impl UserCommand {
-    /// `command` (a [`Command`] or an [`Event`]) for the user `key`.
-    pub fn new(key: UserKey, command: impl Into<Event>) -> Self {
+impl<E: DurableEntity> Message for EntityCommand<E> {
+    type Result = Result<E, CommandError<E>>;
+}
+
+impl<E: DurableEntity> EntityCommand<E> {
+    /// `command` (a command or an [`EntityEvent`] of it) for the entity `key`.
+    pub fn new(key: E::Key, command: impl Into<EntityEvent<E::Command>>) -> Self {
         Self {
             key,
             event: command.into(),
@@ -33,45 +38,47 @@ impl UserCommand {
     }
 
     /// The command itself.
-    pub fn command(&self) -> &Command {
+    pub fn command(&self) -> &E::Command {
         &self.event.command
     }
 }
 
-/// Asks the manager for its counters.
+/// Asks a manager for its counters.
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "ManagerStats")]
 pub struct GetManagerStats;
 
-/// What the manager has done since it started.
+/// What a manager has done since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ManagerStats {
-    /// Users with an actor now (passivating ones included).
+    /// Entities with an actor now (passivating ones included).
     pub resident_users: usize,
-    /// User actors started: first activations and restores after passivation.
+    /// Actors started: first activations and restores after passivation.
     pub activations: u64,
-    /// User actors passivated for idleness.
+    /// Actors passivated (for idleness, or evicted).
     pub passivations: u64,
-    /// Commands that arrived while their user was passivating and were handed
-    /// to the user's next actor.
+    /// Commands that arrived while their entity was passivating and were
+    /// handed to its next actor.
     pub commands_held_during_passivation: u64,
-    /// Users passivated early because [`Config::max_resident_users`] was reached.
+    /// Entities passivated early because [`Config::max_resident_users`] was reached.
     pub evictions: u64,
     /// Commands refused with [`CommandError::Overloaded`] by the manager.
     pub commands_refused: u64,
 }
 
-/// Routes each [`UserCommand`] to its user's [`UserStateActor`], starting
-/// (and so restoring) the actor when the user has none.
+/// Routes each [`EntityCommand`] to its entity's [`EntityActor`], starting
+/// (and so restoring) the actor when the entity has none. For users it is
+/// [`UserStateManager`](crate::UserStateManager); most programs reach it
+/// through the typed handle [`Entities`](crate::Entities).
 ///
 /// Passivation is a handshake, as in Pekko's cluster sharding: an idle actor
 /// asks to be passivated; from then on the manager holds back new commands
-/// for that user and sends the actor a `Passivate` message behind everything already
-/// forwarded. The actor handles those first, then stops; when it has stopped
-/// (its last write committed), the held-back commands go to a new actor,
-/// which restores the committed state first. No command is lost, bounced with
-/// a mailbox error, or applied twice.
+/// for that entity and sends the actor a `Passivate` message behind
+/// everything already forwarded. The actor handles those first, then stops;
+/// when it has stopped (its last write committed), the held-back commands go
+/// to a new actor, which restores the committed state first. No command is
+/// lost, bounced with a mailbox error, or applied twice.
 ///
 /// ```
 /// use persist_durable::{Command, SqliteStore, UserCommand, UserKey, UserStateManager, Config};
@@ -89,43 +96,60 @@ pub struct ManagerStats {
 ///     Ok(())
 /// }
 /// ```
-pub struct UserStateManager {
+pub struct EntityManager<E: DurableEntity> {
     store: SharedStore,
     config: Arc<Config>,
-    /// Where user actors run; empty: on the manager's own arbiter.
+    settings: Arc<E::Settings>,
+    /// Where entity actors run; empty: on the manager's own arbiter.
     arbiters: Vec<Arbiter>,
-    children: HashMap<UserKey, Child>,
+    children: HashMap<E::Key, Child<E>>,
     stats: ManagerStats,
     next_incarnation: u64,
-    /// Commands forwarded and not yet answered, across all users.
+    /// Commands forwarded and not yet answered, across all entities.
     in_flight: Arc<AtomicUsize>,
-    /// A logical clock: one tick per command, to find the least recently used users.
+    /// A logical clock: one tick per command, to find the least recently used entities.
     ticks: u64,
-    /// Children told to passivate that have not stopped yet.
+    /// Children in [`Phase::Passivating`]; changed only with their phase.
     passivating: usize,
 }
 
-struct Child {
-    addr: Addr<UserStateActor>,
+struct Child<E: DurableEntity> {
+    addr: Addr<EntityActor<E>>,
     incarnation: u64,
-    /// The tick of the last command for this user.
+    /// The tick of the last command for this entity.
     last_used: u64,
-    /// `Some` once the child was told to passivate: commands held for its successor.
-    held: Option<Vec<HeldCommand>>,
+    phase: Phase<E>,
 }
 
-struct HeldCommand {
-    event: Event,
-    reply: oneshot::Sender<Result<UserState, CommandError>>,
+/// Where a child is in its life.
+enum Phase<E: DurableEntity> {
+    /// Commands go straight to it.
+    Active,
+    /// Told to passivate: commands wait here for its successor.
+    Passivating { held: Vec<HeldCommand<E>> },
 }
 
-impl UserStateManager {
-    /// A manager whose user actors persist to `store` and behave as `config` says.
+struct HeldCommand<E: DurableEntity> {
+    event: EntityEvent<E::Command>,
+    reply: oneshot::Sender<Result<E, CommandError<E>>>,
+}
+
+impl<E: DurableEntity> EntityManager<E> {
+    /// A manager whose entity actors persist to `store` and behave as
+    /// `config` says, with the entity's settings from
+    /// [`DurableEntity::settings`].
     pub fn new(store: SharedStore, config: Config) -> Self {
+        let settings = E::settings(&config);
+        Self::with_settings(store, config, settings)
+    }
+
+    /// A manager whose entities' transitions use `settings`.
+    pub fn with_settings(store: SharedStore, config: Config, settings: E::Settings) -> Self {
         Self {
             store,
             arbiters: Vec::new(),
             config: Arc::new(config),
+            settings: Arc::new(settings),
             children: HashMap::new(),
             stats: ManagerStats::default(),
             next_incarnation: 0,
@@ -135,21 +159,36 @@ impl UserStateManager {
         }
     }
 
-    /// Passivates the least recently used users once there are more than
+    /// Tells `key`'s child to passivate, holding its later commands; false if
+    /// it is unknown or already passivating.
+    fn begin_passivation(&mut self, key: &E::Key) -> bool {
+        let Some(child) = self.children.get_mut(key) else {
+            return false;
+        };
+        if let Phase::Passivating { .. } = child.phase {
+            return false;
+        }
+        child.phase = Phase::Passivating { held: Vec::new() };
+        child.addr.do_send(Passivate);
+        self.passivating += 1;
+        true
+    }
+
+    /// Passivates the least recently used entities once there are more than
     /// [`Config::max_resident_users`]: a hundredth of the limit at a time, so
     /// the scan is paid once per many activations.
     fn evict_least_recently_used(&mut self) {
         let limit = self.config.max_resident_users;
-        // Users already passivating are on their way out: they do not count.
+        // Entities already passivating are on their way out: they do not count.
         let active = self.children.len() - self.passivating;
         if active <= limit {
             return;
         }
         let excess = active - limit + limit / 100;
-        let mut candidates: Vec<(u64, UserKey)> = self
+        let mut candidates: Vec<(u64, E::Key)> = self
             .children
             .iter()
-            .filter(|(_, child)| child.held.is_none())
+            .filter(|(_, child)| matches!(child.phase, Phase::Active))
             .map(|(key, child)| (child.last_used, key.clone()))
             .collect();
         let excess = excess.min(candidates.len());
@@ -158,25 +197,28 @@ impl UserStateManager {
         }
         candidates.select_nth_unstable_by_key(excess - 1, |(last_used, _)| *last_used);
         for (_, key) in candidates.into_iter().take(excess) {
-            if let Some(child) = self.children.get_mut(&key) {
-                child.held = Some(Vec::new());
-                child.addr.do_send(Passivate);
-                self.passivating += 1;
+            if self.begin_passivation(&key) {
                 self.stats.evictions += 1;
             }
         }
     }
 
-    fn spawn_child(&mut self, key: &UserKey, ctx: &mut Context<Self>) -> Child {
+    fn spawn_child(&mut self, key: &E::Key, ctx: &mut Context<Self>) -> Child<E> {
         self.next_incarnation += 1;
         self.stats.activations += 1;
-        metrics::counter!("persist_durable_activations_total").increment(1);
-        let actor = UserStateActor::supervised(
+        metrics::counter!("persist_durable_activations_total", "entity" => E::ENTITY_TYPE).increment(1);
+        let supervisor = Supervisor {
+            passivation: ctx.address().recipient(),
+            stopped: ctx.address().recipient(),
+            incarnation: self.next_incarnation,
+            passivation_requested: false,
+        };
+        let actor = EntityActor::with_shared_config(
             key.clone(),
             self.store.clone(),
             self.config.clone(),
-            ctx.address(),
-            self.next_incarnation,
+            self.settings.clone(),
+            Some(supervisor),
         );
         // Round robin: consecutive activations land on different threads.
         let arbiter = (!self.arbiters.is_empty())
@@ -186,12 +228,16 @@ impl UserStateManager {
             addr,
             incarnation: self.next_incarnation,
             last_used: self.ticks,
-            held: None,
+            phase: Phase::Active,
         }
+    }
+
+    fn report_resident(&self) {
+        metrics::gauge!("persist_durable_resident_users", "entity" => E::ENTITY_TYPE).set(self.children.len() as f64);
     }
 }
 
-impl Actor for UserStateManager {
+impl<E: DurableEntity> Actor for EntityManager<E> {
     type Context = Context<Self>;
 
     /// Starts the manager with an unbounded mailbox: callers burst far beyond
@@ -221,13 +267,13 @@ impl Drop for InFlight {
 }
 
 /// Forwards `event` to `child` and answers with the child's reply.
-fn forward(
-    key: UserKey,
-    child: &Addr<UserStateActor>,
-    event: Event,
-) -> ResponseFuture<Result<UserState, CommandError>> {
+fn forward<E: DurableEntity>(
+    key: E::Key,
+    child: &Addr<EntityActor<E>>,
+    event: EntityEvent<E::Command>,
+) -> ResponseFuture<Result<E, CommandError<E>>> {
     // `send` queues the message now, in order; only the reply is awaited.
-    let request = child.send(event);
+    let request = child.send(Execute(event));
     Box::pin(async move {
         request.await.unwrap_or_else(|error| {
             Err(CommandError::NotDelivered {
@@ -238,15 +284,16 @@ fn forward(
     })
 }
 
-impl Handler<UserCommand> for UserStateManager {
-    type Result = ResponseFuture<Result<UserState, CommandError>>;
+impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
+    type Result = ResponseFuture<Result<E, CommandError<E>>>;
 
-    fn handle(&mut self, UserCommand { key, event }: UserCommand, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, EntityCommand { key, event }: EntityCommand<E>, ctx: &mut Self::Context) -> Self::Result {
         if self.in_flight.load(Ordering::Relaxed) >= self.config.max_commands_in_flight {
             self.stats.commands_refused += 1;
             metrics::counter!(
                 "persist_durable_commands_total",
-                "command" => event.command.name(),
+                "entity" => E::ENTITY_TYPE,
+                "command" => E::command_name(&event.command),
                 "outcome" => "overloaded"
             )
             .increment(1);
@@ -265,21 +312,21 @@ impl Handler<UserCommand> for UserStateManager {
             let child = self.spawn_child(&key, ctx);
             self.children.insert(key.clone(), child);
             self.evict_least_recently_used();
-            metrics::gauge!("persist_durable_resident_users").set(self.children.len() as f64);
+            self.report_resident();
         }
         let Some(child) = self.children.get_mut(&key) else {
             unreachable!("inserted above")
         };
         child.last_used = self.ticks;
-        match &mut child.held {
-            None => {
+        match &mut child.phase {
+            Phase::Active => {
                 let answer = forward(key, &child.addr, event);
                 Box::pin(async move {
                     let _counted = in_flight;
                     answer.await
                 })
             }
-            Some(held) => {
+            Phase::Passivating { held } => {
                 self.stats.commands_held_during_passivation += 1;
                 let (reply, answer) = oneshot::channel();
                 held.push(HeldCommand { event, reply });
@@ -288,7 +335,7 @@ impl Handler<UserCommand> for UserStateManager {
                     answer.await.unwrap_or_else(|_| {
                         Err(CommandError::NotDelivered {
                             key,
-                            reason: "the manager stopped while the user was passivating".into(),
+                            reason: "the manager stopped while the entity was passivating".into(),
                         })
                     })
                 })
@@ -297,58 +344,45 @@ impl Handler<UserCommand> for UserStateManager {
     }
 }
 
-/// From a child: it has been idle long enough.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct PassivationRequested {
-    pub(crate) key: UserKey,
-    pub(crate) incarnation: u64,
-}
-
-impl Handler<PassivationRequested> for UserStateManager {
+impl<E: DurableEntity> Handler<PassivationRequested<E::Key>> for EntityManager<E> {
     type Result = ();
 
-    fn handle(&mut self, request: PassivationRequested, _ctx: &mut Self::Context) {
-        let Some(child) = self.children.get_mut(&request.key) else {
-            return;
-        };
-        if child.incarnation == request.incarnation && child.held.is_none() {
-            child.held = Some(Vec::new());
-            child.addr.do_send(Passivate);
-            self.passivating += 1;
+    fn handle(&mut self, request: PassivationRequested<E::Key>, _ctx: &mut Self::Context) {
+        let current = self
+            .children
+            .get(&request.key)
+            .is_some_and(|child| child.incarnation == request.incarnation);
+        if current {
+            self.begin_passivation(&request.key);
         }
     }
 }
 
-/// From a child's `stopped`: its mailbox is drained and its last write done.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct ChildStopped {
-    pub(crate) key: UserKey,
-    pub(crate) incarnation: u64,
-}
-
-impl Handler<ChildStopped> for UserStateManager {
+impl<E: DurableEntity> Handler<ChildStopped<E::Key>> for EntityManager<E> {
     type Result = ();
 
-    fn handle(&mut self, stopped: ChildStopped, ctx: &mut Self::Context) {
-        let Some(child) = self.children.get(&stopped.key) else {
-            return;
-        };
-        if child.incarnation != stopped.incarnation {
+    fn handle(&mut self, stopped: ChildStopped<E::Key>, ctx: &mut Self::Context) {
+        let current = self
+            .children
+            .get(&stopped.key)
+            .is_some_and(|child| child.incarnation == stopped.incarnation);
+        if !current {
             return;
         }
         let Some(child) = self.children.remove(&stopped.key) else {
             return;
         };
-        if child.held.is_some() {
-            self.passivating -= 1;
-            self.stats.passivations += 1;
-            metrics::counter!("persist_durable_passivations_total").increment(1);
-        }
-        metrics::gauge!("persist_durable_resident_users").set(self.children.len() as f64);
-        let held = child.held.unwrap_or_default();
-        debug!(user = %stopped.key, held = held.len(), "user actor stopped");
+        let held = match child.phase {
+            Phase::Active => Vec::new(),
+            Phase::Passivating { held } => {
+                self.passivating -= 1;
+                self.stats.passivations += 1;
+                metrics::counter!("persist_durable_passivations_total", "entity" => E::ENTITY_TYPE).increment(1);
+                held
+            }
+        };
+        self.report_resident();
+        debug!(key = %stopped.key, held = held.len(), "entity actor stopped");
         if held.is_empty() {
             return;
         }
@@ -365,7 +399,7 @@ impl Handler<ChildStopped> for UserStateManager {
     }
 }
 
-impl Handler<GetManagerStats> for UserStateManager {
+impl<E: DurableEntity> Handler<GetManagerStats> for EntityManager<E> {
     type Result = MessageResult<GetManagerStats>;
 
     fn handle(&mut self, _: GetManagerStats, _ctx: &mut Self::Context) -> Self::Result {

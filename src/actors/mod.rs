@@ -1,11 +1,17 @@
-//! The actors: one [`UserStateActor`] per user, and the [`UserStateManager`]
-//! that routes commands to them and hides their passivation from callers.
+//! The actors: one [`EntityActor`] per entity, the [`EntityManager`] that
+//! routes commands to them and hides their passivation from callers, the
+//! passivation protocol between the two, and the typed handle [`Entities`].
 
+mod entity_actor;
+mod handle;
 mod manager;
-mod user_state_actor;
+mod protocol;
+mod users;
 
-pub use manager::{GetManagerStats, ManagerStats, UserCommand, UserStateManager};
-pub use user_state_actor::UserStateActor;
+pub use entity_actor::{EntityActor, Execute};
+pub use handle::{Entities, UserStates};
+pub use manager::{EntityCommand, EntityManager, GetManagerStats, ManagerStats};
+pub use users::{UserCommand, UserStateActor, UserStateManager};
 
 use actix::dev::channel;
 use actix::{Actor, Addr, ArbiterHandle, Context};

@@ -1,10 +1,24 @@
 use serde::{Deserialize, Serialize};
 
 use super::ProductId;
-use crate::error::InvalidInput;
+use crate::entity::{decode_json, EntityEvent, InvalidInput};
 
-/// The largest JSON command [`Command::from_json`] accepts, in bytes.
-const MAX_JSON_BYTES: usize = 16 * 1024;
+/// A user [`Command`] with the event's id and time, if known: what the
+/// user-state actors and the manager take.
+///
+/// Both extras are optional. With an `event_id`, a redelivered event (same
+/// id, same user) is acknowledged with the current state and not applied
+/// again. With an `event_time`, a late event never moves the recorded times
+/// backwards. In JSON they sit beside the command's fields:
+/// `{"type": "user_login", "event_id": "logins-3-1042", "event_time": "2026-11-20T09:00:00Z"}`.
+pub type Event = EntityEvent<Command>;
+
+impl EntityEvent<Command> {
+    /// Decodes an event from JSON, with a typed error for anything malformed.
+    pub fn from_json(json: &str) -> Result<Self, InvalidInput> {
+        decode_json(json)
+    }
+}
 
 /// Something a user did, or a question about them.
 ///
@@ -58,17 +72,6 @@ impl Command {
             Command::GetUserState => "get_user_state",
         }
     }
-}
-
-/// Decodes a command or event, refusing oversized input before parsing it.
-pub(super) fn decode_json<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, InvalidInput> {
-    if json.len() > MAX_JSON_BYTES {
-        return Err(InvalidInput::CommandTooLarge {
-            len: json.len(),
-            max: MAX_JSON_BYTES,
-        });
-    }
-    serde_json::from_str(json).map_err(|e| InvalidInput::MalformedCommand { reason: e.to_string() })
 }
 
 #[cfg(test)]
@@ -133,7 +136,7 @@ mod tests {
 
     #[test]
     fn oversized_json_is_rejected_before_parsing() {
-        let json = format!(r#"{{"type":"user_login","pad":"{}"}}"#, "x".repeat(MAX_JSON_BYTES));
+        let json = format!(r#"{{"type":"user_login","pad":"{}"}}"#, "x".repeat(16 * 1024));
         assert!(matches!(
             Command::from_json(&json),
             Err(InvalidInput::CommandTooLarge { .. })

@@ -3,30 +3,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{IdField, InvalidInput};
-
-/// The longest id accepted, in bytes, for mall ids, user ids and product ids.
-///
-/// Ids end up in primary keys and log lines; a bound keeps both cheap and
-/// turns a runaway producer into a clear error instead of a bloated row.
-pub const MAX_ID_BYTES: usize = 128;
-
-pub(super) fn validate(field: IdField, value: &str) -> Result<(), InvalidInput> {
-    if value.is_empty() {
-        return Err(InvalidInput::EmptyId { field });
-    }
-    if value.len() > MAX_ID_BYTES {
-        return Err(InvalidInput::IdTooLong {
-            field,
-            len: value.len(),
-            max: MAX_ID_BYTES,
-        });
-    }
-    if let Some(position) = value.chars().position(char::is_control) {
-        return Err(InvalidInput::ControlCharacter { field, position });
-    }
-    Ok(())
-}
+use super::UserState;
+use crate::entity::{validate, EntityKey, IdField, InvalidInput};
 
 /// Identifies one shop user: a mall id plus a user id, both validated.
 ///
@@ -58,7 +36,7 @@ impl From<UserKey> for Ids {
 }
 
 impl UserKey {
-    /// Validates both ids: non-empty, at most [`MAX_ID_BYTES`] bytes, no control characters.
+    /// Validates both ids: non-empty, at most [`MAX_ID_BYTES`](crate::MAX_ID_BYTES) bytes, no control characters.
     pub fn new(mall_id: impl Into<String>, user_id: impl Into<String>) -> Result<Self, InvalidInput> {
         let (mall_id, user_id) = (mall_id.into(), user_id.into());
         validate(IdField::MallId, &mall_id)?;
@@ -84,13 +62,49 @@ impl fmt::Display for UserKey {
     }
 }
 
+/// The entity id is `<mall>-<user>` with `%` and `-` inside the ids
+/// percent-escaped, so the encoding is injective: `("a-b", "c")` becomes
+/// `a%2Db-c` and `("a", "b-c")` becomes `a-b%2Dc`. Ordinary ids read exactly
+/// as in the original `mallId-userId` form.
+impl EntityKey for UserKey {
+    type Entity = UserState;
+
+    fn entity_id(&self) -> String {
+        fn escape(id: &str, out: &mut String) {
+            for c in id.chars() {
+                match c {
+                    '%' => out.push_str("%25"),
+                    '-' => out.push_str("%2D"),
+                    c => out.push(c),
+                }
+            }
+        }
+        let mut id = String::with_capacity(self.mall_id().len() + self.user_id().len() + 1);
+        escape(self.mall_id(), &mut id);
+        id.push('-');
+        escape(self.user_id(), &mut id);
+        id
+    }
+
+    fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
+        fn unescape(id: &str) -> String {
+            id.replace("%2D", "-").replace("%25", "%")
+        }
+        let (mall, user) = id.split_once('-').ok_or_else(|| InvalidInput::MalformedKey {
+            entity_id: id.to_owned(),
+            reason: "no `-` between the mall id and the user id",
+        })?;
+        UserKey::new(unescape(mall), unescape(user))
+    }
+}
+
 /// A product id, validated like the user ids.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ProductId(String);
 
 impl ProductId {
-    /// Validates the id: non-empty, at most [`MAX_ID_BYTES`] bytes, no control characters.
+    /// Validates the id: non-empty, at most [`MAX_ID_BYTES`](crate::MAX_ID_BYTES) bytes, no control characters.
     pub fn new(id: impl Into<String>) -> Result<Self, InvalidInput> {
         let id = id.into();
         validate(IdField::ProductId, &id)?;
@@ -126,6 +140,7 @@ impl fmt::Display for ProductId {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entity::MAX_ID_BYTES;
 
     #[test]
     fn accepts_ordinary_ids() {
@@ -186,6 +201,42 @@ mod tests {
         let right = UserKey::new("a", "b-c").unwrap();
         assert_eq!(left.to_string(), right.to_string());
         assert_ne!(left, right);
+    }
+
+    #[test]
+    fn ordinary_ids_keep_the_mall_dash_user_form() {
+        let key = UserKey::new("mall001", "user001").unwrap();
+        assert_eq!(key.persistence_id().as_str(), "UserState|mall001-user001");
+    }
+
+    #[test]
+    fn dashes_and_percents_cannot_make_two_keys_collide() {
+        let pairs = [
+            (("a-b", "c"), ("a", "b-c")),
+            (("a%2Db", "c"), ("a-b", "c")),
+            (("a", "b%2Dc"), ("a", "b-c")),
+            (("a-", "b"), ("a", "-b")),
+        ];
+        for ((m1, u1), (m2, u2)) in pairs {
+            let left = UserKey::new(m1, u1).unwrap().persistence_id();
+            let right = UserKey::new(m2, u2).unwrap().persistence_id();
+            assert_ne!(left, right, "{m1}/{u1} vs {m2}/{u2}");
+        }
+    }
+
+    #[test]
+    fn entity_ids_decode_to_the_key_they_came_from() {
+        for (mall, user) in [
+            ("mall001", "user001"),
+            ("a-b", "c"),
+            ("a", "b-c"),
+            ("%2D", "%"),
+            ("-", "-"),
+        ] {
+            let key = UserKey::new(mall, user).unwrap();
+            assert_eq!(UserKey::from_entity_id(&key.entity_id()).unwrap(), key);
+        }
+        assert!(UserKey::from_entity_id("no separator").is_err());
     }
 
     #[test]

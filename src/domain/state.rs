@@ -1,7 +1,11 @@
+use std::convert::Infallible;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Command, Event, EventId, ProductId};
+use super::{Command, Event, ProductId, UserKey};
+use crate::config::Config;
+use crate::entity::DurableEntity;
 
 /// The latest known state of one user.
 ///
@@ -21,11 +25,29 @@ pub struct UserState {
     pub marketing_opt_in: bool,
     /// When the last state-changing event for this user happened.
     pub last_event_time: Option<DateTime<Utc>>,
-    /// Ids of the most recently applied events, oldest first, so that a
-    /// redelivered event is not applied twice; bounded by
-    /// [`StatePolicy::event_id_memory`].
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub recent_event_ids: Vec<EventId>,
+}
+
+/// The user state as an entity: keyed by [`UserKey`], changed by [`Command`]s,
+/// stored under the entity type `UserState`.
+impl DurableEntity for UserState {
+    const ENTITY_TYPE: &'static str = "UserState";
+    const MANIFEST: &'static str = "UserState/v1";
+    type Key = UserKey;
+    type Command = Command;
+    type Settings = StatePolicy;
+    type Rejection = Infallible;
+
+    fn apply(&self, command: &Command, at: DateTime<Utc>, policy: &StatePolicy) -> Result<Option<Self>, Infallible> {
+        Ok(transition(self, command, at, policy))
+    }
+
+    fn command_name(command: &Command) -> &'static str {
+        command.name()
+    }
+
+    fn settings(config: &Config) -> StatePolicy {
+        StatePolicy::default().with_recent_products_limit(config.recent_products_limit)
+    }
 }
 
 /// The knobs of the state transition.
@@ -34,15 +56,12 @@ pub struct UserState {
 pub struct StatePolicy {
     /// How many recently viewed products are kept.
     pub recent_products_limit: usize,
-    /// How many applied event ids are remembered per user for deduplication.
-    pub event_id_memory: usize,
 }
 
 impl Default for StatePolicy {
     fn default() -> Self {
         Self {
             recent_products_limit: 3,
-            event_id_memory: 32,
         }
     }
 }
@@ -53,39 +72,30 @@ impl StatePolicy {
         self.recent_products_limit = limit;
         self
     }
-
-    /// Remembers `count` applied event ids per user.
-    pub fn with_event_id_memory(mut self, count: usize) -> Self {
-        self.event_id_memory = count;
-        self
-    }
 }
 
-/// The state after `command` is applied at `now`: [`apply_event`] for an
-/// event without id or time. [`Command::GetUserState`] returns the state unchanged.
+/// The state after `command` is applied at `now`. [`Command::GetUserState`]
+/// returns the state unchanged.
 pub fn apply(state: &UserState, command: &Command, now: DateTime<Utc>, policy: &StatePolicy) -> UserState {
-    apply_event(state, &Event::from(command.clone()), now, policy).unwrap_or_else(|| state.clone())
+    transition(state, command, now, policy).unwrap_or_else(|| state.clone())
 }
 
-/// The state after `event`, or `None` when the event changes nothing: a read,
-/// or an event whose id this user has already applied. The whole domain logic.
+/// The state after `event`, or `None` when it changes nothing (a read). The
+/// event happened at its `event_time`, or at `now` without one; a late event
+/// never moves a recorded time backwards.
 ///
-/// Pure, so the actors can re-apply an event after a conflict and tests can
-/// check it without a runtime. The event happened at its `event_time`, or at
-/// `now` without one; a late event never moves a recorded time backwards.
+/// Redelivery (the same `event_id` again) is recognised by the actors, which
+/// keep the applied ids beside the state, not by this function.
 pub fn apply_event(state: &UserState, event: &Event, now: DateTime<Utc>, policy: &StatePolicy) -> Option<UserState> {
-    if event.command.is_read_only() {
-        return None;
-    }
-    if let Some(id) = &event.event_id {
-        if state.recent_event_ids.contains(id) {
-            return None;
-        }
-    }
-    let at = event.event_time.unwrap_or(now);
+    transition(state, &event.command, event.event_time.unwrap_or(now), policy)
+}
+
+/// The whole domain logic: the state after `command` happened at `at`, or
+/// `None` for a read. Pure, so the actors can apply it again after a conflict.
+fn transition(state: &UserState, command: &Command, at: DateTime<Utc>, policy: &StatePolicy) -> Option<UserState> {
     let latest = |recorded: Option<DateTime<Utc>>| Some(recorded.map_or(at, |recorded| recorded.max(at)));
     let mut next = state.clone();
-    match &event.command {
+    match command {
         Command::GetUserState => return None,
         Command::UserLogin => next.last_login = latest(next.last_login),
         Command::UseCart => next.last_cart_use = latest(next.last_cart_use),
@@ -97,11 +107,6 @@ pub fn apply_event(state: &UserState, event: &Event, now: DateTime<Utc>, policy:
         Command::SetMarketingOptIn { opt_in } => next.marketing_opt_in = *opt_in,
     }
     next.last_event_time = latest(next.last_event_time);
-    if let Some(id) = &event.event_id {
-        next.recent_event_ids.push(id.clone());
-        let excess = next.recent_event_ids.len().saturating_sub(policy.event_id_memory);
-        next.recent_event_ids.drain(..excess);
-    }
     Some(next)
 }
 
@@ -203,34 +208,6 @@ mod tests {
         let policy = StatePolicy::default();
         let state = apply(&UserState::default(), &Command::UserLogin, at(1), &policy);
         assert_eq!(apply(&state, &Command::GetUserState, at(9), &policy), state);
-    }
-
-    fn event(command: Command, id: &str) -> Event {
-        Event::from(command).with_id(EventId::new(id).unwrap())
-    }
-
-    #[test]
-    fn a_redelivered_event_is_not_applied_twice() {
-        let policy = StatePolicy::default();
-        let once = apply_event(&UserState::default(), &event(view("p1"), "e1"), at(1), &policy).unwrap();
-        let twice = apply_event(&once, &event(view("p2"), "e1"), at(2), &policy);
-        assert_eq!(twice, None, "same id: not applied again");
-        let other = apply_event(&once, &event(view("p2"), "e2"), at(2), &policy).unwrap();
-        assert_eq!(products(&other), ["p2", "p1"]);
-    }
-
-    #[test]
-    fn remembered_event_ids_are_bounded_oldest_first_out() {
-        let policy = StatePolicy::default().with_event_id_memory(2);
-        let state = ["e1", "e2", "e3"].iter().fold(UserState::default(), |s, id| {
-            apply_event(&s, &event(Command::UseCart, id), at(1), &policy).unwrap()
-        });
-        let ids: Vec<&str> = state.recent_event_ids.iter().map(EventId::as_str).collect();
-        assert_eq!(ids, ["e2", "e3"]);
-        assert!(
-            apply_event(&state, &event(Command::UseCart, "e1"), at(2), &policy).is_some(),
-            "forgotten"
-        );
     }
 
     #[test]

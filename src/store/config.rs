@@ -127,6 +127,6 @@ impl StoreConfig {
             .create_timeout(Some(self.connect_timeout))
             .recycle_timeout(Some(self.connect_timeout))
             .build()
-            .map_err(|e| crate::StoreError::Setup(format!("cannot build the connection pool: {e}")))
+            .map_err(|e| crate::StoreError::InvalidConfig(format!("cannot build the connection pool: {e}")))
     }
 }

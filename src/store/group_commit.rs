@@ -18,18 +18,17 @@ use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 
-use super::row::{encode, revision_column, StateRow};
+use super::row::{bigint, StateRow};
 use super::runtime::DbRuntime;
-use super::{persistence_id, Revision, StateChange, StoreConfig, StoreStats, StoredState};
-use crate::domain::{UserKey, UserState};
-use crate::error::StoreError;
+use super::{ChangeRow, StoreConfig, StoreStats, StoredRow, WriteRow};
+use crate::entity::{PersistenceId, Revision};
+use crate::error::{CorruptRow, StoreError};
 
-/// One row of a write batch.
+/// One row of a write batch, as a backend binds it.
 #[derive(Debug)]
 pub(crate) struct RowWrite {
-    pub(crate) persistence_id: String,
-    pub(crate) mall_id: String,
-    pub(crate) user_id: String,
+    pub(crate) persistence_id: PersistenceId,
+    pub(crate) manifest: &'static str,
     /// The revision the row must have (0: the row must not exist).
     pub(crate) expected: i64,
     pub(crate) revision: i64,
@@ -39,31 +38,46 @@ pub(crate) struct RowWrite {
     pub(crate) changes: Vec<(i64, Vec<u8>)>,
 }
 
+impl RowWrite {
+    pub(crate) fn entity_type(&self) -> &str {
+        self.persistence_id.entity_type()
+    }
+}
+
 /// A change feed row as a backend read it.
-pub(crate) struct ChangeRow {
+pub(crate) struct FeedRow {
     pub(crate) position: i64,
-    pub(crate) mall_id: String,
-    pub(crate) user_id: String,
+    pub(crate) persistence_id: String,
     pub(crate) revision: i64,
     pub(crate) committed_at: chrono::DateTime<chrono::Utc>,
     pub(crate) state_payload: Vec<u8>,
 }
 
-impl ChangeRow {
-    fn decode(self) -> Result<StateChange, StoreError> {
-        let key = UserKey::new(self.mall_id, self.user_id)
-            .map_err(|e| StoreError::Query(format!("change {} names an invalid user: {e}", self.position)))?;
-        let corrupt = |reason: String| StoreError::Corrupt {
+impl FeedRow {
+    fn decode(self) -> Result<ChangeRow, StoreError> {
+        let key = PersistenceId::parse(&self.persistence_id).ok_or_else(|| StoreError::Corrupt {
+            key: PersistenceId::new("?", &self.persistence_id),
+            revision: self.revision,
+            source: CorruptRow::Key(crate::InvalidInput::MalformedKey {
+                entity_id: self.persistence_id.clone(),
+                reason: "no `|` after the entity type",
+            }),
+        })?;
+        let corrupt = |source: CorruptRow| StoreError::Corrupt {
             key: key.clone(),
             revision: self.revision,
-            reason,
+            source,
         };
-        let state = serde_json::from_slice(&self.state_payload).map_err(|e| corrupt(format!("feed payload: {e}")))?;
-        Ok(StateChange {
-            position: u64::try_from(self.position).map_err(|_| corrupt("negative feed position".into()))?,
-            revision: Revision(u64::try_from(self.revision).map_err(|_| corrupt("negative revision".into()))?),
+        let position = u64::try_from(self.position).map_err(|_| corrupt(CorruptRow::Revision))?;
+        let revision = u64::try_from(self.revision)
+            .ok()
+            .filter(|&r| r > 0)
+            .ok_or_else(|| corrupt(CorruptRow::Revision))?;
+        Ok(ChangeRow {
+            position,
             key,
-            state,
+            revision: Revision(revision),
+            payload: self.state_payload,
             committed_at: self.committed_at,
         })
     }
@@ -83,8 +97,8 @@ pub(crate) trait SqlBackend: Send + Sync + 'static {
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Up to `limit` change feed rows after `after`, in position order.
-    async fn read_changes(&self, after: i64, limit: i64) -> Result<Vec<ChangeRow>, StoreError>;
+    /// Up to `limit` change feed rows of `entity_type` after `after`, in position order.
+    async fn read_changes(&self, entity_type: String, after: i64, limit: i64) -> Result<Vec<FeedRow>, StoreError>;
 
     /// The position `consumer` saved.
     async fn load_offset(&self, consumer: String) -> Result<Option<i64>, StoreError>;
@@ -94,19 +108,13 @@ pub(crate) trait SqlBackend: Send + Sync + 'static {
 }
 
 struct WriteRequest {
-    key: UserKey,
-    persistence_id: String,
-    expected: Revision,
-    revision: Revision,
-    /// The states after each command of this write; the row keeps the last.
-    states: Vec<UserState>,
+    write: WriteRow,
     reply: oneshot::Sender<Result<Revision, StoreError>>,
 }
 
 struct LoadRequest {
-    key: UserKey,
-    persistence_id: String,
-    reply: oneshot::Sender<Result<Option<StoredState>, StoreError>>,
+    key: PersistenceId,
+    reply: oneshot::Sender<Result<Option<StoredRow>, StoreError>>,
 }
 
 #[derive(Default)]
@@ -163,66 +171,27 @@ impl GroupCommit {
         }
     }
 
-    pub(crate) async fn load_state(&self, key: &UserKey) -> Result<Option<StoredState>, StoreError> {
+    pub(crate) async fn load_row(&self, key: &PersistenceId) -> Result<Option<StoredRow>, StoreError> {
         let (reply, answer) = oneshot::channel();
         let request = LoadRequest {
             key: key.clone(),
-            persistence_id: persistence_id(key),
             reply,
         };
-        self.loads.send(request).map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.loads.send(request).map_err(|_| StoreError::Stopped)?;
+        answer.await.map_err(|_| StoreError::Stopped)?
     }
 
-    /// Writes `state` as `revision`; the feed records that revision only.
-    pub(crate) async fn write_state(
-        &self,
-        key: &UserKey,
-        expected: Revision,
-        revision: Revision,
-        state: &UserState,
-    ) -> Result<Revision, StoreError> {
-        self.submit(key, expected, revision, vec![state.clone()]).await
-    }
-
-    /// Writes each of `states` as the next revision.
-    pub(crate) async fn write_states(
-        &self,
-        key: &UserKey,
-        expected: Revision,
-        states: &[UserState],
-    ) -> Result<Revision, StoreError> {
-        if states.is_empty() {
-            return Err(StoreError::Setup("write_changes needs at least one state".into()));
-        }
-        let revision = Revision(expected.0 + states.len() as u64);
-        self.submit(key, expected, revision, states.to_vec()).await
-    }
-
-    async fn submit(
-        &self,
-        key: &UserKey,
-        expected: Revision,
-        revision: Revision,
-        states: Vec<UserState>,
-    ) -> Result<Revision, StoreError> {
-        // Refused here, alone: in the batch it would fail everyone's statement.
-        if revision <= expected {
-            return Err(StoreError::Setup(format!(
-                "a write must raise the revision: {revision} is not above {expected}"
-            )));
-        }
+    pub(crate) async fn write_row(&self, write: WriteRow) -> Result<Revision, StoreError> {
+        write.check()?;
         let (reply, answer) = oneshot::channel();
-        let request = WriteRequest {
-            key: key.clone(),
-            persistence_id: persistence_id(key),
-            expected,
-            revision,
-            states,
-            reply,
-        };
-        self.writes.send(request).map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        self.writes
+            .send(WriteRequest { write, reply })
+            .map_err(|_| StoreError::Stopped)?;
+        answer.await.map_err(|_| StoreError::Stopped)?
+    }
+
+    pub(crate) fn keeps_change_feed(&self) -> bool {
+        self.feed
     }
 
     pub(crate) async fn ping(&self) -> Result<(), StoreError> {
@@ -230,15 +199,20 @@ impl GroupCommit {
         self.runtime.run(async move { backend.ping().await }).await
     }
 
-    pub(crate) async fn read_changes(&self, after: u64, limit: usize) -> Result<Vec<StateChange>, StoreError> {
+    pub(crate) async fn read_changes(
+        &self,
+        entity_type: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangeRow>, StoreError> {
         self.require_feed()?;
-        let backend = self.backend.clone();
-        let after = i64::try_from(after).map_err(|_| StoreError::Setup("feed position beyond BIGINT".into()))?;
+        let (backend, entity_type) = (self.backend.clone(), entity_type.to_owned());
+        let after = bigint(after)?;
         let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
         self.runtime
             .run(async move {
-                let rows = backend.read_changes(after, limit).await?;
-                rows.into_iter().map(ChangeRow::decode).collect()
+                let rows = backend.read_changes(entity_type, after, limit).await?;
+                rows.into_iter().map(FeedRow::decode).collect()
             })
             .await
     }
@@ -256,7 +230,7 @@ impl GroupCommit {
     pub(crate) async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
         self.require_feed()?;
         let (backend, consumer) = (self.backend.clone(), consumer.to_owned());
-        let position = i64::try_from(position).map_err(|_| StoreError::Setup("feed position beyond BIGINT".into()))?;
+        let position = bigint(position)?;
         self.runtime
             .run(async move { backend.save_offset(consumer, position).await })
             .await
@@ -266,7 +240,7 @@ impl GroupCommit {
         if self.feed {
             Ok(())
         } else {
-            Err(super::no_change_feed())
+            Err(StoreError::NoChangeFeed)
         }
     }
 
@@ -280,10 +254,6 @@ impl GroupCommit {
             users_loaded: read(&self.counters.users_loaded),
         }
     }
-}
-
-fn stopped() -> StoreError {
-    StoreError::Setup("the store's batching task has stopped".into())
 }
 
 /// Takes requests after `first` until the batch is full or `wait` has passed.
@@ -358,7 +328,7 @@ async fn collect_writes(
             config.max_batch_size,
             config.max_batch_wait,
             &mut deferred,
-            |request: &WriteRequest| ids.insert(request.persistence_id.clone()),
+            |request: &WriteRequest| ids.insert(request.write.key.clone()),
         )
         .await;
         let (backend, counters) = (backend.clone(), counters.clone());
@@ -379,34 +349,11 @@ async fn execute_writes(
 ) {
     // The same lock order in every statement: concurrent batches from several
     // nodes cannot deadlock.
-    batch.sort_unstable_by(|a, b| a.persistence_id.cmp(&b.persistence_id));
+    batch.sort_unstable_by(|a, b| a.write.key.cmp(&b.write.key));
     let mut rows = Vec::with_capacity(batch.len());
     let mut accepted = Vec::with_capacity(batch.len());
     for request in batch {
-        let row = (|| {
-            let last = request
-                .states
-                .last()
-                .ok_or_else(|| StoreError::Setup("a write without a state".into()))?;
-            let revision = revision_column(request.revision)?;
-            let mut changes = Vec::new();
-            if feed {
-                let first = revision - request.states.len() as i64 + 1;
-                for (i, state) in request.states.iter().enumerate() {
-                    changes.push((first + i as i64, encode(state)?));
-                }
-            }
-            Ok::<_, StoreError>(RowWrite {
-                persistence_id: request.persistence_id.clone(),
-                mall_id: request.key.mall_id().to_owned(),
-                user_id: request.key.user_id().to_owned(),
-                expected: revision_column(request.expected)?,
-                revision,
-                payload: encode(last)?,
-                changes,
-            })
-        })();
-        match row {
+        match row_write(&request.write, feed) {
             Ok(row) => {
                 rows.push(row);
                 accepted.push(request);
@@ -439,11 +386,11 @@ async fn execute_writes(
             metrics::counter!("persist_durable_conflicts_total").increment((written.len() - rows_written) as u64);
             for (request, written) in accepted.into_iter().zip(written) {
                 let result = if written {
-                    Ok(request.revision)
+                    Ok(request.write.revision)
                 } else {
                     Err(StoreError::Conflict {
-                        key: request.key,
-                        expected: request.expected,
+                        key: request.write.key,
+                        expected: request.write.expected,
                     })
                 };
                 let _ = request.reply.send(result);
@@ -455,6 +402,32 @@ async fn execute_writes(
             }
         }
     }
+}
+
+/// The bound form of one write: the row's state, and with the feed on every
+/// revision's.
+fn row_write(write: &WriteRow, feed: bool) -> Result<RowWrite, StoreError> {
+    let revision = bigint(write.revision.0)?;
+    let payload = write.payloads.last().cloned().ok_or_else(|| StoreError::InvalidWrite {
+        key: write.key.clone(),
+        expected: write.expected,
+        revision: write.revision,
+        states: 0,
+    })?;
+    let changes = if feed {
+        let first = revision - write.payloads.len() as i64 + 1;
+        (first..).zip(write.payloads.iter().cloned()).collect()
+    } else {
+        Vec::new()
+    };
+    Ok(RowWrite {
+        persistence_id: write.key.clone(),
+        manifest: write.manifest,
+        expected: bigint(write.expected.0)?,
+        revision,
+        payload,
+        changes,
+    })
 }
 
 async fn collect_loads(
@@ -490,9 +463,11 @@ async fn collect_loads(
 }
 
 async fn execute_loads(backend: &dyn SqlBackend, batch: Vec<LoadRequest>, timeout: Duration, counters: &Counters) {
-    let mut ids: Vec<String> = batch.iter().map(|r| r.persistence_id.clone()).collect();
+    let mut ids: Vec<String> = batch.iter().map(|r| r.key.as_str().to_owned()).collect();
     ids.sort_unstable();
     ids.dedup();
+    // Two actors of one entity may ask at once: then each gets a copy.
+    let shared_rows = ids.len() < batch.len();
     Counters::add(&counters.load_statements, 1);
     Counters::add(&counters.users_loaded, ids.len());
     metrics::counter!("persist_durable_restores_total").increment(ids.len() as u64);
@@ -500,9 +475,14 @@ async fn execute_loads(backend: &dyn SqlBackend, batch: Vec<LoadRequest>, timeou
         .await
         .unwrap_or(Err(StoreError::Timeout(timeout)));
     match outcome {
-        Ok(rows) => {
+        Ok(mut rows) => {
             for request in batch {
-                let result = match rows.get(&request.persistence_id) {
+                let row = if shared_rows {
+                    rows.get(request.key.as_str()).cloned()
+                } else {
+                    rows.remove(request.key.as_str())
+                };
+                let result = match row {
                     Some(row) => row.decode(&request.key).map(Some),
                     None => Ok(None),
                 };

@@ -4,8 +4,8 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{persistence_id, Revision, StateStore, StoreStats, StoredState};
-use crate::domain::{UserKey, UserState};
+use super::{StateStore, StoreStats, StoredRow, WriteRow};
+use crate::entity::{PersistenceId, Revision};
 use crate::error::StoreError;
 
 /// A store in process memory, for unit tests of actor logic.
@@ -14,10 +14,15 @@ use crate::error::StoreError;
 /// to fail like a database that is down. Nothing survives the process.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    rows: Mutex<HashMap<String, StoredState>>,
+    rows: Mutex<HashMap<PersistenceId, StoredRow>>,
     unavailable: AtomicBool,
     stats: Mutex<StoreStats>,
 }
+
+/// What the memory store fails with while it is told to.
+#[derive(Debug, thiserror::Error)]
+#[error("the memory store was told to fail")]
+struct ToldToFail;
 
 impl MemoryStore {
     /// An empty store.
@@ -33,7 +38,7 @@ impl MemoryStore {
 
     fn check_available(&self) -> Result<(), StoreError> {
         if self.unavailable.load(Ordering::SeqCst) {
-            Err(StoreError::Unavailable("the memory store was told to fail".into()))
+            Err(StoreError::unavailable(ToldToFail))
         } else {
             Ok(())
         }
@@ -43,50 +48,47 @@ impl MemoryStore {
         update(&mut self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
     }
 
-    fn rows(&self) -> std::sync::MutexGuard<'_, HashMap<String, StoredState>> {
+    fn rows(&self) -> std::sync::MutexGuard<'_, HashMap<PersistenceId, StoredRow>> {
         self.rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
+super::typed_access!(MemoryStore);
+
 #[async_trait]
 impl StateStore for MemoryStore {
-    async fn load(&self, key: &UserKey) -> Result<Option<StoredState>, StoreError> {
+    async fn load_row(&self, key: &PersistenceId) -> Result<Option<StoredRow>, StoreError> {
         self.check_available()?;
         self.count(|stats| {
             stats.load_statements += 1;
             stats.users_loaded += 1;
         });
-        Ok(self.rows().get(&persistence_id(key)).cloned())
+        Ok(self.rows().get(key).cloned())
     }
 
-    async fn write(
-        &self,
-        key: &UserKey,
-        expected: Revision,
-        revision: Revision,
-        state: &UserState,
-    ) -> Result<Revision, StoreError> {
+    async fn write_row(&self, write: WriteRow) -> Result<Revision, StoreError> {
+        write.check()?;
         self.check_available()?;
         let mut rows = self.rows();
-        let id = persistence_id(key);
-        let stored = rows.get(&id).map_or(Revision::NONE, |row| row.revision);
+        let stored = rows.get(&write.key).map_or(Revision::NONE, |row| row.revision);
         self.count(|stats| stats.write_statements += 1);
-        if stored != expected {
+        if stored != write.expected {
             self.count(|stats| stats.conflicts += 1);
             return Err(StoreError::Conflict {
-                key: key.clone(),
-                expected,
+                key: write.key,
+                expected: write.expected,
             });
         }
         self.count(|stats| stats.rows_written += 1);
+        let payload = write.payloads.into_iter().last().unwrap_or_default();
         rows.insert(
-            id,
-            StoredState {
-                revision,
-                state: state.clone(),
+            write.key,
+            StoredRow {
+                revision: write.revision,
+                payload,
             },
         );
-        Ok(revision)
+        Ok(write.revision)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

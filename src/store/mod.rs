@@ -1,28 +1,38 @@
-//! Durable storage of user states behind one trait, [`StateStore`], with a
+//! Durable storage of entity states behind one trait, [`StateStore`], with a
 //! backend per database.
 //!
-//! Rows follow Pekko's `durable_state` table: one row per user, keyed by a
-//! persistence id, with a revision that every write must name. A write that
+//! Rows follow Pekko's `durable_state` table: one row per entity, keyed by
+//! its persistence id (`<entity type>|<entity id>`), with the entity type,
+//! a revision that every write must name, and the state as bytes. The store
+//! knows no entity: the typed methods on `dyn StateStore` ([`load`],
+//! [`write`], [`write_changes`]) encode and decode through
+//! [`DurableEntity`], so a new entity type needs no store code. A write that
 //! finds another revision fails with [`StoreError::Conflict`] instead of
 //! overwriting.
 //!
 //! The database backends run every query on a small runtime of their own
-//! ([`DbRuntime`]), not on the caller's. That keeps diesel-async's blocking
+//! (`DbRuntime`), not on the caller's. That keeps diesel-async's blocking
 //! calls off actix's single-threaded runtime, lets a write in flight finish
 //! even if the actor that asked for it stops, and keeps database timeouts on
 //! real time even when a test pauses tokio's clock.
+//!
+//! [`load`]: trait.StateStore.html#method.load
+//! [`write`]: trait.StateStore.html#method.write
+//! [`write_changes`]: trait.StateStore.html#method.write_changes
 
 use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::domain::{UserKey, UserState};
-use crate::error::StoreError;
+use crate::domain::UserState;
+use crate::entity::{Durable, DurableEntity, EntityKey, EventId, PersistenceId, Revision};
+use crate::error::{CorruptRow, StoreError};
 
 mod config;
 mod group_commit;
 mod memory;
+mod payload;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod row;
@@ -36,32 +46,19 @@ macro_rules! delegate_to_group_commit {
     ($store:ty) => {
         #[async_trait::async_trait]
         impl $crate::store::StateStore for $store {
-            async fn load(
+            async fn load_row(
                 &self,
-                key: &$crate::UserKey,
-            ) -> Result<Option<$crate::store::StoredState>, $crate::StoreError> {
-                self.group_commit.load_state(key).await
+                key: &$crate::PersistenceId,
+            ) -> Result<Option<$crate::store::StoredRow>, $crate::StoreError> {
+                self.group_commit.load_row(key).await
             }
 
-            async fn write(
-                &self,
-                key: &$crate::UserKey,
-                expected: $crate::store::Revision,
-                revision: $crate::store::Revision,
-                state: &$crate::UserState,
-            ) -> Result<$crate::store::Revision, $crate::StoreError> {
-                self.group_commit
-                    .write_state(key, expected, revision, state)
-                    .await
+            async fn write_row(&self, write: $crate::store::WriteRow) -> Result<$crate::Revision, $crate::StoreError> {
+                self.group_commit.write_row(write).await
             }
 
-            async fn write_changes(
-                &self,
-                key: &$crate::UserKey,
-                expected: $crate::store::Revision,
-                states: &[$crate::UserState],
-            ) -> Result<$crate::store::Revision, $crate::StoreError> {
-                self.group_commit.write_states(key, expected, states).await
+            fn keeps_change_feed(&self) -> bool {
+                self.group_commit.keeps_change_feed()
             }
 
             async fn ping(&self) -> Result<(), $crate::StoreError> {
@@ -72,12 +69,13 @@ macro_rules! delegate_to_group_commit {
                 self.group_commit.stats()
             }
 
-            async fn read_changes(
+            async fn read_change_rows(
                 &self,
+                entity_type: &str,
                 after: u64,
                 limit: usize,
-            ) -> Result<Vec<$crate::store::StateChange>, $crate::StoreError> {
-                self.group_commit.read_changes(after, limit).await
+            ) -> Result<Vec<$crate::store::ChangeRow>, $crate::StoreError> {
+                self.group_commit.read_changes(entity_type, after, limit).await
             }
 
             async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, $crate::StoreError> {
@@ -92,97 +90,162 @@ macro_rules! delegate_to_group_commit {
 }
 pub(crate) use delegate_to_group_commit;
 
+/// Gives a concrete store the typed methods of `dyn StateStore`, so that
+/// `Arc<SqliteStore>` has them as a [`SharedStore`] does.
+macro_rules! typed_access {
+    ($store:ty) => {
+        impl $store {
+            /// See [`StateStore::load`](trait.StateStore.html#method.load).
+            pub async fn load<K: $crate::EntityKey>(
+                &self,
+                key: &K,
+            ) -> Result<Option<$crate::StoredState<K::Entity>>, $crate::StoreError> {
+                (self as &dyn $crate::StateStore).load(key).await
+            }
+
+            /// See [`StateStore::write`](trait.StateStore.html#method.write).
+            pub async fn write<K: $crate::EntityKey>(
+                &self,
+                key: &K,
+                expected: $crate::Revision,
+                revision: $crate::Revision,
+                state: &K::Entity,
+            ) -> Result<$crate::Revision, $crate::StoreError> {
+                (self as &dyn $crate::StateStore)
+                    .write(key, expected, revision, state)
+                    .await
+            }
+
+            /// See [`StateStore::write_changes`](trait.StateStore.html#method.write_changes).
+            pub async fn write_changes<K: $crate::EntityKey>(
+                &self,
+                key: &K,
+                expected: $crate::Revision,
+                states: &[K::Entity],
+            ) -> Result<$crate::Revision, $crate::StoreError> {
+                (self as &dyn $crate::StateStore)
+                    .write_changes(key, expected, states)
+                    .await
+            }
+        }
+    };
+}
+pub(crate) use typed_access;
+
 pub use config::StoreConfig;
 pub use memory::MemoryStore;
+pub(crate) use payload::decode as decode_payload;
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
-pub use row::{JSON_SERIALIZER_ID, STATE_MANIFEST};
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteStore;
 
-/// The version of a user's stored state: how many writes it has had.
-/// [`Revision::NONE`] means nothing is stored yet.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Revision(pub u64);
-
-impl Revision {
-    /// No state stored yet.
-    pub const NONE: Revision = Revision(0);
-
-    /// The revision a write based on this one produces.
-    pub fn next(self) -> Revision {
-        Revision(self.0 + 1)
-    }
-}
-
-impl fmt::Display for Revision {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// A user's state as committed, with its revision.
+/// An entity's state as committed, with its revision and the event ids the
+/// machinery remembers beside it. For users (the default) a [`UserState`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredState {
+#[non_exhaustive]
+pub struct StoredState<E = UserState> {
     /// The committed revision.
     pub revision: Revision,
     /// The committed state.
-    pub state: UserState,
+    pub state: E,
+    /// Ids of the most recently applied events, oldest first.
+    pub recent_event_ids: Vec<EventId>,
 }
 
-impl StoredState {
-    /// What a user never seen before has: the default state at [`Revision::NONE`].
+impl<E: DurableEntity> StoredState<E> {
+    /// What an entity never seen before has: the default state at [`Revision::NONE`].
     pub fn initial() -> Self {
         Self {
             revision: Revision::NONE,
-            state: UserState::default(),
+            state: E::default(),
+            recent_event_ids: Vec::new(),
         }
+    }
+
+    pub(crate) fn into_durable(self) -> (Revision, Durable<E>) {
+        (self.revision, Durable::new(self.state, self.recent_event_ids))
     }
 }
 
-/// Durable storage of user states with revision-checked writes.
+/// A stored row as the store holds it: entity-agnostic bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRow {
+    /// The committed revision (at least 1).
+    pub revision: Revision,
+    /// The encoded state.
+    pub payload: Vec<u8>,
+}
+
+/// One revision-checked write of one row, as the store takes it.
+#[derive(Debug, Clone)]
+pub struct WriteRow {
+    /// The row.
+    pub key: PersistenceId,
+    /// `state_ser_manifest`: what the payloads are.
+    pub manifest: &'static str,
+    /// The revision the row must have ([`Revision::NONE`]: no row yet).
+    pub expected: Revision,
+    /// The revision written; above `expected`.
+    pub revision: Revision,
+    /// The encoded states of the last `payloads.len()` revisions up to
+    /// `revision`, oldest first: the row keeps the last, the change feed
+    /// (when the store keeps one) gets each. Without a feed, the last alone
+    /// suffices.
+    pub payloads: Vec<Vec<u8>>,
+}
+
+impl WriteRow {
+    /// Refuses writes that cannot be right, before they reach a batch where
+    /// they would fail everyone's statement.
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        if self.revision <= self.expected || self.payloads.is_empty() {
+            return Err(StoreError::InvalidWrite {
+                key: self.key.clone(),
+                expected: self.expected,
+                revision: self.revision,
+                states: self.payloads.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A change feed entry as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRow {
+    /// Where the change stands in the feed of all entity types: in commit order.
+    pub position: u64,
+    /// The entity.
+    pub key: PersistenceId,
+    /// The revision committed.
+    pub revision: Revision,
+    /// The encoded state at that revision.
+    pub payload: Vec<u8>,
+    /// When the writing transaction ran, by the database's clock.
+    pub committed_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Durable storage of entity states with revision-checked writes, for any
+/// entity type: rows of bytes keyed by persistence id.
 ///
-/// Implementations must make `write` atomic and conditional: it succeeds only
-/// if the stored revision is still `expected`.
+/// Implementations must make [`write_row`](Self::write_row) atomic and
+/// conditional: it succeeds only if the stored revision is still the
+/// expected one. The typed methods ([`load`](#method.load),
+/// [`write`](#method.write), [`write_changes`](#method.write_changes)) are on
+/// `dyn StateStore`, so a [`SharedStore`] has them.
 #[async_trait]
 pub trait StateStore: Send + Sync + fmt::Debug + 'static {
-    /// The user's committed state, or `None` for a user never written.
-    async fn load(&self, key: &UserKey) -> Result<Option<StoredState>, StoreError>;
+    /// The committed row, or `None` for an entity never written.
+    async fn load_row(&self, key: &PersistenceId) -> Result<Option<StoredRow>, StoreError>;
 
-    /// Stores `state` as `revision` if the stored revision is `expected`
-    /// ([`Revision::NONE`]: no row yet); otherwise fails with
-    /// [`StoreError::Conflict`] and changes nothing.
-    ///
-    /// `revision` is `expected` plus the number of commands the state
-    /// reflects: an actor that coalesces several commands into one write
-    /// still counts each of them. With the change feed on, only `revision`
-    /// itself is recorded; [`write_changes`](Self::write_changes), which the
-    /// actors use, records every revision.
-    async fn write(
-        &self,
-        key: &UserKey,
-        expected: Revision,
-        revision: Revision,
-        state: &UserState,
-    ) -> Result<Revision, StoreError>;
+    /// Writes `write` if the stored revision is `write.expected`; otherwise
+    /// fails with [`StoreError::Conflict`] and changes nothing.
+    async fn write_row(&self, write: WriteRow) -> Result<Revision, StoreError>;
 
-    /// Writes the states after each of several commands as revisions
-    /// `expected + 1 ..= expected + states.len()`: the row keeps the last,
-    /// the change feed (when the store keeps one) gets every one. Fails like
-    /// [`write`](Self::write) and then records nothing.
-    ///
-    /// The default writes the last state only: a store without a change feed.
-    async fn write_changes(
-        &self,
-        key: &UserKey,
-        expected: Revision,
-        states: &[UserState],
-    ) -> Result<Revision, StoreError> {
-        let last = states
-            .last()
-            .ok_or_else(|| StoreError::Setup("write_changes needs at least one state".into()))?;
-        self.write(key, expected, Revision(expected.0 + states.len() as u64), last)
-            .await
+    /// Whether writes record the change feed (and so need every revision's payload).
+    fn keeps_change_feed(&self) -> bool {
+        false
     }
 
     /// Checks that the database answers.
@@ -191,43 +254,127 @@ pub trait StateStore: Send + Sync + fmt::Debug + 'static {
     /// What the store has done since it was opened.
     fn stats(&self) -> StoreStats;
 
-    /// Up to `limit` committed changes after feed position `after` (0: from
-    /// the start), in position order. See [`ChangeFeed`](crate::ChangeFeed).
-    async fn read_changes(&self, after: u64, limit: usize) -> Result<Vec<StateChange>, StoreError> {
-        let _ = (after, limit);
-        Err(no_change_feed())
+    /// Up to `limit` committed changes of `entity_type` after feed position
+    /// `after` (0: from the start), in position order. See [`EntityFeed`](crate::EntityFeed).
+    async fn read_change_rows(
+        &self,
+        entity_type: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangeRow>, StoreError> {
+        let _ = (entity_type, after, limit);
+        Err(StoreError::NoChangeFeed)
     }
 
     /// The feed position `consumer` saved last, if any.
     async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
         let _ = consumer;
-        Err(no_change_feed())
+        Err(StoreError::NoChangeFeed)
     }
 
     /// Saves the feed position `consumer` has processed up to, inclusive.
     async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
         let _ = (consumer, position);
-        Err(no_change_feed())
+        Err(StoreError::NoChangeFeed)
     }
 }
 
-pub(crate) fn no_change_feed() -> StoreError {
-    StoreError::Setup("this store keeps no change feed; open it with StoreConfig::with_change_feed(true)".into())
-}
+/// Typed access, for every entity type: the state is encoded and decoded
+/// through its [`DurableEntity`] implementation.
+impl dyn StateStore {
+    /// The entity's committed state, or `None` for an entity never written.
+    pub async fn load<K: EntityKey>(&self, key: &K) -> Result<Option<StoredState<K::Entity>>, StoreError> {
+        self.load_durable(&key.persistence_id()).await
+    }
 
-/// One committed revision of a user's state, as the change feed delivers it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StateChange {
-    /// Where the change stands in the feed: gapless, in commit order.
-    pub position: u64,
-    /// The user.
-    pub key: UserKey,
-    /// The revision this state was committed as.
-    pub revision: Revision,
-    /// The state at that revision.
-    pub state: UserState,
-    /// When the writing transaction ran, by the database's clock.
-    pub committed_at: chrono::DateTime<chrono::Utc>,
+    /// Stores `state` as `revision` if the stored revision is `expected`
+    /// ([`Revision::NONE`]: no row yet); otherwise fails with
+    /// [`StoreError::Conflict`] and changes nothing.
+    ///
+    /// `revision` is `expected` plus the number of commands the state
+    /// reflects. With the change feed on, only `revision` itself is
+    /// recorded, and no event ids are remembered beside the state;
+    /// [`write_changes`](#method.write_changes) records every revision.
+    pub async fn write<K: EntityKey>(
+        &self,
+        key: &K,
+        expected: Revision,
+        revision: Revision,
+        state: &K::Entity,
+    ) -> Result<Revision, StoreError> {
+        let key = key.persistence_id();
+        let payload = payload::encode(&key, state, &[])?;
+        self.write_row(WriteRow {
+            key,
+            manifest: K::Entity::MANIFEST,
+            expected,
+            revision,
+            payloads: vec![payload],
+        })
+        .await
+    }
+
+    /// Writes the states after each of several commands as revisions
+    /// `expected + 1 ..= expected + states.len()`: the row keeps the last,
+    /// the change feed (when the store keeps one) gets every one. Fails like
+    /// [`write`](#method.write) and then records nothing.
+    pub async fn write_changes<K: EntityKey>(
+        &self,
+        key: &K,
+        expected: Revision,
+        states: &[K::Entity],
+    ) -> Result<Revision, StoreError> {
+        let changes: Vec<Durable<K::Entity>> = states.iter().map(|s| Durable::new(s.clone(), Vec::new())).collect();
+        self.write_durable(&key.persistence_id(), expected, &changes).await
+    }
+
+    pub(crate) async fn load_durable<E: DurableEntity>(
+        &self,
+        key: &PersistenceId,
+    ) -> Result<Option<StoredState<E>>, StoreError> {
+        let Some(row) = self.load_row(key).await? else {
+            return Ok(None);
+        };
+        let corrupt = |source: CorruptRow| StoreError::Corrupt {
+            key: key.clone(),
+            revision: row.revision.0 as i64,
+            source,
+        };
+        let (state, recent_event_ids) = payload::decode::<E>(&row.payload).map_err(corrupt)?;
+        Ok(Some(StoredState {
+            revision: row.revision,
+            state,
+            recent_event_ids,
+        }))
+    }
+
+    /// Writes each of `changes` as the next revision after `expected`.
+    pub(crate) async fn write_durable<E: DurableEntity>(
+        &self,
+        key: &PersistenceId,
+        expected: Revision,
+        changes: &[Durable<E>],
+    ) -> Result<Revision, StoreError> {
+        let revision = Revision(expected.0 + changes.len() as u64);
+        // Without a feed only the row's state is needed.
+        let encoded = if self.keeps_change_feed() {
+            changes
+        } else {
+            &changes[changes.len().saturating_sub(1)..]
+        };
+        let payloads = encoded
+            .iter()
+            .map(|change| payload::encode(key, &change.state, &change.event_ids))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.write_row(WriteRow {
+            key: key.clone(),
+            manifest: E::MANIFEST,
+            expected,
+            revision,
+            payloads,
+        })
+        .await
+    }
 }
 
 /// Counters of a store: how well group commit and bulk restore are batching.
@@ -242,63 +389,12 @@ pub struct StoreStats {
     pub conflicts: u64,
     /// Load statements (batches) executed.
     pub load_statements: u64,
-    /// Users those statements looked up.
+    /// Entities those statements looked up.
     pub users_loaded: u64,
 }
 
 /// A shared, type-erased store, as the actors hold it.
 pub type SharedStore = Arc<dyn StateStore>;
 
-/// The `entity_type` column of every row this crate writes.
-pub const ENTITY_TYPE: &str = "UserState";
-
-/// The row key of a user: `UserState|<mall>-<user>`, Pekko's
-/// `EntityType|entityId` form.
-///
-/// `%` and `-` inside the ids are percent-escaped, so the encoding is
-/// injective: `("a-b", "c")` becomes `UserState|a%2Db-c` and `("a", "b-c")`
-/// becomes `UserState|a-b%2Dc`. Ordinary ids read exactly as in the original.
-pub fn persistence_id(key: &UserKey) -> String {
-    fn escape(id: &str, out: &mut String) {
-        for c in id.chars() {
-            match c {
-                '%' => out.push_str("%25"),
-                '-' => out.push_str("%2D"),
-                c => out.push(c),
-            }
-        }
-    }
-    let mut id = String::with_capacity(ENTITY_TYPE.len() + key.mall_id().len() + key.user_id().len() + 2);
-    id.push_str(ENTITY_TYPE);
-    id.push('|');
-    escape(key.mall_id(), &mut id);
-    id.push('-');
-    escape(key.user_id(), &mut id);
-    id
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ordinary_ids_keep_the_mall_dash_user_form() {
-        let key = UserKey::new("mall001", "user001").unwrap();
-        assert_eq!(persistence_id(&key), "UserState|mall001-user001");
-    }
-
-    #[test]
-    fn dashes_and_percents_cannot_make_two_keys_collide() {
-        let pairs = [
-            (("a-b", "c"), ("a", "b-c")),
-            (("a%2Db", "c"), ("a-b", "c")),
-            (("a", "b%2Dc"), ("a", "b-c")),
-            (("a-", "b"), ("a", "-b")),
-        ];
-        for ((m1, u1), (m2, u2)) in pairs {
-            let left = persistence_id(&UserKey::new(m1, u1).unwrap());
-            let right = persistence_id(&UserKey::new(m2, u2).unwrap());
-            assert_ne!(left, right, "{m1}/{u1} vs {m2}/{u2}");
-        }
-    }
-}
+/// The serializer id of every row this crate writes: the payload is serde JSON.
+pub(crate) const JSON_SERIALIZER_ID: i32 = 1;

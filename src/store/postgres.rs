@@ -9,10 +9,10 @@ use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfi
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use super::group_commit::{ChangeRow, GroupCommit, RowWrite, SqlBackend};
-use super::row::{StateRow, JSON_SERIALIZER_ID, STATE_MANIFEST};
+use super::group_commit::{FeedRow, GroupCommit, RowWrite, SqlBackend};
+use super::row::StateRow;
 use super::runtime::DbRuntime;
-use super::{StoreConfig, ENTITY_TYPE};
+use super::{StoreConfig, JSON_SERIALIZER_ID};
 use crate::error::StoreError;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -29,17 +29,17 @@ macro_rules! write_ctes {
     () => {
         "\
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[])
-        AS t(persistence_id, expected, revision, payload)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::text[], $6::text[])
+        AS t(persistence_id, expected, revision, payload, entity_type, manifest)
 ), inserted AS (
     INSERT INTO durable_state
         (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload)
-    SELECT persistence_id, $5, revision, now(), $6, $7, payload FROM input WHERE expected = 0
+    SELECT persistence_id, entity_type, revision, now(), $7, manifest, payload FROM input WHERE expected = 0
     ON CONFLICT (persistence_id) DO NOTHING
     RETURNING persistence_id
 ), updated AS (
     UPDATE durable_state AS d
-    SET revision = i.revision, db_timestamp = now(), state_ser_id = $6, state_ser_manifest = $7,
+    SET revision = i.revision, db_timestamp = now(), state_ser_id = $7, state_ser_manifest = i.manifest,
         state_payload = i.payload
     FROM input AS i
     WHERE i.expected <> 0 AND d.persistence_id = i.persistence_id AND d.revision = i.expected
@@ -55,7 +55,7 @@ SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated
 );
 
 /// The same write, plus one change feed row per committed revision
-/// (binds 8 to 12: persistence ids, mall ids, user ids, revisions, payloads).
+/// (binds 8 to 11: persistence ids, entity types, revisions, payloads).
 /// Positions come from `feed_head`, whose row lock is held until commit: feed
 /// writers commit one after another, so positions appear gapless and in
 /// commit order, and a rolled-back statement rolls its positions back.
@@ -64,24 +64,24 @@ const WRITE_ROWS_WITH_FEED_SQL: &str = concat!(
     ", written AS (
     SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated
 ), changes AS (
-    SELECT c.mall_id, c.user_id, c.revision, c.payload, c.ord
-    FROM unnest($8::text[], $9::text[], $10::text[], $11::bigint[], $12::bytea[])
-        WITH ORDINALITY AS c(persistence_id, mall_id, user_id, revision, payload, ord)
+    SELECT c.persistence_id, c.entity_type, c.revision, c.payload, c.ord
+    FROM unnest($8::text[], $9::text[], $10::bigint[], $11::bytea[])
+        WITH ORDINALITY AS c(persistence_id, entity_type, revision, payload, ord)
     WHERE c.persistence_id IN (SELECT persistence_id FROM written)
 ), head AS (
     UPDATE feed_head SET position = position + (SELECT count(*) FROM changes) WHERE id = 1
     RETURNING position - (SELECT count(*) FROM changes) AS base
 ), feed AS (
-    INSERT INTO state_changes (position, mall_id, user_id, revision, committed_at, state_payload)
-    SELECT head.base + row_number() OVER (ORDER BY changes.ord), changes.mall_id, changes.user_id,
+    INSERT INTO state_changes (position, entity_type, persistence_id, revision, committed_at, state_payload)
+    SELECT head.base + row_number() OVER (ORDER BY changes.ord), changes.entity_type, changes.persistence_id,
            changes.revision, now(), changes.payload
     FROM changes CROSS JOIN head
 )
 SELECT persistence_id FROM written"
 );
 
-const READ_CHANGES_SQL: &str = "SELECT position, mall_id, user_id, revision, committed_at, state_payload \
-     FROM state_changes WHERE position > $1 ORDER BY position LIMIT $2";
+const READ_CHANGES_SQL: &str = "SELECT position, persistence_id, revision, committed_at, state_payload \
+     FROM state_changes WHERE entity_type = $1 AND position > $2 ORDER BY position LIMIT $3";
 
 const LOAD_OFFSET_SQL: &str = "SELECT position FROM feed_offsets WHERE consumer = $1";
 
@@ -107,14 +107,6 @@ impl std::fmt::Debug for PostgresStore {
 }
 
 impl PostgresStore {
-    /// The group-commit write: one statement for a batch of users, each row
-    /// written only if its stored revision is the one expected (0: no row
-    /// yet). It answers the persistence ids written; any other row of the
-    /// batch was a conflict and is unchanged. Binds: persistence ids,
-    /// expected revisions, new revisions, payloads (arrays), then entity
-    /// type, serializer id, manifest.
-    pub const WRITE_SQL: &'static str = WRITE_ROWS_SQL;
-
     /// Connects with [`StoreConfig::default`] and applies pending migrations.
     pub async fn connect(database_url: &str) -> Result<Self, StoreError> {
         Self::connect_with(database_url, StoreConfig::default()).await
@@ -170,14 +162,14 @@ impl PostgresStore {
 async fn migrate(url: String) -> Result<(), StoreError> {
     let mut conn = AsyncPgConnection::establish(&url)
         .await
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        .map_err(StoreError::unavailable)?;
     conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
         .await?;
     let mut harness = AsyncMigrationHarness::new(conn);
     let applied = harness
         .run_pending_migrations(MIGRATIONS)
         .map(drop)
-        .map_err(|e| StoreError::Migration(e.to_string()));
+        .map_err(|e| StoreError::Migration(std::sync::Arc::from(e)));
     let mut conn = harness.into_inner();
     conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
         .await?;
@@ -185,6 +177,7 @@ async fn migrate(url: String) -> Result<(), StoreError> {
 }
 
 super::delegate_to_group_commit!(PostgresStore);
+super::typed_access!(PostgresStore);
 
 struct PgBackend {
     pool: Pool<AsyncPgConnection>,
@@ -193,10 +186,7 @@ struct PgBackend {
 
 impl PgBackend {
     async fn checkout(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))
+        self.pool.get().await.map_err(StoreError::unavailable)
     }
 }
 
@@ -211,9 +201,7 @@ struct PgChange {
     #[diesel(sql_type = BigInt)]
     position: i64,
     #[diesel(sql_type = Text)]
-    mall_id: String,
-    #[diesel(sql_type = Text)]
-    user_id: String,
+    persistence_id: String,
     #[diesel(sql_type = BigInt)]
     revision: i64,
     #[diesel(sql_type = Timestamptz)]
@@ -232,22 +220,26 @@ struct Offset {
 impl SqlBackend for PgBackend {
     async fn write_rows(&self, rows: Vec<RowWrite>) -> Result<Vec<bool>, StoreError> {
         let mut conn = self.checkout().await?;
-        let (mut ids, mut expected, mut revisions, mut payloads) = (
-            Vec::with_capacity(rows.len()),
-            Vec::with_capacity(rows.len()),
-            Vec::with_capacity(rows.len()),
-            Vec::with_capacity(rows.len()),
+        let n = rows.len();
+        let (mut ids, mut expected, mut revisions, mut payloads, mut types, mut manifests) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
         );
-        let mut changes: (Vec<String>, Vec<String>, Vec<String>, Vec<i64>, Vec<Vec<u8>>) = Default::default();
-        for row in rows {
-            for (revision, payload) in row.changes {
-                changes.0.push(row.persistence_id.clone());
-                changes.1.push(row.mall_id.clone());
-                changes.2.push(row.user_id.clone());
-                changes.3.push(revision);
-                changes.4.push(payload);
+        let mut changes: (Vec<String>, Vec<String>, Vec<i64>, Vec<Vec<u8>>) = Default::default();
+        for mut row in rows {
+            for (revision, payload) in std::mem::take(&mut row.changes) {
+                changes.0.push(row.persistence_id.as_str().to_owned());
+                changes.1.push(row.entity_type().to_owned());
+                changes.2.push(revision);
+                changes.3.push(payload);
             }
-            ids.push(row.persistence_id);
+            ids.push(row.persistence_id.as_str().to_owned());
+            types.push(row.entity_type().to_owned());
+            manifests.push(row.manifest);
             expected.push(row.expected);
             revisions.push(row.revision);
             payloads.push(row.payload);
@@ -262,16 +254,15 @@ impl SqlBackend for PgBackend {
         .bind::<Array<BigInt>, _>(expected)
         .bind::<Array<BigInt>, _>(revisions)
         .bind::<Array<Binary>, _>(payloads)
-        .bind::<Text, _>(ENTITY_TYPE)
-        .bind::<Integer, _>(JSON_SERIALIZER_ID)
-        .bind::<Text, _>(STATE_MANIFEST);
+        .bind::<Array<Text>, _>(types)
+        .bind::<Array<Text>, _>(manifests)
+        .bind::<Integer, _>(JSON_SERIALIZER_ID);
         let write = if self.feed {
             write
                 .bind::<Array<Text>, _>(changes.0)
                 .bind::<Array<Text>, _>(changes.1)
-                .bind::<Array<Text>, _>(changes.2)
-                .bind::<Array<BigInt>, _>(changes.3)
-                .bind::<Array<Binary>, _>(changes.4)
+                .bind::<Array<BigInt>, _>(changes.2)
+                .bind::<Array<Binary>, _>(changes.3)
         } else {
             write
         };
@@ -294,19 +285,19 @@ impl SqlBackend for PgBackend {
         Ok(())
     }
 
-    async fn read_changes(&self, after: i64, limit: i64) -> Result<Vec<ChangeRow>, StoreError> {
+    async fn read_changes(&self, entity_type: String, after: i64, limit: i64) -> Result<Vec<FeedRow>, StoreError> {
         let mut conn = self.checkout().await?;
         let rows: Vec<PgChange> = diesel::sql_query(READ_CHANGES_SQL)
+            .bind::<Text, _>(entity_type)
             .bind::<BigInt, _>(after)
             .bind::<BigInt, _>(limit)
             .load(&mut conn)
             .await?;
         Ok(rows
             .into_iter()
-            .map(|r| ChangeRow {
+            .map(|r| FeedRow {
                 position: r.position,
-                mall_id: r.mall_id,
-                user_id: r.user_id,
+                persistence_id: r.persistence_id,
                 revision: r.revision,
                 committed_at: r.committed_at,
                 state_payload: r.state_payload,
@@ -349,13 +340,10 @@ mod tests {
     fn the_ceiling_script_runs_the_librarys_write_statement() {
         let script = include_str!("../../scripts/pg-ceiling.sh");
         let from_inserted = &WRITE_ROWS_SQL[WRITE_ROWS_SQL.find("), inserted AS (").unwrap()..];
-        let with_constants = from_inserted
-            .replace("$5", &format!("'{ENTITY_TYPE}'"))
-            .replace("$6", &JSON_SERIALIZER_ID.to_string())
-            .replace("$7", &format!("'{STATE_MANIFEST}'"));
+        let with_constants = from_inserted.replace("$7", &JSON_SERIALIZER_ID.to_string());
         assert!(
             words(script).contains(&words(&with_constants)),
-            "scripts/pg-ceiling.sh no longer runs PostgresStore::WRITE_SQL"
+            "scripts/pg-ceiling.sh no longer runs the library's write statement"
         );
     }
 }

@@ -1,19 +1,14 @@
-//! The stored form of a state, shared by the SQL backends.
+//! The stored form of a row, shared by the SQL backends.
 
 use diesel::sql_types::{BigInt, Binary, Integer};
 use diesel::QueryableByName;
 
-use super::{Revision, StoredState};
-use crate::domain::{UserKey, UserState};
-use crate::error::StoreError;
-
-/// `state_ser_id` of rows whose payload is `UserState` as serde JSON.
-pub const JSON_SERIALIZER_ID: i32 = 1;
-/// `state_ser_manifest`: what the payload is, so a later format can coexist.
-pub const STATE_MANIFEST: &str = "UserState/v1";
+use super::{StoredRow, JSON_SERIALIZER_ID};
+use crate::entity::{PersistenceId, Revision};
+use crate::error::{CorruptRow, StoreError};
 
 /// The columns a load reads.
-#[derive(Debug, QueryableByName)]
+#[derive(Debug, Clone, QueryableByName, diesel::Queryable)]
 pub(crate) struct StateRow {
     #[diesel(sql_type = diesel::sql_types::Text)]
     pub(crate) persistence_id: String,
@@ -26,36 +21,30 @@ pub(crate) struct StateRow {
 }
 
 impl StateRow {
-    /// Decodes the row, failing with [`StoreError::Corrupt`] (naming the user)
-    /// for anything this version cannot read.
-    pub(crate) fn decode(&self, key: &UserKey) -> Result<StoredState, StoreError> {
-        let corrupt = |reason: String| StoreError::Corrupt {
+    /// Checks what the store itself can check of a row, failing with
+    /// [`StoreError::Corrupt`] (naming the entity) for anything this version
+    /// cannot read.
+    pub(crate) fn decode(self, key: &PersistenceId) -> Result<StoredRow, StoreError> {
+        let corrupt = |source: CorruptRow| StoreError::Corrupt {
             key: key.clone(),
             revision: self.revision,
-            reason,
+            source,
         };
         let revision = u64::try_from(self.revision)
             .ok()
             .filter(|&r| r > 0)
-            .ok_or_else(|| corrupt("the revision is not positive".into()))?;
+            .ok_or_else(|| corrupt(CorruptRow::Revision))?;
         if self.state_ser_id != JSON_SERIALIZER_ID {
-            return Err(corrupt(format!("unknown serializer id {}", self.state_ser_id)));
+            return Err(corrupt(CorruptRow::SerializerId(self.state_ser_id)));
         }
-        let state: UserState =
-            serde_json::from_slice(&self.state_payload).map_err(|e| corrupt(format!("payload: {e}")))?;
-        Ok(StoredState {
+        Ok(StoredRow {
             revision: Revision(revision),
-            state,
+            payload: self.state_payload,
         })
     }
 }
 
-/// The payload column of a state.
-pub(crate) fn encode(state: &UserState) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(state).map_err(|e| StoreError::Setup(format!("cannot encode a state: {e}")))
-}
-
-/// A revision as the `BIGINT` column holds it.
-pub(crate) fn revision_column(revision: Revision) -> Result<i64, StoreError> {
-    i64::try_from(revision.0).map_err(|_| StoreError::Setup(format!("revision {revision} exceeds BIGINT")))
+/// A revision or position as a `BIGINT` column holds it.
+pub(crate) fn bigint(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::OutOfRange(value))
 }

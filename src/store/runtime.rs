@@ -1,4 +1,5 @@
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::runtime::Runtime;
@@ -26,7 +27,7 @@ impl DbRuntime {
             .thread_name(format!("persist-durable-{name}"))
             .enable_all()
             .build()
-            .map_err(|e| StoreError::Setup(format!("cannot start the {name} store's runtime: {e}")))?;
+            .map_err(StoreError::unavailable)?;
         Ok(Self {
             runtime: Some(runtime),
             operation_timeout,
@@ -52,10 +53,8 @@ impl DbRuntime {
         });
         async move {
             match spawned {
-                Some(handle) => handle
-                    .await
-                    .map_err(|e| StoreError::Setup(format!("a database task failed: {e}")))?,
-                None => Err(StoreError::Setup("the store's runtime is shut down".into())),
+                Some(handle) => handle.await.map_err(|e| StoreError::TaskFailed(Arc::new(e)))?,
+                None => Err(StoreError::Stopped),
             }
         }
     }
@@ -76,14 +75,11 @@ impl DbRuntime {
         T: Send + 'static,
         F: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
-        let runtime = self
-            .runtime
-            .as_ref()
-            .ok_or_else(|| StoreError::Setup("the store's runtime is shut down".into()))?;
+        let runtime = self.runtime.as_ref().ok_or(StoreError::Stopped)?;
         runtime
             .spawn(work)
             .await
-            .map_err(|e| StoreError::Setup(format!("a database task failed: {e}")))?
+            .map_err(|e| StoreError::TaskFailed(Arc::new(e)))?
     }
 }
 

@@ -12,10 +12,11 @@ use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use super::group_commit::{ChangeRow, GroupCommit, RowWrite, SqlBackend};
-use super::row::{StateRow, JSON_SERIALIZER_ID, STATE_MANIFEST};
+use super::group_commit::{FeedRow, GroupCommit, RowWrite, SqlBackend};
+use super::row::StateRow;
 use super::runtime::DbRuntime;
-use super::{StoreConfig, ENTITY_TYPE};
+use super::{StoreConfig, JSON_SERIALIZER_ID};
+use crate::error::CorruptRow;
 use crate::error::StoreError;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
@@ -34,11 +35,12 @@ const UPDATE_IF_REVISION: &str = "UPDATE durable_state \
          state_ser_manifest = ?, state_payload = ? \
      WHERE persistence_id = ? AND revision = ?";
 
-const INSERT_CHANGE: &str = "INSERT INTO state_changes (mall_id, user_id, revision, committed_at, state_payload) \
+const INSERT_CHANGE: &str = "INSERT INTO state_changes \
+     (entity_type, persistence_id, revision, committed_at, state_payload) \
      VALUES (?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?)";
 
-const READ_CHANGES: &str = "SELECT position, mall_id, user_id, revision, committed_at, state_payload \
-     FROM state_changes WHERE position > ? ORDER BY position LIMIT ?";
+const READ_CHANGES: &str = "SELECT position, persistence_id, revision, committed_at, state_payload \
+     FROM state_changes WHERE entity_type = ? AND position > ? ORDER BY position LIMIT ?";
 
 const LOAD_OFFSET: &str = "SELECT position FROM feed_offsets WHERE consumer = ?";
 
@@ -51,9 +53,7 @@ struct SqliteChange {
     #[diesel(sql_type = BigInt)]
     position: i64,
     #[diesel(sql_type = Text)]
-    mall_id: String,
-    #[diesel(sql_type = Text)]
-    user_id: String,
+    persistence_id: String,
     #[diesel(sql_type = BigInt)]
     revision: i64,
     #[diesel(sql_type = Text)]
@@ -78,9 +78,9 @@ struct Offset {
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// use persist_durable::{Revision, SqliteStore, StateStore, UserKey, UserState};
+/// use persist_durable::{Revision, SharedStore, SqliteStore, UserKey, UserState};
 /// let dir = tempfile::tempdir()?;
-/// let store = SqliteStore::open(dir.path().join("user-state.db")).await?;
+/// let store: SharedStore = std::sync::Arc::new(SqliteStore::open(dir.path().join("user-state.db")).await?);
 /// let key = UserKey::new("mall001", "user001")?;
 /// store.write(&key, Revision::NONE, Revision(1), &UserState::default()).await?;
 /// assert_eq!(store.load(&key).await?.unwrap().revision, Revision(1));
@@ -108,7 +108,7 @@ impl SqliteStore {
         let path = path
             .as_ref()
             .to_str()
-            .ok_or_else(|| StoreError::Setup("the SQLite path is not valid UTF-8".into()))?
+            .ok_or_else(|| StoreError::InvalidConfig("the SQLite path is not valid UTF-8".into()))?
             .to_owned();
         let runtime = Arc::new(DbRuntime::new(
             "sqlite",
@@ -121,7 +121,7 @@ impl SqliteStore {
             .run_unbounded(async move {
                 tokio::task::spawn_blocking(move || migrate(&migrate_path, busy_ms))
                     .await
-                    .map_err(|e| StoreError::Migration(e.to_string()))?
+                    .map_err(|e| StoreError::TaskFailed(Arc::new(e)))?
             })
             .await?;
 
@@ -151,9 +151,9 @@ impl SqliteStore {
 /// thread, and diesel's harness needs no async wrapper for SQLite. Several
 /// processes may open the same file at once, so it waits for their locks.
 fn migrate(path: &str, busy_ms: u128) -> Result<(), StoreError> {
-    let mut conn = SqliteConnection::establish(path).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+    let mut conn = SqliteConnection::establish(path).map_err(StoreError::unavailable)?;
     conn.batch_execute(&format!("PRAGMA busy_timeout = {busy_ms}; PRAGMA journal_mode = WAL;"))
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        .map_err(StoreError::unavailable)?;
     // Another process may apply the same migration between our check and our
     // write; the second attempt then finds nothing pending.
     if conn.run_pending_migrations(MIGRATIONS).is_ok() {
@@ -161,10 +161,11 @@ fn migrate(path: &str, busy_ms: u128) -> Result<(), StoreError> {
     }
     conn.run_pending_migrations(MIGRATIONS)
         .map(drop)
-        .map_err(|e| StoreError::Migration(e.to_string()))
+        .map_err(|e| StoreError::Migration(Arc::from(e)))
 }
 
 super::delegate_to_group_commit!(SqliteStore);
+super::typed_access!(SqliteStore);
 
 struct SqliteBackend {
     pool: Pool<SqliteAsync>,
@@ -172,10 +173,7 @@ struct SqliteBackend {
 
 impl SqliteBackend {
     async fn checkout(&self) -> Result<Object<SqliteAsync>, StoreError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| StoreError::Unavailable(e.to_string()))
+        self.pool.get().await.map_err(StoreError::unavailable)
     }
 }
 
@@ -183,34 +181,35 @@ impl SqliteBackend {
 /// to the feed: SQLite runs one writer at a time, so the feed's
 /// AUTOINCREMENT positions follow commit order.
 fn write_row(conn: &mut SqliteConnection, row: RowWrite) -> diesel::QueryResult<bool> {
-    let (mall_id, user_id, changes) = (row.mall_id, row.user_id, row.changes);
+    let entity_type = row.entity_type().to_owned();
+    let id = row.persistence_id.as_str();
     let written = if row.expected == 0 {
         diesel::sql_query(INSERT_FIRST)
-            .bind::<Text, _>(row.persistence_id)
-            .bind::<Text, _>(ENTITY_TYPE)
+            .bind::<Text, _>(id)
+            .bind::<Text, _>(&entity_type)
             .bind::<BigInt, _>(row.revision)
             .bind::<Integer, _>(JSON_SERIALIZER_ID)
-            .bind::<Text, _>(STATE_MANIFEST)
-            .bind::<Binary, _>(row.payload)
+            .bind::<Text, _>(row.manifest)
+            .bind::<Binary, _>(&row.payload)
             .execute(conn)?
     } else {
         diesel::sql_query(UPDATE_IF_REVISION)
             .bind::<BigInt, _>(row.revision)
             .bind::<Integer, _>(JSON_SERIALIZER_ID)
-            .bind::<Text, _>(STATE_MANIFEST)
-            .bind::<Binary, _>(row.payload)
-            .bind::<Text, _>(row.persistence_id)
+            .bind::<Text, _>(row.manifest)
+            .bind::<Binary, _>(&row.payload)
+            .bind::<Text, _>(id)
             .bind::<BigInt, _>(row.expected)
             .execute(conn)?
     };
     if written != 1 {
         return Ok(false);
     }
-    for (revision, payload) in changes {
+    for (revision, payload) in &row.changes {
         diesel::sql_query(INSERT_CHANGE)
-            .bind::<Text, _>(&mall_id)
-            .bind::<Text, _>(&user_id)
-            .bind::<BigInt, _>(revision)
+            .bind::<Text, _>(&entity_type)
+            .bind::<Text, _>(id)
+            .bind::<BigInt, _>(*revision)
             .bind::<Binary, _>(payload)
             .execute(conn)?;
     }
@@ -257,11 +256,12 @@ impl SqlBackend for SqliteBackend {
         Ok(())
     }
 
-    async fn read_changes(&self, after: i64, limit: i64) -> Result<Vec<ChangeRow>, StoreError> {
+    async fn read_changes(&self, entity_type: String, after: i64, limit: i64) -> Result<Vec<FeedRow>, StoreError> {
         let mut conn = self.checkout().await?;
         let rows: Vec<SqliteChange> = conn
             .spawn_blocking(move |conn| {
                 diesel::sql_query(READ_CHANGES)
+                    .bind::<Text, _>(entity_type)
                     .bind::<BigInt, _>(after)
                     .bind::<BigInt, _>(limit)
                     .load(conn)
@@ -270,12 +270,16 @@ impl SqlBackend for SqliteBackend {
         rows.into_iter()
             .map(|r| {
                 let committed_at = chrono::DateTime::parse_from_rfc3339(&r.committed_at)
-                    .map_err(|e| StoreError::Query(format!("change {}: bad committed_at: {e}", r.position)))?
+                    .map_err(|e| StoreError::Corrupt {
+                        key: crate::PersistenceId::parse(&r.persistence_id)
+                            .unwrap_or_else(|| crate::PersistenceId::new("?", &r.persistence_id)),
+                        revision: r.revision,
+                        source: CorruptRow::Timestamp(e),
+                    })?
                     .with_timezone(&chrono::Utc);
-                Ok(ChangeRow {
+                Ok(FeedRow {
                     position: r.position,
-                    mall_id: r.mall_id,
-                    user_id: r.user_id,
+                    persistence_id: r.persistence_id,
                     revision: r.revision,
                     committed_at,
                     state_payload: r.state_payload,

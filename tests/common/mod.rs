@@ -19,9 +19,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::{Connection, SqliteConnection};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
-use persist_durable::{
-    persistence_id, Command, PostgresStore, ProductId, SharedStore, SqliteStore, StoreConfig, UserKey,
-};
+use persist_durable::{Command, EntityKey, PostgresStore, ProductId, SharedStore, SqliteStore, StoreConfig, UserKey};
 
 /// The databases every store test runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,7 +154,7 @@ impl TestDb {
 
     /// Overwrites the user's stored payload with bytes that are not a state.
     pub fn corrupt_row(&self, key: &UserKey) {
-        let id = persistence_id(key);
+        let id = key.persistence_id();
         let sql = match &self.location {
             Location::Sqlite { .. } => {
                 format!("UPDATE durable_state SET state_payload = X'7B6E6F74206A736F6E' WHERE persistence_id = '{id}'")

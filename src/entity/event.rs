@@ -1,11 +1,14 @@
 use std::fmt;
 
 use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::key::validate;
-use super::Command;
-use crate::error::{IdField, InvalidInput};
+use super::{IdField, InvalidInput};
+
+/// The largest JSON command or event [`EntityEvent::decode_json`] accepts, in bytes.
+const MAX_JSON_BYTES: usize = 16 * 1024;
 
 /// The id a producer gave an event (a Kafka `topic-partition-offset`, a
 /// UUID...), so that a redelivered event is recognised and not applied twice.
@@ -47,18 +50,21 @@ impl fmt::Display for EventId {
     }
 }
 
-/// A [`Command`] with what is known about the event behind it.
+/// A command with what is known about the event behind it, for any entity
+/// type; for users it is [`Event`](crate::Event).
 ///
-/// Both extras are optional. With an `event_id`, a redelivered event (same
-/// id, same user) is acknowledged with the current state and not applied
-/// again. With an `event_time`, a late event never moves the recorded times
-/// backwards. In JSON they sit beside the command's fields:
-/// `{"type": "user_login", "event_id": "logins-3-1042", "event_time": "2026-11-20T09:00:00Z"}`.
+/// Both extras are optional and handled by the machinery, not the entity.
+/// With an `event_id`, a redelivered event (same id, same entity) is
+/// acknowledged with the current state and not applied again. With an
+/// `event_time`, the entity's transition gets that time instead of now, to
+/// decide what a late event may change. In JSON they sit beside the
+/// command's fields: `{"type": "user_login", "event_id": "logins-3-1042",
+/// "event_time": "2026-11-20T09:00:00Z"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Event {
+pub struct EntityEvent<C> {
     /// What happened.
     #[serde(flatten)]
-    pub command: Command,
+    pub command: C,
     /// The producer's id of the event, for deduplication.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_id: Option<EventId>,
@@ -67,7 +73,7 @@ pub struct Event {
     pub event_time: Option<DateTime<Utc>>,
 }
 
-impl Event {
+impl<C> EntityEvent<C> {
     /// Sets [`event_id`](Self::event_id).
     pub fn with_id(mut self, id: EventId) -> Self {
         self.event_id = Some(id);
@@ -79,19 +85,34 @@ impl Event {
         self.event_time = Some(time);
         self
     }
+}
 
-    /// Decodes an event from JSON, with a typed error for anything malformed.
-    pub fn from_json(json: &str) -> Result<Self, InvalidInput> {
-        super::command::decode_json(json)
+impl<C: DeserializeOwned> EntityEvent<C> {
+    /// Decodes an event from JSON (the command's fields, tagged as the
+    /// command type says, beside `event_id` and `event_time`), with a typed
+    /// error for anything malformed or oversized.
+    pub fn decode_json(json: &str) -> Result<Self, InvalidInput> {
+        decode_json(json)
     }
 }
 
-impl From<Command> for Event {
-    fn from(command: Command) -> Self {
+impl<C> From<C> for EntityEvent<C> {
+    fn from(command: C) -> Self {
         Self {
             command,
             event_id: None,
             event_time: None,
         }
     }
+}
+
+/// Decodes a command or event, refusing oversized input before parsing it.
+pub fn decode_json<T: DeserializeOwned>(json: &str) -> Result<T, InvalidInput> {
+    if json.len() > MAX_JSON_BYTES {
+        return Err(InvalidInput::CommandTooLarge {
+            len: json.len(),
+            max: MAX_JSON_BYTES,
+        });
+    }
+    serde_json::from_str(json).map_err(|e| InvalidInput::MalformedCommand { reason: e.to_string() })
 }

@@ -6,45 +6,49 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
-use super::manager::{ChildStopped, PassivationRequested, UserStateManager};
+use super::protocol::{ChildStopped, Passivate, PassivationRequested};
 use crate::config::Config;
-use crate::domain::{apply_event, Command, Event, UserKey, UserState};
+use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, PersistenceId, Revision, Step};
 use crate::error::{CommandError, StoreError};
-use crate::store::{SharedStore, StoredState};
+use crate::store::SharedStore;
 
-impl Message for Command {
-    type Result = Result<UserState, CommandError>;
+/// A command (with its event's id and time) for the entity of an
+/// [`EntityActor`]; answered with the state after it.
+#[derive(Debug, Clone)]
+pub struct Execute<E: DurableEntity>(pub EntityEvent<E::Command>);
+
+impl<E: DurableEntity> Message for Execute<E> {
+    type Result = Result<E, CommandError<E>>;
 }
 
-impl Message for Event {
-    type Result = Result<UserState, CommandError>;
-}
+type Reply<E> = oneshot::Sender<Result<E, CommandError<E>>>;
 
-type Reply = oneshot::Sender<Result<UserState, CommandError>>;
-
-/// Keeps one user's state in memory and every change of it in the store.
+/// Keeps one entity's state in memory and every change of it in the store.
 ///
-/// - It restores the user's state before it applies any command.
+/// - It restores the entity's state before it applies any command.
 /// - It answers a state-changing command only after the new state is
 ///   committed, and never reports a state the store does not hold: after a
 ///   failed or conflicting write it reloads before applying the next command.
 /// - It keeps at most one write in flight. Commands that arrive meanwhile are
 ///   applied in order and committed together in the next write, so a busy
-///   user costs one row write per round trip, not one per command. The
+///   entity costs one row write per round trip, not one per command. The
 ///   revision still grows by one per state-changing command.
-/// - When its write loses a revision conflict (another node wrote the user),
-///   it reloads and applies the same events again, up to
+/// - When its write loses a revision conflict (another node wrote the
+///   entity), it reloads and applies the same events again, up to
 ///   [`Config::conflict_retries`] times: the transition is pure, and event
 ///   ids keep a re-applied event from counting twice.
 /// - Every [`Config::idle_check_interval`] it checks whether it has been idle
 ///   for [`Config::idle_timeout`]; if so it passivates. It never stops with a
 ///   load or write in flight.
 ///
-/// Started on its own ([`UserStateActor::new`]) it stops itself when idle;
+/// Started on its own ([`EntityActor::new`]) it stops itself when idle;
 /// messages sent to it after that fail with a mailbox error, so a stand-alone
-/// actor suits one-off use and tests. Under a [`UserStateManager`] it asks
-/// the manager to passivate it instead, which makes passivation invisible to
-/// senders.
+/// actor suits one-off use and tests. Under an
+/// [`EntityManager`](crate::EntityManager) it asks the manager to passivate
+/// it instead, which makes passivation invisible to senders.
+///
+/// For users it is [`UserStateActor`](crate::UserStateActor), which also
+/// takes a [`Command`](crate::Command) or an [`Event`](crate::Event) directly:
 ///
 /// ```
 /// use actix::Actor;
@@ -61,70 +65,66 @@ type Reply = oneshot::Sender<Result<UserState, CommandError>>;
 ///     Ok(())
 /// }
 /// ```
-pub struct UserStateActor {
-    key: UserKey,
+pub struct EntityActor<E: DurableEntity> {
+    key: E::Key,
+    persistence_id: PersistenceId,
     store: SharedStore,
     config: Arc<Config>,
+    settings: Arc<E::Settings>,
     /// What the store holds, or `None` when it must be (re)loaded before the
     /// next write: not restored yet, or a write did not succeed.
-    committed: Option<StoredState>,
+    committed: Option<(Revision, Durable<E>)>,
     /// Commands received and not yet part of a write, in arrival order.
-    queue: Vec<Queued>,
+    queue: Vec<Queued<E>>,
     /// A load or write is in flight.
     busy: bool,
     /// Stop as soon as nothing is queued or in flight.
     stop_when_drained: bool,
     last_active: Instant,
-    supervisor: Option<Supervisor>,
+    supervisor: Option<Supervisor<E::Key>>,
 }
 
-struct Queued {
-    event: Event,
+struct Queued<E: DurableEntity> {
+    event: EntityEvent<E::Command>,
     received_at: DateTime<Utc>,
-    reply: Reply,
+    reply: Reply<E>,
     /// Writes of this event lost to a conflict so far.
     conflicts: u32,
-    /// The command's span: the user, the command, and the revision written.
+    /// The command's span: the entity, the command, and the revision written.
     span: tracing::Span,
 }
 
-struct Supervisor {
-    manager: Addr<UserStateManager>,
-    incarnation: u64,
-    passivation_requested: bool,
+/// The manager an actor reports to, known only by what it receives.
+pub(crate) struct Supervisor<K: Send + 'static> {
+    pub(crate) passivation: Recipient<PassivationRequested<K>>,
+    pub(crate) stopped: Recipient<ChildStopped<K>>,
+    pub(crate) incarnation: u64,
+    pub(crate) passivation_requested: bool,
 }
 
-impl UserStateActor {
+/// A write in flight: each event with the state it is answered with.
+type Written<E> = Vec<(Queued<E>, E)>;
+
+impl<E: DurableEntity> EntityActor<E> {
     /// A stand-alone actor for `key`; start it with [`Actor::start`].
-    pub fn new(key: UserKey, store: SharedStore, config: Config) -> Self {
-        Self::with_shared_config(key, store, Arc::new(config), None)
+    pub fn new(key: E::Key, store: SharedStore, config: Config) -> Self {
+        let settings = Arc::new(E::settings(&config));
+        Self::with_shared_config(key, store, Arc::new(config), settings, None)
     }
 
-    pub(crate) fn supervised(
-        key: UserKey,
+    pub(crate) fn with_shared_config(
+        key: E::Key,
         store: SharedStore,
         config: Arc<Config>,
-        manager: Addr<UserStateManager>,
-        incarnation: u64,
-    ) -> Self {
-        let supervisor = Supervisor {
-            manager,
-            incarnation,
-            passivation_requested: false,
-        };
-        Self::with_shared_config(key, store, config, Some(supervisor))
-    }
-
-    fn with_shared_config(
-        key: UserKey,
-        store: SharedStore,
-        config: Arc<Config>,
-        supervisor: Option<Supervisor>,
+        settings: Arc<E::Settings>,
+        supervisor: Option<Supervisor<E::Key>>,
     ) -> Self {
         Self {
+            persistence_id: key.persistence_id(),
             key,
             store,
             config,
+            settings,
             committed: None,
             queue: Vec::new(),
             busy: false,
@@ -142,7 +142,7 @@ impl UserStateActor {
     /// then, if passivation was asked for and nothing is left, stop.
     fn pump(&mut self, ctx: &mut Context<Self>) {
         if !self.busy && !self.queue.is_empty() {
-            match self.committed.clone() {
+            match self.committed.take() {
                 None => self.restore(ctx),
                 // May answer everything at once (reads, redeliveries) and stay idle.
                 Some(committed) => self.write_queued(committed, ctx),
@@ -155,18 +155,20 @@ impl UserStateActor {
 
     fn restore(&mut self, ctx: &mut Context<Self>) {
         self.busy = true;
-        let (store, key) = (self.store.clone(), self.key.clone());
+        let (store, key) = (self.store.clone(), self.persistence_id.clone());
         ctx.spawn(
-            async move { store.load(&key).await }
+            async move { store.load_durable::<E>(&key).await }
                 .into_actor(self)
                 .map(|restored, actor, ctx| {
                     actor.busy = false;
                     // Idle time counts from the end of work, not its start.
                     actor.last_active = Instant::now();
                     match restored {
-                        Ok(stored) => actor.committed = Some(stored.unwrap_or_else(StoredState::initial)),
+                        Ok(stored) => {
+                            actor.committed = Some(stored.unwrap_or_else(crate::StoredState::initial).into_durable());
+                        }
                         Err(error) => {
-                            warn!(user = %actor.key, %error, "restore failed; queued commands fail, the next one retries");
+                            warn!(key = %actor.key, %error, "restore failed; queued commands fail, the next one retries");
                             for queued in actor.queue.drain(..) {
                                 let _ = queued.reply.send(Err(CommandError::from_store(&actor.key, error.clone())));
                             }
@@ -177,40 +179,50 @@ impl UserStateActor {
         );
     }
 
-    fn write_queued(&mut self, committed: StoredState, ctx: &mut Context<Self>) {
-        let policy = self.config.policy();
-        let mut state = committed.state;
+    fn write_queued(&mut self, committed: (Revision, Durable<E>), ctx: &mut Context<Self>) {
+        let (expected, mut current) = committed;
         // Every state this write commits, one per change: the feed gets each.
-        let mut changes = Vec::new();
-        let mut written = Vec::with_capacity(self.queue.len());
+        let mut changes: Vec<Durable<E>> = Vec::new();
+        let mut written: Written<E> = Vec::with_capacity(self.queue.len());
         for queued in std::mem::take(&mut self.queue) {
-            match apply_event(&state, &queued.event, queued.received_at, &policy) {
+            let step = current.step(
+                &queued.event,
+                queued.received_at,
+                &self.settings,
+                self.config.event_id_memory,
+            );
+            match step {
                 // A read or a redelivered event before any change: answer now.
-                None if changes.is_empty() => {
-                    let _ = queued.reply.send(Ok(state.clone()));
+                Step::Unchanged if changes.is_empty() => {
+                    let _ = queued.reply.send(Ok(current.state.clone()));
                 }
                 // Otherwise it is answered once the changes before it commit.
-                None => written.push((queued, state.clone())),
-                Some(next) => {
-                    state = next;
-                    changes.push(state.clone());
-                    queued
-                        .span
-                        .record("revision", committed.revision.0 + changes.len() as u64);
-                    written.push((queued, state.clone()));
+                Step::Unchanged => written.push((queued, current.state.clone())),
+                // Refused by the domain: answered at once, it changes nothing.
+                Step::Rejected(reason) => {
+                    let _ = queued.reply.send(Err(CommandError::Rejected {
+                        key: self.key.clone(),
+                        reason,
+                    }));
+                }
+                Step::Changed(next) => {
+                    current = next;
+                    changes.push(current.clone());
+                    queued.span.record("revision", expected.0 + changes.len() as u64);
+                    written.push((queued, current.state.clone()));
                 }
             }
         }
         if changes.is_empty() {
+            self.committed = Some((expected, current));
             return;
         }
-        let expected = committed.revision;
         self.busy = true;
-        let (store, key) = (self.store.clone(), self.key.clone());
+        let (store, key) = (self.store.clone(), self.persistence_id.clone());
         ctx.spawn(
             async move {
-                let result = store.write_changes(&key, expected, &changes).await;
-                result.map(|revision| StoredState { revision, state })
+                let result = store.write_durable(&key, expected, &changes).await;
+                result.map(|revision| (revision, current))
             }
             .into_actor(self)
             .map(move |result, actor, ctx| {
@@ -223,11 +235,11 @@ impl UserStateActor {
     }
 
     /// Answers the events of a finished write, or queues them again after a conflict.
-    fn settle(&mut self, result: Result<StoredState, StoreError>, written: Vec<(Queued, UserState)>) {
+    fn settle(&mut self, result: Result<(Revision, Durable<E>), StoreError>, written: Written<E>) {
         let error = match result {
-            Ok(stored) => {
-                debug!(user = %self.key, revision = %stored.revision, events = written.len(), "committed");
-                self.committed = Some(stored);
+            Ok(committed) => {
+                debug!(key = %self.key, revision = %committed.0, events = written.len(), "committed");
+                self.committed = Some(committed);
                 for (queued, state) in written {
                     let _ = queued.reply.send(Ok(state));
                 }
@@ -249,9 +261,9 @@ impl UserStateActor {
             }
         }
         if retry.is_empty() {
-            warn!(user = %self.key, %error, "write failed; reloading before the next command");
+            warn!(key = %self.key, %error, "write failed; reloading before the next command");
         } else {
-            debug!(user = %self.key, retrying = retry.len(), "conflict; reloading to apply again");
+            debug!(key = %self.key, retrying = retry.len(), "conflict; reloading to apply again");
             // Ahead of what arrived meanwhile: order is kept.
             retry.append(&mut self.queue);
             self.queue = retry;
@@ -264,13 +276,13 @@ impl UserStateActor {
         }
         match &mut self.supervisor {
             None => {
-                debug!(user = %self.key, "idle; stopping");
+                debug!(key = %self.key, "idle; stopping");
                 ctx.stop();
             }
             Some(supervisor) if !supervisor.passivation_requested => {
-                debug!(user = %self.key, "idle; asking the manager to passivate");
+                debug!(key = %self.key, "idle; asking the manager to passivate");
                 supervisor.passivation_requested = true;
-                supervisor.manager.do_send(PassivationRequested {
+                supervisor.passivation.do_send(PassivationRequested {
                     key: self.key.clone(),
                     incarnation: supervisor.incarnation,
                 });
@@ -278,9 +290,67 @@ impl UserStateActor {
             Some(_) => {}
         }
     }
+
+    /// Queues `event` and answers once it is applied and committed.
+    pub(crate) fn accept(
+        &mut self,
+        event: EntityEvent<E::Command>,
+        ctx: &mut Context<Self>,
+    ) -> ResponseFuture<Result<E, CommandError<E>>> {
+        self.last_active = Instant::now();
+        let key = self.key.clone();
+        let command = E::command_name(&event.command);
+        let entity = E::ENTITY_TYPE;
+        if self.queue.len() >= self.config.max_queued_per_user {
+            let limit = self.config.max_queued_per_user;
+            metrics::counter!(
+                "persist_durable_commands_total",
+                "entity" => entity,
+                "command" => command,
+                "outcome" => "overloaded"
+            )
+            .increment(1);
+            return Box::pin(async move {
+                Err(CommandError::Overloaded {
+                    key,
+                    reason: format!("{limit} commands are already queued for this entity"),
+                })
+            });
+        }
+        let span = tracing::debug_span!("command", entity, key = %key, command, revision = tracing::field::Empty);
+        let (reply, answer) = oneshot::channel();
+        self.queue.push(Queued {
+            event,
+            received_at: self.config.clock.now(),
+            reply,
+            conflicts: 0,
+            span: span.clone(),
+        });
+        self.pump(ctx);
+        Box::pin(
+            async move {
+                let reply = answer.await.unwrap_or_else(|_| {
+                    Err(CommandError::NotDelivered {
+                        key,
+                        reason: "the entity's actor stopped before answering".into(),
+                    })
+                });
+                let outcome = reply.as_ref().map_or_else(CommandError::kind, |_| "ok");
+                metrics::counter!(
+                    "persist_durable_commands_total",
+                    "entity" => entity,
+                    "command" => command,
+                    "outcome" => outcome
+                )
+                .increment(1);
+                reply
+            }
+            .instrument(span),
+        )
+    }
 }
 
-impl Actor for UserStateActor {
+impl<E: DurableEntity> Actor for EntityActor<E> {
     type Context = Context<Self>;
 
     /// Starts the actor with an unbounded mailbox: nothing sent to it waits
@@ -297,7 +367,7 @@ impl Actor for UserStateActor {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         if let Some(supervisor) = &self.supervisor {
-            supervisor.manager.do_send(ChildStopped {
+            supervisor.stopped.do_send(ChildStopped {
                 key: self.key.clone(),
                 incarnation: supervisor.incarnation,
             });
@@ -305,84 +375,21 @@ impl Actor for UserStateActor {
     }
 }
 
-impl UserStateActor {
-    /// Queues `event` and answers once it is applied and committed.
-    fn accept(&mut self, event: Event, ctx: &mut Context<Self>) -> ResponseFuture<Result<UserState, CommandError>> {
-        self.last_active = Instant::now();
-        let key = self.key.clone();
-        if self.queue.len() >= self.config.max_queued_per_user {
-            let limit = self.config.max_queued_per_user;
-            metrics::counter!(
-                "persist_durable_commands_total",
-                "command" => event.command.name(),
-                "outcome" => "overloaded"
-            )
-            .increment(1);
-            return Box::pin(async move {
-                Err(CommandError::Overloaded {
-                    key,
-                    reason: format!("{limit} commands are already queued for this user"),
-                })
-            });
-        }
-        let command = event.command.name();
-        let span = tracing::debug_span!("command", user = %key, command, revision = tracing::field::Empty);
-        let (reply, answer) = oneshot::channel();
-        self.queue.push(Queued {
-            event,
-            received_at: self.config.clock.now(),
-            reply,
-            conflicts: 0,
-            span: span.clone(),
-        });
-        self.pump(ctx);
-        Box::pin(
-            async move {
-                let reply = answer.await.unwrap_or_else(|_| {
-                    Err(CommandError::NotDelivered {
-                        key,
-                        reason: "the user's actor stopped before answering".into(),
-                    })
-                });
-                let outcome = reply.as_ref().map_or_else(CommandError::kind, |_| "ok");
-                metrics::counter!("persist_durable_commands_total", "command" => command, "outcome" => outcome)
-                    .increment(1);
-                reply
-            }
-            .instrument(span),
-        )
-    }
-}
-
-impl Handler<Command> for UserStateActor {
+impl<E: DurableEntity> Handler<Execute<E>> for EntityActor<E> {
     /// Answered from a channel, so the mailbox keeps flowing while a write is
     /// in flight: that is what lets queued commands share the next write.
-    type Result = ResponseFuture<Result<UserState, CommandError>>;
+    type Result = ResponseFuture<Result<E, CommandError<E>>>;
 
-    fn handle(&mut self, command: Command, ctx: &mut Self::Context) -> Self::Result {
-        self.accept(command.into(), ctx)
-    }
-}
-
-impl Handler<Event> for UserStateActor {
-    type Result = ResponseFuture<Result<UserState, CommandError>>;
-
-    fn handle(&mut self, event: Event, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, Execute(event): Execute<E>, ctx: &mut Self::Context) -> Self::Result {
         self.accept(event, ctx)
     }
 }
 
-/// Sent by the manager once it holds back further commands for this user:
-/// everything it forwarded earlier is already in the mailbox ahead of this.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct Passivate;
-
-impl Handler<Passivate> for UserStateActor {
+impl<E: DurableEntity> Handler<Passivate> for EntityActor<E> {
     type Result = ();
 
     fn handle(&mut self, _: Passivate, ctx: &mut Self::Context) {
-        debug!(user = %self.key, "passivating once drained");
+        debug!(key = %self.key, "passivating once drained");
         self.stop_when_drained = true;
         self.pump(ctx);
     }

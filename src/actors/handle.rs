@@ -1,0 +1,101 @@
+use std::fmt;
+
+use actix::{Actor, Addr};
+
+use super::manager::{EntityCommand, EntityManager, GetManagerStats, ManagerStats};
+use crate::config::Config;
+use crate::domain::UserState;
+use crate::entity::{DurableEntity, EntityEvent};
+use crate::error::{CommandError, StoreError};
+use crate::store::SharedStore;
+
+/// A cloneable, typed handle to the entities of one type: one `?` per command.
+///
+/// `send(key, command).await` returns the state after the command, or a
+/// [`CommandError`]: a manager that cannot be reached is
+/// [`CommandError::NotDelivered`], not a second layer of `Result`. Share it
+/// with actix-web handlers as `web::Data<Entities<E>>`; the manager's
+/// [`Addr`] stays available through [`addr`](Self::addr). For users it is
+/// [`UserStates`].
+///
+/// ```
+/// use persist_durable::{Command, Config, MemoryStore, UserKey, UserStates};
+///
+/// #[actix::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let users = UserStates::start(std::sync::Arc::new(MemoryStore::new()), Config::default());
+///     let state = users.send(UserKey::new("mall001", "user001")?, Command::UserLogin).await?;
+///     assert!(state.last_login.is_some());
+///     Ok(())
+/// }
+/// ```
+pub struct Entities<E: DurableEntity> {
+    manager: Addr<EntityManager<E>>,
+    store: SharedStore,
+}
+
+/// The typed handle to the user states.
+pub type UserStates = Entities<UserState>;
+
+impl<E: DurableEntity> Entities<E> {
+    /// Starts a manager for `E` on `store` and returns its handle.
+    pub fn start(store: SharedStore, config: Config) -> Self {
+        let manager = EntityManager::<E>::new(store.clone(), config).start();
+        Self::new(manager, store)
+    }
+
+    /// A handle to a manager already started on `store`.
+    pub fn new(manager: Addr<EntityManager<E>>, store: SharedStore) -> Self {
+        Self { manager, store }
+    }
+
+    /// Sends `command` (a command, or an [`EntityEvent`] with its id and
+    /// time) to the entity `key` and returns the state after it, once committed.
+    pub async fn send(&self, key: E::Key, command: impl Into<EntityEvent<E::Command>>) -> Result<E, CommandError<E>> {
+        let request = self.manager.send(EntityCommand::new(key.clone(), command));
+        request.await.unwrap_or_else(|error| {
+            Err(CommandError::NotDelivered {
+                key,
+                reason: error.to_string(),
+            })
+        })
+    }
+
+    /// The manager's counters.
+    pub async fn stats(&self) -> Result<ManagerStats, actix::MailboxError> {
+        self.manager.send(GetManagerStats).await
+    }
+
+    /// Checks that the store's database answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.store.ping().await
+    }
+
+    /// The manager's address, for sending [`EntityCommand`]s yourself.
+    pub fn addr(&self) -> &Addr<EntityManager<E>> {
+        &self.manager
+    }
+
+    /// The store the entities persist to.
+    pub fn store(&self) -> &SharedStore {
+        &self.store
+    }
+}
+
+impl<E: DurableEntity> Clone for Entities<E> {
+    fn clone(&self) -> Self {
+        Self {
+            manager: self.manager.clone(),
+            store: self.store.clone(),
+        }
+    }
+}
+
+impl<E: DurableEntity> fmt::Debug for Entities<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entities")
+            .field("entity_type", &E::ENTITY_TYPE)
+            .field("store", &self.store)
+            .finish()
+    }
+}

@@ -1,0 +1,285 @@
+//! A shopping cart: the crate's second entity type, and the example of
+//! defining one. It runs beside the users, in the same store, with its own
+//! manager; the two types never see each other's rows.
+//!
+//! ```
+//! use persist_durable::cart::{Cart, CartCommand, CartError, CartId};
+//! use persist_durable::{CommandError, Config, Entities, MemoryStore};
+//!
+//! #[actix::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let carts = Entities::<Cart>::start(std::sync::Arc::new(MemoryStore::new()), Config::default());
+//!     let cart = CartId::new("cart-1")?;
+//!     let refused = carts.send(cart.clone(), CartCommand::Checkout).await;
+//!     assert!(matches!(refused, Err(CommandError::Rejected { reason: CartError::EmptyCart, .. })));
+//!     carts.send(cart.clone(), CartCommand::AddItem { sku: "p1".into(), quantity: 2 }).await?;
+//!     assert_eq!(carts.send(cart, CartCommand::Checkout).await?.checkouts, 1);
+//!     Ok(())
+//! }
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::entity::{decode_json, validate_id, DurableEntity, EntityKey, InvalidInput};
+
+/// Identifies one cart.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct CartId(String);
+
+impl CartId {
+    /// Validates the id: non-empty, at most [`MAX_ID_BYTES`](crate::MAX_ID_BYTES) bytes, no control characters.
+    pub fn new(id: impl Into<String>) -> Result<Self, InvalidInput> {
+        let id = id.into();
+        validate_id("cart id", &id)?;
+        Ok(Self(id))
+    }
+}
+
+impl TryFrom<String> for CartId {
+    type Error = InvalidInput;
+
+    fn try_from(id: String) -> Result<Self, InvalidInput> {
+        Self::new(id)
+    }
+}
+
+impl From<CartId> for String {
+    fn from(id: CartId) -> Self {
+        id.0
+    }
+}
+
+impl fmt::Display for CartId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl EntityKey for CartId {
+    type Entity = Cart;
+
+    fn entity_id(&self) -> String {
+        self.0.clone()
+    }
+
+    fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
+        Self::new(id)
+    }
+}
+
+/// What can be done with a cart. In JSON, tagged by `type` in snake case:
+/// `{"type": "add_item", "sku": "p1", "quantity": 2}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CartCommand {
+    /// Puts `quantity` more of `sku` in the cart.
+    AddItem {
+        /// The product.
+        sku: String,
+        /// How many more; at least 1.
+        quantity: u32,
+    },
+    /// Takes every unit of `sku` out of the cart.
+    RemoveItem {
+        /// The product.
+        sku: String,
+    },
+    /// Empties the cart.
+    Clear,
+    /// Orders what is in the cart and empties it; refused for an empty cart.
+    Checkout,
+    /// Asks for the cart; changes nothing.
+    GetCart,
+}
+
+impl CartCommand {
+    /// Decodes a command from JSON with a typed error for anything malformed:
+    /// an unknown `type`, a missing field, a zero quantity, an invalid sku.
+    pub fn from_json(json: &str) -> Result<Self, InvalidInput> {
+        let command: CartCommand = decode_json(json)?;
+        match &command {
+            CartCommand::AddItem { sku, quantity } => {
+                validate_id("sku", sku)?;
+                if *quantity == 0 {
+                    return Err(InvalidInput::MalformedCommand {
+                        reason: "add_item needs a quantity of at least 1".into(),
+                    });
+                }
+            }
+            CartCommand::RemoveItem { sku } => validate_id("sku", sku)?,
+            _ => {}
+        }
+        Ok(command)
+    }
+}
+
+/// Why the cart refused a command. Nothing was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CartError {
+    /// Checkout of a cart with nothing in it.
+    #[error("the cart is empty: nothing to check out")]
+    EmptyCart,
+    /// An item with a quantity of zero.
+    #[error("add at least one unit of {sku}")]
+    ZeroQuantity {
+        /// The product.
+        sku: String,
+    },
+}
+
+/// A cart's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Cart {
+    /// Quantity per product, in sku order.
+    pub items: BTreeMap<String, u32>,
+    /// Checkouts so far.
+    pub checkouts: u32,
+    /// When the last checkout happened.
+    pub last_checkout: Option<DateTime<Utc>>,
+}
+
+impl DurableEntity for Cart {
+    const ENTITY_TYPE: &'static str = "Cart";
+    const MANIFEST: &'static str = "Cart/v1";
+    type Key = CartId;
+    type Command = CartCommand;
+    type Settings = ();
+    type Rejection = CartError;
+
+    fn apply(&self, command: &CartCommand, at: DateTime<Utc>, _: &()) -> Result<Option<Self>, CartError> {
+        let mut next = self.clone();
+        match command {
+            CartCommand::AddItem { quantity: 0, sku } => return Err(CartError::ZeroQuantity { sku: sku.clone() }),
+            CartCommand::AddItem { sku, quantity } => {
+                let held = next.items.entry(sku.clone()).or_default();
+                *held = held.saturating_add(*quantity);
+            }
+            CartCommand::RemoveItem { sku } => {
+                if next.items.remove(sku).is_none() {
+                    return Ok(None);
+                }
+            }
+            CartCommand::Clear if self.items.is_empty() => return Ok(None),
+            CartCommand::Clear => next.items.clear(),
+            CartCommand::Checkout if self.items.is_empty() => return Err(CartError::EmptyCart),
+            CartCommand::Checkout => {
+                next.items.clear();
+                next.checkouts += 1;
+                next.last_checkout = Some(at);
+            }
+            CartCommand::GetCart => return Ok(None),
+        }
+        Ok(Some(next))
+    }
+
+    fn command_name(command: &CartCommand) -> &'static str {
+        match command {
+            CartCommand::AddItem { .. } => "add_item",
+            CartCommand::RemoveItem { .. } => "remove_item",
+            CartCommand::Clear => "clear",
+            CartCommand::Checkout => "checkout",
+            CartCommand::GetCart => "get_cart",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap()
+    }
+
+    fn run(commands: &[CartCommand]) -> Result<Cart, CartError> {
+        commands.iter().try_fold(Cart::default(), |cart, command| {
+            Ok(cart.apply(command, now(), &())?.unwrap_or(cart))
+        })
+    }
+
+    fn add(sku: &str, quantity: u32) -> CartCommand {
+        CartCommand::AddItem {
+            sku: sku.into(),
+            quantity,
+        }
+    }
+
+    #[test]
+    fn adding_an_item_twice_adds_the_quantities() {
+        let cart = run(&[add("p1", 2), add("p2", 1), add("p1", 3)]).unwrap();
+        assert_eq!(cart.items, BTreeMap::from([("p1".into(), 5), ("p2".into(), 1)]));
+    }
+
+    #[test]
+    fn removing_and_clearing_empty_the_cart() {
+        let cart = run(&[add("p1", 2), add("p2", 1), CartCommand::RemoveItem { sku: "p1".into() }]).unwrap();
+        assert_eq!(cart.items, BTreeMap::from([("p2".into(), 1)]));
+        assert!(run(&[add("p1", 2), CartCommand::Clear]).unwrap().items.is_empty());
+    }
+
+    #[test]
+    fn checkout_empties_the_cart_and_counts_the_order() {
+        let cart = run(&[add("p1", 2), CartCommand::Checkout]).unwrap();
+        assert!(cart.items.is_empty());
+        assert_eq!((cart.checkouts, cart.last_checkout), (1, Some(now())));
+    }
+
+    #[test]
+    fn checkout_of_an_empty_cart_is_refused() {
+        assert_eq!(run(&[CartCommand::Checkout]), Err(CartError::EmptyCart));
+        assert_eq!(
+            run(&[add("p1", 1), CartCommand::Clear, CartCommand::Checkout]),
+            Err(CartError::EmptyCart)
+        );
+    }
+
+    #[test]
+    fn reads_and_no_op_commands_change_nothing() {
+        let cart = Cart::default();
+        for command in [
+            CartCommand::GetCart,
+            CartCommand::Clear,
+            CartCommand::RemoveItem { sku: "p".into() },
+        ] {
+            assert_eq!(cart.apply(&command, now(), &()), Ok(None), "{command:?}");
+        }
+    }
+
+    #[test]
+    fn json_commands_are_decoded_and_bad_ones_rejected_with_typed_errors() {
+        assert_eq!(
+            CartCommand::from_json(r#"{"type":"add_item","sku":"p1","quantity":2}"#).unwrap(),
+            add("p1", 2)
+        );
+        assert_eq!(
+            CartCommand::from_json(r#"{"type":"checkout"}"#).unwrap(),
+            CartCommand::Checkout
+        );
+        for bad in [
+            r#"{"type":"add_item","sku":"p1","quantity":0}"#,
+            r#"{"type":"add_item","sku":"p1","quantity":-1}"#,
+            r#"{"type":"add_item","sku":"p1"}"#,
+            r#"{"type":"pay_later"}"#,
+            "not json",
+        ] {
+            assert!(
+                matches!(CartCommand::from_json(bad), Err(InvalidInput::MalformedCommand { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            CartCommand::from_json(r#"{"type":"remove_item","sku":""}"#),
+            Err(InvalidInput::EmptyId { .. })
+        ));
+        assert!(CartId::new("cart\n1").is_err());
+    }
+}

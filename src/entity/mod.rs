@@ -1,0 +1,163 @@
+//! The entity core: what an application writes once per entity type, and the
+//! machinery's own part of every event (ids for redelivery, times).
+//!
+//! An entity is its state: a serde struct with a `Default`, a command type
+//! and a pure transition. Everything else (actors, passivation, the store,
+//! group commit, the change feed) is generic over [`DurableEntity`] and is
+//! written once.
+//!
+//! A counter, run on the embedded SQLite store:
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use chrono::{DateTime, Utc};
+//! use persist_durable::{Config, DurableEntity, Entities, EntityKey, InvalidInput, SharedStore, SqliteStore};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+//! struct CounterId(String);
+//!
+//! impl std::fmt::Display for CounterId {
+//!     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(&self.0) }
+//! }
+//!
+//! impl EntityKey for CounterId {
+//!     type Entity = Counter;
+//!     fn entity_id(&self) -> String { self.0.clone() }
+//!     fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
+//!         persist_durable::validate_id("counter id", id).map(|()| CounterId(id.to_owned()))
+//!     }
+//! }
+//!
+//! #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+//! struct Counter { value: i64 }
+//!
+//! #[derive(Debug, Clone)]
+//! enum CounterCommand { Add(i64), Get }
+//!
+//! impl DurableEntity for Counter {
+//!     const ENTITY_TYPE: &'static str = "Counter";
+//!     const MANIFEST: &'static str = "Counter/v1";
+//!     type Key = CounterId;
+//!     type Command = CounterCommand;
+//!     type Settings = ();
+//!     type Rejection = Infallible;
+//!
+//!     fn apply(&self, command: &CounterCommand, _at: DateTime<Utc>, _: &()) -> Result<Option<Self>, Infallible> {
+//!         Ok(match command {
+//!             CounterCommand::Add(n) => Some(Counter { value: self.value + n }),
+//!             CounterCommand::Get => None,
+//!         })
+//!     }
+//! }
+//!
+//! #[actix::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let dir = tempfile::tempdir()?;
+//!     let store: SharedStore = std::sync::Arc::new(SqliteStore::open(dir.path().join("counters.db")).await?);
+//!     let counters = Entities::<Counter>::start(store, Config::default());
+//!     let id = CounterId::from_entity_id("visits")?;
+//!     counters.send(id.clone(), CounterCommand::Add(2)).await?;
+//!     assert_eq!(counters.send(id, CounterCommand::Add(3)).await?.value, 5);
+//!     Ok(())
+//! }
+//! ```
+
+mod event;
+mod invalid_input;
+mod key;
+mod revision;
+mod transition;
+
+use std::fmt::{Debug, Display};
+use std::hash::Hash;
+
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+pub use event::{decode_json, EntityEvent, EventId};
+pub use invalid_input::{IdField, InvalidInput};
+pub(crate) use key::validate;
+pub use key::{validate_id, PersistenceId, MAX_ID_BYTES};
+pub use revision::Revision;
+pub(crate) use transition::{Durable, Step};
+
+use crate::config::Config;
+
+/// One type of durable entity: its state (this type), its key, its commands
+/// and the pure transition between states.
+///
+/// Implemented once per entity type, with no actix and no diesel: the
+/// machinery adds restore, commit-before-answer, redelivery protection by
+/// event id, passivation and revision-checked writes.
+///
+/// The state is stored as a JSON object (so it must serialize as a struct or
+/// a map), under [`MANIFEST`](Self::MANIFEST). Give every field a serde
+/// default and rows written by an older version keep loading. The field name
+/// `recent_event_ids` is the machinery's: it stores the entity's remembered
+/// event ids beside the state.
+pub trait DurableEntity:
+    Clone + Default + Debug + Serialize + DeserializeOwned + Send + Sync + Unpin + 'static
+{
+    /// The name of the entity type: the `entity_type` column and the prefix
+    /// of every persistence id (`Counter|visits`). Never change it once rows exist.
+    const ENTITY_TYPE: &'static str;
+    /// What the stored payload is (`state_ser_manifest`), so that a later
+    /// format can be told apart from this one.
+    const MANIFEST: &'static str;
+
+    /// Identifies one entity of this type.
+    type Key: EntityKey<Entity = Self>;
+    /// What can be asked of an entity.
+    type Command: Clone + Debug + Send + Sync + Unpin + 'static;
+    /// The knobs of the transition (limits, policies); `()` when there are none.
+    type Settings: Clone + Debug + Default + Send + Sync + 'static;
+    /// A command the domain refuses (an empty cart's checkout):
+    /// [`CommandError::Rejected`](crate::CommandError::Rejected), nothing
+    /// written. [`Infallible`](std::convert::Infallible) when every command applies.
+    type Rejection: std::error::Error + Clone + Send + Sync + 'static;
+
+    /// The state after `command`, `Ok(None)` when it changes nothing (a read),
+    /// or the domain's refusal. `at` is when the event happened: its
+    /// `event_time`, or the clock's now without one; the entity decides what
+    /// a late event may still change.
+    ///
+    /// Pure: the machinery applies a command again after a revision conflict.
+    fn apply(
+        &self,
+        command: &Self::Command,
+        at: DateTime<Utc>,
+        settings: &Self::Settings,
+    ) -> Result<Option<Self>, Self::Rejection>;
+
+    /// The command's name for metrics and spans: keep the set small and fixed.
+    fn command_name(command: &Self::Command) -> &'static str {
+        let _ = command;
+        "command"
+    }
+
+    /// The settings a manager started with `config` uses; the default settings unless overridden.
+    fn settings(config: &Config) -> Self::Settings {
+        let _ = config;
+        Self::Settings::default()
+    }
+}
+
+/// The key of one entity, and its injective encoding into the entity part of
+/// a persistence id: two different keys must never encode to the same id.
+pub trait EntityKey: Clone + Eq + Hash + Ord + Debug + Display + Send + Sync + Unpin + 'static {
+    /// The entity type this key identifies.
+    type Entity: DurableEntity<Key = Self>;
+
+    /// The key encoded for the persistence id (`<entity type>|<entity id>`).
+    fn entity_id(&self) -> String;
+
+    /// Decodes [`entity_id`](Self::entity_id)'s output, validating it.
+    fn from_entity_id(id: &str) -> Result<Self, InvalidInput>;
+
+    /// The row key of this entity: `<entity type>|<entity id>`.
+    fn persistence_id(&self) -> PersistenceId {
+        PersistenceId::new(Self::Entity::ENTITY_TYPE, &self.entity_id())
+    }
+}
