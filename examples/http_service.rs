@@ -17,10 +17,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::Actor;
 use actix_web::{web, App, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use persist_durable::{http, Config, PostgresStore, SharedStore, SqliteStore, StoreConfig, UserStateManager};
+use persist_durable::{http, Config, PostgresStore, SharedStore, SqliteStore, StoreConfig, UserStates};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -54,15 +53,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         Arc::new(SqliteStore::open_with(&database_url, store_config.with_pool_size(4)).await?)
     };
-    let manager = UserStateManager::new(store.clone(), config).start();
+    let users = UserStates::start(store, config);
     tracing::info!(%bind_addr, database = %database_url.split('@').next_back().unwrap_or(""), "listening");
 
     HttpServer::new(move || {
         App::new()
-            .app_data(web::Data::new(manager.clone()))
-            .app_data(web::Data::new(store.clone()))
+            .configure(http::routes(users.clone()))
             .app_data(web::Data::new(prometheus.clone()))
-            .configure(http::configure)
             .route("/metrics", web::get().to(metrics))
     })
     .bind(&bind_addr)?

@@ -10,11 +10,7 @@ use std::error::Error;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix::{Actor, Addr};
-use persist_durable::{
-    Command, Config, GetManagerStats, ManualClock, ProductId, SqliteStore, UserCommand, UserKey, UserState,
-    UserStateManager,
-};
+use persist_durable::{Command, Config, ManualClock, ProductId, SqliteStore, UserKey, UserState, UserStates};
 
 #[actix::main]
 async fn main() -> Result<(), Box<dyn Error>> {
@@ -29,43 +25,36 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     // Simulated time is per thread: keep the user actors on this one (arbiters 0).
     let config = Config::default().with_clock(clock.clone()).with_arbiters(0);
-    let manager = UserStateManager::new(Arc::new(store), config).start();
+    let users = UserStates::start(Arc::new(store), config);
     let user = UserKey::new("mall001", "user001")?;
 
-    let state = manager
-        .send(UserCommand::new(user.clone(), Command::UserLogin))
-        .await??;
+    let state = users.send(user.clone(), Command::UserLogin).await?;
     println!("2. {user} logged in at {}", show_time(&state.last_login));
 
     for product in ["shoes", "hat", "scarf", "gloves"] {
         let command = Command::ViewProduct {
             product_id: ProductId::new(product)?,
         };
-        let state = manager.send(UserCommand::new(user.clone(), command)).await??;
+        let state = users.send(user.clone(), command).await?;
         println!("3. viewed {product:<6} -> recent products {}", show_products(&state));
     }
 
-    let state = manager
-        .send(UserCommand::new(
-            user.clone(),
-            Command::SetMarketingOptIn { opt_in: true },
-        ))
-        .await??;
+    let state = users
+        .send(user.clone(), Command::SetMarketingOptIn { opt_in: true })
+        .await?;
     println!("4. opted in to marketing: {}", state.marketing_opt_in);
 
     println!("5. {user} goes idle for 30 minutes (plus one 5-minute check)...");
     clock.advance(chrono::Duration::minutes(35));
     tokio::time::advance(Duration::from_secs(35 * 60)).await;
-    wait_until_no_user_is_resident(&manager).await;
-    let stats = manager.send(GetManagerStats).await?;
+    wait_until_no_user_is_resident(&users).await;
+    let stats = users.stats().await?;
     println!(
         "6. passivated: {} resident users, {} passivation(s); the state lives only in the database now",
         stats.resident_users, stats.passivations
     );
 
-    let restored = manager
-        .send(UserCommand::new(user.clone(), Command::GetUserState))
-        .await??;
+    let restored = users.send(user.clone(), Command::GetUserState).await?;
     println!("7. the next command restored {user}:");
     println!("     last login        {}", show_time(&restored.last_login));
     println!("     recent products   {}", show_products(&restored));
@@ -77,9 +66,9 @@ async fn main() -> Result<(), Box<dyn Error>> {
 }
 
 /// Lets the actors run until the idle user has been passivated.
-async fn wait_until_no_user_is_resident(manager: &Addr<UserStateManager>) {
+async fn wait_until_no_user_is_resident(users: &UserStates) {
     for _ in 0..1_000 {
-        if matches!(manager.send(GetManagerStats).await, Ok(stats) if stats.resident_users == 0) {
+        if matches!(users.stats().await, Ok(stats) if stats.resident_users == 0) {
             return;
         }
         tokio::task::yield_now().await;

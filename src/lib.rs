@@ -1,30 +1,33 @@
 //! # persist-durable
 //!
-//! The latest state of every shop user, kept in an actix actor and persisted
-//! durably: the Rust counterpart of Pekko's durable-state actors.
+//! The latest state of every entity of an application (first of all every
+//! shop user), kept in an actix actor and persisted durably: the Rust
+//! counterpart of Pekko's durable-state actors.
 //!
 //! Send user-behaviour events ([`Command`]s: login, cart use, product view,
-//! marketing consent) for a [`UserKey`] (mall id + user id) to a
-//! [`UserStateManager`]. It starts one [`UserStateActor`] per user, which
-//! restores the user's state from the store, answers each command only after
-//! the new state is committed, and passivates after 30 idle minutes; the next
-//! command brings it back. Writes are revision-checked, so no update is ever
-//! silently overwritten.
+//! marketing consent) for a [`UserKey`] (mall id + user id) through the typed
+//! handle [`UserStates`] (or to a [`UserStateManager`]'s `Addr`). One
+//! [`UserStateActor`] per user restores the user's state from the store,
+//! answers each command only after the new state is committed, and
+//! passivates after 30 idle minutes; the next command brings it back. Writes
+//! are revision-checked, so no update is ever silently overwritten. Any other
+//! entity type gets the same machinery by implementing [`DurableEntity`]
+//! (see its
+//! counter example, and [`cart`]).
 //!
 //! ```
 //! use std::sync::Arc;
-//! use actix::Actor;
-//! use persist_durable::{Command, Config, SqliteStore, UserCommand, UserKey, UserStateManager};
+//! use persist_durable::{Command, Config, SqliteStore, UserKey, UserStates};
 //!
 //! #[actix::main]
 //! async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //!     let dir = tempfile::tempdir()?;
 //!     let store = SqliteStore::open(dir.path().join("state.db")).await?;
-//!     let manager = UserStateManager::new(Arc::new(store), Config::default()).start();
+//!     let users = UserStates::start(Arc::new(store), Config::default());
 //!
 //!     let key = UserKey::new("mall001", "user001")?;
-//!     manager.send(UserCommand::new(key.clone(), Command::UserLogin)).await??;
-//!     let state = manager.send(UserCommand::new(key, Command::GetUserState)).await??;
+//!     users.send(key.clone(), Command::UserLogin).await?;
+//!     let state = users.send(key, Command::GetUserState).await?;
 //!     assert!(state.last_login.is_some());
 //!     Ok(())
 //! }

@@ -80,6 +80,9 @@ pub struct EntityActor<E: DurableEntity> {
     busy: bool,
     /// Stop as soon as nothing is queued or in flight.
     stop_when_drained: bool,
+    /// Reload before the next command: a refusal must be checked against
+    /// the stored state, which another node may have changed.
+    reload: bool,
     last_active: Instant,
     supervisor: Option<Supervisor<E::Key>>,
 }
@@ -90,6 +93,8 @@ struct Queued<E: DurableEntity> {
     reply: Reply<E>,
     /// Writes of this event lost to a conflict so far.
     conflicts: u32,
+    /// Applied to a state loaded for it: a refusal now is final.
+    on_fresh_state: bool,
     /// The command's span: the entity, the command, and the revision written.
     span: tracing::Span,
 }
@@ -129,6 +134,7 @@ impl<E: DurableEntity> EntityActor<E> {
             queue: Vec::new(),
             busy: false,
             stop_when_drained: false,
+            reload: false,
             last_active: Instant::now(),
             supervisor,
         }
@@ -166,6 +172,10 @@ impl<E: DurableEntity> EntityActor<E> {
                     match restored {
                         Ok(stored) => {
                             actor.committed = Some(stored.unwrap_or_else(crate::StoredState::initial).into_durable());
+                            // What is queued now meets the stored state.
+                            for queued in &mut actor.queue {
+                                queued.on_fresh_state = true;
+                            }
                         }
                         Err(error) => {
                             warn!(key = %actor.key, %error, "restore failed; queued commands fail, the next one retries");
@@ -184,7 +194,8 @@ impl<E: DurableEntity> EntityActor<E> {
         // Every state this write commits, one per change: the feed gets each.
         let mut changes: Vec<Durable<E>> = Vec::new();
         let mut written: Written<E> = Vec::with_capacity(self.queue.len());
-        for queued in std::mem::take(&mut self.queue) {
+        let mut queue = std::mem::take(&mut self.queue).into_iter();
+        while let Some(queued) = queue.next() {
             let step = current.step(
                 &queued.event,
                 queued.received_at,
@@ -198,7 +209,15 @@ impl<E: DurableEntity> EntityActor<E> {
                 }
                 // Otherwise it is answered once the changes before it commit.
                 Step::Unchanged => written.push((queued, current.state.clone())),
-                // Refused by the domain: answered at once, it changes nothing.
+                // Refused on a state that may be stale (another node may have
+                // written since it was loaded): reload, then decide again.
+                Step::Rejected(_) if !queued.on_fresh_state => {
+                    self.reload = true;
+                    self.queue.push(queued);
+                    self.queue.extend(queue);
+                    break;
+                }
+                // Refused on the stored state: answered at once, it changes nothing.
                 Step::Rejected(reason) => {
                     let _ = queued.reply.send(Err(CommandError::Rejected {
                         key: self.key.clone(),
@@ -214,7 +233,11 @@ impl<E: DurableEntity> EntityActor<E> {
             }
         }
         if changes.is_empty() {
-            self.committed = Some((expected, current));
+            if std::mem::take(&mut self.reload) {
+                self.restore(ctx);
+            } else {
+                self.committed = Some((expected, current));
+            }
             return;
         }
         self.busy = true;
@@ -239,7 +262,8 @@ impl<E: DurableEntity> EntityActor<E> {
         let error = match result {
             Ok(committed) => {
                 debug!(key = %self.key, revision = %committed.0, events = written.len(), "committed");
-                self.committed = Some(committed);
+                // After a refusal on possibly stale state, the next command reloads.
+                self.committed = (!std::mem::take(&mut self.reload)).then_some(committed);
                 for (queued, state) in written {
                     let _ = queued.reply.send(Ok(state));
                 }
@@ -249,6 +273,7 @@ impl<E: DurableEntity> EntityActor<E> {
         };
         // The stored state is not what this actor believed: reload first.
         self.committed = None;
+        self.reload = false;
         let mut retry = Vec::new();
         for (mut queued, _) in written {
             if matches!(error, StoreError::Conflict { .. }) && queued.conflicts < self.config.conflict_retries {
@@ -324,6 +349,7 @@ impl<E: DurableEntity> EntityActor<E> {
             received_at: self.config.clock.now(),
             reply,
             conflicts: 0,
+            on_fresh_state: false,
             span: span.clone(),
         });
         self.pump(ctx);

@@ -75,7 +75,7 @@ impl EntityKey for CartId {
 /// What can be done with a cart. In JSON, tagged by `type` in snake case:
 /// `{"type": "add_item", "sku": "p1", "quantity": 2}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields, try_from = "Unchecked")]
 pub enum CartCommand {
     /// Puts `quantity` more of `sku` in the cart.
     AddItem {
@@ -97,24 +97,49 @@ pub enum CartCommand {
     GetCart,
 }
 
-impl CartCommand {
-    /// Decodes a command from JSON with a typed error for anything malformed:
-    /// an unknown `type`, a missing field, a zero quantity, an invalid sku.
-    pub fn from_json(json: &str) -> Result<Self, InvalidInput> {
-        let command: CartCommand = decode_json(json)?;
-        match &command {
-            CartCommand::AddItem { sku, quantity } => {
-                validate_id("sku", sku)?;
-                if *quantity == 0 {
+/// A command as JSON has it, before its sku and quantity are checked: every
+/// decoding path (a command alone, or inside an event) goes through
+/// [`TryFrom`], so none can skip the checks.
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum Unchecked {
+    AddItem { sku: String, quantity: u32 },
+    RemoveItem { sku: String },
+    Clear,
+    Checkout,
+    GetCart,
+}
+
+impl TryFrom<Unchecked> for CartCommand {
+    type Error = InvalidInput;
+
+    fn try_from(command: Unchecked) -> Result<Self, InvalidInput> {
+        Ok(match command {
+            Unchecked::AddItem { sku, quantity } => {
+                validate_id("sku", &sku)?;
+                if quantity == 0 {
                     return Err(InvalidInput::MalformedCommand {
                         reason: "add_item needs a quantity of at least 1".into(),
                     });
                 }
+                CartCommand::AddItem { sku, quantity }
             }
-            CartCommand::RemoveItem { sku } => validate_id("sku", sku)?,
-            _ => {}
-        }
-        Ok(command)
+            Unchecked::RemoveItem { sku } => {
+                validate_id("sku", &sku)?;
+                CartCommand::RemoveItem { sku }
+            }
+            Unchecked::Clear => CartCommand::Clear,
+            Unchecked::Checkout => CartCommand::Checkout,
+            Unchecked::GetCart => CartCommand::GetCart,
+        })
+    }
+}
+
+impl CartCommand {
+    /// Decodes a command from JSON with a typed error for anything malformed:
+    /// an unknown `type`, a missing field, a zero quantity, an invalid sku.
+    pub fn from_json(json: &str) -> Result<Self, InvalidInput> {
+        Self::try_from(decode_json::<Unchecked>(json)?)
     }
 }
 
@@ -281,5 +306,23 @@ mod tests {
             Err(InvalidInput::EmptyId { .. })
         ));
         assert!(CartId::new("cart\n1").is_err());
+    }
+
+    #[test]
+    fn an_event_decoded_from_json_checks_its_cart_command_too() {
+        use crate::entity::EntityEvent;
+        for bad in [
+            r#"{"type":"add_item","sku":"","quantity":1,"event_id":"e1"}"#,
+            r#"{"type":"add_item","sku":"p1","quantity":0,"event_id":"e1"}"#,
+            r#"{"type":"remove_item","sku":"p\u0001"}"#,
+        ] {
+            let decoded = EntityEvent::<CartCommand>::decode_json(bad);
+            assert!(
+                matches!(decoded, Err(InvalidInput::MalformedCommand { .. })),
+                "{bad}: {decoded:?}"
+            );
+        }
+        let good = EntityEvent::<CartCommand>::decode_json(r#"{"type":"checkout","event_id":"e1"}"#).unwrap();
+        assert_eq!(good.command, CartCommand::Checkout);
     }
 }

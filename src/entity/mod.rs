@@ -5,63 +5,6 @@
 //! and a pure transition. Everything else (actors, passivation, the store,
 //! group commit, the change feed) is generic over [`DurableEntity`] and is
 //! written once.
-//!
-//! A counter, run on the embedded SQLite store:
-//!
-//! ```
-//! use std::convert::Infallible;
-//! use chrono::{DateTime, Utc};
-//! use persist_durable::{Config, DurableEntity, Entities, EntityKey, InvalidInput, SharedStore, SqliteStore};
-//! use serde::{Deserialize, Serialize};
-//!
-//! #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-//! struct CounterId(String);
-//!
-//! impl std::fmt::Display for CounterId {
-//!     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(&self.0) }
-//! }
-//!
-//! impl EntityKey for CounterId {
-//!     type Entity = Counter;
-//!     fn entity_id(&self) -> String { self.0.clone() }
-//!     fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
-//!         persist_durable::validate_id("counter id", id).map(|()| CounterId(id.to_owned()))
-//!     }
-//! }
-//!
-//! #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-//! struct Counter { value: i64 }
-//!
-//! #[derive(Debug, Clone)]
-//! enum CounterCommand { Add(i64), Get }
-//!
-//! impl DurableEntity for Counter {
-//!     const ENTITY_TYPE: &'static str = "Counter";
-//!     const MANIFEST: &'static str = "Counter/v1";
-//!     type Key = CounterId;
-//!     type Command = CounterCommand;
-//!     type Settings = ();
-//!     type Rejection = Infallible;
-//!
-//!     fn apply(&self, command: &CounterCommand, _at: DateTime<Utc>, _: &()) -> Result<Option<Self>, Infallible> {
-//!         Ok(match command {
-//!             CounterCommand::Add(n) => Some(Counter { value: self.value + n }),
-//!             CounterCommand::Get => None,
-//!         })
-//!     }
-//! }
-//!
-//! #[actix::main]
-//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//!     let dir = tempfile::tempdir()?;
-//!     let store: SharedStore = std::sync::Arc::new(SqliteStore::open(dir.path().join("counters.db")).await?);
-//!     let counters = Entities::<Counter>::start(store, Config::default());
-//!     let id = CounterId::from_entity_id("visits")?;
-//!     counters.send(id.clone(), CounterCommand::Add(2)).await?;
-//!     assert_eq!(counters.send(id, CounterCommand::Add(3)).await?.value, 5);
-//!     Ok(())
-//! }
-//! ```
 
 mod event;
 mod invalid_input;
@@ -97,6 +40,63 @@ use crate::config::Config;
 /// default and rows written by an older version keep loading. The field name
 /// `recent_event_ids` is the machinery's: it stores the entity's remembered
 /// event ids beside the state.
+///
+/// A whole entity, a counter, run on the embedded SQLite store:
+///
+/// ```
+/// use std::convert::Infallible;
+/// use chrono::{DateTime, Utc};
+/// use persist_durable::{Config, DurableEntity, Entities, EntityKey, InvalidInput, SharedStore, SqliteStore};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// struct CounterId(String);
+///
+/// impl std::fmt::Display for CounterId {
+///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(&self.0) }
+/// }
+///
+/// impl EntityKey for CounterId {
+///     type Entity = Counter;
+///     fn entity_id(&self) -> String { self.0.clone() }
+///     fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
+///         persist_durable::validate_id("counter id", id).map(|()| CounterId(id.to_owned()))
+///     }
+/// }
+///
+/// #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// struct Counter { value: i64 }
+///
+/// #[derive(Debug, Clone)]
+/// enum CounterCommand { Add(i64), Get }
+///
+/// impl DurableEntity for Counter {
+///     const ENTITY_TYPE: &'static str = "Counter";
+///     const MANIFEST: &'static str = "Counter/v1";
+///     type Key = CounterId;
+///     type Command = CounterCommand;
+///     type Settings = ();
+///     type Rejection = Infallible;
+///
+///     fn apply(&self, command: &CounterCommand, _at: DateTime<Utc>, _: &()) -> Result<Option<Self>, Infallible> {
+///         Ok(match command {
+///             CounterCommand::Add(n) => Some(Counter { value: self.value + n }),
+///             CounterCommand::Get => None,
+///         })
+///     }
+/// }
+///
+/// #[actix::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let dir = tempfile::tempdir()?;
+///     let store: SharedStore = std::sync::Arc::new(SqliteStore::open(dir.path().join("counters.db")).await?);
+///     let counters = Entities::<Counter>::start(store, Config::default());
+///     let id = CounterId::from_entity_id("visits")?;
+///     counters.send(id.clone(), CounterCommand::Add(2)).await?;
+///     assert_eq!(counters.send(id, CounterCommand::Add(3)).await?.value, 5);
+///     Ok(())
+/// }
+/// ```
 pub trait DurableEntity:
     Clone + Default + Debug + Serialize + DeserializeOwned + Send + Sync + Unpin + 'static
 {
