@@ -37,6 +37,7 @@ mod payload;
 mod postgres;
 mod row;
 mod runtime;
+mod schema;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 

@@ -2,8 +2,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use diesel::sql_types::{Array, BigInt, Binary, Integer, Text, Timestamptz};
-use diesel::{OptionalExtension, QueryableByName};
+use diesel::dsl::now;
+use diesel::sql_types::{Array, BigInt, Binary, Integer, Text};
+use diesel::upsert::excluded;
+use diesel::{ExpressionMethods, IntoSql, OptionalExtension, QueryDsl, QueryableByName};
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
@@ -12,6 +14,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use super::group_commit::{FeedRow, GroupCommit, RowWrite, SqlBackend};
 use super::row::StateRow;
 use super::runtime::DbRuntime;
+use super::schema::postgres::{durable_state, feed_offsets, state_changes};
 use super::{StoreConfig, JSON_SERIALIZER_ID};
 use crate::error::StoreError;
 
@@ -20,9 +23,20 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
 /// Serialises concurrent migrations from several processes (an arbitrary, fixed key).
 const MIGRATION_LOCK_KEY: i64 = 0x7065_7273_6973_7400;
 
-/// Restores a batch of users in one round trip.
-const LOAD_ROWS_SQL: &str = "SELECT persistence_id, revision, state_ser_id, state_payload \
-     FROM durable_state WHERE persistence_id = ANY($1)";
+// The two write statements below are the only raw SQL queries of this
+// backend (besides session commands: the `SET`s of a new connection and the
+// migration lock); every other statement is written with diesel's query DSL
+// against `schema::postgres`. The DSL cannot express them: they read the batch from
+// `unnest` of array binds (one bind per column, so a batch of any size is one
+// statement with a fixed text, prepared once) and chain data-modifying CTEs
+// (`INSERT ... ON CONFLICT DO NOTHING RETURNING`, `UPDATE ... FROM ...
+// RETURNING`, then the `feed_head` update and the feed insert, which number
+// the changes after the rows actually written) whose results the final
+// SELECT returns. diesel 2.3 has no `WITH`, no set-returning function as a
+// FROM source, no `UPDATE ... FROM`, and cannot use an `INSERT`/`UPDATE ...
+// RETURNING` as a subquery. tests/raw_statements.rs runs both on a fresh
+// database: new rows, a row at its expected revision and two conflicts in
+// one batch, with the feed's rows checked.
 
 /// The revision-checked writes of a batch, shared by both write statements.
 macro_rules! write_ctes {
@@ -48,13 +62,14 @@ WITH input AS (
     };
 }
 
+/// Raw SQL (see above): the batched, revision-checked write without the feed.
 const WRITE_ROWS_SQL: &str = concat!(
     write_ctes!(),
     "
 SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated"
 );
 
-/// The same write, plus one change feed row per committed revision
+/// Raw SQL (see above): the same write, plus one change feed row per committed revision
 /// (binds 8 to 11: persistence ids, entity types, revisions, payloads).
 /// Positions come from `feed_head`, whose row lock is held until commit: feed
 /// writers commit one after another, so positions appear gapless and in
@@ -79,14 +94,6 @@ const WRITE_ROWS_WITH_FEED_SQL: &str = concat!(
 )
 SELECT persistence_id FROM written"
 );
-
-const READ_CHANGES_SQL: &str = "SELECT position, persistence_id, revision, committed_at, state_payload \
-     FROM state_changes WHERE entity_type = $1 AND position > $2 ORDER BY position LIMIT $3";
-
-const LOAD_OFFSET_SQL: &str = "SELECT position FROM feed_offsets WHERE consumer = $1";
-
-const SAVE_OFFSET_SQL: &str = "INSERT INTO feed_offsets (consumer, position, updated_at) VALUES ($1, $2, now()) \
-     ON CONFLICT (consumer) DO UPDATE SET position = excluded.position, updated_at = now()";
 
 /// The production store: PostgreSQL through diesel-async's pure-Rust driver
 /// and a deadpool connection pool, with group commit.
@@ -196,24 +203,14 @@ struct Written {
     persistence_id: String,
 }
 
-#[derive(QueryableByName)]
+/// A change feed row, as `read_changes` selects it.
+#[derive(diesel::Queryable)]
 struct PgChange {
-    #[diesel(sql_type = BigInt)]
     position: i64,
-    #[diesel(sql_type = Text)]
     persistence_id: String,
-    #[diesel(sql_type = BigInt)]
     revision: i64,
-    #[diesel(sql_type = Timestamptz)]
     committed_at: chrono::DateTime<chrono::Utc>,
-    #[diesel(sql_type = Binary)]
     state_payload: Vec<u8>,
-}
-
-#[derive(QueryableByName)]
-struct Offset {
-    #[diesel(sql_type = BigInt)]
-    position: i64,
 }
 
 #[async_trait]
@@ -273,24 +270,42 @@ impl SqlBackend for PgBackend {
 
     async fn load_rows(&self, persistence_ids: Vec<String>) -> Result<HashMap<String, StateRow>, StoreError> {
         let mut conn = self.checkout().await?;
-        let rows: Vec<StateRow> = diesel::sql_query(LOAD_ROWS_SQL)
-            .bind::<Array<Text>, _>(persistence_ids)
+        // `eq_any` of a `Vec` is `= ANY($1)` on PostgreSQL: one array bind,
+        // one round trip for the whole batch.
+        let rows: Vec<StateRow> = durable_state::table
+            .filter(durable_state::persistence_id.eq_any(persistence_ids))
+            .select((
+                durable_state::persistence_id,
+                durable_state::revision,
+                durable_state::state_ser_id,
+                durable_state::state_payload,
+            ))
             .load(&mut conn)
             .await?;
         Ok(rows.into_iter().map(|row| (row.persistence_id.clone(), row)).collect())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.checkout().await?.batch_execute("SELECT 1").await?;
+        diesel::select(1.into_sql::<Integer>())
+            .execute(&mut self.checkout().await?)
+            .await?;
         Ok(())
     }
 
     async fn read_changes(&self, entity_type: String, after: i64, limit: i64) -> Result<Vec<FeedRow>, StoreError> {
         let mut conn = self.checkout().await?;
-        let rows: Vec<PgChange> = diesel::sql_query(READ_CHANGES_SQL)
-            .bind::<Text, _>(entity_type)
-            .bind::<BigInt, _>(after)
-            .bind::<BigInt, _>(limit)
+        let rows: Vec<PgChange> = state_changes::table
+            .filter(state_changes::entity_type.eq(entity_type))
+            .filter(state_changes::position.gt(after))
+            .order(state_changes::position)
+            .limit(limit)
+            .select((
+                state_changes::position,
+                state_changes::persistence_id,
+                state_changes::revision,
+                state_changes::committed_at,
+                state_changes::state_payload,
+            ))
             .load(&mut conn)
             .await?;
         Ok(rows
@@ -307,19 +322,30 @@ impl SqlBackend for PgBackend {
 
     async fn load_offset(&self, consumer: String) -> Result<Option<i64>, StoreError> {
         let mut conn = self.checkout().await?;
-        let offset: Option<Offset> = diesel::sql_query(LOAD_OFFSET_SQL)
-            .bind::<Text, _>(consumer)
+        let position = feed_offsets::table
+            .filter(feed_offsets::consumer.eq(consumer))
+            .select(feed_offsets::position)
             .get_result(&mut conn)
             .await
             .optional()?;
-        Ok(offset.map(|o| o.position))
+        Ok(position)
     }
 
     async fn save_offset(&self, consumer: String, position: i64) -> Result<(), StoreError> {
         let mut conn = self.checkout().await?;
-        diesel::sql_query(SAVE_OFFSET_SQL)
-            .bind::<Text, _>(consumer)
-            .bind::<BigInt, _>(position)
+        // `now` is the server's CURRENT_TIMESTAMP (the same as `now()`).
+        diesel::insert_into(feed_offsets::table)
+            .values((
+                feed_offsets::consumer.eq(consumer),
+                feed_offsets::position.eq(position),
+                feed_offsets::updated_at.eq(now),
+            ))
+            .on_conflict(feed_offsets::consumer)
+            .do_update()
+            .set((
+                feed_offsets::position.eq(excluded(feed_offsets::position)),
+                feed_offsets::updated_at.eq(now),
+            ))
             .execute(&mut conn)
             .await?;
         Ok(())

@@ -1,22 +1,16 @@
 //! The stored form of a row, shared by the SQL backends.
 
-use diesel::sql_types::{BigInt, Binary, Integer};
-use diesel::QueryableByName;
-
 use super::{StoredRow, JSON_SERIALIZER_ID};
 use crate::entity::{PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
 
-/// The columns a load reads.
-#[derive(Debug, Clone, QueryableByName, diesel::Queryable)]
+/// The columns a load reads, in the order the backends select them:
+/// `(persistence_id, revision, state_ser_id, state_payload)`.
+#[derive(Debug, Clone, diesel::Queryable)]
 pub(crate) struct StateRow {
-    #[diesel(sql_type = diesel::sql_types::Text)]
     pub(crate) persistence_id: String,
-    #[diesel(sql_type = BigInt)]
     pub(crate) revision: i64,
-    #[diesel(sql_type = Integer)]
     pub(crate) state_ser_id: i32,
-    #[diesel(sql_type = Binary)]
     pub(crate) state_payload: Vec<u8>,
 }
 

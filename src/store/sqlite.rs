@@ -4,8 +4,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use diesel::connection::SimpleConnection;
-use diesel::sql_types::{BigInt, Binary, Integer, Text};
-use diesel::{Connection, OptionalExtension, RunQueryDsl, SqliteConnection};
+use diesel::sql_types::{Integer, Text};
+use diesel::upsert::excluded;
+use diesel::{Connection, ExpressionMethods, IntoSql, OptionalExtension, QueryDsl, RunQueryDsl, SqliteConnection};
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
@@ -15,6 +16,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use super::group_commit::{FeedRow, GroupCommit, RowWrite, SqlBackend};
 use super::row::StateRow;
 use super::runtime::DbRuntime;
+use super::schema::sqlite::{durable_state, feed_offsets, state_changes};
 use super::{StoreConfig, JSON_SERIALIZER_ID};
 use crate::error::CorruptRow;
 use crate::error::StoreError;
@@ -23,49 +25,33 @@ const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
 type SqliteAsync = SyncConnectionWrapper<SqliteConnection>;
 
-const LOAD_ROW: &str =
-    "SELECT persistence_id, revision, state_ser_id, state_payload FROM durable_state WHERE persistence_id = ?";
+// Every query of this backend (all but the `PRAGMA`s that set a connection
+// up) is written with diesel's query DSL against `schema::sqlite`: SQLite
+// runs one writer at a time, so a batch is one transaction of single-row
+// statements, which the DSL expresses.
 
-const INSERT_FIRST: &str = "INSERT INTO durable_state \
-     (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload) \
-     VALUES (?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?, ?, ?) ON CONFLICT (persistence_id) DO NOTHING";
-
-const UPDATE_IF_REVISION: &str = "UPDATE durable_state \
-     SET revision = ?, db_timestamp = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), state_ser_id = ?, \
-         state_ser_manifest = ?, state_payload = ? \
-     WHERE persistence_id = ? AND revision = ?";
-
-const INSERT_CHANGE: &str = "INSERT INTO state_changes \
-     (entity_type, persistence_id, revision, committed_at, state_payload) \
-     VALUES (?, ?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), ?)";
-
-const READ_CHANGES: &str = "SELECT position, persistence_id, revision, committed_at, state_payload \
-     FROM state_changes WHERE entity_type = ? AND position > ? ORDER BY position LIMIT ?";
-
-const LOAD_OFFSET: &str = "SELECT position FROM feed_offsets WHERE consumer = ?";
-
-const SAVE_OFFSET: &str = "INSERT INTO feed_offsets (consumer, position, updated_at) \
-     VALUES (?, ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')) \
-     ON CONFLICT (consumer) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at";
-
-#[derive(diesel::QueryableByName)]
-struct SqliteChange {
-    #[diesel(sql_type = BigInt)]
-    position: i64,
-    #[diesel(sql_type = Text)]
-    persistence_id: String,
-    #[diesel(sql_type = BigInt)]
-    revision: i64,
-    #[diesel(sql_type = Text)]
-    committed_at: String,
-    #[diesel(sql_type = Binary)]
-    state_payload: Vec<u8>,
+diesel::define_sql_function! {
+    /// SQLite's `strftime`: with [`ISO_8601_MILLIS`] and `'now'`, the
+    /// database's clock as the ISO-8601 text the timestamp columns hold.
+    fn strftime(format: Text, time: Text) -> Text;
 }
 
-#[derive(diesel::QueryableByName)]
-struct Offset {
-    #[diesel(sql_type = BigInt)]
+/// `strftime`'s format for the `TEXT` timestamp columns, e.g. `2026-11-20T09:00:00.123Z`.
+const ISO_8601_MILLIS: &str = "%Y-%m-%dT%H:%M:%fZ";
+
+/// Ids per load statement: `eq_any` binds one parameter per id, and a batch
+/// ([`StoreConfig::max_batch_size`]) may be larger than SQLite's limit on
+/// parameters.
+const LOAD_CHUNK: usize = 512;
+
+/// A change feed row, as `read_changes` selects it.
+#[derive(diesel::Queryable)]
+struct SqliteChange {
     position: i64,
+    persistence_id: String,
+    revision: i64,
+    committed_at: String,
+    state_payload: Vec<u8>,
 }
 
 /// The embedded default: a SQLite file, no server needed.
@@ -184,33 +170,44 @@ fn write_row(conn: &mut SqliteConnection, row: RowWrite) -> diesel::QueryResult<
     let entity_type = row.entity_type().to_owned();
     let id = row.persistence_id.as_str();
     let written = if row.expected == 0 {
-        diesel::sql_query(INSERT_FIRST)
-            .bind::<Text, _>(id)
-            .bind::<Text, _>(&entity_type)
-            .bind::<BigInt, _>(row.revision)
-            .bind::<Integer, _>(JSON_SERIALIZER_ID)
-            .bind::<Text, _>(row.manifest)
-            .bind::<Binary, _>(&row.payload)
+        diesel::insert_into(durable_state::table)
+            .values((
+                durable_state::persistence_id.eq(id),
+                durable_state::entity_type.eq(&entity_type),
+                durable_state::revision.eq(row.revision),
+                durable_state::db_timestamp.eq(strftime(ISO_8601_MILLIS, "now")),
+                durable_state::state_ser_id.eq(JSON_SERIALIZER_ID),
+                durable_state::state_ser_manifest.eq(row.manifest),
+                durable_state::state_payload.eq(&row.payload),
+            ))
+            .on_conflict(durable_state::persistence_id)
+            .do_nothing()
             .execute(conn)?
     } else {
-        diesel::sql_query(UPDATE_IF_REVISION)
-            .bind::<BigInt, _>(row.revision)
-            .bind::<Integer, _>(JSON_SERIALIZER_ID)
-            .bind::<Text, _>(row.manifest)
-            .bind::<Binary, _>(&row.payload)
-            .bind::<Text, _>(id)
-            .bind::<BigInt, _>(row.expected)
+        diesel::update(durable_state::table)
+            .filter(durable_state::persistence_id.eq(id))
+            .filter(durable_state::revision.eq(row.expected))
+            .set((
+                durable_state::revision.eq(row.revision),
+                durable_state::db_timestamp.eq(strftime(ISO_8601_MILLIS, "now")),
+                durable_state::state_ser_id.eq(JSON_SERIALIZER_ID),
+                durable_state::state_ser_manifest.eq(row.manifest),
+                durable_state::state_payload.eq(&row.payload),
+            ))
             .execute(conn)?
     };
     if written != 1 {
         return Ok(false);
     }
     for (revision, payload) in &row.changes {
-        diesel::sql_query(INSERT_CHANGE)
-            .bind::<Text, _>(&entity_type)
-            .bind::<Text, _>(id)
-            .bind::<BigInt, _>(*revision)
-            .bind::<Binary, _>(payload)
+        diesel::insert_into(state_changes::table)
+            .values((
+                state_changes::entity_type.eq(&entity_type),
+                state_changes::persistence_id.eq(id),
+                state_changes::revision.eq(*revision),
+                state_changes::committed_at.eq(strftime(ISO_8601_MILLIS, "now")),
+                state_changes::state_payload.eq(payload),
+            ))
             .execute(conn)?;
     }
     Ok(true)
@@ -233,16 +230,20 @@ impl SqlBackend for SqliteBackend {
         let mut conn = self.checkout().await?;
         let rows = conn
             .spawn_blocking(move |conn| {
+                // One read transaction: every chunk sees the same snapshot.
                 conn.transaction(|conn| {
                     let mut rows = HashMap::with_capacity(persistence_ids.len());
-                    for id in persistence_ids {
-                        let row: Option<StateRow> = diesel::sql_query(LOAD_ROW)
-                            .bind::<Text, _>(&id)
-                            .get_result(conn)
-                            .optional()?;
-                        if let Some(row) = row {
-                            rows.insert(id, row);
-                        }
+                    for ids in persistence_ids.chunks(LOAD_CHUNK) {
+                        let chunk: Vec<StateRow> = durable_state::table
+                            .filter(durable_state::persistence_id.eq_any(ids))
+                            .select((
+                                durable_state::persistence_id,
+                                durable_state::revision,
+                                durable_state::state_ser_id,
+                                durable_state::state_payload,
+                            ))
+                            .load(conn)?;
+                        rows.extend(chunk.into_iter().map(|row| (row.persistence_id.clone(), row)));
                     }
                     Ok(rows)
                 })
@@ -252,7 +253,10 @@ impl SqlBackend for SqliteBackend {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        self.checkout().await?.batch_execute("SELECT 1").await?;
+        self.checkout()
+            .await?
+            .spawn_blocking(|conn| diesel::select(1.into_sql::<Integer>()).execute(conn))
+            .await?;
         Ok(())
     }
 
@@ -260,10 +264,18 @@ impl SqlBackend for SqliteBackend {
         let mut conn = self.checkout().await?;
         let rows: Vec<SqliteChange> = conn
             .spawn_blocking(move |conn| {
-                diesel::sql_query(READ_CHANGES)
-                    .bind::<Text, _>(entity_type)
-                    .bind::<BigInt, _>(after)
-                    .bind::<BigInt, _>(limit)
+                state_changes::table
+                    .filter(state_changes::entity_type.eq(entity_type))
+                    .filter(state_changes::position.gt(after))
+                    .order(state_changes::position)
+                    .limit(limit)
+                    .select((
+                        state_changes::position,
+                        state_changes::persistence_id,
+                        state_changes::revision,
+                        state_changes::committed_at,
+                        state_changes::state_payload,
+                    ))
                     .load(conn)
             })
             .await?;
@@ -290,26 +302,76 @@ impl SqlBackend for SqliteBackend {
 
     async fn load_offset(&self, consumer: String) -> Result<Option<i64>, StoreError> {
         let mut conn = self.checkout().await?;
-        let offset: Option<Offset> = conn
+        let position = conn
             .spawn_blocking(move |conn| {
-                diesel::sql_query(LOAD_OFFSET)
-                    .bind::<Text, _>(consumer)
+                feed_offsets::table
+                    .filter(feed_offsets::consumer.eq(consumer))
+                    .select(feed_offsets::position)
                     .get_result(conn)
                     .optional()
             })
             .await?;
-        Ok(offset.map(|o| o.position))
+        Ok(position)
     }
 
     async fn save_offset(&self, consumer: String, position: i64) -> Result<(), StoreError> {
         let mut conn = self.checkout().await?;
         conn.spawn_blocking(move |conn| {
-            diesel::sql_query(SAVE_OFFSET)
-                .bind::<Text, _>(consumer)
-                .bind::<BigInt, _>(position)
+            diesel::insert_into(feed_offsets::table)
+                .values((
+                    feed_offsets::consumer.eq(consumer),
+                    feed_offsets::position.eq(position),
+                    feed_offsets::updated_at.eq(strftime(ISO_8601_MILLIS, "now")),
+                ))
+                .on_conflict(feed_offsets::consumer)
+                .do_update()
+                .set((
+                    feed_offsets::position.eq(excluded(feed_offsets::position)),
+                    feed_offsets::updated_at.eq(excluded(feed_offsets::updated_at)),
+                ))
                 .execute(conn)
         })
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{Revision, UserKey, UserState};
+
+    /// A restore batch larger than one load statement's chunk of ids is
+    /// still one batch, and finds every stored row.
+    #[tokio::test]
+    async fn a_load_batch_of_more_ids_than_a_chunk_finds_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig::default()
+            .with_max_batch_size(2 * LOAD_CHUNK + 100)
+            .with_max_batch_wait(Duration::from_secs(1));
+        let store = SqliteStore::open_with(dir.path().join("state.db"), config)
+            .await
+            .unwrap();
+        let users: Vec<UserKey> = (0..2 * LOAD_CHUNK + 100)
+            .map(|i| UserKey::new("mall001", format!("user{i}")).unwrap())
+            .collect();
+        let stored = &users[..LOAD_CHUNK + 50];
+        let state = UserState::default();
+        let writes = stored
+            .iter()
+            .map(|user| store.write(user, Revision::NONE, Revision(1), &state));
+        for written in futures_util::future::join_all(writes).await {
+            written.unwrap();
+        }
+
+        let before = store.group_commit.stats();
+        let loaded = futures_util::future::join_all(users.iter().map(|user| store.load(user))).await;
+        let stats = store.group_commit.stats();
+        assert_eq!(stats.load_statements - before.load_statements, 1, "{stats:?}");
+        let found: Vec<bool> = loaded.into_iter().map(|row| row.unwrap().is_some()).collect();
+        let expected: Vec<bool> = (0..users.len()).map(|i| i < stored.len()).collect();
+        assert_eq!(found, expected);
     }
 }

@@ -1,0 +1,41 @@
+// @generated automatically by Diesel CLI.
+
+diesel::table! {
+    durable_state (persistence_id) {
+        persistence_id -> Text,
+        entity_type -> Text,
+        revision -> Int8,
+        db_timestamp -> Timestamptz,
+        state_ser_id -> Int4,
+        state_ser_manifest -> Text,
+        state_payload -> Bytea,
+    }
+}
+
+diesel::table! {
+    feed_head (id) {
+        id -> Int4,
+        position -> Int8,
+    }
+}
+
+diesel::table! {
+    feed_offsets (consumer) {
+        consumer -> Text,
+        position -> Int8,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    state_changes (position) {
+        position -> Int8,
+        revision -> Int8,
+        committed_at -> Timestamptz,
+        state_payload -> Bytea,
+        entity_type -> Text,
+        persistence_id -> Text,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(durable_state, feed_head, feed_offsets, state_changes,);
