@@ -6,9 +6,9 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, warn, Instrument};
 
-use super::protocol::{ChildStopped, Passivate, PassivationRequested};
+use super::protocol::{ChildEvent, FromChild, Passivate};
 use crate::config::Config;
-use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, PersistenceId, Revision, Step};
+use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, Revision, Step};
 use crate::error::{CommandError, StoreError};
 use crate::store::SharedStore;
 
@@ -67,7 +67,6 @@ type Reply<E> = oneshot::Sender<Result<E, CommandError<E>>>;
 /// ```
 pub struct EntityActor<E: DurableEntity> {
     key: E::Key,
-    persistence_id: PersistenceId,
     store: SharedStore,
     config: Arc<Config>,
     settings: Arc<E::Settings>,
@@ -101,8 +100,7 @@ struct Queued<E: DurableEntity> {
 
 /// The manager an actor reports to, known only by what it receives.
 pub(crate) struct Supervisor<K: Send + 'static> {
-    pub(crate) passivation: Recipient<PassivationRequested<K>>,
-    pub(crate) stopped: Recipient<ChildStopped<K>>,
+    pub(crate) manager: Recipient<FromChild<K>>,
     pub(crate) incarnation: u64,
     pub(crate) passivation_requested: bool,
 }
@@ -125,7 +123,6 @@ impl<E: DurableEntity> EntityActor<E> {
         supervisor: Option<Supervisor<E::Key>>,
     ) -> Self {
         Self {
-            persistence_id: key.persistence_id(),
             key,
             store,
             config,
@@ -161,7 +158,7 @@ impl<E: DurableEntity> EntityActor<E> {
 
     fn restore(&mut self, ctx: &mut Context<Self>) {
         self.busy = true;
-        let (store, key) = (self.store.clone(), self.persistence_id.clone());
+        let (store, key) = (self.store.clone(), self.key.persistence_id());
         ctx.spawn(
             async move { store.load_durable::<E>(&key).await }
                 .into_actor(self)
@@ -241,7 +238,7 @@ impl<E: DurableEntity> EntityActor<E> {
             return;
         }
         self.busy = true;
-        let (store, key) = (self.store.clone(), self.persistence_id.clone());
+        let (store, key) = (self.store.clone(), self.key.persistence_id());
         ctx.spawn(
             async move {
                 let result = store.write_durable(&key, expected, &changes).await;
@@ -307,9 +304,10 @@ impl<E: DurableEntity> EntityActor<E> {
             Some(supervisor) if !supervisor.passivation_requested => {
                 debug!(key = %self.key, "idle; asking the manager to passivate");
                 supervisor.passivation_requested = true;
-                supervisor.passivation.do_send(PassivationRequested {
+                supervisor.manager.do_send(FromChild {
                     key: self.key.clone(),
                     incarnation: supervisor.incarnation,
+                    event: ChildEvent::PassivationRequested,
                 });
             }
             Some(_) => {}
@@ -393,9 +391,10 @@ impl<E: DurableEntity> Actor for EntityActor<E> {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         if let Some(supervisor) = &self.supervisor {
-            supervisor.stopped.do_send(ChildStopped {
+            supervisor.manager.do_send(FromChild {
                 key: self.key.clone(),
                 incarnation: supervisor.incarnation,
+                event: ChildEvent::Stopped,
             });
         }
     }

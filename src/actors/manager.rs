@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 use tracing::debug;
 
 use super::entity_actor::{EntityActor, Execute, Supervisor};
-use super::protocol::{ChildStopped, Passivate, PassivationRequested};
+use super::protocol::{ChildEvent, FromChild, Passivate};
 use super::start_unbounded;
 use crate::config::Config;
 use crate::entity::{DurableEntity, EntityEvent};
@@ -208,8 +208,7 @@ impl<E: DurableEntity> EntityManager<E> {
         self.stats.activations += 1;
         metrics::counter!("persist_durable_activations_total", "entity" => E::ENTITY_TYPE).increment(1);
         let supervisor = Supervisor {
-            passivation: ctx.address().recipient(),
-            stopped: ctx.address().recipient(),
+            manager: ctx.address().recipient(),
             incarnation: self.next_incarnation,
             passivation_requested: false,
         };
@@ -344,32 +343,31 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
     }
 }
 
-impl<E: DurableEntity> Handler<PassivationRequested<E::Key>> for EntityManager<E> {
+impl<E: DurableEntity> Handler<FromChild<E::Key>> for EntityManager<E> {
     type Result = ();
 
-    fn handle(&mut self, request: PassivationRequested<E::Key>, _ctx: &mut Self::Context) {
+    fn handle(&mut self, message: FromChild<E::Key>, ctx: &mut Self::Context) {
+        // A message from an earlier incarnation is about an actor already replaced.
         let current = self
             .children
-            .get(&request.key)
-            .is_some_and(|child| child.incarnation == request.incarnation);
-        if current {
-            self.begin_passivation(&request.key);
+            .get(&message.key)
+            .is_some_and(|child| child.incarnation == message.incarnation);
+        if !current {
+            return;
+        }
+        match message.event {
+            ChildEvent::PassivationRequested => {
+                self.begin_passivation(&message.key);
+            }
+            ChildEvent::Stopped => self.child_stopped(message.key, ctx),
         }
     }
 }
 
-impl<E: DurableEntity> Handler<ChildStopped<E::Key>> for EntityManager<E> {
-    type Result = ();
-
-    fn handle(&mut self, stopped: ChildStopped<E::Key>, ctx: &mut Self::Context) {
-        let current = self
-            .children
-            .get(&stopped.key)
-            .is_some_and(|child| child.incarnation == stopped.incarnation);
-        if !current {
-            return;
-        }
-        let Some(child) = self.children.remove(&stopped.key) else {
+impl<E: DurableEntity> EntityManager<E> {
+    /// Hands the commands held for a stopped child to its successor.
+    fn child_stopped(&mut self, key: E::Key, ctx: &mut Context<Self>) {
+        let Some(child) = self.children.remove(&key) else {
             return;
         };
         let held = match child.phase {
@@ -382,20 +380,20 @@ impl<E: DurableEntity> Handler<ChildStopped<E::Key>> for EntityManager<E> {
             }
         };
         self.report_resident();
-        debug!(key = %stopped.key, held = held.len(), "entity actor stopped");
+        debug!(key = %key, held = held.len(), "entity actor stopped");
         if held.is_empty() {
             return;
         }
-        let successor = self.spawn_child(&stopped.key, ctx);
+        let successor = self.spawn_child(&key, ctx);
         for HeldCommand { event, reply } in held {
             // Counted in flight already, by the handler's future waiting on `reply`.
-            let answer = forward(stopped.key.clone(), &successor.addr, event);
+            let answer = forward(key.clone(), &successor.addr, event);
             actix::spawn(async move {
                 // The caller may have given up waiting; nothing to do then.
                 let _ = reply.send(answer.await);
             });
         }
-        self.children.insert(stopped.key, successor);
+        self.children.insert(key, successor);
     }
 }
 
