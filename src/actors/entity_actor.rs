@@ -68,8 +68,8 @@ type Reply<E> = oneshot::Sender<Result<E, CommandError<E>>>;
 pub struct EntityActor<E: DurableEntity> {
     key: E::Key,
     store: SharedStore,
-    config: Arc<Config>,
-    settings: Arc<E::Settings>,
+    /// One per manager (or per stand-alone actor): 8 bytes per resident entity.
+    shared: Arc<Shared<E>>,
     /// What the store holds, or `None` when it must be (re)loaded before the
     /// next write: not restored yet, or a write did not succeed.
     committed: Option<(Revision, Durable<E>)>,
@@ -83,7 +83,16 @@ pub struct EntityActor<E: DurableEntity> {
     /// the stored state, which another node may have changed.
     reload: bool,
     last_active: Instant,
-    supervisor: Option<Supervisor<E::Key>>,
+    /// Under a manager: which of its incarnations this actor is.
+    supervisor: Option<Supervisor>,
+}
+
+/// What every actor of one manager shares.
+pub(crate) struct Shared<E: DurableEntity> {
+    pub(crate) config: Config,
+    pub(crate) settings: E::Settings,
+    /// The manager, known only by what it receives; `None` for stand-alone actors.
+    pub(crate) manager: Option<Recipient<FromChild<E::Key>>>,
 }
 
 struct Queued<E: DurableEntity> {
@@ -98,9 +107,8 @@ struct Queued<E: DurableEntity> {
     span: tracing::Span,
 }
 
-/// The manager an actor reports to, known only by what it receives.
-pub(crate) struct Supervisor<K: Send + 'static> {
-    pub(crate) manager: Recipient<FromChild<K>>,
+/// An actor's place under its manager.
+pub(crate) struct Supervisor {
     pub(crate) incarnation: u64,
     pub(crate) passivation_requested: bool,
 }
@@ -111,22 +119,24 @@ type Written<E> = Vec<(Queued<E>, E)>;
 impl<E: DurableEntity> EntityActor<E> {
     /// A stand-alone actor for `key`; start it with [`Actor::start`].
     pub fn new(key: E::Key, store: SharedStore, config: Config) -> Self {
-        let settings = Arc::new(E::settings(&config));
-        Self::with_shared_config(key, store, Arc::new(config), settings, None)
+        let shared = Shared {
+            settings: E::settings(&config),
+            config,
+            manager: None,
+        };
+        Self::with_shared(key, store, Arc::new(shared), None)
     }
 
-    pub(crate) fn with_shared_config(
+    pub(crate) fn with_shared(
         key: E::Key,
         store: SharedStore,
-        config: Arc<Config>,
-        settings: Arc<E::Settings>,
-        supervisor: Option<Supervisor<E::Key>>,
+        shared: Arc<Shared<E>>,
+        supervisor: Option<Supervisor>,
     ) -> Self {
         Self {
             key,
             store,
-            config,
-            settings,
+            shared,
             committed: None,
             queue: Vec::new(),
             busy: false,
@@ -196,8 +206,8 @@ impl<E: DurableEntity> EntityActor<E> {
             let step = current.step(
                 &queued.event,
                 queued.received_at,
-                &self.settings,
-                self.config.event_id_memory,
+                &self.shared.settings,
+                self.shared.config.event_id_memory,
             );
             match step {
                 // A read or a redelivered event before any change: answer now.
@@ -273,7 +283,7 @@ impl<E: DurableEntity> EntityActor<E> {
         self.reload = false;
         let mut retry = Vec::new();
         for (mut queued, _) in written {
-            if matches!(error, StoreError::Conflict { .. }) && queued.conflicts < self.config.conflict_retries {
+            if matches!(error, StoreError::Conflict { .. }) && queued.conflicts < self.shared.config.conflict_retries {
                 queued.conflicts += 1;
                 retry.push(queued);
             } else {
@@ -293,24 +303,24 @@ impl<E: DurableEntity> EntityActor<E> {
     }
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
-        if !self.is_drained() || self.last_active.elapsed() < self.config.idle_timeout {
+        if !self.is_drained() || self.last_active.elapsed() < self.shared.config.idle_timeout {
             return;
         }
-        match &mut self.supervisor {
-            None => {
-                debug!(key = %self.key, "idle; stopping");
-                ctx.stop();
-            }
-            Some(supervisor) if !supervisor.passivation_requested => {
+        match (&mut self.supervisor, &self.shared.manager) {
+            (Some(supervisor), Some(manager)) if !supervisor.passivation_requested => {
                 debug!(key = %self.key, "idle; asking the manager to passivate");
                 supervisor.passivation_requested = true;
-                supervisor.manager.do_send(FromChild {
+                manager.do_send(FromChild {
                     key: self.key.clone(),
                     incarnation: supervisor.incarnation,
                     event: ChildEvent::PassivationRequested,
                 });
             }
-            Some(_) => {}
+            (Some(_), _) => {}
+            (None, _) => {
+                debug!(key = %self.key, "idle; stopping");
+                ctx.stop();
+            }
         }
     }
 
@@ -324,8 +334,8 @@ impl<E: DurableEntity> EntityActor<E> {
         let key = self.key.clone();
         let command = E::command_name(&event.command);
         let entity = E::ENTITY_TYPE;
-        if self.queue.len() >= self.config.max_queued_per_user {
-            let limit = self.config.max_queued_per_user;
+        if self.queue.len() >= self.shared.config.max_queued_per_user {
+            let limit = self.shared.config.max_queued_per_user;
             metrics::counter!(
                 "persist_durable_commands_total",
                 "entity" => entity,
@@ -344,7 +354,7 @@ impl<E: DurableEntity> EntityActor<E> {
         let (reply, answer) = oneshot::channel();
         self.queue.push(Queued {
             event,
-            received_at: self.config.clock.now(),
+            received_at: self.shared.config.clock.now(),
             reply,
             conflicts: 0,
             on_fresh_state: false,
@@ -386,12 +396,12 @@ impl<E: DurableEntity> Actor for EntityActor<E> {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.restore(ctx);
-        ctx.run_interval(self.config.idle_check_interval, Self::check_idle);
+        ctx.run_interval(self.shared.config.idle_check_interval, Self::check_idle);
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        if let Some(supervisor) = &self.supervisor {
-            supervisor.manager.do_send(FromChild {
+        if let (Some(supervisor), Some(manager)) = (&self.supervisor, &self.shared.manager) {
+            manager.do_send(FromChild {
                 key: self.key.clone(),
                 incarnation: supervisor.incarnation,
                 event: ChildEvent::Stopped,

@@ -6,7 +6,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::entity_actor::{EntityActor, Execute, Supervisor};
+use super::entity_actor::{EntityActor, Execute, Shared, Supervisor};
 use super::protocol::{ChildEvent, FromChild, Passivate};
 use super::start_unbounded;
 use crate::config::Config;
@@ -98,8 +98,8 @@ pub struct ManagerStats {
 /// ```
 pub struct EntityManager<E: DurableEntity> {
     store: SharedStore,
-    config: Arc<Config>,
-    settings: Arc<E::Settings>,
+    /// The configuration, settings and this manager's recipient, shared by every child.
+    shared: Arc<Shared<E>>,
     /// Where entity actors run; empty: on the manager's own arbiter.
     arbiters: Vec<Arbiter>,
     children: HashMap<E::Key, Child<E>>,
@@ -145,11 +145,15 @@ impl<E: DurableEntity> EntityManager<E> {
 
     /// A manager whose entities' transitions use `settings`.
     pub fn with_settings(store: SharedStore, config: Config, settings: E::Settings) -> Self {
+        let shared = Shared {
+            config,
+            settings,
+            manager: None,
+        };
         Self {
             store,
             arbiters: Vec::new(),
-            config: Arc::new(config),
-            settings: Arc::new(settings),
+            shared: Arc::new(shared),
             children: HashMap::new(),
             stats: ManagerStats::default(),
             next_incarnation: 0,
@@ -178,7 +182,7 @@ impl<E: DurableEntity> EntityManager<E> {
     /// [`Config::max_resident_users`]: a hundredth of the limit at a time, so
     /// the scan is paid once per many activations.
     fn evict_least_recently_used(&mut self) {
-        let limit = self.config.max_resident_users;
+        let limit = self.shared.config.max_resident_users;
         // Entities already passivating are on their way out: they do not count.
         let active = self.children.len() - self.passivating;
         if active <= limit {
@@ -203,22 +207,15 @@ impl<E: DurableEntity> EntityManager<E> {
         }
     }
 
-    fn spawn_child(&mut self, key: &E::Key, ctx: &mut Context<Self>) -> Child<E> {
+    fn spawn_child(&mut self, key: &E::Key) -> Child<E> {
         self.next_incarnation += 1;
         self.stats.activations += 1;
         metrics::counter!("persist_durable_activations_total", "entity" => E::ENTITY_TYPE).increment(1);
         let supervisor = Supervisor {
-            manager: ctx.address().recipient(),
             incarnation: self.next_incarnation,
             passivation_requested: false,
         };
-        let actor = EntityActor::with_shared_config(
-            key.clone(),
-            self.store.clone(),
-            self.config.clone(),
-            self.settings.clone(),
-            Some(supervisor),
-        );
+        let actor = EntityActor::with_shared(key.clone(), self.store.clone(), self.shared.clone(), Some(supervisor));
         // Round robin: consecutive activations land on different threads.
         let arbiter = (!self.arbiters.is_empty())
             .then(|| self.arbiters[(self.next_incarnation % self.arbiters.len() as u64) as usize].handle());
@@ -245,8 +242,20 @@ impl<E: DurableEntity> Actor for EntityManager<E> {
         start_unbounded(self, None)
     }
 
-    fn started(&mut self, _ctx: &mut Self::Context) {
-        self.arbiters = (0..self.config.arbiters).map(|_| Arbiter::new()).collect();
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.arbiters = (0..self.shared.config.arbiters).map(|_| Arbiter::new()).collect();
+        // Children report through this one recipient, shared by all of them.
+        let manager = Some(ctx.address().recipient());
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => shared.manager = manager,
+            None => {
+                self.shared = Arc::new(Shared {
+                    config: self.shared.config.clone(),
+                    settings: self.shared.settings.clone(),
+                    manager,
+                })
+            }
+        }
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -286,8 +295,8 @@ fn forward<E: DurableEntity>(
 impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
     type Result = ResponseFuture<Result<E, CommandError<E>>>;
 
-    fn handle(&mut self, EntityCommand { key, event }: EntityCommand<E>, ctx: &mut Self::Context) -> Self::Result {
-        if self.in_flight.load(Ordering::Relaxed) >= self.config.max_commands_in_flight {
+    fn handle(&mut self, EntityCommand { key, event }: EntityCommand<E>, _ctx: &mut Self::Context) -> Self::Result {
+        if self.in_flight.load(Ordering::Relaxed) >= self.shared.config.max_commands_in_flight {
             self.stats.commands_refused += 1;
             metrics::counter!(
                 "persist_durable_commands_total",
@@ -296,7 +305,7 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
                 "outcome" => "overloaded"
             )
             .increment(1);
-            let limit = self.config.max_commands_in_flight;
+            let limit = self.shared.config.max_commands_in_flight;
             return Box::pin(async move {
                 Err(CommandError::Overloaded {
                     key,
@@ -308,7 +317,7 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
         let in_flight = InFlight(self.in_flight.clone());
         self.ticks += 1;
         if !self.children.contains_key(&key) {
-            let child = self.spawn_child(&key, ctx);
+            let child = self.spawn_child(&key);
             self.children.insert(key.clone(), child);
             self.evict_least_recently_used();
             self.report_resident();
@@ -346,7 +355,7 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
 impl<E: DurableEntity> Handler<FromChild<E::Key>> for EntityManager<E> {
     type Result = ();
 
-    fn handle(&mut self, message: FromChild<E::Key>, ctx: &mut Self::Context) {
+    fn handle(&mut self, message: FromChild<E::Key>, _ctx: &mut Self::Context) {
         // A message from an earlier incarnation is about an actor already replaced.
         let current = self
             .children
@@ -359,14 +368,14 @@ impl<E: DurableEntity> Handler<FromChild<E::Key>> for EntityManager<E> {
             ChildEvent::PassivationRequested => {
                 self.begin_passivation(&message.key);
             }
-            ChildEvent::Stopped => self.child_stopped(message.key, ctx),
+            ChildEvent::Stopped => self.child_stopped(message.key),
         }
     }
 }
 
 impl<E: DurableEntity> EntityManager<E> {
     /// Hands the commands held for a stopped child to its successor.
-    fn child_stopped(&mut self, key: E::Key, ctx: &mut Context<Self>) {
+    fn child_stopped(&mut self, key: E::Key) {
         let Some(child) = self.children.remove(&key) else {
             return;
         };
@@ -384,7 +393,7 @@ impl<E: DurableEntity> EntityManager<E> {
         if held.is_empty() {
             return;
         }
-        let successor = self.spawn_child(&key, ctx);
+        let successor = self.spawn_child(&key);
         for HeldCommand { event, reply } in held {
             // Counted in flight already, by the handler's future waiting on `reply`.
             let answer = forward(key.clone(), &successor.addr, event);
