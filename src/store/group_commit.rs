@@ -352,8 +352,8 @@ async fn execute_writes(
     batch.sort_unstable_by(|a, b| a.write.key.cmp(&b.write.key));
     let mut rows = Vec::with_capacity(batch.len());
     let mut accepted = Vec::with_capacity(batch.len());
-    for request in batch {
-        match row_write(&request.write, feed) {
+    for mut request in batch {
+        match row_write(&mut request.write, feed) {
             Ok(row) => {
                 rows.push(row);
                 accepted.push(request);
@@ -404,21 +404,23 @@ async fn execute_writes(
     }
 }
 
-/// The bound form of one write: the row's state, and with the feed on every
-/// revision's.
-fn row_write(write: &WriteRow, feed: bool) -> Result<RowWrite, StoreError> {
+/// The bound form of one write, taking its payloads: the row's state, and
+/// with the feed on every revision's.
+fn row_write(write: &mut WriteRow, feed: bool) -> Result<RowWrite, StoreError> {
     let revision = bigint(write.revision.0)?;
-    let payload = write.payloads.last().cloned().ok_or_else(|| StoreError::InvalidWrite {
+    let mut payloads = std::mem::take(&mut write.payloads);
+    let invalid = || StoreError::InvalidWrite {
         key: write.key.clone(),
         expected: write.expected,
         revision: write.revision,
         states: 0,
-    })?;
-    let changes = if feed {
-        let first = revision - write.payloads.len() as i64 + 1;
-        (first..).zip(write.payloads.iter().cloned()).collect()
+    };
+    let (payload, changes) = if feed {
+        let payload = payloads.last().cloned().ok_or_else(invalid)?;
+        let first = revision - payloads.len() as i64 + 1;
+        (payload, (first..).zip(payloads).collect())
     } else {
-        Vec::new()
+        (payloads.pop().ok_or_else(invalid)?, Vec::new())
     };
     Ok(RowWrite {
         persistence_id: write.key.clone(),

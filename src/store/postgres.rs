@@ -217,55 +217,45 @@ struct PgChange {
 impl SqlBackend for PgBackend {
     async fn write_rows(&self, rows: Vec<RowWrite>) -> Result<Vec<bool>, StoreError> {
         let mut conn = self.checkout().await?;
-        let n = rows.len();
-        let (mut ids, mut expected, mut revisions, mut payloads, mut types, mut manifests) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let mut changes: (Vec<String>, Vec<String>, Vec<i64>, Vec<Vec<u8>>) = Default::default();
-        for mut row in rows {
-            for (revision, payload) in std::mem::take(&mut row.changes) {
-                changes.0.push(row.persistence_id.as_str().to_owned());
-                changes.1.push(row.entity_type().to_owned());
-                changes.2.push(revision);
-                changes.3.push(payload);
-            }
-            ids.push(row.persistence_id.as_str().to_owned());
-            types.push(row.entity_type().to_owned());
-            manifests.push(row.manifest);
-            expected.push(row.expected);
-            revisions.push(row.revision);
-            payloads.push(row.payload);
-        }
+        // Every array is bound borrowed from the rows: no per-row copies.
+        let ids: Vec<&str> = rows.iter().map(|row| row.persistence_id.as_str()).collect();
         let write = diesel::sql_query(if self.feed {
             WRITE_ROWS_WITH_FEED_SQL
         } else {
             WRITE_ROWS_SQL
         })
         .into_boxed()
-        .bind::<Array<Text>, _>(ids.clone())
-        .bind::<Array<BigInt>, _>(expected)
-        .bind::<Array<BigInt>, _>(revisions)
-        .bind::<Array<Binary>, _>(payloads)
-        .bind::<Array<Text>, _>(types)
-        .bind::<Array<Text>, _>(manifests)
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<BigInt>, _>(rows.iter().map(|row| row.expected).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(rows.iter().map(|row| row.revision).collect::<Vec<_>>())
+        .bind::<Array<Binary>, _>(rows.iter().map(|row| row.payload.as_slice()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(rows.iter().map(|row| row.entity_type()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(rows.iter().map(|row| row.manifest).collect::<Vec<_>>())
         .bind::<Integer, _>(JSON_SERIALIZER_ID);
         let write = if self.feed {
+            let changes = || {
+                rows.iter()
+                    .flat_map(|row| row.changes.iter().map(move |change| (row, change)))
+            };
             write
-                .bind::<Array<Text>, _>(changes.0)
-                .bind::<Array<Text>, _>(changes.1)
-                .bind::<Array<BigInt>, _>(changes.2)
-                .bind::<Array<Binary>, _>(changes.3)
+                .bind::<Array<Text>, _>(
+                    changes()
+                        .map(|(row, _)| row.persistence_id.as_str())
+                        .collect::<Vec<_>>(),
+                )
+                .bind::<Array<Text>, _>(changes().map(|(row, _)| row.entity_type()).collect::<Vec<_>>())
+                .bind::<Array<BigInt>, _>(changes().map(|(_, (revision, _))| *revision).collect::<Vec<_>>())
+                .bind::<Array<Binary>, _>(
+                    changes()
+                        .map(|(_, (_, payload))| payload.as_slice())
+                        .collect::<Vec<_>>(),
+                )
         } else {
             write
         };
         let written: Vec<Written> = write.load(&mut conn).await?;
         let written: std::collections::HashSet<String> = written.into_iter().map(|w| w.persistence_id).collect();
-        Ok(ids.iter().map(|id| written.contains(id)).collect())
+        Ok(ids.iter().map(|id| written.contains(*id)).collect())
     }
 
     async fn load_rows(&self, persistence_ids: Vec<String>) -> Result<HashMap<String, StateRow>, StoreError> {
