@@ -43,9 +43,15 @@ pub enum StoreError {
     /// The database answered with an error.
     #[error("database error")]
     Query(#[source] Arc<diesel::result::Error>),
-    /// The operation took longer than the configured limit; its outcome is unknown.
+    /// A load took longer than the configured limit. (A write that the
+    /// database may have committed is [`OutcomeUnknown`](Self::OutcomeUnknown).)
     #[error("the database did not answer within {0:?}")]
     Timeout(Duration),
+    /// A write was sent and no answer came back (the connection broke, or the
+    /// database did not answer within twice the operation timeout): it may or
+    /// may not be committed. Retry with the same event id.
+    #[error("the write was sent but its outcome is unknown")]
+    OutcomeUnknown(#[source] Cause),
     /// The schema migrations could not be applied.
     #[error("applying the schema migrations failed")]
     Migration(#[source] Cause),
@@ -85,6 +91,24 @@ pub enum StoreError {
     /// The change feed was asked for on a store opened without it.
     #[error("this store keeps no change feed; open it with StoreConfig::with_change_feed(true)")]
     NoChangeFeed,
+    /// The change at feed `position` cannot be decoded. The feed stopped at
+    /// it: every change before it was delivered, none after it is, and the
+    /// feed's position is still the last change delivered. Repair the row,
+    /// or skip this one change deliberately with
+    /// [`EntityFeed::skip_corrupt`](crate::EntityFeed::skip_corrupt).
+    #[error(
+        "the change at feed position {position} ({key}) cannot be decoded; \
+         repair it, or skip it deliberately with EntityFeed::skip_corrupt({position})"
+    )]
+    CorruptChange {
+        /// Where the change stands in the feed.
+        position: u64,
+        /// The entity it is a change of.
+        key: PersistenceId,
+        /// What is wrong with it.
+        #[source]
+        source: CorruptRow,
+    },
     /// A feed position or revision beyond what the database column holds.
     #[error("{0} exceeds the database's BIGINT")]
     OutOfRange(u64),
@@ -97,12 +121,50 @@ impl From<diesel::result::Error> for StoreError {
 }
 
 impl StoreError {
+    /// Whether the database refused a statement because of what one of its
+    /// rows holds (a constraint, a trigger, a value out of range), as opposed
+    /// to being unavailable, slow or out of resources: only then can writing
+    /// the rows apart let the others commit.
+    pub(crate) fn is_row_refusal(&self) -> bool {
+        use diesel::result::{DatabaseErrorKind, Error};
+        /// Messages of failures that are the database's, not a row's.
+        const TRANSIENT: [&str; 12] = [
+            "statement timeout",
+            "lock timeout",
+            "deadlock detected",
+            "could not serialize",
+            "canceling statement",
+            "terminating connection",
+            "the database system is",
+            "too many connections",
+            "out of memory",
+            "database is locked",
+            "disk I/O error",
+            "database or disk is full",
+        ];
+        match self {
+            StoreError::Query(error) => match error.as_ref() {
+                Error::DatabaseError(
+                    DatabaseErrorKind::UnableToSendCommand
+                    | DatabaseErrorKind::ClosedConnection
+                    | DatabaseErrorKind::SerializationFailure
+                    | DatabaseErrorKind::ReadOnlyTransaction,
+                    _,
+                ) => false,
+                Error::DatabaseError(_, info) => !TRANSIENT.iter().any(|t| info.message().contains(t)),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     pub(crate) fn unavailable(error: impl std::error::Error + Send + Sync + 'static) -> Self {
         StoreError::Unavailable(Arc::new(error))
     }
 }
 
-/// What is wrong with a stored row, in a [`StoreError::Corrupt`].
+/// What is wrong with a stored row, in a [`StoreError::Corrupt`] or a
+/// change-feed row, in a [`StoreError::CorruptChange`].
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum CorruptRow {
@@ -149,10 +211,22 @@ pub enum CommandError<E: DurableEntity = UserState> {
         #[source]
         source: StoreError,
     },
-    /// The database could not be read or written; retry later. If a write's
-    /// outcome is unknown, the actor reloads before its next command.
+    /// The database could not be read or written, and nothing was committed;
+    /// retry later.
     #[error("the state of {key} could not be read or written; retry later: {source}")]
     StoreUnavailable {
+        /// The entity.
+        key: E::Key,
+        /// The store's error.
+        #[source]
+        source: StoreError,
+    },
+    /// The write was sent to the database and no answer came back: it may or
+    /// may not be committed. Send the command again with the same event id
+    /// (redelivery is recognised, so it is not applied twice); the actor
+    /// reloads the stored state before its next command.
+    #[error("the outcome of the command for {key} is unknown; retry it with the same event id: {source}")]
+    OutcomeUnknown {
         /// The entity.
         key: E::Key,
         /// The store's error.
@@ -201,6 +275,10 @@ impl<E: DurableEntity> CommandError<E> {
                 key: key.clone(),
                 source: corrupt,
             },
+            unknown @ StoreError::OutcomeUnknown(_) => CommandError::OutcomeUnknown {
+                key: key.clone(),
+                source: unknown,
+            },
             other => CommandError::StoreUnavailable {
                 key: key.clone(),
                 source: other,
@@ -214,6 +292,7 @@ impl<E: DurableEntity> CommandError<E> {
             CommandError::Conflict { key, .. }
             | CommandError::CorruptState { key, .. }
             | CommandError::StoreUnavailable { key, .. }
+            | CommandError::OutcomeUnknown { key, .. }
             | CommandError::Overloaded { key, .. }
             | CommandError::NotDelivered { key, .. }
             | CommandError::Rejected { key, .. } => key,
@@ -226,6 +305,7 @@ impl<E: DurableEntity> CommandError<E> {
             CommandError::Conflict { .. } => "conflict",
             CommandError::CorruptState { .. } => "corrupt_state",
             CommandError::StoreUnavailable { .. } => "store_unavailable",
+            CommandError::OutcomeUnknown { .. } => "outcome_unknown",
             CommandError::Overloaded { .. } => "overloaded",
             CommandError::NotDelivered { .. } => "not_delivered",
             CommandError::Rejected { .. } => "rejected",

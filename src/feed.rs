@@ -9,15 +9,24 @@
 //! `changesBySlices`, no revision is skipped, not even those of commands
 //! that were committed together in one row write.
 //!
+//! A change that cannot be decoded (a row damaged in the database) is never
+//! passed over: the feed delivers every change before it, then stops at it
+//! with [`StoreError::CorruptChange`] naming its position and entity, and
+//! stays stopped until the row is repaired or the consumer skips that one
+//! change with [`EntityFeed::skip_corrupt`], which is logged as a warning.
+//!
 //! [`StoreConfig::with_change_feed`]: crate::StoreConfig::with_change_feed
 
+use std::fmt;
 use std::marker::PhantomData;
 use std::time::Duration;
 
+use tracing::warn;
+
 use crate::domain::UserState;
-use crate::entity::{DurableEntity, EntityKey, Revision};
+use crate::entity::{DurableEntity, EntityKey, PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
-use crate::store::{ChangeRow, SharedStore};
+use crate::store::{good_prefix, ChangeRow, SharedStore};
 
 /// One committed revision of an entity's state, as the change feed delivers
 /// it. For users (the default) a [`UserState`] keyed by [`UserKey`](crate::UserKey).
@@ -37,9 +46,9 @@ pub struct StateChange<E: DurableEntity = UserState> {
 
 impl<E: DurableEntity> StateChange<E> {
     fn decode(row: ChangeRow) -> Result<Self, StoreError> {
-        let corrupt = |source: CorruptRow| StoreError::Corrupt {
+        let corrupt = |source: CorruptRow| StoreError::CorruptChange {
+            position: row.position,
             key: row.key.clone(),
-            revision: row.revision.0 as i64,
             source,
         };
         let key = E::Key::from_entity_id(row.key.entity_id()).map_err(|e| corrupt(CorruptRow::Key(e)))?;
@@ -60,6 +69,29 @@ pub type ChangeFeed = EntityFeed<UserState>;
 /// Follows the changes of one entity type from a position, and can save that
 /// position as a consumer's offset so that a restarted consumer goes on where
 /// it stopped, with no gap and no duplicate. For users it is [`ChangeFeed`].
+///
+/// A change that cannot be decoded stops the feed, after every change before
+/// it has been returned: reads fail with [`StoreError::CorruptChange`] until
+/// the row is repaired, or until the consumer decides to go on without that
+/// change and calls [`skip_corrupt`](Self::skip_corrupt) with its position:
+///
+/// ```no_run
+/// # use persist_durable::{ChangeFeed, StoreError};
+/// # async fn follow(mut feed: ChangeFeed) -> Result<(), Box<dyn std::error::Error>> {
+/// loop {
+///     match feed.next().await {
+///         Ok(changes) => changes.iter().for_each(|change| println!("{}", change.position)),
+///         Err(StoreError::CorruptChange { position, key, source }) => {
+///             // Alert someone; then, if losing this one change is acceptable:
+///             eprintln!("skipping change {position} of {key}: {source}");
+///             feed.skip_corrupt(position)?;
+///         }
+///         Err(other) => return Err(other.into()),
+///     }
+///     feed.commit().await?;
+/// }
+/// # }
+/// ```
 ///
 /// ```
 /// use actix::Actor;
@@ -88,6 +120,8 @@ pub struct EntityFeed<E: DurableEntity> {
     position: u64,
     batch_size: usize,
     poll_interval: Duration,
+    /// The undecodable change the last read stopped at.
+    stopped_at: Option<(u64, PersistenceId)>,
     entity: PhantomData<fn() -> E>,
 }
 
@@ -100,6 +134,7 @@ impl<E: DurableEntity> EntityFeed<E> {
             position,
             batch_size: 500,
             poll_interval: Duration::from_millis(100),
+            stopped_at: None,
             entity: PhantomData,
         }
     }
@@ -127,26 +162,78 @@ impl<E: DurableEntity> EntityFeed<E> {
         self
     }
 
-    /// The position of the last change returned.
+    /// The position of the last change returned (or skipped).
     pub fn position(&self) -> u64 {
         self.position
     }
 
+    /// The position of the undecodable change the last read stopped at, if
+    /// it did: the one [`skip_corrupt`](Self::skip_corrupt) would skip.
+    pub fn stopped_at(&self) -> Option<u64> {
+        self.stopped_at.as_ref().map(|(position, _)| *position)
+    }
+
     /// The changes after the current position, up to the batch size; empty
     /// when there are none yet.
+    ///
+    /// The changes end before the first one that cannot be decoded; when it
+    /// is the next one, the read fails with [`StoreError::CorruptChange`]
+    /// and the position stays where it is.
     pub async fn next_batch(&mut self) -> Result<Vec<StateChange<E>>, StoreError> {
-        let rows = self
+        let read = self
             .store
             .read_change_rows(E::ENTITY_TYPE, self.position, self.batch_size)
-            .await?;
-        let changes = rows
-            .into_iter()
-            .map(StateChange::decode)
-            .collect::<Result<Vec<_>, _>>()?;
+            .await
+            .and_then(|rows| good_prefix(rows.into_iter().map(StateChange::decode)));
+        let changes = match read {
+            Ok(changes) => changes,
+            Err(error) => {
+                if let StoreError::CorruptChange { position, key, .. } = &error {
+                    self.stopped_at = Some((*position, key.clone()));
+                }
+                return Err(error);
+            }
+        };
+        self.stopped_at = None;
         if let Some(last) = changes.last() {
             self.position = last.position;
         }
         Ok(changes)
+    }
+
+    /// Moves past the change at `position` without delivering it: the way
+    /// on after [`StoreError::CorruptChange`] when repairing the row is not
+    /// possible and losing that one change is acceptable. Only the change
+    /// the feed stopped at can be skipped, and only right after the read
+    /// that stopped there; anything else is refused and skips nothing.
+    ///
+    /// The skip is logged as a warning and counted in
+    /// `persist_durable_feed_changes_skipped_total`. Like reading, it moves
+    /// the position: [`commit`](Self::commit) makes it the consumer's offset.
+    pub fn skip_corrupt(&mut self, position: u64) -> Result<(), SkipRefused> {
+        match self.stopped_at.take() {
+            Some((stopped, key)) if stopped == position => {
+                warn!(
+                    position,
+                    key = %key,
+                    consumer = self.consumer.as_deref().unwrap_or("-"),
+                    entity = E::ENTITY_TYPE,
+                    "skipping a change of the feed that cannot be decoded; it will not be delivered"
+                );
+                metrics::counter!("persist_durable_feed_changes_skipped_total", "entity" => E::ENTITY_TYPE)
+                    .increment(1);
+                self.position = position;
+                Ok(())
+            }
+            stopped => {
+                let stopped_at = stopped.as_ref().map(|(position, _)| *position);
+                self.stopped_at = stopped;
+                Err(SkipRefused {
+                    requested: position,
+                    stopped_at,
+                })
+            }
+        }
     }
 
     /// Waits until there are changes after the current position and returns them.
@@ -177,3 +264,32 @@ impl<E: DurableEntity> EntityFeed<E> {
         }
     }
 }
+
+/// [`EntityFeed::skip_corrupt`] was asked to skip a change other than the
+/// undecodable one the feed stopped at; nothing was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SkipRefused {
+    /// The position asked to skip.
+    pub requested: u64,
+    /// The undecodable change the feed stopped at, if it did.
+    pub stopped_at: Option<u64>,
+}
+
+impl fmt::Display for SkipRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.stopped_at {
+            Some(stopped_at) => write!(
+                f,
+                "not skipping position {}: the feed stopped at the undecodable change at {stopped_at}",
+                self.requested
+            ),
+            None => write!(
+                f,
+                "not skipping position {}: the feed has not stopped at an undecodable change",
+                self.requested
+            ),
+        }
+    }
+}
+
+impl std::error::Error for SkipRefused {}

@@ -7,9 +7,26 @@
 //! | `GET /malls/{mall_id}/users/{user_id}` | the current state |
 //! | `GET /healthz` | 200 when the database answers, else 503 |
 //!
-//! Errors: 400 with a JSON message for bad input, 409 for a conflict that
-//! could not be resolved, 503 with `Retry-After` when the database is down or
-//! the library is overloaded, 500 for a corrupt stored row.
+//! Every error is answered with a JSON body `{"error": "<message>"}`:
+//!
+//! | status | when |
+//! | --- | --- |
+//! | 400 | bad input: a malformed path, body or command |
+//! | 404 | no route at this path |
+//! | 405 | a route that does not take this method (with `Allow`) |
+//! | 409 | a conflict that could not be resolved |
+//! | 413 | a body over the size limit: actix-web's [`web::PayloadConfig`], 256 KiB unless the application sets its own |
+//! | 415 | a command body whose `Content-Type` is not JSON (`application/json`, with parameters or not, or any `application/*+json`); a request without a `Content-Type` is read as JSON |
+//! | 422 | a command the entity's domain refused |
+//! | 500 | a corrupt stored row |
+//! | 503 | with `Retry-After`: the database is down or the library is overloaded |
+//! | 504 | the outcome of a write is unknown: send the command again with the same event id |
+//!
+//! The 404 is the application's default service, which [`routes`] and
+//! [`configure`] set (an application that wants its own calls
+//! `App::default_service` after mounting them); routes the application adds
+//! itself, before or after, are unaffected. [`not_found`] is the same
+//! answer, for an application that mounts its own default service or scopes.
 //!
 //! Mount them with [`routes`], handing them the typed handle they serve;
 //! they need nothing else from the application:
@@ -55,9 +72,10 @@
 //! themselves; it serves the same routes.
 
 use actix::Addr;
-use actix_web::http::header::RETRY_AFTER;
+use actix_web::error::PayloadError;
+use actix_web::http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use actix_web::http::StatusCode;
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use serde::Serialize;
 
 use crate::domain::{Command, Event, UserKey, UserState};
@@ -76,14 +94,37 @@ pub fn routes(users: UserStates) -> impl FnOnce(&mut web::ServiceConfig) {
 /// Registers the routes without their state: the application provides
 /// either `web::Data<UserStates>` or, as before [`routes`] existed, both
 /// `web::Data<Addr<UserStateManager>>` and `web::Data<SharedStore>`.
+///
+/// Also sets the application's default service to [`not_found`], so that
+/// every error, the router's included, is answered with a JSON body.
 pub fn configure(config: &mut web::ServiceConfig) {
     config
-        .route(
-            "/malls/{mall_id}/users/{user_id}/commands",
-            web::post().to(post_command),
-        )
-        .route("/malls/{mall_id}/users/{user_id}", web::get().to(get_state))
-        .route("/healthz", web::get().to(healthz));
+        .service(resource("/malls/{mall_id}/users/{user_id}/commands", "POST").route(web::post().to(post_command)))
+        .service(resource("/malls/{mall_id}/users/{user_id}", "GET").route(web::get().to(get_state)))
+        .service(resource("/healthz", "GET").route(web::get().to(healthz)))
+        .default_service(web::to(not_found));
+}
+
+/// A route at `path` that answers other methods than `allowed` with a JSON 405.
+fn resource(path: &str, allowed: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move |request: HttpRequest| async move {
+        Err::<HttpResponse, _>(ApiError::MethodNotAllowed {
+            method: request.method().to_string(),
+            path: request.path().to_owned(),
+            allowed,
+        })
+    }))
+}
+
+/// The answer to a request no route takes: 404 with a JSON body. [`routes`]
+/// and [`configure`] make it the application's default service; mount it
+/// yourself with `App::default_service(web::to(http::not_found))` or on a
+/// scope.
+pub async fn not_found(request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound {
+        method: request.method().to_string(),
+        path: request.path().to_owned(),
+    })
 }
 
 /// A user's state as the routes answer it.
@@ -110,6 +151,30 @@ pub enum ApiError {
     /// The routes cannot reach the user states: 503.
     #[error("the user state manager is unavailable: {0}")]
     Unavailable(String),
+    /// No route at this path: 404.
+    #[error("no route for {method} {path}")]
+    NotFound {
+        /// The request's method.
+        method: String,
+        /// The request's path.
+        path: String,
+    },
+    /// The route does not take this method: 405, with `Allow`.
+    #[error("{path} does not take {method}; it takes {allowed}")]
+    MethodNotAllowed {
+        /// The request's method.
+        method: String,
+        /// The request's path.
+        path: String,
+        /// The method the route takes.
+        allowed: &'static str,
+    },
+    /// The body is larger than the limit, [`web::PayloadConfig`]'s: 413.
+    #[error("the body is larger than the limit (web::PayloadConfig; 256 KiB by default)")]
+    PayloadTooLarge,
+    /// The command body's `Content-Type` is not JSON: 415.
+    #[error("a command body must be JSON (content-type application/json), not {0:?}")]
+    UnsupportedMediaType(String),
 }
 
 #[derive(Serialize)]
@@ -123,7 +188,14 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Command(CommandError::Conflict { .. }) => StatusCode::CONFLICT,
             ApiError::Command(CommandError::CorruptState { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            // The write may have committed: not "unavailable", and no Retry-After.
+            ApiError::Command(CommandError::OutcomeUnknown { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Command(CommandError::Rejected { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Command(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         }
     }
 
@@ -131,6 +203,9 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(self.status_code());
         if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
             response.insert_header((RETRY_AFTER, "1"));
+        }
+        if let ApiError::MethodNotAllowed { allowed, .. } = self {
+            response.insert_header((ALLOW, *allowed));
         }
         response.json(ErrorBody {
             error: self.to_string(),
@@ -164,11 +239,41 @@ async fn execute(request: &HttpRequest, path: (String, String), event: Event) ->
     }))
 }
 
+/// Refuses a body declared as anything but JSON; one declared as nothing is
+/// read as JSON.
+fn require_json(request: &HttpRequest) -> Result<(), ApiError> {
+    let Some(declared) = request.headers().get(CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let json = request.mime_type().ok().flatten().is_some_and(|mime| {
+        mime.type_() == "application" && (mime.subtype() == "json" || mime.suffix().is_some_and(|s| s == "json"))
+    });
+    if json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(
+            String::from_utf8_lossy(declared.as_bytes()).into_owned(),
+        ))
+    }
+}
+
+/// Why the body could not be had, as an answer.
+fn body_error(error: actix_web::Error) -> ApiError {
+    match error.as_error::<PayloadError>() {
+        Some(PayloadError::Overflow) => ApiError::PayloadTooLarge,
+        _ => ApiError::BadRequest(InvalidInput::MalformedCommand {
+            reason: format!("the body could not be read: {error}"),
+        }),
+    }
+}
+
 async fn post_command(
     request: HttpRequest,
     path: web::Path<(String, String)>,
-    body: web::Bytes,
+    body: Result<web::Bytes, actix_web::Error>,
 ) -> Result<HttpResponse, ApiError> {
+    require_json(&request)?;
+    let body = body.map_err(body_error)?;
     let text = std::str::from_utf8(&body).map_err(|e| InvalidInput::MalformedCommand {
         reason: format!("the body is not UTF-8: {e}"),
     })?;

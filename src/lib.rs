@@ -77,7 +77,7 @@ pub use entity::{
     Revision, MAX_ID_BYTES,
 };
 pub use error::{Cause, CommandError, CorruptRow, StoreError};
-pub use feed::{ChangeFeed, EntityFeed, StateChange};
+pub use feed::{ChangeFeed, EntityFeed, SkipRefused, StateChange};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]

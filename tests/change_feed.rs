@@ -9,8 +9,8 @@ use std::time::Duration;
 use actix::Actor;
 use common::{key, test_store_config, view, Backend, TestDb};
 use persist_durable::{
-    ChangeFeed, Command, Config, Revision, SharedStore, StateChange, StoreError, UserCommand, UserKey, UserState,
-    UserStateManager,
+    ChangeFeed, Command, Config, CorruptRow, EntityKey, Revision, SharedStore, SkipRefused, StateChange, StoreError,
+    UserCommand, UserKey, UserState, UserStateManager,
 };
 use rstest::rstest;
 
@@ -224,4 +224,172 @@ async fn a_store_opened_without_the_feed_says_how_to_enable_it(#[values(Backend:
     let error = ChangeFeed::from_position(store, 0).next_batch().await.unwrap_err();
 
     assert!(error.to_string().contains("with_change_feed"), "{error}");
+}
+
+/// SQL that overwrites the payload of the change at `position` with bytes that are not a state.
+fn corrupt_change_payload(backend: Backend, position: u64) -> String {
+    match backend {
+        Backend::Sqlite => {
+            format!("UPDATE state_changes SET state_payload = X'7B6E6F74206A736F6E' WHERE position = {position}")
+        }
+        Backend::Postgres => {
+            format!("UPDATE state_changes SET state_payload = '\\x7b6e6f74206a736f6e' WHERE position = {position}")
+        }
+    }
+}
+
+/// Three users written once each: feed positions 1, 2 and 3.
+async fn three_changes(store: &SharedStore) -> Vec<UserKey> {
+    let users: Vec<UserKey> = (1..=3).map(|i| key("mall001", &format!("user{i}"))).collect();
+    for user in &users {
+        store
+            .write(user, Revision::NONE, Revision(1), &UserState::default())
+            .await
+            .unwrap();
+    }
+    users
+}
+
+fn positions(changes: &[StateChange]) -> Vec<u64> {
+    changes.iter().map(|c| c.position).collect()
+}
+
+#[rstest]
+#[actix::test]
+async fn changes_before_an_undecodable_one_are_delivered_then_the_feed_stops_at_it_naming_position_and_user(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = feed_store(&db).await;
+    let users = three_changes(&store).await;
+    db.execute(&corrupt_change_payload(backend, 2));
+    let mut feed = ChangeFeed::resume(store.clone(), "search-index")
+        .await
+        .unwrap()
+        .with_batch_size(10);
+
+    let first = feed
+        .next_batch()
+        .await
+        .expect("the change before the corrupt one is delivered");
+    assert_eq!(positions(&first), [1]);
+    for _ in 0..2 {
+        match feed.next_batch().await {
+            Err(StoreError::CorruptChange {
+                position,
+                key,
+                source: CorruptRow::Payload(_),
+            }) => {
+                assert_eq!(position, 2);
+                assert_eq!(key, users[1].persistence_id(), "names the user");
+            }
+            other => panic!("expected the feed to stop at position 2: {other:?}"),
+        }
+        assert_eq!(
+            feed.position(),
+            1,
+            "the position does not move over an undelivered change"
+        );
+        assert_eq!(feed.stopped_at(), Some(2));
+    }
+    let error = feed.next().await.expect_err("next() stops too, rather than waiting");
+    assert!(error.to_string().contains("position 2"), "{error}");
+    assert!(error.to_string().contains("skip_corrupt"), "says how to go on: {error}");
+
+    feed.commit().await.unwrap();
+    let resumed = ChangeFeed::resume(store, "search-index").await.unwrap();
+    assert_eq!(
+        resumed.position(),
+        1,
+        "the committed offset is the last change delivered"
+    );
+}
+
+#[rstest]
+#[actix::test]
+async fn a_consumer_skips_an_undecodable_change_only_deliberately_and_only_that_one(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = feed_store(&db).await;
+    three_changes(&store).await;
+    db.execute(&corrupt_change_payload(backend, 2));
+    let mut feed = ChangeFeed::resume(store.clone(), "search-index")
+        .await
+        .unwrap()
+        .with_batch_size(10);
+
+    let before_any_read = feed.skip_corrupt(2).unwrap_err();
+    assert_eq!(
+        before_any_read,
+        SkipRefused {
+            requested: 2,
+            stopped_at: None
+        }
+    );
+    assert_eq!(positions(&feed.next_batch().await.unwrap()), [1]);
+    feed.next_batch().await.unwrap_err();
+    let not_the_corrupt_one = feed.skip_corrupt(3).unwrap_err();
+    assert_eq!(not_the_corrupt_one.stopped_at, Some(2));
+    assert_eq!(feed.position(), 1, "a refused skip skips nothing");
+
+    feed.skip_corrupt(2).unwrap();
+    assert_eq!(feed.position(), 2);
+    assert_eq!(feed.stopped_at(), None);
+    assert_eq!(positions(&feed.next_batch().await.unwrap()), [3], "the rest follows");
+    feed.commit().await.unwrap();
+
+    let resumed = ChangeFeed::resume(store.clone(), "search-index").await.unwrap();
+    assert_eq!(resumed.position(), 3, "the skip is committed with the offset");
+    let mut other_consumer = ChangeFeed::from_position(store, 0);
+    other_consumer.next_batch().await.unwrap();
+    assert!(
+        matches!(
+            other_consumer.next_batch().await,
+            Err(StoreError::CorruptChange { position: 2, .. })
+        ),
+        "a skip is one consumer's decision: the row is still corrupt for the others"
+    );
+}
+
+/// Damage to a feed row that the store itself cannot read (not the payload).
+#[derive(Debug, Clone, Copy)]
+enum RowDamage {
+    Revision,
+    PersistenceId,
+    /// SQLite keeps the commit time as text; PostgreSQL's column cannot hold a bad one.
+    Timestamp,
+}
+
+#[rstest]
+#[actix::test]
+async fn a_feed_row_the_store_cannot_read_stops_the_feed_at_its_position_too(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[values(RowDamage::Revision, RowDamage::PersistenceId, RowDamage::Timestamp)] damage: RowDamage,
+) {
+    if matches!((backend, damage), (Backend::Postgres, RowDamage::Timestamp)) {
+        return;
+    }
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = feed_store(&db).await;
+    three_changes(&store).await;
+    db.execute(match damage {
+        RowDamage::Revision => "UPDATE state_changes SET revision = 0 WHERE position = 2",
+        RowDamage::PersistenceId => "UPDATE state_changes SET persistence_id = 'no entity type' WHERE position = 2",
+        RowDamage::Timestamp => "UPDATE state_changes SET committed_at = 'yesterday' WHERE position = 2",
+    });
+    let mut feed = ChangeFeed::from_position(store, 0).with_batch_size(10);
+
+    let first = feed
+        .next_batch()
+        .await
+        .expect("the change before the damaged one is delivered");
+    assert_eq!(positions(&first), [1]);
+    let error = feed.next_batch().await.unwrap_err();
+    assert!(
+        matches!(error, StoreError::CorruptChange { position: 2, .. }),
+        "{damage:?}: {error:?}"
+    );
+    feed.skip_corrupt(2).unwrap();
+    assert_eq!(positions(&feed.next_batch().await.unwrap()), [3]);
 }

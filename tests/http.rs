@@ -193,3 +193,156 @@ async fn an_overloaded_library_is_a_503() {
         .iter()
         .all(|s| *s == StatusCode::OK || *s == StatusCode::SERVICE_UNAVAILABLE));
 }
+
+/// An application serving only the routes, on a memory store: `App::new().configure(http::routes(users))`.
+macro_rules! routes_app {
+    ($store:expr) => {{
+        let store: SharedStore = $store;
+        let users = persist_durable::UserStates::start(store, Config::default());
+        test::init_service(App::new().configure(http::routes(users))).await
+    }};
+}
+
+/// Asserts `response` has `status` and a JSON body `{"error": "<non-empty message>"}`.
+async fn assert_json_error(response: actix_web::dev::ServiceResponse, status: StatusCode, case: &str) {
+    assert_eq!(response.status(), status, "{case}");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!(content_type.as_deref(), Some("application/json"), "{case}");
+    let body: Value = test::read_body_json(response).await;
+    assert!(body["error"].as_str().is_some_and(|m| !m.is_empty()), "{case}: {body}");
+}
+
+fn memory() -> SharedStore {
+    std::sync::Arc::new(persist_durable::MemoryStore::new())
+}
+
+#[actix::test]
+async fn a_command_body_declared_as_another_type_than_json_is_a_415_and_changes_nothing() {
+    let store = memory();
+    let app = routes_app!(store.clone());
+    let path = "/malls/mall001/users/user001/commands";
+
+    for content_type in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/xml",
+        "not a type",
+    ] {
+        let request = test::TestRequest::post()
+            .uri(path)
+            .insert_header(("content-type", content_type))
+            .set_payload(r#"{"type": "user_login"}"#)
+            .to_request();
+        let response = test::call_service(&app, request).await;
+        assert_json_error(response, StatusCode::UNSUPPORTED_MEDIA_TYPE, content_type).await;
+    }
+
+    assert_eq!(store.load(&key("mall001", "user001")).await.unwrap(), None);
+}
+
+#[actix::test]
+async fn json_with_parameters_a_json_suffix_or_no_content_type_at_all_is_accepted() {
+    let app = routes_app!(memory());
+    let path = "/malls/mall001/users/user001/commands";
+
+    for content_type in [
+        Some("application/json"),
+        Some("application/json; charset=utf-8"),
+        Some("application/vnd.api+json"),
+        None,
+    ] {
+        let mut request = test::TestRequest::post()
+            .uri(path)
+            .set_payload(r#"{"type": "user_login"}"#);
+        if let Some(content_type) = content_type {
+            request = request.insert_header(("content-type", content_type));
+        }
+        let response = test::call_service(&app, request.to_request()).await;
+        assert_eq!(response.status(), StatusCode::OK, "{content_type:?}");
+    }
+}
+
+#[actix::test]
+async fn a_body_over_the_size_limit_is_a_413_with_a_json_message() {
+    let store = memory();
+    let app = routes_app!(store.clone());
+    let path = "/malls/mall001/users/user001/commands";
+    // Over actix-web's default limit of 256 KiB.
+    let big = format!(r#"{{"type": "view_product", "product_id": "{}"}}"#, "p".repeat(300_000));
+
+    let response = test::call_service(&app, post(path, &big).to_request()).await;
+    assert_json_error(response, StatusCode::PAYLOAD_TOO_LARGE, "default limit").await;
+
+    // An application that sets its own limit gets it, with the same answer.
+    let users = persist_durable::UserStates::start(store.clone(), Config::default());
+    let small = test::init_service(
+        App::new()
+            .app_data(web::PayloadConfig::new(1024))
+            .configure(http::routes(users)),
+    )
+    .await;
+    let body = format!(r#"{{"type": "view_product", "product_id": "{}"}}"#, "p".repeat(2_000));
+    let response = test::call_service(&small, post(path, &body).to_request()).await;
+    assert_json_error(response, StatusCode::PAYLOAD_TOO_LARGE, "limit of 1 KiB").await;
+
+    assert_eq!(store.load(&key("mall001", "user001")).await.unwrap(), None);
+}
+
+#[actix::test]
+async fn an_unknown_route_is_a_404_with_a_json_message_and_the_applications_own_routes_still_answer() {
+    let users = persist_durable::UserStates::start(memory(), Config::default());
+    let app = test::init_service(
+        App::new()
+            .configure(http::routes(users))
+            .route("/metrics", web::get().to(|| async { "metrics" })),
+    )
+    .await;
+
+    for (method, path) in [
+        ("GET", "/"),
+        ("GET", "/nope"),
+        ("POST", "/malls/mall001/users/user001/unknown"),
+        ("GET", "/malls/mall001/users"),
+    ] {
+        let request = test::TestRequest::default()
+            .method(method.parse().unwrap())
+            .uri(path)
+            .to_request();
+        let response = test::call_service(&app, request).await;
+        assert_json_error(response, StatusCode::NOT_FOUND, &format!("{method} {path}")).await;
+    }
+    let metrics = test::call_service(&app, test::TestRequest::get().uri("/metrics").to_request()).await;
+    assert_eq!(metrics.status(), StatusCode::OK, "a route mounted after ours");
+}
+
+#[actix::test]
+async fn a_known_route_with_a_wrong_method_is_a_405_with_a_json_message() {
+    let app = routes_app!(memory());
+
+    for (method, path) in [
+        ("GET", "/malls/mall001/users/user001/commands"),
+        ("PUT", "/malls/mall001/users/user001/commands"),
+        ("DELETE", "/malls/mall001/users/user001"),
+        ("POST", "/healthz"),
+    ] {
+        let request = test::TestRequest::default()
+            .method(method.parse().unwrap())
+            .uri(path)
+            .to_request();
+        let response = test::call_service(&app, request).await;
+        assert_json_error(response, StatusCode::METHOD_NOT_ALLOWED, &format!("{method} {path}")).await;
+    }
+}
+
+#[actix::test]
+async fn the_routes_mounted_with_configure_answer_404_and_405_as_json_too() {
+    let app = app!(memory(), Config::default());
+
+    let unknown = test::call_service(&app, test::TestRequest::get().uri("/nope").to_request()).await;
+    assert_json_error(unknown, StatusCode::NOT_FOUND, "GET /nope").await;
+    let wrong_method = test::call_service(&app, test::TestRequest::post().uri("/healthz").to_request()).await;
+    assert_json_error(wrong_method, StatusCode::METHOD_NOT_ALLOWED, "POST /healthz").await;
+}

@@ -8,8 +8,8 @@ use std::time::Duration;
 use actix::{Actor, Addr};
 use common::{key, t0, view, Backend, TestDb};
 use persist_durable::{
-    Command, Config, GetManagerStats, ManualClock, ProductId, Revision, UserCommand, UserState, UserStateActor,
-    UserStateManager,
+    Command, CommandError, Config, GetManagerStats, ManualClock, MemoryStore, ProductId, Revision, SharedStore,
+    UserCommand, UserState, UserStateActor, UserStateManager,
 };
 use rstest::rstest;
 
@@ -268,4 +268,73 @@ async fn a_user_passivated_twice_keeps_its_state(#[values(Backend::Sqlite)] back
         .unwrap();
     assert_eq!(restored, last);
     assert_eq!(manager.send(GetManagerStats).await.unwrap().passivations, 2);
+}
+
+#[actix::test]
+async fn commands_held_while_a_user_passivates_beyond_its_queue_limit_are_refused_by_the_manager() {
+    let store: SharedStore = std::sync::Arc::new(MemoryStore::new());
+    let config = on_this_runtime().with_max_resident_users(1).with_max_queued_per_user(3);
+    let manager = UserStateManager::new(store.clone(), config).start();
+    let (evicted, other) = (key("mall001", "evicted"), key("mall001", "other"));
+    manager
+        .send(UserCommand::new(evicted.clone(), Command::UserLogin))
+        .await
+        .unwrap()
+        .unwrap();
+
+    // `other` takes the only resident place: `evicted` starts passivating at
+    // once, and the ten commands queued behind are handled while it does.
+    let activation = manager.send(UserCommand::new(other, Command::UserLogin));
+    let held: Vec<_> = (0..10)
+        .map(|i| manager.send(UserCommand::new(evicted.clone(), view(&format!("p{i}")))))
+        .collect();
+    let mut replies = Vec::new();
+    for request in held {
+        replies.push(request.await.unwrap());
+    }
+    activation.await.unwrap().unwrap();
+
+    let accepted = replies.iter().filter(|r| r.is_ok()).count();
+    let refused = replies
+        .iter()
+        .filter(|r| matches!(r, Err(CommandError::Overloaded { key, .. }) if *key == evicted))
+        .count();
+    assert_eq!((accepted, refused), (3, 7), "{replies:?}");
+    let stats = manager.send(GetManagerStats).await.unwrap();
+    assert_eq!(stats.commands_refused, 7, "refused by the manager: {stats:?}");
+    assert_eq!(stats.commands_held_during_passivation, 3, "{stats:?}");
+    assert_eq!(
+        store.load(&evicted).await.unwrap().unwrap().revision,
+        Revision(4),
+        "the held commands were applied once each"
+    );
+}
+
+#[actix::test]
+async fn idle_passivations_and_evictions_are_counted_separately() {
+    tokio::time::pause();
+    let store: SharedStore = std::sync::Arc::new(MemoryStore::new());
+    let manager = UserStateManager::new(store, on_this_runtime().with_max_resident_users(1)).start();
+    let (first, second) = (key("mall001", "first"), key("mall001", "second"));
+
+    manager
+        .send(UserCommand::new(first, Command::UserLogin))
+        .await
+        .unwrap()
+        .unwrap();
+    // The second user takes the only resident place: the first is evicted.
+    manager
+        .send(UserCommand::new(second, Command::UserLogin))
+        .await
+        .unwrap()
+        .unwrap();
+    until_resident(&manager, 1).await;
+    // The second goes idle and is passivated.
+    tokio::time::advance(35 * MINUTE).await;
+    until_resident(&manager, 0).await;
+
+    let stats = manager.send(GetManagerStats).await.unwrap();
+    assert_eq!(stats.evictions, 1, "{stats:?}");
+    assert_eq!(stats.idle_passivations, 1, "{stats:?}");
+    assert_eq!(stats.passivations, 2, "the total of both: {stats:?}");
 }

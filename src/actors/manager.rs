@@ -49,6 +49,12 @@ impl<E: DurableEntity> EntityCommand<E> {
 pub struct GetManagerStats;
 
 /// What a manager has done since it started.
+///
+/// A passivation has one of two causes, counted apart when it begins:
+/// [`idle_passivations`](Self::idle_passivations) and
+/// [`evictions`](Self::evictions). [`passivations`](Self::passivations)
+/// counts those of either cause that have completed (the actor stopped), so
+/// once no entity is passivating it is their sum.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ManagerStats {
@@ -56,14 +62,20 @@ pub struct ManagerStats {
     pub resident_users: usize,
     /// Actors started: first activations and restores after passivation.
     pub activations: u64,
-    /// Actors passivated (for idleness, or evicted).
+    /// Passivations completed, of either cause: idleness or eviction.
     pub passivations: u64,
+    /// Entities whose actor asked to be passivated because it was idle for
+    /// [`Config::idle_timeout`].
+    pub idle_passivations: u64,
     /// Commands that arrived while their entity was passivating and were
-    /// handed to its next actor.
+    /// held for its next actor (at most [`Config::max_queued_per_user`] at a
+    /// time per entity; beyond it they are refused).
     pub commands_held_during_passivation: u64,
     /// Entities passivated early because [`Config::max_resident_users`] was reached.
     pub evictions: u64,
-    /// Commands refused with [`CommandError::Overloaded`] by the manager.
+    /// Commands refused with [`CommandError::Overloaded`] by the manager:
+    /// beyond [`Config::max_commands_in_flight`], or beyond
+    /// [`Config::max_queued_per_user`] held for a passivating entity.
     pub commands_refused: u64,
 }
 
@@ -78,7 +90,10 @@ pub struct ManagerStats {
 /// everything already forwarded. The actor handles those first, then stops;
 /// when it has stopped (its last write committed), the held-back commands go
 /// to a new actor, which restores the committed state first. No command is
-/// lost, bounced with a mailbox error, or applied twice.
+/// lost, bounced with a mailbox error, or applied twice. At most
+/// [`Config::max_queued_per_user`] commands are held per entity, the bound
+/// of a live actor's queue: beyond it the manager refuses them at once with
+/// [`CommandError::Overloaded`].
 ///
 /// ```
 /// use persist_durable::{Command, SqliteStore, UserCommand, UserKey, UserStateManager, Config};
@@ -125,8 +140,31 @@ struct Child<E: DurableEntity> {
 enum Phase<E: DurableEntity> {
     /// Commands go straight to it.
     Active,
-    /// Told to passivate: commands wait here for its successor.
-    Passivating { held: Vec<HeldCommand<E>> },
+    /// Told to passivate: commands wait here for its successor, at most
+    /// [`Config::max_queued_per_user`] of them.
+    Passivating {
+        held: Vec<HeldCommand<E>>,
+        cause: PassivationCause,
+    },
+}
+
+/// Why a child is passivated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PassivationCause {
+    /// It was idle and asked for it.
+    Idle,
+    /// [`Config::max_resident_users`] was reached and it was least recently used.
+    Evicted,
+}
+
+impl PassivationCause {
+    /// The `cause` label of `persist_durable_passivations_total`.
+    fn label(self) -> &'static str {
+        match self {
+            PassivationCause::Idle => "idle",
+            PassivationCause::Evicted => "evicted",
+        }
+    }
 }
 
 struct HeldCommand<E: DurableEntity> {
@@ -163,18 +201,25 @@ impl<E: DurableEntity> EntityManager<E> {
         }
     }
 
-    /// Tells `key`'s child to passivate, holding its later commands; false if
-    /// it is unknown or already passivating.
-    fn begin_passivation(&mut self, key: &E::Key) -> bool {
+    /// Tells `key`'s child to passivate, holding its later commands, and
+    /// counts it under `cause`; false if it is unknown or already passivating.
+    fn begin_passivation(&mut self, key: &E::Key, cause: PassivationCause) -> bool {
         let Some(child) = self.children.get_mut(key) else {
             return false;
         };
         if let Phase::Passivating { .. } = child.phase {
             return false;
         }
-        child.phase = Phase::Passivating { held: Vec::new() };
+        child.phase = Phase::Passivating {
+            held: Vec::new(),
+            cause,
+        };
         child.addr.do_send(Passivate);
         self.passivating += 1;
+        match cause {
+            PassivationCause::Idle => self.stats.idle_passivations += 1,
+            PassivationCause::Evicted => self.stats.evictions += 1,
+        }
         true
     }
 
@@ -201,9 +246,7 @@ impl<E: DurableEntity> EntityManager<E> {
         }
         candidates.select_nth_unstable_by_key(excess - 1, |(last_used, _)| *last_used);
         for (_, key) in candidates.into_iter().take(excess) {
-            if self.begin_passivation(&key) {
-                self.stats.evictions += 1;
-            }
+            self.begin_passivation(&key, PassivationCause::Evicted);
         }
     }
 
@@ -297,21 +340,8 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
 
     fn handle(&mut self, EntityCommand { key, event }: EntityCommand<E>, _ctx: &mut Self::Context) -> Self::Result {
         if self.in_flight.load(Ordering::Relaxed) >= self.shared.config.max_commands_in_flight {
-            self.stats.commands_refused += 1;
-            metrics::counter!(
-                "persist_durable_commands_total",
-                "entity" => E::ENTITY_TYPE,
-                "command" => E::command_name(&event.command),
-                "outcome" => "overloaded"
-            )
-            .increment(1);
             let limit = self.shared.config.max_commands_in_flight;
-            return Box::pin(async move {
-                Err(CommandError::Overloaded {
-                    key,
-                    reason: format!("{limit} commands are already in flight"),
-                })
-            });
+            return self.refuse(key, &event, format!("{limit} commands are already in flight"));
         }
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let in_flight = InFlight(self.in_flight.clone());
@@ -326,6 +356,7 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
             unreachable!("inserted above")
         };
         child.last_used = self.ticks;
+        let max_held = self.shared.config.max_queued_per_user;
         match &mut child.phase {
             Phase::Active => {
                 let answer = forward(key, &child.addr, event);
@@ -334,7 +365,13 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
                     answer.await
                 })
             }
-            Phase::Passivating { held } => {
+            // The same bound as a live actor's queue: refused here, not by the successor.
+            Phase::Passivating { held, .. } if held.len() >= max_held => self.refuse(
+                key,
+                &event,
+                format!("{max_held} commands are already queued for this entity while it passivates"),
+            ),
+            Phase::Passivating { held, .. } => {
                 self.stats.commands_held_during_passivation += 1;
                 let (reply, answer) = oneshot::channel();
                 held.push(HeldCommand { event, reply });
@@ -352,6 +389,26 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
     }
 }
 
+impl<E: DurableEntity> EntityManager<E> {
+    /// Refuses `event` with [`CommandError::Overloaded`], counted.
+    fn refuse(
+        &mut self,
+        key: E::Key,
+        event: &EntityEvent<E::Command>,
+        reason: String,
+    ) -> ResponseFuture<Result<E, CommandError<E>>> {
+        self.stats.commands_refused += 1;
+        metrics::counter!(
+            "persist_durable_commands_total",
+            "entity" => E::ENTITY_TYPE,
+            "command" => E::command_name(&event.command),
+            "outcome" => "overloaded"
+        )
+        .increment(1);
+        Box::pin(async move { Err(CommandError::Overloaded { key, reason }) })
+    }
+}
+
 impl<E: DurableEntity> Handler<FromChild<E::Key>> for EntityManager<E> {
     type Result = ();
 
@@ -366,7 +423,7 @@ impl<E: DurableEntity> Handler<FromChild<E::Key>> for EntityManager<E> {
         }
         match message.event {
             ChildEvent::PassivationRequested => {
-                self.begin_passivation(&message.key);
+                self.begin_passivation(&message.key, PassivationCause::Idle);
             }
             ChildEvent::Stopped => self.child_stopped(message.key),
         }
@@ -381,10 +438,15 @@ impl<E: DurableEntity> EntityManager<E> {
         };
         let held = match child.phase {
             Phase::Active => Vec::new(),
-            Phase::Passivating { held } => {
+            Phase::Passivating { held, cause } => {
                 self.passivating -= 1;
                 self.stats.passivations += 1;
-                metrics::counter!("persist_durable_passivations_total", "entity" => E::ENTITY_TYPE).increment(1);
+                metrics::counter!(
+                    "persist_durable_passivations_total",
+                    "entity" => E::ENTITY_TYPE,
+                    "cause" => cause.label()
+                )
+                .increment(1);
                 held
             }
         };

@@ -115,6 +115,25 @@ impl StoreConfig {
 }
 
 impl StoreConfig {
+    /// Refuses settings under which an answer could be wrong about a
+    /// commit: timeouts of zero (or under a millisecond, which the
+    /// databases cannot express). SQLite also needs its busy timeout within
+    /// the operation timeout, checked by [`SqliteStore::open_with`](crate::SqliteStore::open_with).
+    pub fn validate(&self) -> Result<(), crate::StoreError> {
+        let at_least_a_millisecond = [
+            ("operation_timeout", self.operation_timeout),
+            ("connect_timeout", self.connect_timeout),
+        ];
+        for (name, timeout) in at_least_a_millisecond {
+            if timeout < Duration::from_millis(1) {
+                return Err(crate::StoreError::InvalidConfig(format!(
+                    "{name} is {timeout:?}; at least 1 ms is needed"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// A connection pool for `manager` with this configuration's size and timeouts.
     pub(crate) fn build_pool<M: deadpool::managed::Manager>(
         &self,

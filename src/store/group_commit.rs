@@ -10,6 +10,8 @@
 //! few, large statements exactly when it is busiest.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
+use tracing::debug;
 
 use super::row::{bigint, StateRow};
 use super::runtime::DbRuntime;
@@ -25,7 +28,7 @@ use crate::entity::{PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
 
 /// One row of a write batch, as a backend binds it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct RowWrite {
     pub(crate) persistence_id: PersistenceId,
     pub(crate) manifest: &'static str,
@@ -55,20 +58,21 @@ pub(crate) struct FeedRow {
 
 impl FeedRow {
     fn decode(self) -> Result<ChangeRow, StoreError> {
-        let key = PersistenceId::parse(&self.persistence_id).ok_or_else(|| StoreError::Corrupt {
+        // Read after a position of at least 0, so never negative.
+        let position = u64::try_from(self.position).unwrap_or(0);
+        let key = PersistenceId::parse(&self.persistence_id).ok_or_else(|| StoreError::CorruptChange {
+            position,
             key: PersistenceId::new("?", &self.persistence_id),
-            revision: self.revision,
             source: CorruptRow::Key(crate::InvalidInput::MalformedKey {
                 entity_id: self.persistence_id.clone(),
                 reason: "no `|` after the entity type",
             }),
         })?;
-        let corrupt = |source: CorruptRow| StoreError::Corrupt {
+        let corrupt = |source: CorruptRow| StoreError::CorruptChange {
+            position,
             key: key.clone(),
-            revision: self.revision,
             source,
         };
-        let position = u64::try_from(self.position).map_err(|_| corrupt(CorruptRow::Revision))?;
         let revision = u64::try_from(self.revision)
             .ok()
             .filter(|&r| r > 0)
@@ -89,7 +93,12 @@ pub(crate) trait SqlBackend: Send + Sync + 'static {
     /// Writes every row whose stored revision is its `expected`, atomically
     /// per row; returns, in input order, whether each row was written.
     /// Persistence ids in one call are unique.
-    async fn write_rows(&self, rows: Vec<RowWrite>) -> Result<Vec<bool>, StoreError>;
+    ///
+    /// An error means nothing was committed, except
+    /// [`StoreError::OutcomeUnknown`]: the statement was sent and no answer
+    /// came back. The wait for a connection is bounded apart from the
+    /// statement, so a slow pool never turns into an unknown outcome.
+    async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<bool>, StoreError>;
 
     /// The stored rows among `persistence_ids`, keyed by persistence id.
     async fn load_rows(&self, persistence_ids: Vec<String>) -> Result<HashMap<String, StateRow>, StoreError>;
@@ -212,7 +221,7 @@ impl GroupCommit {
         self.runtime
             .run(async move {
                 let rows = backend.read_changes(entity_type, after, limit).await?;
-                rows.into_iter().map(FeedRow::decode).collect()
+                super::good_prefix(rows.into_iter().map(FeedRow::decode))
             })
             .await
     }
@@ -332,21 +341,15 @@ async fn collect_writes(
         )
         .await;
         let (backend, counters) = (backend.clone(), counters.clone());
-        let (timeout, feed) = (config.operation_timeout, config.change_feed);
+        let feed = config.change_feed;
         tokio::spawn(async move {
-            execute_writes(backend.as_ref(), batch, timeout, feed, &counters).await;
+            execute_writes(backend.as_ref(), batch, feed, &counters).await;
             drop(slot);
         });
     }
 }
 
-async fn execute_writes(
-    backend: &dyn SqlBackend,
-    mut batch: Vec<WriteRequest>,
-    timeout: Duration,
-    feed: bool,
-    counters: &Counters,
-) {
+async fn execute_writes(backend: &dyn SqlBackend, mut batch: Vec<WriteRequest>, feed: bool, counters: &Counters) {
     // The same lock order in every statement: concurrent batches from several
     // nodes cannot deadlock.
     batch.sort_unstable_by(|a, b| a.write.key.cmp(&b.write.key));
@@ -368,40 +371,49 @@ async fn execute_writes(
     }
     metrics::histogram!("persist_durable_batch_rows").record(rows.len() as f64);
     let started = std::time::Instant::now();
-    // The database enforces `timeout` itself (PostgreSQL's statement and lock
-    // timeouts, SQLite's busy timeout), so its answer says whether the write
-    // committed. Waiting twice as long only guards against a connection that
-    // hangs without an answer, whose outcome is unknown.
-    let backstop = timeout * 2;
-    let outcome = tokio::time::timeout(backstop, backend.write_rows(rows))
-        .await
-        .unwrap_or(Err(StoreError::Timeout(backstop)));
+    let outcomes = write_isolating(backend, &rows, counters).await;
     metrics::histogram!("persist_durable_persist_seconds").record(started.elapsed().as_secs_f64());
-    Counters::add(&counters.write_statements, 1);
-    match outcome {
-        Ok(written) => {
-            let rows_written = written.iter().filter(|&&w| w).count();
-            Counters::add(&counters.rows_written, rows_written);
-            Counters::add(&counters.conflicts, written.len() - rows_written);
-            metrics::counter!("persist_durable_conflicts_total").increment((written.len() - rows_written) as u64);
-            for (request, written) in accepted.into_iter().zip(written) {
-                let result = if written {
-                    Ok(request.write.revision)
-                } else {
-                    Err(StoreError::Conflict {
-                        key: request.write.key,
-                        expected: request.write.expected,
-                    })
-                };
-                let _ = request.reply.send(result);
-            }
-        }
-        Err(error) => {
-            for request in accepted {
-                let _ = request.reply.send(Err(error.clone()));
-            }
-        }
+    let rows_written = outcomes.iter().filter(|outcome| matches!(outcome, Ok(true))).count();
+    let conflicts = outcomes.iter().filter(|outcome| matches!(outcome, Ok(false))).count();
+    Counters::add(&counters.rows_written, rows_written);
+    Counters::add(&counters.conflicts, conflicts);
+    metrics::counter!("persist_durable_conflicts_total").increment(conflicts as u64);
+    for (request, outcome) in accepted.into_iter().zip(outcomes) {
+        let result = match outcome {
+            Ok(true) => Ok(request.write.revision),
+            Ok(false) => Err(StoreError::Conflict {
+                key: request.write.key,
+                expected: request.write.expected,
+            }),
+            Err(error) => Err(error),
+        };
+        let _ = request.reply.send(result);
     }
+}
+
+type Outcomes<'a> = Pin<Box<dyn Future<Output = Vec<Result<bool, StoreError>>> + Send + 'a>>;
+
+/// Writes `rows` in one statement; if the database refuses the statement
+/// because of a row in it (a constraint, a trigger, a value out of range),
+/// writes each half on its own, down to the refused row alone, so that every
+/// other row still commits and only the culprit gets the error. Failures of
+/// the database itself (down, timed out, outcome unknown) fail every row at
+/// once: trying halves would only wait longer.
+fn write_isolating<'a>(backend: &'a dyn SqlBackend, rows: &'a [RowWrite], counters: &'a Counters) -> Outcomes<'a> {
+    Box::pin(async move {
+        Counters::add(&counters.write_statements, 1);
+        match backend.write_rows(rows).await {
+            Ok(written) => written.into_iter().map(Ok).collect(),
+            Err(error) if rows.len() > 1 && error.is_row_refusal() => {
+                debug!(rows = rows.len(), %error, "the database refused a batch; writing its halves apart");
+                let (left, right) = rows.split_at(rows.len() / 2);
+                let mut outcomes = write_isolating(backend, left, counters).await;
+                outcomes.extend(write_isolating(backend, right, counters).await);
+                outcomes
+            }
+            Err(error) => vec![Err(error); rows.len()],
+        }
+    })
 }
 
 /// The bound form of one write, taking its payloads: the row's state, and

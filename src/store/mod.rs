@@ -227,6 +227,21 @@ pub struct ChangeRow {
     pub committed_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// The rows before the first that failed to decode; the failure itself when
+/// it is the first. A change feed read thus delivers every change before a
+/// corrupt one and then stops at it, never passing over it.
+pub(crate) fn good_prefix<T>(rows: impl IntoIterator<Item = Result<T, StoreError>>) -> Result<Vec<T>, StoreError> {
+    let mut good = Vec::new();
+    for row in rows {
+        match row {
+            Ok(row) => good.push(row),
+            Err(error) if good.is_empty() => return Err(error),
+            Err(_) => break,
+        }
+    }
+    Ok(good)
+}
+
 /// Durable storage of entity states with revision-checked writes, for any
 /// entity type: rows of bytes keyed by persistence id.
 ///
@@ -257,6 +272,10 @@ pub trait StateStore: Send + Sync + fmt::Debug + 'static {
 
     /// Up to `limit` committed changes of `entity_type` after feed position
     /// `after` (0: from the start), in position order. See [`EntityFeed`](crate::EntityFeed).
+    ///
+    /// A row that cannot be decoded ends the changes returned; when it is
+    /// the first after `after`, the read fails with
+    /// [`StoreError::CorruptChange`] naming its position. Never skip it.
     async fn read_change_rows(
         &self,
         entity_type: &str,

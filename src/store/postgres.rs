@@ -121,6 +121,7 @@ impl PostgresStore {
 
     /// Connects with `config` and applies pending migrations.
     pub async fn connect_with(database_url: &str, config: StoreConfig) -> Result<Self, StoreError> {
+        config.validate()?;
         let runtime = Arc::new(DbRuntime::new(
             "postgres",
             config.worker_threads,
@@ -160,6 +161,7 @@ impl PostgresStore {
         let backend = PgBackend {
             pool,
             feed: config.change_feed,
+            no_answer_after: config.operation_timeout * 2,
         };
         let group_commit = GroupCommit::start(Arc::new(backend), runtime, &config);
         Ok(Self { group_commit })
@@ -189,11 +191,35 @@ super::typed_access!(PostgresStore);
 struct PgBackend {
     pool: Pool<AsyncPgConnection>,
     feed: bool,
+    /// How long a sent write may go unanswered before its outcome is
+    /// reported unknown: twice the server's statement timeout, so the
+    /// server always decides first when it can.
+    no_answer_after: std::time::Duration,
 }
 
 impl PgBackend {
     async fn checkout(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
         self.pool.get().await.map_err(StoreError::unavailable)
+    }
+}
+
+/// A write sent to the server that got no answer in time.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer from the database within {0:?} of sending the write")]
+struct NoAnswer(std::time::Duration);
+
+/// Classifies the failure of a write statement that was sent. An error the
+/// server reported (it has a SQLSTATE) means the statement rolled back; one
+/// without (the connection broke) leaves the outcome unknown.
+fn sent_write_error(error: diesel::result::Error) -> StoreError {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match error {
+        Error::DatabaseError(DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection, _) => {
+            StoreError::OutcomeUnknown(Arc::new(error))
+        }
+        Error::DatabaseError(..) => error.into(),
+        // The statement ran, its answer could not be read.
+        other => StoreError::OutcomeUnknown(Arc::new(other)),
     }
 }
 
@@ -215,7 +241,9 @@ struct PgChange {
 
 #[async_trait]
 impl SqlBackend for PgBackend {
-    async fn write_rows(&self, rows: Vec<RowWrite>) -> Result<Vec<bool>, StoreError> {
+    async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<bool>, StoreError> {
+        // Bounded by the pool's wait timeout, apart from the statement:
+        // nothing is sent until a connection is had.
         let mut conn = self.checkout().await?;
         // Every array is bound borrowed from the rows: no per-row copies.
         let ids: Vec<&str> = rows.iter().map(|row| row.persistence_id.as_str()).collect();
@@ -253,7 +281,10 @@ impl SqlBackend for PgBackend {
         } else {
             write
         };
-        let written: Vec<Written> = write.load(&mut conn).await?;
+        let written: Vec<Written> = match tokio::time::timeout(self.no_answer_after, write.load(&mut conn)).await {
+            Ok(answer) => answer.map_err(sent_write_error)?,
+            Err(_) => return Err(StoreError::OutcomeUnknown(Arc::new(NoAnswer(self.no_answer_after)))),
+        };
         let written: std::collections::HashSet<String> = written.into_iter().map(|w| w.persistence_id).collect();
         Ok(ids.iter().map(|id| written.contains(*id)).collect())
     }

@@ -91,6 +91,15 @@ impl SqliteStore {
 
     /// Opens the database file at `path` with `config`.
     pub async fn open_with(path: impl AsRef<Path>, config: StoreConfig) -> Result<Self, StoreError> {
+        config.validate()?;
+        if config.sqlite_busy_timeout > config.operation_timeout {
+            return Err(StoreError::InvalidConfig(format!(
+                "the SQLite busy timeout ({:?}) must not exceed the operation timeout ({:?}): a write \
+                 still waiting for a lock after its operation timed out could commit after being \
+                 reported failed",
+                config.sqlite_busy_timeout, config.operation_timeout
+            )));
+        }
         let path = path
             .as_ref()
             .to_str()
@@ -166,7 +175,7 @@ impl SqliteBackend {
 /// Writes one row if its revision is the expected one, and then its changes
 /// to the feed: SQLite runs one writer at a time, so the feed's
 /// AUTOINCREMENT positions follow commit order.
-fn write_row(conn: &mut SqliteConnection, row: RowWrite) -> diesel::QueryResult<bool> {
+fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult<bool> {
     let entity_type = row.entity_type().to_owned();
     let id = row.persistence_id.as_str();
     let written = if row.expected == 0 {
@@ -215,12 +224,18 @@ fn write_row(conn: &mut SqliteConnection, row: RowWrite) -> diesel::QueryResult<
 
 #[async_trait]
 impl SqlBackend for SqliteBackend {
-    async fn write_rows(&self, rows: Vec<RowWrite>) -> Result<Vec<bool>, StoreError> {
+    async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<bool>, StoreError> {
         let mut conn = self.checkout().await?;
-        // One immediate transaction for the batch: one commit, one fsync.
+        let rows = rows.to_vec();
+        // One immediate transaction for the batch: one commit, one fsync. Not
+        // bounded by a client-side timeout: a blocking SQLite call cannot be
+        // cancelled, so an answer given before it ends could be contradicted
+        // by a commit after it. The busy timeout, at most the operation
+        // timeout (StoreConfig::validate), bounds the wait for a lock instead,
+        // and an error from SQLite means the transaction rolled back.
         let written = conn
             .spawn_blocking(move |conn| {
-                conn.immediate_transaction(|conn| rows.into_iter().map(|row| write_row(conn, row)).collect())
+                conn.immediate_transaction(|conn| rows.iter().map(|row| write_row(conn, row)).collect())
             })
             .await?;
         Ok(written)
@@ -279,25 +294,24 @@ impl SqlBackend for SqliteBackend {
                     .load(conn)
             })
             .await?;
-        rows.into_iter()
-            .map(|r| {
-                let committed_at = chrono::DateTime::parse_from_rfc3339(&r.committed_at)
-                    .map_err(|e| StoreError::Corrupt {
-                        key: crate::PersistenceId::parse(&r.persistence_id)
-                            .unwrap_or_else(|| crate::PersistenceId::new("?", &r.persistence_id)),
-                        revision: r.revision,
-                        source: CorruptRow::Timestamp(e),
-                    })?
-                    .with_timezone(&chrono::Utc);
-                Ok(FeedRow {
-                    position: r.position,
-                    persistence_id: r.persistence_id,
-                    revision: r.revision,
-                    committed_at,
-                    state_payload: r.state_payload,
-                })
+        // Up to the first row whose timestamp does not parse: see `good_prefix`.
+        super::good_prefix(rows.into_iter().map(|r| {
+            let committed_at = chrono::DateTime::parse_from_rfc3339(&r.committed_at)
+                .map_err(|e| StoreError::CorruptChange {
+                    position: u64::try_from(r.position).unwrap_or(0),
+                    key: crate::PersistenceId::parse(&r.persistence_id)
+                        .unwrap_or_else(|| crate::PersistenceId::new("?", &r.persistence_id)),
+                    source: CorruptRow::Timestamp(e),
+                })?
+                .with_timezone(&chrono::Utc);
+            Ok(FeedRow {
+                position: r.position,
+                persistence_id: r.persistence_id,
+                revision: r.revision,
+                committed_at,
+                state_payload: r.state_payload,
             })
-            .collect()
+        }))
     }
 
     async fn load_offset(&self, consumer: String) -> Result<Option<i64>, StoreError> {

@@ -168,6 +168,14 @@ impl TestDb {
         self.execute(&sql);
     }
 
+    /// The PostgreSQL URL of the test database; `None` on SQLite.
+    pub fn postgres_url(&self) -> Option<&str> {
+        match &self.location {
+            Location::Postgres { url, .. } => Some(url),
+            Location::Sqlite { .. } => None,
+        }
+    }
+
     /// Runs `sql` on the test database directly, outside the library.
     pub fn execute(&self, sql: &str) {
         match &self.location {
