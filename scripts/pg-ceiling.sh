@@ -49,14 +49,21 @@ WITH input AS (
     INSERT INTO durable_state
         (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload)
     SELECT persistence_id, entity_type, revision, now(), 1, manifest, payload FROM input WHERE expected = 0
+    ORDER BY persistence_id COLLATE "C"
     ON CONFLICT (persistence_id) DO NOTHING
     RETURNING persistence_id
+), locked AS (
+    SELECT i.persistence_id, i.expected, i.revision, i.payload, i.manifest
+    FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
+    WHERE i.expected <> 0 AND (SELECT count(*) FROM inserted) >= 0
+    ORDER BY d.persistence_id COLLATE "C"
+    FOR UPDATE OF d
 ), updated AS (
     UPDATE durable_state AS d
-    SET revision = i.revision, db_timestamp = now(), state_ser_id = 1, state_ser_manifest = i.manifest,
-        state_payload = i.payload
-    FROM input AS i
-    WHERE i.expected <> 0 AND d.persistence_id = i.persistence_id AND d.revision = i.expected
+    SET revision = l.revision, db_timestamp = now(), state_ser_id = 1, state_ser_manifest = l.manifest,
+        state_payload = l.payload
+    FROM locked AS l
+    WHERE d.persistence_id = l.persistence_id AND d.revision = l.expected
     RETURNING d.persistence_id
 )
 SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated;

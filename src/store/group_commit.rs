@@ -350,8 +350,10 @@ async fn collect_writes(
 }
 
 async fn execute_writes(backend: &dyn SqlBackend, mut batch: Vec<WriteRequest>, feed: bool, counters: &Counters) {
-    // The same lock order in every statement: concurrent batches from several
-    // nodes cannot deadlock.
+    // Byte order of persistence ids, the order in which PostgreSQL's write
+    // statement inserts and locks rows (see its `locked` step): with every
+    // statement taking its locks in one global order, concurrent batches
+    // from several nodes cannot deadlock, whatever the query plan.
     batch.sort_unstable_by(|a, b| a.write.key.cmp(&b.write.key));
     let mut rows = Vec::with_capacity(batch.len());
     let mut accepted = Vec::with_capacity(batch.len());

@@ -39,6 +39,36 @@ const MIGRATION_LOCK_KEY: i64 = 0x7065_7273_6973_7400;
 // one batch, with the feed's rows checked.
 
 /// The revision-checked writes of a batch, shared by both write statements.
+///
+/// Lock order: two statements that take row locks in opposite orders can
+/// deadlock, and an `UPDATE ... FROM` takes its locks in an order its plan
+/// picks (a nested loop over `input` in the batch's order, a hash join that
+/// probes with a scan of `durable_state` in the table's physical order), so
+/// sorting the batch is not enough. The statement works in three phases, each
+/// in persistence id order whatever the plan (`COLLATE "C"`: byte order, the
+/// order the batch is already sorted in, so the sorts are one pass):
+/// 1. `inserted` inserts the new rows in order. It can wait only for another
+///    transaction's uncommitted insert or update of the same id.
+/// 2. `locked` locks the rows to update: `FOR UPDATE` with `ORDER BY` puts
+///    the LockRows node above the Sort, so rows are locked one by one in
+///    order, whatever the join below. It first reads `inserted` to the end
+///    (the `count(*)`, evaluated below the Sort), so every insert is done
+///    before the first lock. A row at another revision is not returned.
+/// 3. `updated` updates only rows that `locked` returned, whose locks this
+///    transaction already holds, so it waits for nobody (it may update a row
+///    before `locked` has locked the next). With the feed, `head` takes the
+///    `feed_head` lock after all of this, and its holder waits for nobody.
+///
+/// No cycle of waits is possible. Place a waiting statement at (phase, id):
+/// one waiting in phase 1 at `k` waits for a transaction that inserted `k`
+/// (so it is in phase 1 past `k`, or later) or updated it (phase 2 or
+/// later); one waiting in phase 2 at `k` waits for a holder of `k`'s row
+/// lock (in phase 2 past `k`, or later; an uncommitted insert is invisible to
+/// `locked`, which never waits for it). Every wait is for a statement
+/// strictly further along, so waits cannot go round in a circle. Each write
+/// statement is its own transaction, and no other statement of this backend
+/// locks rows of `durable_state`. tests/deadlock.rs runs two stores whose
+/// plans took the old statement's locks in opposite orders.
 macro_rules! write_ctes {
     () => {
         "\
@@ -49,14 +79,21 @@ WITH input AS (
     INSERT INTO durable_state
         (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload)
     SELECT persistence_id, entity_type, revision, now(), $7, manifest, payload FROM input WHERE expected = 0
+    ORDER BY persistence_id COLLATE \"C\"
     ON CONFLICT (persistence_id) DO NOTHING
     RETURNING persistence_id
+), locked AS (
+    SELECT i.persistence_id, i.expected, i.revision, i.payload, i.manifest
+    FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
+    WHERE i.expected <> 0 AND (SELECT count(*) FROM inserted) >= 0
+    ORDER BY d.persistence_id COLLATE \"C\"
+    FOR UPDATE OF d
 ), updated AS (
     UPDATE durable_state AS d
-    SET revision = i.revision, db_timestamp = now(), state_ser_id = $7, state_ser_manifest = i.manifest,
-        state_payload = i.payload
-    FROM input AS i
-    WHERE i.expected <> 0 AND d.persistence_id = i.persistence_id AND d.revision = i.expected
+    SET revision = l.revision, db_timestamp = now(), state_ser_id = $7, state_ser_manifest = l.manifest,
+        state_payload = l.payload
+    FROM locked AS l
+    WHERE d.persistence_id = l.persistence_id AND d.revision = l.expected
     RETURNING d.persistence_id
 )"
     };
