@@ -131,6 +131,32 @@ pub trait DurableEntity:
         settings: &Self::Settings,
     ) -> Result<Option<Self>, Self::Rejection>;
 
+    /// The version of the state's stored shape. Raise it when a change needs
+    /// more than serde defaults (a renamed or restructured field), and teach
+    /// [`upgrade`](Self::upgrade) the step from the previous version. Rows
+    /// are stored with the version they were written at.
+    const SCHEMA_VERSION: u32 = 1;
+
+    /// Upgrades a stored state from `version` to `version + 1`, JSON to JSON
+    /// (the state's own fields only; the machinery's are kept apart). Called
+    /// once per step, oldest first, when a row older than
+    /// [`SCHEMA_VERSION`](Self::SCHEMA_VERSION) is loaded; the state is written
+    /// back at the current version by its next write. An `Err` marks the row
+    /// corrupt for this entity alone.
+    fn upgrade(version: u32, state: serde_json::Value) -> Result<serde_json::Value, String> {
+        let _ = state;
+        Err(format!("no upgrade from schema version {version} is defined"))
+    }
+
+    /// Whether `command` erases the entity: it is then committed as a
+    /// tombstone (the state back to its default, the revision still counting
+    /// up) instead of through [`apply`](Self::apply). See the crate's README,
+    /// "Delete, retention and schema upgrades".
+    fn is_delete(command: &Self::Command) -> bool {
+        let _ = command;
+        false
+    }
+
     /// The command's name for metrics and spans: keep the set small and fixed.
     fn command_name(command: &Self::Command) -> &'static str {
         let _ = command;
