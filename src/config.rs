@@ -48,6 +48,14 @@ pub struct Config {
     /// tests that pause tokio's clock need: paused time is per runtime, and
     /// each arbiter has its own.
     pub arbiters: usize,
+    /// How long an entity's row may go unwritten before the manager purges
+    /// it (by the row's `db_timestamp`, against this process's wall clock);
+    /// `None`, the default: never. Resident entities are never purged.
+    pub retention: Option<Duration>,
+    /// With [`retention`](Self::retention) on: how often the manager purges.
+    pub retention_check_interval: Duration,
+    /// Rows a purge removes per statement at most.
+    pub retention_chunk_size: usize,
 }
 
 impl Default for Config {
@@ -63,6 +71,9 @@ impl Default for Config {
             max_commands_in_flight: 100_000,
             max_resident_users: 100_000,
             arbiters: std::thread::available_parallelism().map_or(1, usize::from),
+            retention: None,
+            retention_check_interval: Duration::from_secs(60 * 60),
+            retention_chunk_size: 500,
         }
     }
 }
@@ -80,6 +91,9 @@ impl fmt::Debug for Config {
             .field("max_commands_in_flight", &self.max_commands_in_flight)
             .field("max_resident_users", &self.max_resident_users)
             .field("arbiters", &self.arbiters)
+            .field("retention", &self.retention)
+            .field("retention_check_interval", &self.retention_check_interval)
+            .field("retention_chunk_size", &self.retention_chunk_size)
             .finish()
     }
 }
@@ -142,6 +156,26 @@ impl Config {
     /// Sets [`arbiters`](Self::arbiters).
     pub fn with_arbiters(mut self, arbiters: usize) -> Self {
         self.arbiters = arbiters;
+        self
+    }
+
+    /// Sets [`retention`](Self::retention): `Some(period)` purges, every
+    /// [`retention_check_interval`](Self::retention_check_interval), the rows
+    /// of the manager's entity type not written for `period`.
+    pub fn with_retention(mut self, retention: Option<Duration>) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    /// Sets [`retention_check_interval`](Self::retention_check_interval); zero is raised to one millisecond.
+    pub fn with_retention_check_interval(mut self, interval: Duration) -> Self {
+        self.retention_check_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets [`retention_chunk_size`](Self::retention_chunk_size); at least 1.
+    pub fn with_retention_chunk_size(mut self, rows: usize) -> Self {
+        self.retention_chunk_size = rows.max(1);
         self
     }
 }

@@ -109,9 +109,14 @@ pub enum StoreError {
         #[source]
         source: CorruptRow,
     },
-    /// A feed position or revision beyond what the database column holds.
-    #[error("{0} exceeds the database's BIGINT")]
+    /// A feed position or revision beyond what the database column holds
+    /// (`BIGINT`), or a schema version beyond `INTEGER`'s.
+    #[error("{0} exceeds the range of its database column")]
     OutOfRange(u64),
+    /// The store does not implement this operation (a store written before
+    /// the operation existed); use one of the crate's stores.
+    #[error("this store does not support {0}")]
+    Unsupported(&'static str),
 }
 
 impl From<diesel::result::Error> for StoreError {
@@ -183,6 +188,27 @@ pub enum CorruptRow {
     /// The feed row's timestamp does not parse.
     #[error("the commit timestamp does not parse")]
     Timestamp(#[source] chrono::ParseError),
+    /// The row was written at a schema version this code does not know (a
+    /// newer release wrote it); it is refused, never read in part.
+    #[error("the state is at schema version {stored}, newer than this code's {known}")]
+    NewerSchema {
+        /// The row's `state_schema_version`.
+        stored: u32,
+        /// The entity's [`SCHEMA_VERSION`](crate::DurableEntity::SCHEMA_VERSION).
+        known: u32,
+    },
+    /// The entity's [`upgrade`](crate::DurableEntity::upgrade) refused the
+    /// step from schema version `from` to the next.
+    #[error("upgrading the state from schema version {from} failed: {reason}")]
+    Upgrade {
+        /// The version the failed step started from.
+        from: u32,
+        /// The upgrade function's error.
+        reason: String,
+    },
+    /// The row's schema version is negative.
+    #[error("the schema version {0} is negative")]
+    SchemaVersion(i32),
 }
 
 /// Why a command was not applied. The entity's stored state is unchanged by

@@ -38,10 +38,22 @@ pub struct StateChange<E: DurableEntity = UserState> {
     pub key: E::Key,
     /// The revision this state was committed as.
     pub revision: Revision,
-    /// The state at that revision.
+    /// The state at that revision (the default state for a deletion).
     pub state: E,
     /// When the writing transaction ran, by the database's clock.
     pub committed_at: chrono::DateTime<chrono::Utc>,
+    /// What happened: an update, or the entity's deletion.
+    pub kind: ChangeKind,
+}
+
+/// The kind of a [`StateChange`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ChangeKind {
+    /// The entity's state changed.
+    Updated,
+    /// The entity was deleted: its data is gone, its state is the default.
+    Deleted,
 }
 
 impl<E: DurableEntity> StateChange<E> {
@@ -52,13 +64,18 @@ impl<E: DurableEntity> StateChange<E> {
             source,
         };
         let key = E::Key::from_entity_id(row.key.entity_id()).map_err(|e| corrupt(CorruptRow::Key(e)))?;
-        let (state, _event_ids) = crate::store::decode_payload::<E>(&row.payload).map_err(corrupt)?;
+        let durable = crate::store::decode_payload::<E>(&row.payload, row.schema_version).map_err(corrupt)?;
         Ok(Self {
             position: row.position,
             key,
             revision: row.revision,
-            state,
+            state: durable.state,
             committed_at: row.committed_at,
+            kind: if durable.tombstone {
+                ChangeKind::Deleted
+            } else {
+                ChangeKind::Updated
+            },
         })
     }
 }

@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | `POST /malls/{mall_id}/users/{user_id}/commands` | the state after the command (JSON body tagged by `type`) |
 //! | `GET /malls/{mall_id}/users/{user_id}` | the current state |
+//! | `DELETE /malls/{mall_id}/users/{user_id}` | erases the user (a tombstone is committed); answers the default state, also for a user never seen |
 //! | `GET /healthz` | 200 when the database answers, else 503 |
 //!
 //! Every error is answered with a JSON body `{"error": "<message>"}`:
@@ -100,7 +101,11 @@ pub fn routes(users: UserStates) -> impl FnOnce(&mut web::ServiceConfig) {
 pub fn configure(config: &mut web::ServiceConfig) {
     config
         .service(resource("/malls/{mall_id}/users/{user_id}/commands", "POST").route(web::post().to(post_command)))
-        .service(resource("/malls/{mall_id}/users/{user_id}", "GET").route(web::get().to(get_state)))
+        .service(
+            resource("/malls/{mall_id}/users/{user_id}", "GET, DELETE")
+                .route(web::get().to(get_state))
+                .route(web::delete().to(delete_user)),
+        )
         .service(resource("/healthz", "GET").route(web::get().to(healthz)))
         .default_service(web::to(not_found));
 }
@@ -279,6 +284,11 @@ async fn post_command(
     })?;
     let event = Event::from_json(text)?;
     execute(&request, path.into_inner(), event).await
+}
+
+/// Erases the user; answers the state after it, the default one.
+async fn delete_user(request: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
+    execute(&request, path.into_inner(), Command::DeleteUser.into()).await
 }
 
 async fn get_state(request: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {

@@ -65,8 +65,8 @@ pub mod http;
 mod store;
 
 pub use actors::{
-    Entities, EntityActor, EntityCommand, EntityManager, Execute, GetManagerStats, ManagerStats, UserCommand,
-    UserStateActor, UserStateManager, UserStates,
+    Entities, EntityActor, EntityCommand, EntityManager, Execute, GetManagerStats, ManagerStats, PurgeIdle,
+    UserCommand, UserStateActor, UserStateManager, UserStates,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Config;
@@ -77,7 +77,7 @@ pub use entity::{
     Revision, MAX_ID_BYTES,
 };
 pub use error::{Cause, CommandError, CorruptRow, StoreError};
-pub use feed::{ChangeFeed, EntityFeed, SkipRefused, StateChange};
+pub use feed::{ChangeFeed, ChangeKind, EntityFeed, SkipRefused, StateChange};
 #[cfg(feature = "postgres")]
 pub use store::PostgresStore;
 #[cfg(feature = "sqlite")]

@@ -77,6 +77,41 @@ async fn every_command_is_answered_with_the_new_state_as_json(
 
 #[rstest]
 #[actix::test]
+async fn delete_erases_the_user_and_answers_the_default_state(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = db.connect().await;
+    let app = app!(store.clone(), Config::default());
+    let user = "/malls/mall001/users/user001";
+    let body = r#"{"type": "view_product", "product_id": "p1"}"#;
+    let response = test::call_service(&app, post(&format!("{user}/commands"), body).to_request()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+
+    let deleted: Value = test::call_and_read_body_json(&app, test::TestRequest::delete().uri(user).to_request()).await;
+    let never_seen = test::call_service(
+        &app,
+        test::TestRequest::delete()
+            .uri("/malls/mall001/users/nobody")
+            .to_request(),
+    )
+    .await;
+
+    assert_eq!(deleted["recent_products"], json!([]));
+    assert_eq!(deleted["user_id"], "user001");
+    assert_eq!(
+        never_seen.status(),
+        StatusCode::OK,
+        "a delete of a user never seen is a committed tombstone"
+    );
+    let stored = store.load(&common::key("mall001", "user001")).await.unwrap().unwrap();
+    assert_eq!((stored.revision, stored.deleted), (Revision(2), true));
+    let after: Value = test::call_and_read_body_json(&app, test::TestRequest::get().uri(user).to_request()).await;
+    assert_eq!(after["recent_products"], json!([]));
+}
+
+#[rstest]
+#[actix::test]
 async fn bad_input_is_a_400_with_a_json_message_and_changes_nothing(#[values(Backend::Sqlite)] backend: Backend) {
     let Some(db) = TestDb::open(backend).await else { return };
     let app = app!(db.connect().await, Config::default());
@@ -325,7 +360,7 @@ async fn a_known_route_with_a_wrong_method_is_a_405_with_a_json_message() {
     for (method, path) in [
         ("GET", "/malls/mall001/users/user001/commands"),
         ("PUT", "/malls/mall001/users/user001/commands"),
-        ("DELETE", "/malls/mall001/users/user001"),
+        ("PUT", "/malls/mall001/users/user001"),
         ("POST", "/healthz"),
     ] {
         let request = test::TestRequest::default()

@@ -1,6 +1,6 @@
 //! A database written by the previous release (the user-only schema, before
-//! 2026-11-22-000000_generic_entities) opens with this one: the new migration
-//! runs alone, the old rows load, and the old feed rows come out of the typed
+//! 2026-11-22-000000_generic_entities) opens with this one: the new migrations
+//! run alone, the old rows load (at schema version 1), and the old feed rows come out of the typed
 //! feed with their users' keys.
 
 mod common;
@@ -30,7 +30,26 @@ fn old_migrations(backend: Backend) -> [&'static str; 2] {
 
 /// The migration versions diesel records: the directory name's date part without dashes.
 const OLD_VERSIONS: [&str; 2] = ["20261120000000", "20261121000000"];
-const NEW_VERSION: &str = "20261122000000";
+/// The versions of every later migration, oldest first: the first,
+/// 2026-11-22-000000_generic_entities, converts the feed table.
+fn new_versions(backend: Backend) -> Vec<String> {
+    let dir = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(dir);
+    let mut versions: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .map(|name| name.split('_').next().unwrap().replace('-', ""))
+        .filter(|version| !OLD_VERSIONS.contains(&version.as_str()))
+        .collect();
+    versions.sort();
+    assert_eq!(versions.first().map(String::as_str), Some("20261122000000"));
+    versions
+}
 
 /// Diesel's bookkeeping table, as diesel creates it.
 const DIESEL_MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS __diesel_schema_migrations (
@@ -195,8 +214,17 @@ async fn a_fresh_database_records_its_migrations_under_the_versions_the_old_data
 
     upgraded_store(&db).await;
 
-    assert_sql(&db, "(SELECT count(*) FROM __diesel_schema_migrations) = 3");
-    for version in OLD_VERSIONS.into_iter().chain([NEW_VERSION]) {
+    let new_versions = new_versions(backend);
+    let all = OLD_VERSIONS.len() + new_versions.len();
+    assert_sql(
+        &db,
+        &format!("(SELECT count(*) FROM __diesel_schema_migrations) = {all}"),
+    );
+    for version in OLD_VERSIONS
+        .iter()
+        .copied()
+        .chain(new_versions.iter().map(String::as_str))
+    {
         assert_sql(
             &db,
             &format!("(SELECT count(*) FROM __diesel_schema_migrations WHERE version = '{version}') = 1"),
@@ -206,7 +234,7 @@ async fn a_fresh_database_records_its_migrations_under_the_versions_the_old_data
 
 #[rstest]
 #[actix::test]
-async fn opening_an_old_database_runs_only_the_new_migration_and_converts_the_feed_table(
+async fn opening_an_old_database_runs_only_the_new_migrations_and_converts_the_feed_table(
     #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
 ) {
     let Some(db) = old_release_database(backend).await else {
@@ -219,10 +247,26 @@ async fn opening_an_old_database_runs_only_the_new_migration_and_converts_the_fe
     // Opening it again finds nothing to do.
     upgraded_store(&db).await;
 
-    assert_sql(&db, "(SELECT count(*) FROM __diesel_schema_migrations) = 3");
+    let new_versions = new_versions(backend);
+    let all = OLD_VERSIONS.len() + new_versions.len();
     assert_sql(
         &db,
-        &format!("(SELECT count(*) FROM __diesel_schema_migrations WHERE version = '{NEW_VERSION}') = 1"),
+        &format!("(SELECT count(*) FROM __diesel_schema_migrations) = {all}"),
+    );
+    for version in &new_versions {
+        assert_sql(
+            &db,
+            &format!("(SELECT count(*) FROM __diesel_schema_migrations WHERE version = '{version}') = 1"),
+        );
+    }
+    // The old rows are at schema version 1, the only one there was.
+    assert_sql(
+        &db,
+        "(SELECT count(*) FROM durable_state WHERE state_schema_version = 1) = 1",
+    );
+    assert_sql(
+        &db,
+        "(SELECT count(*) FROM state_changes WHERE state_schema_version = 1) = 3",
     );
     assert_sql(&db, &format!("{user_columns} = 0"));
     let entity_columns = state_changes_column_count(backend, "'entity_type', 'persistence_id'");

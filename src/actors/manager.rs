@@ -14,6 +14,10 @@ use crate::entity::{DurableEntity, EntityEvent};
 use crate::error::CommandError;
 use crate::store::SharedStore;
 
+mod retention;
+
+pub use retention::PurgeIdle;
+
 /// A command for one entity, sent to its [`EntityManager`]; for users it is
 /// [`UserCommand`](crate::UserCommand).
 #[derive(Debug, Clone)]
@@ -73,6 +77,8 @@ pub struct ManagerStats {
     pub commands_held_during_passivation: u64,
     /// Entities passivated early because [`Config::max_resident_users`] was reached.
     pub evictions: u64,
+    /// Rows removed by this manager's retention purges ([`Config::retention`], [`PurgeIdle`]).
+    pub purged: u64,
     /// Commands refused with [`CommandError::Overloaded`] by the manager:
     /// beyond [`Config::max_commands_in_flight`], or beyond
     /// [`Config::max_queued_per_user`] held for a passivating entity.
@@ -126,6 +132,8 @@ pub struct EntityManager<E: DurableEntity> {
     ticks: u64,
     /// Children in [`Phase::Passivating`]; changed only with their phase.
     passivating: usize,
+    /// The retention purge under way and the commands it holds back.
+    retention: retention::Retention<E>,
 }
 
 struct Child<E: DurableEntity> {
@@ -198,6 +206,7 @@ impl<E: DurableEntity> EntityManager<E> {
             in_flight: Arc::new(AtomicUsize::new(0)),
             ticks: 0,
             passivating: 0,
+            retention: retention::Retention::default(),
         }
     }
 
@@ -299,6 +308,7 @@ impl<E: DurableEntity> Actor for EntityManager<E> {
                 })
             }
         }
+        self.schedule_retention(ctx);
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -346,6 +356,9 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         let in_flight = InFlight(self.in_flight.clone());
         self.ticks += 1;
+        if self.is_being_purged(&key) {
+            return self.hold_during_purge(key, event, in_flight);
+        }
         if !self.children.contains_key(&key) {
             let child = self.spawn_child(&key);
             self.children.insert(key.clone(), child);

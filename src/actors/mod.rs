@@ -10,7 +10,7 @@ mod users;
 
 pub use entity_actor::{EntityActor, Execute};
 pub use handle::{Entities, UserStates};
-pub use manager::{EntityCommand, EntityManager, GetManagerStats, ManagerStats};
+pub use manager::{EntityCommand, EntityManager, GetManagerStats, ManagerStats, PurgeIdle};
 pub use users::{UserCommand, UserStateActor, UserStateManager};
 
 use actix::dev::channel;

@@ -48,6 +48,10 @@ pub enum Command {
     },
     /// Asks for the user's current state; changes nothing.
     GetUserState,
+    /// Erases the user (an erasure request): committed as a tombstone, the
+    /// state back to its default. Redelivered or late events from before the
+    /// deletion are not applied; later commands start from the default state.
+    DeleteUser,
 }
 
 impl Command {
@@ -70,6 +74,7 @@ impl Command {
             Command::ViewProduct { .. } => "view_product",
             Command::SetMarketingOptIn { .. } => "set_marketing_opt_in",
             Command::GetUserState => "get_user_state",
+            Command::DeleteUser => "delete_user",
         }
     }
 }
@@ -94,6 +99,7 @@ mod tests {
                 Command::SetMarketingOptIn { opt_in: true },
             ),
             (r#"{"type":"get_user_state"}"#, Command::GetUserState),
+            (r#"{"type":"delete_user"}"#, Command::DeleteUser),
         ];
         for (json, expected) in cases {
             let decoded = Command::from_json(json).unwrap();

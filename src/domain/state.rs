@@ -45,6 +45,10 @@ impl DurableEntity for UserState {
         command.name()
     }
 
+    fn is_delete(command: &Command) -> bool {
+        matches!(command, Command::DeleteUser)
+    }
+
     fn settings(config: &Config) -> StatePolicy {
         StatePolicy::default().with_recent_products_limit(config.recent_products_limit)
     }
@@ -75,7 +79,8 @@ impl StatePolicy {
 }
 
 /// The state after `command` is applied at `now`. [`Command::GetUserState`]
-/// returns the state unchanged.
+/// returns the state unchanged, and so does [`Command::DeleteUser`] here: a
+/// delete is the machinery's (a tombstone), not a transition of the state.
 pub fn apply(state: &UserState, command: &Command, now: DateTime<Utc>, policy: &StatePolicy) -> UserState {
     transition(state, command, now, policy).unwrap_or_else(|| state.clone())
 }
@@ -96,7 +101,8 @@ fn transition(state: &UserState, command: &Command, at: DateTime<Utc>, policy: &
     let latest = |recorded: Option<DateTime<Utc>>| Some(recorded.map_or(at, |recorded| recorded.max(at)));
     let mut next = state.clone();
     match command {
-        Command::GetUserState => return None,
+        // Reads change nothing; a delete is the machinery's (is_delete).
+        Command::GetUserState | Command::DeleteUser => return None,
         Command::UserLogin => next.last_login = latest(next.last_login),
         Command::UseCart => next.last_cart_use = latest(next.last_cart_use),
         Command::ViewProduct { product_id } => {

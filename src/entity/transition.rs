@@ -9,8 +9,15 @@ use super::{DurableEntity, EntityEvent, EventId};
 #[derive(Debug, Clone, Default, PartialEq)]
 pub(crate) struct Durable<E> {
     pub(crate) state: E,
-    /// Ids of the most recently applied events, oldest first.
+    /// Ids of the most recently applied events, oldest first. Kept through
+    /// a delete: a redelivered pre-delete event stays recognised.
     pub(crate) event_ids: Vec<EventId>,
+    /// When the entity was last deleted: an event that happened at or before
+    /// it (a late pre-delete event) is acknowledged and not applied, so it
+    /// cannot bring erased data back.
+    pub(crate) erased_at: Option<DateTime<Utc>>,
+    /// This state is the revision that deleted the entity.
+    pub(crate) tombstone: bool,
 }
 
 /// What one event does to a [`Durable`] state.
@@ -26,7 +33,21 @@ pub(crate) enum Step<E: DurableEntity> {
 
 impl<E: DurableEntity> Durable<E> {
     pub(crate) fn new(state: E, event_ids: Vec<EventId>) -> Self {
-        Self { state, event_ids }
+        Self {
+            state,
+            event_ids,
+            erased_at: None,
+            tombstone: false,
+        }
+    }
+
+    pub(crate) fn from_stored(state: E, machinery: crate::store::Machinery) -> Self {
+        Self {
+            state,
+            event_ids: machinery.recent_event_ids,
+            erased_at: machinery.erased_at,
+            tombstone: machinery.deleted,
+        }
     }
 
     /// Applies `event`, received at `now`, remembering at most `id_memory` event ids.
@@ -42,13 +63,18 @@ impl<E: DurableEntity> Durable<E> {
                 return Step::Unchanged;
             }
         }
-        let state = match self
-            .state
-            .apply(&event.command, event.event_time.unwrap_or(now), settings)
-        {
-            Ok(Some(state)) => state,
-            Ok(None) => return Step::Unchanged,
-            Err(rejection) => return Step::Rejected(rejection),
+        let at = event.event_time.unwrap_or(now);
+        if self.erased_at.is_some_and(|erased_at| at <= erased_at) {
+            return Step::Unchanged;
+        }
+        let (state, tombstone, erased_at) = if E::is_delete(&event.command) {
+            (E::default(), true, Some(at))
+        } else {
+            match self.state.apply(&event.command, at, settings) {
+                Ok(Some(state)) => (state, false, self.erased_at),
+                Ok(None) => return Step::Unchanged,
+                Err(rejection) => return Step::Rejected(rejection),
+            }
         };
         let mut event_ids = self.event_ids.clone();
         if let Some(id) = &event.event_id {
@@ -56,6 +82,11 @@ impl<E: DurableEntity> Durable<E> {
             let excess = event_ids.len().saturating_sub(id_memory);
             event_ids.drain(..excess);
         }
-        Step::Changed(Durable { state, event_ids })
+        Step::Changed(Durable {
+            state,
+            event_ids,
+            erased_at,
+            tombstone,
+        })
     }
 }

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::row::{bigint, StateRow};
+use super::row::{bigint, integer, schema_version, StateRow};
 use super::runtime::DbRuntime;
 use super::{ChangeRow, StoreConfig, StoreStats, StoredRow, WriteRow};
 use crate::entity::{PersistenceId, Revision};
@@ -35,6 +35,8 @@ pub(crate) struct RowWrite {
     /// The revision the row must have (0: the row must not exist).
     pub(crate) expected: i64,
     pub(crate) revision: i64,
+    /// `state_schema_version` of the row and of each of its changes.
+    pub(crate) schema_version: i32,
     pub(crate) payload: Vec<u8>,
     /// For the change feed, when it is on: every revision this write
     /// commits, in order, with its state (the last is `revision`, `payload`).
@@ -53,6 +55,7 @@ pub(crate) struct FeedRow {
     pub(crate) persistence_id: String,
     pub(crate) revision: i64,
     pub(crate) committed_at: chrono::DateTime<chrono::Utc>,
+    pub(crate) state_schema_version: i32,
     pub(crate) state_payload: Vec<u8>,
 }
 
@@ -77,10 +80,12 @@ impl FeedRow {
             .ok()
             .filter(|&r| r > 0)
             .ok_or_else(|| corrupt(CorruptRow::Revision))?;
+        let schema_version = schema_version(self.state_schema_version).map_err(corrupt)?;
         Ok(ChangeRow {
             position,
             key,
             revision: Revision(revision),
+            schema_version,
             payload: self.state_payload,
             committed_at: self.committed_at,
         })
@@ -114,6 +119,41 @@ pub(crate) trait SqlBackend: Send + Sync + 'static {
 
     /// Saves `consumer`'s position.
     async fn save_offset(&self, consumer: String, position: i64) -> Result<(), StoreError>;
+
+    /// Up to `limit` `(persistence_id, revision)` of `entity_type` with
+    /// `db_timestamp` before `written_before` and persistence id after
+    /// `after`, in persistence id order.
+    async fn purge_candidates(
+        &self,
+        entity_type: String,
+        written_before: chrono::DateTime<chrono::Utc>,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError>;
+
+    /// Deletes each row still at its given revision and still written before
+    /// `written_before`, both checked by the deleting statement; with
+    /// `tombstone`, records each deletion in the feed in the same
+    /// transaction, as the next revision with that payload. `rows` are in
+    /// byte order of persistence ids and unique. Returns the ids deleted.
+    async fn purge_rows(
+        &self,
+        rows: Vec<(PersistenceId, i64)>,
+        written_before: chrono::DateTime<chrono::Utc>,
+        tombstone: Option<&'static [u8]>,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// The number of rows of `entity_type`.
+    async fn count_entities(&self, entity_type: String) -> Result<i64, StoreError>;
+
+    /// Up to `limit` `(persistence_id, revision)` of `entity_type` after
+    /// `after`, in persistence id order.
+    async fn entity_ids(
+        &self,
+        entity_type: String,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError>;
 }
 
 struct WriteRequest {
@@ -441,6 +481,7 @@ fn row_write(write: &mut WriteRow, feed: bool) -> Result<RowWrite, StoreError> {
         manifest: write.manifest,
         expected: bigint(write.expected.0)?,
         revision,
+        schema_version: integer(write.schema_version)?,
         payload,
         changes,
     })
@@ -511,4 +552,111 @@ async fn execute_loads(backend: &dyn SqlBackend, batch: Vec<LoadRequest>, timeou
             }
         }
     }
+}
+
+/// Retention and admin reads: statements of their own, run on the store's
+/// runtime like loads, outside the write batches.
+impl GroupCommit {
+    pub(crate) async fn purge_candidates(
+        &self,
+        entity_type: &str,
+        written_before: chrono::DateTime<chrono::Utc>,
+        after: Option<&PersistenceId>,
+        limit: usize,
+    ) -> Result<Vec<(PersistenceId, Revision)>, StoreError> {
+        let backend = self.backend.clone();
+        let (entity_type, after) = (entity_type.to_owned(), after.map(|id| id.as_str().to_owned()));
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        self.runtime
+            .run(async move {
+                let rows = backend
+                    .purge_candidates(entity_type, written_before, after, limit)
+                    .await?;
+                rows.into_iter()
+                    .map(|(id, revision)| Ok((stored_id(&id, revision)?, stored_revision(&id, revision)?)))
+                    .collect()
+            })
+            .await
+    }
+
+    pub(crate) async fn purge_rows(
+        &self,
+        rows: Vec<(PersistenceId, Revision)>,
+        written_before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        let mut rows = rows
+            .into_iter()
+            .map(|(id, revision)| Ok((id, bigint(revision.0)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // Byte order, unique: the order every statement of the store locks rows in.
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        rows.dedup_by(|a, b| a.0 == b.0);
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let by_id: HashMap<String, PersistenceId> = rows
+            .iter()
+            .map(|(id, _)| (id.as_str().to_owned(), id.clone()))
+            .collect();
+        let tombstone = self.feed.then_some(super::admin::TOMBSTONE);
+        let backend = self.backend.clone();
+        let purged = self
+            .runtime
+            .run(async move { backend.purge_rows(rows, written_before, tombstone).await })
+            .await?;
+        Ok(purged.into_iter().filter_map(|id| by_id.get(&id).cloned()).collect())
+    }
+
+    pub(crate) async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError> {
+        let (backend, entity_type) = (self.backend.clone(), entity_type.to_owned());
+        let count = self
+            .runtime
+            .run(async move { backend.count_entities(entity_type).await })
+            .await?;
+        Ok(u64::try_from(count).unwrap_or(0))
+    }
+
+    pub(crate) async fn entity_ids(
+        &self,
+        entity_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        let backend = self.backend.clone();
+        let (entity_type, after) = (entity_type.to_owned(), after.map(str::to_owned));
+        let limit = i64::try_from(limit.max(1)).unwrap_or(i64::MAX);
+        self.runtime
+            .run(async move {
+                let rows = backend.entity_ids(entity_type, after, limit).await?;
+                rows.into_iter()
+                    .map(|(id, revision)| stored_id(&id, revision))
+                    .collect()
+            })
+            .await
+    }
+}
+
+/// A stored row's persistence id, which this crate always writes as `<entity type>|<entity id>`.
+fn stored_id(id: &str, revision: i64) -> Result<PersistenceId, StoreError> {
+    PersistenceId::parse(id).ok_or_else(|| StoreError::Corrupt {
+        key: PersistenceId::new("?", id),
+        revision,
+        source: CorruptRow::Key(crate::InvalidInput::MalformedKey {
+            entity_id: id.to_owned(),
+            reason: "no `|` after the entity type",
+        }),
+    })
+}
+
+/// A stored row's revision, which is at least 1.
+fn stored_revision(id: &str, revision: i64) -> Result<Revision, StoreError> {
+    u64::try_from(revision)
+        .ok()
+        .filter(|&r| r > 0)
+        .map(Revision)
+        .ok_or_else(|| StoreError::Corrupt {
+            key: PersistenceId::parse(id).unwrap_or_else(|| PersistenceId::new("?", id)),
+            revision,
+            source: CorruptRow::Revision,
+        })
 }

@@ -15,6 +15,8 @@ use crate::error::StoreError;
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     rows: Mutex<HashMap<PersistenceId, StoredRow>>,
+    /// When each row was last written (`db_timestamp`), for retention.
+    written_at: Mutex<HashMap<PersistenceId, chrono::DateTime<chrono::Utc>>>,
     unavailable: AtomicBool,
     stats: Mutex<StoreStats>,
 }
@@ -81,10 +83,12 @@ impl StateStore for MemoryStore {
         }
         self.count(|stats| stats.rows_written += 1);
         let payload = write.payloads.into_iter().last().unwrap_or_default();
+        lock(&self.written_at).insert(write.key.clone(), chrono::Utc::now());
         rows.insert(
             write.key,
             StoredRow {
                 revision: write.revision,
+                schema_version: write.schema_version,
                 payload,
             },
         );
@@ -98,4 +102,74 @@ impl StateStore for MemoryStore {
     fn stats(&self) -> StoreStats {
         *self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    async fn purge_candidates(
+        &self,
+        entity_type: &str,
+        written_before: chrono::DateTime<chrono::Utc>,
+        after: Option<&PersistenceId>,
+        limit: usize,
+    ) -> Result<Vec<(PersistenceId, Revision)>, StoreError> {
+        self.check_available()?;
+        let rows = self.rows();
+        let written_at = lock(&self.written_at);
+        let mut found: Vec<(PersistenceId, Revision)> = rows
+            .iter()
+            .filter(|(id, _)| id.entity_type() == entity_type && after.is_none_or(|after| *id > after))
+            .filter(|(id, _)| written_at.get(*id).is_some_and(|at| *at < written_before))
+            .map(|(id, row)| (id.clone(), row.revision))
+            .collect();
+        found.sort_unstable();
+        found.truncate(limit.max(1));
+        Ok(found)
+    }
+
+    async fn purge_rows(
+        &self,
+        rows: Vec<(PersistenceId, Revision)>,
+        written_before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        self.check_available()?;
+        let mut stored = self.rows();
+        let mut written_at = lock(&self.written_at);
+        let mut purged = Vec::new();
+        for (id, revision) in rows {
+            let still_idle = stored.get(&id).is_some_and(|row| row.revision == revision)
+                && written_at.get(&id).is_some_and(|at| *at < written_before);
+            if still_idle {
+                stored.remove(&id);
+                written_at.remove(&id);
+                purged.push(id);
+            }
+        }
+        purged.sort_unstable();
+        Ok(purged)
+    }
+
+    async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError> {
+        self.check_available()?;
+        Ok(self.rows().keys().filter(|id| id.entity_type() == entity_type).count() as u64)
+    }
+
+    async fn entity_ids(
+        &self,
+        entity_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        self.check_available()?;
+        let mut ids: Vec<PersistenceId> = self
+            .rows()
+            .keys()
+            .filter(|id| id.entity_type() == entity_type && after.is_none_or(|after| id.as_str() > after))
+            .cloned()
+            .collect();
+        ids.sort_unstable();
+        ids.truncate(limit.max(1));
+        Ok(ids)
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

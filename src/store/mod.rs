@@ -29,6 +29,7 @@ use crate::domain::UserState;
 use crate::entity::{Durable, DurableEntity, EntityKey, EventId, PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
 
+pub(crate) mod admin;
 mod config;
 mod group_commit;
 mod memory;
@@ -86,6 +87,39 @@ macro_rules! delegate_to_group_commit {
             async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), $crate::StoreError> {
                 self.group_commit.save_offset(consumer, position).await
             }
+
+            async fn purge_candidates(
+                &self,
+                entity_type: &str,
+                written_before: chrono::DateTime<chrono::Utc>,
+                after: Option<&$crate::PersistenceId>,
+                limit: usize,
+            ) -> Result<Vec<($crate::PersistenceId, $crate::Revision)>, $crate::StoreError> {
+                self.group_commit
+                    .purge_candidates(entity_type, written_before, after, limit)
+                    .await
+            }
+
+            async fn purge_rows(
+                &self,
+                rows: Vec<($crate::PersistenceId, $crate::Revision)>,
+                written_before: chrono::DateTime<chrono::Utc>,
+            ) -> Result<Vec<$crate::PersistenceId>, $crate::StoreError> {
+                self.group_commit.purge_rows(rows, written_before).await
+            }
+
+            async fn count_entities(&self, entity_type: &str) -> Result<u64, $crate::StoreError> {
+                self.group_commit.count_entities(entity_type).await
+            }
+
+            async fn entity_ids(
+                &self,
+                entity_type: &str,
+                after: Option<&str>,
+                limit: usize,
+            ) -> Result<Vec<$crate::PersistenceId>, $crate::StoreError> {
+                self.group_commit.entity_ids(entity_type, after, limit).await
+            }
         }
     };
 }
@@ -128,6 +162,26 @@ macro_rules! typed_access {
                     .write_changes(key, expected, states)
                     .await
             }
+
+            /// See [`StateStore::purge_idle`](trait.StateStore.html#method.purge_idle).
+            pub async fn purge_idle<E: $crate::DurableEntity>(
+                &self,
+                older_than: std::time::Duration,
+                chunk_size: usize,
+            ) -> Result<u64, $crate::StoreError> {
+                (self as &dyn $crate::StateStore)
+                    .purge_idle::<E>(older_than, chunk_size)
+                    .await
+            }
+
+            /// See [`StateStore::entity_keys`](trait.StateStore.html#method.entity_keys).
+            pub async fn entity_keys<K: $crate::EntityKey>(
+                &self,
+                after: Option<&K>,
+                limit: usize,
+            ) -> Result<Vec<K>, $crate::StoreError> {
+                (self as &dyn $crate::StateStore).entity_keys(after, limit).await
+            }
         }
     };
 }
@@ -135,7 +189,7 @@ pub(crate) use typed_access;
 
 pub use config::StoreConfig;
 pub use memory::MemoryStore;
-pub(crate) use payload::decode as decode_payload;
+pub(crate) use payload::{decode as decode_payload, Machinery};
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
@@ -152,6 +206,11 @@ pub struct StoredState<E = UserState> {
     pub state: E,
     /// Ids of the most recently applied events, oldest first.
     pub recent_event_ids: Vec<EventId>,
+    /// When the entity was last deleted, if ever: events that happened at or
+    /// before it are not applied.
+    pub erased_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// This revision is the entity's deletion (its state is the default).
+    pub deleted: bool,
 }
 
 impl<E: DurableEntity> StoredState<E> {
@@ -161,11 +220,19 @@ impl<E: DurableEntity> StoredState<E> {
             revision: Revision::NONE,
             state: E::default(),
             recent_event_ids: Vec::new(),
+            erased_at: None,
+            deleted: false,
         }
     }
 
     pub(crate) fn into_durable(self) -> (Revision, Durable<E>) {
-        (self.revision, Durable::new(self.state, self.recent_event_ids))
+        let durable = Durable {
+            state: self.state,
+            event_ids: self.recent_event_ids,
+            erased_at: self.erased_at,
+            tombstone: self.deleted,
+        };
+        (self.revision, durable)
     }
 }
 
@@ -174,6 +241,9 @@ impl<E: DurableEntity> StoredState<E> {
 pub struct StoredRow {
     /// The committed revision (at least 1).
     pub revision: Revision,
+    /// The schema version the state was written at (`state_schema_version`):
+    /// the writing entity's [`DurableEntity::SCHEMA_VERSION`].
+    pub schema_version: u32,
     /// The encoded state.
     pub payload: Vec<u8>,
 }
@@ -189,6 +259,9 @@ pub struct WriteRow {
     pub expected: Revision,
     /// The revision written; above `expected`.
     pub revision: Revision,
+    /// `state_schema_version` of the payloads: the entity's
+    /// [`DurableEntity::SCHEMA_VERSION`].
+    pub schema_version: u32,
     /// The encoded states of the last `payloads.len()` revisions up to
     /// `revision`, oldest first: the row keeps the last, the change feed
     /// (when the store keeps one) gets each. Without a feed, the last alone
@@ -221,6 +294,8 @@ pub struct ChangeRow {
     pub key: PersistenceId,
     /// The revision committed.
     pub revision: Revision,
+    /// The schema version the state was written at.
+    pub schema_version: u32,
     /// The encoded state at that revision.
     pub payload: Vec<u8>,
     /// When the writing transaction ran, by the database's clock.
@@ -297,12 +372,86 @@ pub trait StateStore: Send + Sync + fmt::Debug + 'static {
         let _ = (consumer, position);
         Err(StoreError::NoChangeFeed)
     }
+
+    /// Up to `limit` rows of `entity_type` last written before
+    /// `written_before` (by the database's `db_timestamp`), with their
+    /// revisions, in persistence id order after `after` (`None`: from the
+    /// first): what a purge may remove. Pass the last id returned as `after`
+    /// for the next chunk; fewer than `limit` means there are no more.
+    ///
+    /// The default fails with [`StoreError::Unsupported`]; the crate's
+    /// stores implement it.
+    async fn purge_candidates(
+        &self,
+        entity_type: &str,
+        written_before: chrono::DateTime<chrono::Utc>,
+        after: Option<&PersistenceId>,
+        limit: usize,
+    ) -> Result<Vec<(PersistenceId, Revision)>, StoreError> {
+        let _ = (entity_type, written_before, after, limit);
+        Err(StoreError::Unsupported("purging rows"))
+    }
+
+    /// Deletes each of `rows` whose stored revision is still the one given
+    /// and that was still last written before `written_before`, both checked
+    /// in the deleting statement itself, so a row written meanwhile (by any
+    /// node) is kept. Returns the ids deleted. With the change feed on, the
+    /// same transaction records each deletion in the feed: the next revision,
+    /// as a tombstone ([`ChangeKind::Deleted`](crate::ChangeKind::Deleted)).
+    ///
+    /// The store knows nothing of actors: removing an entity that is
+    /// resident somewhere leaves that actor with a state the store no longer
+    /// holds. An [`EntityManager`](crate::EntityManager) with retention on
+    /// skips its own resident entities; see
+    /// [`purge_idle`](trait.StateStore.html#method.purge_idle) otherwise.
+    ///
+    /// The default fails with [`StoreError::Unsupported`].
+    async fn purge_rows(
+        &self,
+        rows: Vec<(PersistenceId, Revision)>,
+        written_before: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        let _ = (rows, written_before);
+        Err(StoreError::Unsupported("purging rows"))
+    }
+
+    /// How many entities of `entity_type` the store holds (rows, tombstones
+    /// of deleted entities included), read without starting any actor.
+    ///
+    /// The default fails with [`StoreError::Unsupported`].
+    async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError> {
+        let _ = entity_type;
+        Err(StoreError::Unsupported("counting entities"))
+    }
+
+    /// Up to `limit` persistence ids of `entity_type`, in the database's
+    /// order of persistence ids, after the one whose
+    /// [`as_str`](PersistenceId::as_str) is `after` (`None`: from the
+    /// first): pass the last id returned to get the next page. The order is
+    /// stable, so paging visits every entity that exists throughout exactly
+    /// once; fewer than `limit` ids means the end.
+    ///
+    /// The default fails with [`StoreError::Unsupported`].
+    async fn entity_ids(
+        &self,
+        entity_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        let _ = (entity_type, after, limit);
+        Err(StoreError::Unsupported("listing entities"))
+    }
 }
 
 /// Typed access, for every entity type: the state is encoded and decoded
 /// through its [`DurableEntity`] implementation.
 impl dyn StateStore {
     /// The entity's committed state, or `None` for an entity never written.
+    ///
+    /// A state stored at an older schema version comes back upgraded
+    /// ([`DurableEntity::upgrade`]); one stored at a newer version than the
+    /// entity's [`SCHEMA_VERSION`](DurableEntity::SCHEMA_VERSION) fails with
+    /// [`StoreError::Corrupt`] ([`CorruptRow::NewerSchema`]).
     pub async fn load<K: EntityKey>(&self, key: &K) -> Result<Option<StoredState<K::Entity>>, StoreError> {
         self.load_durable(&key.persistence_id()).await
     }
@@ -323,12 +472,13 @@ impl dyn StateStore {
         state: &K::Entity,
     ) -> Result<Revision, StoreError> {
         let key = key.persistence_id();
-        let payload = payload::encode(&key, state, &[])?;
+        let payload = payload::encode_state(&key, state)?;
         self.write_row(WriteRow {
             key,
             manifest: K::Entity::MANIFEST,
             expected,
             revision,
+            schema_version: K::Entity::SCHEMA_VERSION,
             payloads: vec![payload],
         })
         .await
@@ -360,11 +510,13 @@ impl dyn StateStore {
             revision: row.revision.0 as i64,
             source,
         };
-        let (state, recent_event_ids) = payload::decode::<E>(&row.payload).map_err(corrupt)?;
+        let durable = payload::decode::<E>(&row.payload, row.schema_version).map_err(corrupt)?;
         Ok(Some(StoredState {
             revision: row.revision,
-            state,
-            recent_event_ids,
+            state: durable.state,
+            recent_event_ids: durable.event_ids,
+            erased_at: durable.erased_at,
+            deleted: durable.tombstone,
         }))
     }
 
@@ -384,13 +536,14 @@ impl dyn StateStore {
         };
         let payloads = encoded
             .iter()
-            .map(|change| payload::encode(key, &change.state, &change.event_ids))
+            .map(|change| payload::encode(key, change))
             .collect::<Result<Vec<_>, _>>()?;
         self.write_row(WriteRow {
             key: key.clone(),
             manifest: E::MANIFEST,
             expected,
             revision,
+            schema_version: E::SCHEMA_VERSION,
             payloads,
         })
         .await

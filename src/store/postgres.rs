@@ -37,6 +37,10 @@ const MIGRATION_LOCK_KEY: i64 = 0x7065_7273_6973_7400;
 // RETURNING` as a subquery. tests/raw_statements.rs runs both on a fresh
 // database: new rows, a row at its expected revision and two conflicts in
 // one batch, with the feed's rows checked.
+// The retention purge's two statements (`PURGE_ROWS_SQL`,
+// `PURGE_ROWS_WITH_FEED_SQL`, after the writes) are raw SQL for the same
+// reasons: `unnest` of (id, revision) pairs, a locking CTE, `DELETE ...
+// USING ... RETURNING` feeding the `feed_head` update and the feed insert.
 
 /// The revision-checked writes of a batch, shared by both write statements.
 ///
@@ -67,31 +71,35 @@ const MIGRATION_LOCK_KEY: i64 = 0x7065_7273_6973_7400;
 /// `locked`, which never waits for it). Every wait is for a statement
 /// strictly further along, so waits cannot go round in a circle. Each write
 /// statement is its own transaction, and no other statement of this backend
-/// locks rows of `durable_state`. tests/deadlock.rs runs two stores whose
-/// plans took the old statement's locks in opposite orders.
+/// locks rows of `durable_state` but the purge ([`purge_ctes`]), which takes
+/// its locks as phase 2 does and `feed_head`'s after them.
+/// tests/deadlock.rs runs two stores whose plans took the old statement's
+/// locks in opposite orders.
 macro_rules! write_ctes {
     () => {
         "\
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::text[], $6::text[])
-        AS t(persistence_id, expected, revision, payload, entity_type, manifest)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::integer[])
+        AS t(persistence_id, expected, revision, payload, entity_type, manifest, schema_version)
 ), inserted AS (
     INSERT INTO durable_state
-        (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload)
-    SELECT persistence_id, entity_type, revision, now(), $7, manifest, payload FROM input WHERE expected = 0
+        (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload,
+         state_schema_version)
+    SELECT persistence_id, entity_type, revision, now(), $8, manifest, payload, schema_version
+    FROM input WHERE expected = 0
     ORDER BY persistence_id COLLATE \"C\"
     ON CONFLICT (persistence_id) DO NOTHING
     RETURNING persistence_id
 ), locked AS (
-    SELECT i.persistence_id, i.expected, i.revision, i.payload, i.manifest
+    SELECT i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version
     FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
     WHERE i.expected <> 0 AND (SELECT count(*) FROM inserted) >= 0
     ORDER BY d.persistence_id COLLATE \"C\"
     FOR UPDATE OF d
 ), updated AS (
     UPDATE durable_state AS d
-    SET revision = l.revision, db_timestamp = now(), state_ser_id = $7, state_ser_manifest = l.manifest,
-        state_payload = l.payload
+    SET revision = l.revision, db_timestamp = now(), state_ser_id = $8, state_ser_manifest = l.manifest,
+        state_payload = l.payload, state_schema_version = l.schema_version
     FROM locked AS l
     WHERE d.persistence_id = l.persistence_id AND d.revision = l.expected
     RETURNING d.persistence_id
@@ -107,7 +115,8 @@ SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated
 );
 
 /// Raw SQL (see above): the same write, plus one change feed row per committed revision
-/// (binds 8 to 11: persistence ids, entity types, revisions, payloads).
+/// (binds 9 to 12: persistence ids, entity types, revisions, payloads; each
+/// change has its row's schema version).
 /// Positions come from `feed_head`, whose row lock is held until commit: feed
 /// writers commit one after another, so positions appear gapless and in
 /// commit order, and a rolled-back statement rolls its positions back.
@@ -116,20 +125,78 @@ const WRITE_ROWS_WITH_FEED_SQL: &str = concat!(
     ", written AS (
     SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated
 ), changes AS (
-    SELECT c.persistence_id, c.entity_type, c.revision, c.payload, c.ord
-    FROM unnest($8::text[], $9::text[], $10::bigint[], $11::bytea[])
+    SELECT c.persistence_id, c.entity_type, c.revision, c.payload, i.schema_version, c.ord
+    FROM unnest($9::text[], $10::text[], $11::bigint[], $12::bytea[])
         WITH ORDINALITY AS c(persistence_id, entity_type, revision, payload, ord)
+    JOIN input AS i ON i.persistence_id = c.persistence_id
     WHERE c.persistence_id IN (SELECT persistence_id FROM written)
 ), head AS (
     UPDATE feed_head SET position = position + (SELECT count(*) FROM changes) WHERE id = 1
     RETURNING position - (SELECT count(*) FROM changes) AS base
 ), feed AS (
-    INSERT INTO state_changes (position, entity_type, persistence_id, revision, committed_at, state_payload)
+    INSERT INTO state_changes
+        (position, entity_type, persistence_id, revision, committed_at, state_payload, state_schema_version)
     SELECT head.base + row_number() OVER (ORDER BY changes.ord), changes.entity_type, changes.persistence_id,
-           changes.revision, now(), changes.payload
+           changes.revision, now(), changes.payload, changes.schema_version
     FROM changes CROSS JOIN head
 )
 SELECT persistence_id FROM written"
+);
+
+/// The retention purge's deletes, shared by both purge statements (raw SQL:
+/// see above). Binds: `$1` persistence ids (unique), `$2` the revision each
+/// was found at, `$3` the cutoff. A row is deleted only if it still has that
+/// revision and was still last written before the cutoff, so a row written
+/// meanwhile by any node is kept.
+///
+/// `locked` locks the rows one by one in persistence id order, the order of
+/// a write's phase 2 (see [`write_ctes`]), so a purge and writes never wait
+/// for each other in a circle; `MATERIALIZED` keeps the locking step, and its
+/// order, a step of its own whatever the planner does. A row a concurrent
+/// write changed is re-checked once its lock is had (READ COMMITTED reads
+/// the newest version then) and, at another revision, not returned.
+macro_rules! purge_ctes {
+    () => {
+        "\
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[]) AS t(persistence_id, revision)
+), locked AS MATERIALIZED (
+    SELECT d.persistence_id, d.revision
+    FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.revision
+    WHERE d.db_timestamp < $3
+    ORDER BY d.persistence_id COLLATE \"C\"
+    FOR UPDATE OF d
+), purged AS (
+    DELETE FROM durable_state AS d USING locked AS l
+    WHERE d.persistence_id = l.persistence_id AND d.revision = l.revision AND d.db_timestamp < $3
+    RETURNING d.persistence_id, d.entity_type, d.revision
+)"
+    };
+}
+
+/// Raw SQL (see above): the retention purge without the feed.
+const PURGE_ROWS_SQL: &str = concat!(
+    purge_ctes!(),
+    "
+SELECT persistence_id FROM purged"
+);
+
+/// Raw SQL (see above): the purge, plus one feed row per purged entity: the
+/// next revision, with the tombstone payload `$4`, so a consumer sees the
+/// entity deleted. Positions come from `feed_head`, as for writes: gapless
+/// and in commit order.
+const PURGE_ROWS_WITH_FEED_SQL: &str = concat!(
+    purge_ctes!(),
+    ", head AS (
+    UPDATE feed_head SET position = position + (SELECT count(*) FROM purged) WHERE id = 1
+    RETURNING position - (SELECT count(*) FROM purged) AS base
+), feed AS (
+    INSERT INTO state_changes (position, entity_type, persistence_id, revision, committed_at, state_payload)
+    SELECT head.base + row_number() OVER (ORDER BY purged.persistence_id COLLATE \"C\"), purged.entity_type,
+           purged.persistence_id, purged.revision + 1, now(), $4
+    FROM purged CROSS JOIN head
+)
+SELECT persistence_id FROM purged"
 );
 
 /// The production store: PostgreSQL through diesel-async's pure-Rust driver
@@ -273,6 +340,7 @@ struct PgChange {
     persistence_id: String,
     revision: i64,
     committed_at: chrono::DateTime<chrono::Utc>,
+    state_schema_version: i32,
     state_payload: Vec<u8>,
 }
 
@@ -296,6 +364,7 @@ impl SqlBackend for PgBackend {
         .bind::<Array<Binary>, _>(rows.iter().map(|row| row.payload.as_slice()).collect::<Vec<_>>())
         .bind::<Array<Text>, _>(rows.iter().map(|row| row.entity_type()).collect::<Vec<_>>())
         .bind::<Array<Text>, _>(rows.iter().map(|row| row.manifest).collect::<Vec<_>>())
+        .bind::<Array<Integer>, _>(rows.iter().map(|row| row.schema_version).collect::<Vec<_>>())
         .bind::<Integer, _>(JSON_SERIALIZER_ID);
         let write = if self.feed {
             let changes = || {
@@ -336,6 +405,7 @@ impl SqlBackend for PgBackend {
                 durable_state::persistence_id,
                 durable_state::revision,
                 durable_state::state_ser_id,
+                durable_state::state_schema_version,
                 durable_state::state_payload,
             ))
             .load(&mut conn)
@@ -362,6 +432,7 @@ impl SqlBackend for PgBackend {
                 state_changes::persistence_id,
                 state_changes::revision,
                 state_changes::committed_at,
+                state_changes::state_schema_version,
                 state_changes::state_payload,
             ))
             .load(&mut conn)
@@ -373,6 +444,7 @@ impl SqlBackend for PgBackend {
                 persistence_id: r.persistence_id,
                 revision: r.revision,
                 committed_at: r.committed_at,
+                state_schema_version: r.state_schema_version,
                 state_payload: r.state_payload,
             })
             .collect())
@@ -408,6 +480,82 @@ impl SqlBackend for PgBackend {
             .await?;
         Ok(())
     }
+
+    async fn purge_candidates(
+        &self,
+        entity_type: String,
+        written_before: chrono::DateTime<chrono::Utc>,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut conn = self.checkout().await?;
+        // Served by the (entity_type, persistence_id) index, in its order.
+        let mut query = durable_state::table
+            .filter(durable_state::entity_type.eq(entity_type))
+            .filter(durable_state::db_timestamp.lt(written_before))
+            .order(durable_state::persistence_id)
+            .limit(limit)
+            .select((durable_state::persistence_id, durable_state::revision))
+            .into_boxed();
+        if let Some(after) = after {
+            query = query.filter(durable_state::persistence_id.gt(after));
+        }
+        Ok(query.load(&mut conn).await?)
+    }
+
+    async fn purge_rows(
+        &self,
+        rows: Vec<(crate::PersistenceId, i64)>,
+        written_before: chrono::DateTime<chrono::Utc>,
+        tombstone: Option<&'static [u8]>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+        let revisions: Vec<i64> = rows.iter().map(|(_, revision)| *revision).collect();
+        let purge = diesel::sql_query(if tombstone.is_some() {
+            PURGE_ROWS_WITH_FEED_SQL
+        } else {
+            PURGE_ROWS_SQL
+        })
+        .into_boxed()
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&revisions)
+        .bind::<diesel::sql_types::Timestamptz, _>(written_before);
+        let purge = match tombstone {
+            Some(payload) => purge.bind::<Binary, _>(payload),
+            None => purge,
+        };
+        let purged: Vec<Written> = purge.load(&mut conn).await?;
+        Ok(purged.into_iter().map(|row| row.persistence_id).collect())
+    }
+
+    async fn count_entities(&self, entity_type: String) -> Result<i64, StoreError> {
+        let mut conn = self.checkout().await?;
+        Ok(durable_state::table
+            .filter(durable_state::entity_type.eq(entity_type))
+            .count()
+            .get_result(&mut conn)
+            .await?)
+    }
+
+    async fn entity_ids(
+        &self,
+        entity_type: String,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let mut query = durable_state::table
+            .filter(durable_state::entity_type.eq(entity_type))
+            .order(durable_state::persistence_id)
+            .limit(limit)
+            .select((durable_state::persistence_id, durable_state::revision))
+            .into_boxed();
+        if let Some(after) = after {
+            query = query.filter(durable_state::persistence_id.gt(after));
+        }
+        Ok(query.load(&mut conn).await?)
+    }
 }
 
 #[cfg(test)]
@@ -424,7 +572,7 @@ mod tests {
     fn the_ceiling_script_runs_the_librarys_write_statement() {
         let script = include_str!("../../scripts/pg-ceiling.sh");
         let from_inserted = &WRITE_ROWS_SQL[WRITE_ROWS_SQL.find("), inserted AS (").unwrap()..];
-        let with_constants = from_inserted.replace("$7", &JSON_SERIALIZER_ID.to_string());
+        let with_constants = from_inserted.replace("$8", &JSON_SERIALIZER_ID.to_string());
         assert!(
             words(script).contains(&words(&with_constants)),
             "scripts/pg-ceiling.sh no longer runs the library's write statement"

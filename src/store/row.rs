@@ -5,12 +5,13 @@ use crate::entity::{PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
 
 /// The columns a load reads, in the order the backends select them:
-/// `(persistence_id, revision, state_ser_id, state_payload)`.
+/// `(persistence_id, revision, state_ser_id, state_schema_version, state_payload)`.
 #[derive(Debug, Clone, diesel::Queryable)]
 pub(crate) struct StateRow {
     pub(crate) persistence_id: String,
     pub(crate) revision: i64,
     pub(crate) state_ser_id: i32,
+    pub(crate) state_schema_version: i32,
     pub(crate) state_payload: Vec<u8>,
 }
 
@@ -31,11 +32,23 @@ impl StateRow {
         if self.state_ser_id != JSON_SERIALIZER_ID {
             return Err(corrupt(CorruptRow::SerializerId(self.state_ser_id)));
         }
+        let schema_version = schema_version(self.state_schema_version).map_err(corrupt)?;
         Ok(StoredRow {
             revision: Revision(revision),
+            schema_version,
             payload: self.state_payload,
         })
     }
+}
+
+/// A stored `state_schema_version`, which is never negative.
+pub(crate) fn schema_version(stored: i32) -> Result<u32, CorruptRow> {
+    u32::try_from(stored).map_err(|_| CorruptRow::SchemaVersion(stored))
+}
+
+/// A schema version as the `INTEGER` column holds it.
+pub(crate) fn integer(version: u32) -> Result<i32, StoreError> {
+    i32::try_from(version).map_err(|_| StoreError::OutOfRange(version.into()))
 }
 
 /// A revision or position as a `BIGINT` column holds it.

@@ -51,6 +51,7 @@ struct SqliteChange {
     persistence_id: String,
     revision: i64,
     committed_at: String,
+    state_schema_version: i32,
     state_payload: Vec<u8>,
 }
 
@@ -188,6 +189,7 @@ fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult
                 durable_state::state_ser_id.eq(JSON_SERIALIZER_ID),
                 durable_state::state_ser_manifest.eq(row.manifest),
                 durable_state::state_payload.eq(&row.payload),
+                durable_state::state_schema_version.eq(row.schema_version),
             ))
             .on_conflict(durable_state::persistence_id)
             .do_nothing()
@@ -202,6 +204,7 @@ fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult
                 durable_state::state_ser_id.eq(JSON_SERIALIZER_ID),
                 durable_state::state_ser_manifest.eq(row.manifest),
                 durable_state::state_payload.eq(&row.payload),
+                durable_state::state_schema_version.eq(row.schema_version),
             ))
             .execute(conn)?
     };
@@ -216,6 +219,7 @@ fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult
                 state_changes::revision.eq(*revision),
                 state_changes::committed_at.eq(strftime(ISO_8601_MILLIS, "now")),
                 state_changes::state_payload.eq(payload),
+                state_changes::state_schema_version.eq(row.schema_version),
             ))
             .execute(conn)?;
     }
@@ -255,6 +259,7 @@ impl SqlBackend for SqliteBackend {
                                 durable_state::persistence_id,
                                 durable_state::revision,
                                 durable_state::state_ser_id,
+                                durable_state::state_schema_version,
                                 durable_state::state_payload,
                             ))
                             .load(conn)?;
@@ -289,6 +294,7 @@ impl SqlBackend for SqliteBackend {
                         state_changes::persistence_id,
                         state_changes::revision,
                         state_changes::committed_at,
+                        state_changes::state_schema_version,
                         state_changes::state_payload,
                     ))
                     .load(conn)
@@ -309,6 +315,7 @@ impl SqlBackend for SqliteBackend {
                 persistence_id: r.persistence_id,
                 revision: r.revision,
                 committed_at,
+                state_schema_version: r.state_schema_version,
                 state_payload: r.state_payload,
             })
         }))
@@ -348,6 +355,122 @@ impl SqlBackend for SqliteBackend {
         .await?;
         Ok(())
     }
+
+    async fn purge_candidates(
+        &self,
+        entity_type: String,
+        written_before: chrono::DateTime<chrono::Utc>,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let written_before = iso_8601_millis(written_before);
+        let rows = conn
+            .spawn_blocking(move |conn| {
+                // Served by the (entity_type, persistence_id) index, in its order.
+                let mut query = durable_state::table
+                    .filter(durable_state::entity_type.eq(entity_type))
+                    .filter(durable_state::db_timestamp.lt(written_before))
+                    .order(durable_state::persistence_id)
+                    .limit(limit)
+                    .select((durable_state::persistence_id, durable_state::revision))
+                    .into_boxed();
+                if let Some(after) = after {
+                    query = query.filter(durable_state::persistence_id.gt(after));
+                }
+                query.load(conn)
+            })
+            .await?;
+        Ok(rows)
+    }
+
+    async fn purge_rows(
+        &self,
+        rows: Vec<(crate::PersistenceId, i64)>,
+        written_before: chrono::DateTime<chrono::Utc>,
+        tombstone: Option<&'static [u8]>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let written_before = iso_8601_millis(written_before);
+        // One immediate transaction: the checks and the deletes see no other
+        // writer, and the feed's AUTOINCREMENT positions follow commit order.
+        let purged = conn
+            .spawn_blocking(move |conn| {
+                conn.immediate_transaction(|conn| {
+                    let mut purged = Vec::new();
+                    for (id, revision) in &rows {
+                        let deleted = diesel::delete(
+                            durable_state::table
+                                .filter(durable_state::persistence_id.eq(id.as_str()))
+                                .filter(durable_state::revision.eq(revision))
+                                .filter(durable_state::db_timestamp.lt(&written_before)),
+                        )
+                        .execute(conn)?;
+                        if deleted != 1 {
+                            continue;
+                        }
+                        if let Some(payload) = tombstone {
+                            diesel::insert_into(state_changes::table)
+                                .values((
+                                    state_changes::entity_type.eq(id.entity_type()),
+                                    state_changes::persistence_id.eq(id.as_str()),
+                                    state_changes::revision.eq(revision + 1),
+                                    state_changes::committed_at.eq(strftime(ISO_8601_MILLIS, "now")),
+                                    state_changes::state_payload.eq(payload),
+                                ))
+                                .execute(conn)?;
+                        }
+                        purged.push(id.as_str().to_owned());
+                    }
+                    diesel::QueryResult::Ok(purged)
+                })
+            })
+            .await?;
+        Ok(purged)
+    }
+
+    async fn count_entities(&self, entity_type: String) -> Result<i64, StoreError> {
+        let mut conn = self.checkout().await?;
+        let count = conn
+            .spawn_blocking(move |conn| {
+                durable_state::table
+                    .filter(durable_state::entity_type.eq(entity_type))
+                    .count()
+                    .get_result(conn)
+            })
+            .await?;
+        Ok(count)
+    }
+
+    async fn entity_ids(
+        &self,
+        entity_type: String,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let rows = conn
+            .spawn_blocking(move |conn| {
+                let mut query = durable_state::table
+                    .filter(durable_state::entity_type.eq(entity_type))
+                    .order(durable_state::persistence_id)
+                    .limit(limit)
+                    .select((durable_state::persistence_id, durable_state::revision))
+                    .into_boxed();
+                if let Some(after) = after {
+                    query = query.filter(durable_state::persistence_id.gt(after));
+                }
+                query.load(conn)
+            })
+            .await?;
+        Ok(rows)
+    }
+}
+
+/// `time` as the `TEXT` timestamp columns hold it ([`ISO_8601_MILLIS`]):
+/// fixed width, so text order is time order and a bound compares with `<`.
+fn iso_8601_millis(time: chrono::DateTime<chrono::Utc>) -> String {
+    time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ diesel::table! {
         state_ser_id -> Int4,
         state_ser_manifest -> Text,
         state_payload -> Bytea,
+        state_schema_version -> Int4,
     }
 }
 
@@ -35,6 +36,7 @@ diesel::table! {
         state_payload -> Bytea,
         entity_type -> Text,
         persistence_id -> Text,
+        state_schema_version -> Int4,
     }
 }
 

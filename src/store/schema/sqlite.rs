@@ -9,6 +9,7 @@ diesel::table! {
         state_ser_id -> Integer,
         state_ser_manifest -> Text,
         state_payload -> Binary,
+        state_schema_version -> Integer,
     }
 }
 
@@ -28,6 +29,7 @@ diesel::table! {
         state_payload -> Binary,
         entity_type -> Text,
         persistence_id -> Text,
+        state_schema_version -> Integer,
     }
 }
 

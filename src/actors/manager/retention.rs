@@ -1,0 +1,311 @@
+//! The manager's retention: every [`Config::retention_check_interval`], the
+//! rows of its entity type not written for [`Config::retention`] are
+//! purged, in chunks, except those of resident entities.
+//!
+//! A purge run walks the type's idle rows in persistence id order, one chunk
+//! at a time, and never overlaps another run. From each chunk it drops the
+//! keys that have an actor (resident or passivating: the actor holds the
+//! state). While a chunk's delete is in flight, commands for its keys wait
+//! here for its answer, as during a passivation: an actor started meanwhile
+//! would restore a row about to disappear. After the answer they go to a new
+//! actor, which finds the entity gone (default state) or, if the statement
+//! kept the row (written meanwhile by another node), the row. The statement
+//! itself checks each row's revision and age, so writes from other nodes are
+//! never lost to a purge.
+//!
+//! [`Config::retention_check_interval`]: crate::Config::retention_check_interval
+//! [`Config::retention`]: crate::Config::retention
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use super::{forward, EntityManager, HeldCommand, InFlight};
+use crate::entity::{DurableEntity, EntityEvent, PersistenceId, Revision};
+use crate::error::{CommandError, StoreError};
+
+/// Asks a manager to purge now, as its periodic retention does, the rows of
+/// its entity type not written for [`Config::retention`](crate::Config::retention),
+/// skipping resident entities; answered with the number of rows removed.
+///
+/// Purges never overlap: one asked for while another runs starts when that
+/// one ends. Fails with [`StoreError::InvalidConfig`] when retention is off,
+/// and with the store's error when a chunk fails (the chunks before it stay
+/// purged; the next run goes on).
+///
+/// ```
+/// use std::time::Duration;
+/// use actix::Actor;
+/// use persist_durable::{Config, MemoryStore, PurgeIdle, UserStateManager};
+///
+/// #[actix::main]
+/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
+///     let config = Config::default().with_retention(Some(Duration::from_secs(400 * 24 * 60 * 60)));
+///     let manager = UserStateManager::new(std::sync::Arc::new(MemoryStore::new()), config).start();
+///     assert_eq!(manager.send(PurgeIdle).await??, 0);
+///     Ok(())
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "Result<u64, StoreError>")]
+pub struct PurgeIdle;
+
+type PurgeReply = oneshot::Sender<Result<u64, StoreError>>;
+
+/// A purge run under way.
+pub(super) struct PurgeRun {
+    /// Rows last written before this are purged: fixed for the whole run,
+    /// so rows written during it are never candidates.
+    written_before: DateTime<Utc>,
+    /// The last candidate of the previous chunk: the next starts after it.
+    after: Option<PersistenceId>,
+    /// Rows removed so far.
+    purged: u64,
+    /// Who waits for this run's count.
+    replies: Vec<PurgeReply>,
+}
+
+/// The manager's retention state.
+pub(super) struct Retention<E: DurableEntity> {
+    /// The run under way, if any.
+    run: Option<PurgeRun>,
+    /// Who asked for a purge while a run was under way: the next run answers them.
+    next: Vec<PurgeReply>,
+    /// The keys whose rows the delete in flight may remove, each with the
+    /// commands that arrived for it meanwhile.
+    purging: std::collections::HashMap<E::Key, Vec<HeldCommand<E>>>,
+}
+
+impl<E: DurableEntity> Default for Retention<E> {
+    fn default() -> Self {
+        Self {
+            run: None,
+            next: Vec::new(),
+            purging: std::collections::HashMap::new(),
+        }
+    }
+}
+
+impl<E: DurableEntity> Handler<PurgeIdle> for EntityManager<E> {
+    type Result = ResponseFuture<Result<u64, StoreError>>;
+
+    fn handle(&mut self, _: PurgeIdle, ctx: &mut Self::Context) -> Self::Result {
+        let (reply, answer) = oneshot::channel();
+        self.request_purge(Some(reply), ctx);
+        Box::pin(async move { answer.await.unwrap_or(Err(StoreError::Stopped)) })
+    }
+}
+
+impl<E: DurableEntity> EntityManager<E> {
+    /// With retention on, purges every check interval.
+    pub(super) fn schedule_retention(&mut self, ctx: &mut Context<Self>) {
+        if self.shared.config.retention.is_some() {
+            ctx.run_interval(self.shared.config.retention_check_interval, |manager, ctx| {
+                manager.request_purge(None, ctx)
+            });
+        }
+    }
+
+    /// Whether a command for `key` must wait for the delete in flight.
+    pub(super) fn is_being_purged(&self, key: &E::Key) -> bool {
+        !self.retention.purging.is_empty() && self.retention.purging.contains_key(key)
+    }
+
+    /// Holds a command for an entity whose row the delete in flight may
+    /// remove, within the same bound as a passivating entity's.
+    pub(super) fn hold_during_purge(
+        &mut self,
+        key: E::Key,
+        event: EntityEvent<E::Command>,
+        in_flight: InFlight,
+    ) -> ResponseFuture<Result<E, CommandError<E>>> {
+        let max_held = self.shared.config.max_queued_per_user;
+        match self.retention.purging.get_mut(&key) {
+            Some(held) if held.len() < max_held => {
+                let (reply, answer) = oneshot::channel();
+                held.push(HeldCommand { event, reply });
+                Box::pin(async move {
+                    let _counted = in_flight;
+                    answer.await.unwrap_or_else(|_| {
+                        Err(CommandError::NotDelivered {
+                            key,
+                            reason: "the manager stopped while the entity's row was being purged".into(),
+                        })
+                    })
+                })
+            }
+            _ => self.refuse(
+                key,
+                &event,
+                format!("{max_held} commands are already queued for this entity while its row is purged"),
+            ),
+        }
+    }
+
+    /// Starts a purge run, or (for a caller waiting on a count) queues one
+    /// after the run under way. A periodic tick during a run is skipped.
+    fn request_purge(&mut self, reply: Option<PurgeReply>, ctx: &mut Context<Self>) {
+        let Some(retention) = self.shared.config.retention else {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(StoreError::InvalidConfig(
+                    "retention is off: set Config::with_retention to purge".into(),
+                )));
+            }
+            return;
+        };
+        if self.retention.run.is_some() {
+            self.retention.next.extend(reply);
+            return;
+        }
+        let replies = reply.into_iter().collect();
+        self.start_purge(retention, replies, ctx);
+    }
+
+    fn start_purge(&mut self, retention: std::time::Duration, replies: Vec<PurgeReply>, ctx: &mut Context<Self>) {
+        let Some(written_before) = crate::store::admin::written_before(retention) else {
+            // Nothing can be that old.
+            for reply in replies {
+                let _ = reply.send(Ok(0));
+            }
+            return;
+        };
+        self.retention.run = Some(PurgeRun {
+            written_before,
+            after: None,
+            purged: 0,
+            replies,
+        });
+        self.purge_next_chunk(ctx);
+    }
+
+    fn purge_next_chunk(&mut self, ctx: &mut Context<Self>) {
+        let Some(run) = &self.retention.run else {
+            return;
+        };
+        let limit = self.shared.config.retention_chunk_size.max(1);
+        let (store, after, written_before) = (self.store.clone(), run.after.clone(), run.written_before);
+        ctx.spawn(
+            async move {
+                store
+                    .purge_candidates(E::ENTITY_TYPE, written_before, after.as_ref(), limit)
+                    .await
+            }
+            .into_actor(self)
+            .map(move |found, manager, ctx| match found {
+                Ok(candidates) => manager.purge_candidates_found(candidates, limit, ctx),
+                Err(error) => manager.finish_purge(Err(error), ctx),
+            }),
+        );
+    }
+
+    /// Deletes the candidates that have no actor, holding commands for them
+    /// until the delete answers.
+    fn purge_candidates_found(
+        &mut self,
+        candidates: Vec<(PersistenceId, Revision)>,
+        limit: usize,
+        ctx: &mut Context<Self>,
+    ) {
+        let more = candidates.len() >= limit;
+        let Some(run) = &mut self.retention.run else {
+            return;
+        };
+        run.after = candidates.last().map(|(id, _)| id.clone());
+        let written_before = run.written_before;
+        let mut rows = Vec::with_capacity(candidates.len());
+        for (id, revision) in candidates {
+            match id.key::<E::Key>() {
+                // Resident or passivating: its actor holds the state.
+                Some(key) if self.children.contains_key(&key) => continue,
+                Some(key) => {
+                    self.retention.purging.insert(key, Vec::new());
+                }
+                // No key encodes to this id, so no actor can hold it.
+                None => {}
+            }
+            rows.push((id, revision));
+        }
+        if rows.is_empty() {
+            self.purge_chunk_done(0, more, ctx);
+            return;
+        }
+        let store = self.store.clone();
+        ctx.spawn(
+            async move { store.purge_counted::<E>(rows, written_before).await }
+                .into_actor(self)
+                .map(move |purged, manager, ctx| {
+                    manager.release_purging();
+                    match purged {
+                        Ok(ids) => manager.purge_chunk_done(ids.len() as u64, more, ctx),
+                        Err(error) => manager.finish_purge(Err(error), ctx),
+                    }
+                }),
+        );
+    }
+
+    fn purge_chunk_done(&mut self, purged: u64, more: bool, ctx: &mut Context<Self>) {
+        self.stats.purged += purged;
+        if let Some(run) = &mut self.retention.run {
+            run.purged += purged;
+        }
+        if more {
+            self.purge_next_chunk(ctx);
+        } else {
+            self.finish_purge(Ok(()), ctx);
+        }
+    }
+
+    /// Sends the commands held during a delete to new actors, which restore
+    /// whatever the delete left.
+    fn release_purging(&mut self) {
+        let mut started = false;
+        let purging = std::mem::take(&mut self.retention.purging);
+        for (key, held) in purging {
+            if held.is_empty() {
+                continue;
+            }
+            let child = self.spawn_child(&key);
+            for HeldCommand { event, reply } in held {
+                // Counted in flight already, by the handler's future waiting on `reply`.
+                let answer = forward(key.clone(), &child.addr, event);
+                actix::spawn(async move {
+                    let _ = reply.send(answer.await);
+                });
+            }
+            self.children.insert(key, child);
+            started = true;
+        }
+        if started {
+            self.evict_least_recently_used();
+            self.report_resident();
+        }
+    }
+
+    /// Answers the run's callers and starts the run they queued meanwhile, if any.
+    fn finish_purge(&mut self, outcome: Result<(), StoreError>, ctx: &mut Context<Self>) {
+        let Some(run) = self.retention.run.take() else {
+            return;
+        };
+        let answer = match outcome {
+            Ok(()) => {
+                debug!(entity = E::ENTITY_TYPE, purged = run.purged, "retention purge done");
+                Ok(run.purged)
+            }
+            Err(error) => {
+                warn!(entity = E::ENTITY_TYPE, purged = run.purged, %error, "retention purge failed; the next one goes on");
+                Err(error)
+            }
+        };
+        for reply in run.replies {
+            let _ = reply.send(answer.clone());
+        }
+        if !self.retention.next.is_empty() {
+            let replies = std::mem::take(&mut self.retention.next);
+            match self.shared.config.retention {
+                Some(retention) => self.start_purge(retention, replies, ctx),
+                None => drop(replies),
+            }
+        }
+    }
+}
