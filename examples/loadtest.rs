@@ -18,6 +18,11 @@
 //! - `resident`: activates `--users` users and reports resident memory per user.
 //! - `restore`: seeds `--users` users, then activates them all in a fresh
 //!   manager and store, reporting users restored per second.
+//!
+//! The `actors` and `naive` lines report `cpu_us_per_command`: this process's
+//! user + system CPU time during the run (`getrusage`), divided by the
+//! commands. For `actors` that is the load generator plus the library; the
+//! database's CPU is not in it.
 
 use std::error::Error;
 use std::future::Future;
@@ -262,6 +267,7 @@ where
     let mut latencies = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds");
     let (mut done, mut errors, mut first_error) = (0u64, 0u64, None);
     let progress = std::io::stderr().is_terminal();
+    let cpu_before = process_cpu_seconds();
     let started = Instant::now();
     let mut last_report = started;
     let scheduled = move |i: u64| rate.map(|rate| started + Duration::from_secs_f64(i as f64 / rate));
@@ -296,9 +302,12 @@ where
         eprintln!();
     }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = process_cpu_seconds() - cpu_before;
     let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
     json!({
         "commands": done,
+        "cpu_seconds": cpu_seconds,
+        "cpu_us_per_command": cpu_seconds * 1e6 / done.max(1) as f64,
         "errors": errors,
         "first_error": first_error,
         "seconds": seconds,
@@ -509,6 +518,20 @@ fn proc_status_kib(field: &str) -> u64 {
                 .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// User plus system CPU time of this whole process so far (the load
+/// generator, the library and its store runtime; not the database's), from
+/// `getrusage`: divided by the commands, the CPU each command costs here.
+fn process_cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 fn peak_rss_bytes() -> u64 {
