@@ -32,20 +32,15 @@ use std::time::{Duration, Instant};
 
 use actix::Actor;
 use clap::{Parser, ValueEnum};
-use diesel::sql_types::{BigInt, Binary, Integer, Text};
-use diesel::OptionalExtension;
 use diesel_async::pooled_connection::deadpool::Pool;
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use persist_durable::{
-    apply, Command, Config, DurableEntity, EntityKey, GetManagerStats, PostgresStore, ProductId, SharedStore,
-    SqliteStore, StatePolicy, StoreConfig, UserCommand, UserKey, UserState, UserStateManager,
+    Command, Config, GetManagerStats, PostgresStore, ProductId, SharedStore, SqliteStore, StoreConfig, UserCommand,
+    UserKey, UserStateManager,
 };
-
-/// The serializer id the library writes: serde JSON.
-const JSON_SERIALIZER_ID: i32 = 1;
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
 
@@ -348,67 +343,9 @@ async fn run_actors(options: &Options, location: &str, backend: &str) -> Result<
     Ok(report)
 }
 
-const NAIVE_READ: &str = "SELECT revision, state_payload FROM durable_state WHERE persistence_id = $1 FOR UPDATE";
-const NAIVE_INSERT: &str = "INSERT INTO durable_state \
-     (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload) \
-     VALUES ($1, $2, 1, now(), $3, $4, $5) \
-     ON CONFLICT (persistence_id) DO UPDATE SET revision = durable_state.revision + 1, \
-     db_timestamp = now(), state_payload = excluded.state_payload";
-const NAIVE_UPDATE: &str =
-    "UPDATE durable_state SET revision = revision + 1, db_timestamp = now(), state_payload = $2 \
-     WHERE persistence_id = $1";
-
-#[derive(diesel::QueryableByName)]
-struct NaiveRow {
-    #[diesel(sql_type = BigInt)]
-    revision: i64,
-    #[diesel(sql_type = Binary)]
-    state_payload: Vec<u8>,
-}
-
-/// The service without actors: read, apply, write back, in one transaction.
-async fn naive_command(pool: Pool<AsyncPgConnection>, key: UserKey, command: Command) -> Result<(), String> {
-    let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-    let id = key.persistence_id().to_string();
-    conn.transaction::<_, diesel::result::Error, _>(async |conn| {
-        let row: Option<NaiveRow> = diesel::sql_query(NAIVE_READ)
-            .bind::<Text, _>(&id)
-            .get_result(conn)
-            .await
-            .optional()?;
-        let state: UserState = match &row {
-            Some(row) => serde_json::from_slice(&row.state_payload).unwrap_or_default(),
-            None => UserState::default(),
-        };
-        if command.is_read_only() {
-            return Ok(());
-        }
-        let next = apply(&state, &command, chrono::Utc::now(), &StatePolicy::default());
-        let payload = serde_json::to_vec(&next).unwrap_or_default();
-        match row.map(|r| r.revision) {
-            None => {
-                diesel::sql_query(NAIVE_INSERT)
-                    .bind::<Text, _>(&id)
-                    .bind::<Text, _>(UserState::ENTITY_TYPE)
-                    .bind::<Integer, _>(JSON_SERIALIZER_ID)
-                    .bind::<Text, _>(UserState::MANIFEST)
-                    .bind::<Binary, _>(payload)
-                    .execute(conn)
-                    .await?
-            }
-            Some(_) => {
-                diesel::sql_query(NAIVE_UPDATE)
-                    .bind::<Text, _>(&id)
-                    .bind::<Binary, _>(payload)
-                    .execute(conn)
-                    .await?
-            }
-        };
-        Ok(())
-    })
-    .await
-    .map_err(|e| e.to_string())
-}
+#[path = "shared/naive.rs"]
+mod naive;
+use naive::naive_command;
 
 fn run_naive(options: &Options, url: &str) -> Result<serde_json::Value, AnyError> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -426,7 +363,7 @@ fn run_naive(options: &Options, url: &str) -> Result<serde_json::Value, AnyError
             options.rate,
             |key, command| {
                 let task = tokio::spawn(naive_command(pool.clone(), key, command));
-                async move { task.await.map_err(|e| e.to_string())? }
+                async move { task.await.map_err(|e| e.to_string())?.map(drop) }
             },
         )
         .await;
