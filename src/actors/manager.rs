@@ -468,6 +468,12 @@ impl<E: DurableEntity> EntityManager<E> {
         if held.is_empty() {
             return;
         }
+        self.start_with_held(key, held);
+    }
+
+    /// Starts a new actor for `key` (which restores what the store holds) and
+    /// hands it the commands held for it, in order.
+    fn start_with_held(&mut self, key: E::Key, held: Vec<HeldCommand<E>>) {
         let successor = self.spawn_child(&key);
         for HeldCommand { event, reply } in held {
             // Counted in flight already, by the handler's future waiting on `reply`.

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use super::{forward, EntityManager, HeldCommand, InFlight};
+use super::{EntityManager, HeldCommand, InFlight};
 use crate::entity::{DurableEntity, EntityEvent, PersistenceId, Revision};
 use crate::error::{CommandError, StoreError};
 
@@ -265,15 +265,7 @@ impl<E: DurableEntity> EntityManager<E> {
             if held.is_empty() {
                 continue;
             }
-            let child = self.spawn_child(&key);
-            for HeldCommand { event, reply } in held {
-                // Counted in flight already, by the handler's future waiting on `reply`.
-                let answer = forward(key.clone(), &child.addr, event);
-                actix::spawn(async move {
-                    let _ = reply.send(answer.await);
-                });
-            }
-            self.children.insert(key, child);
+            self.start_with_held(key, held);
             started = true;
         }
         if started {
