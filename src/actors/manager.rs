@@ -327,6 +327,29 @@ impl Drop for InFlight {
     }
 }
 
+/// Keeps `event` in `held` for the entity's next actor and answers with
+/// that actor's reply, counted in flight until then; `gone` says why if the
+/// manager stops first.
+fn hold<E: DurableEntity>(
+    held: &mut Vec<HeldCommand<E>>,
+    key: E::Key,
+    event: EntityEvent<E::Command>,
+    in_flight: InFlight,
+    gone: &'static str,
+) -> ResponseFuture<Result<E, CommandError<E>>> {
+    let (reply, answer) = oneshot::channel();
+    held.push(HeldCommand { event, reply });
+    Box::pin(async move {
+        let _counted = in_flight;
+        answer.await.unwrap_or_else(|_| {
+            Err(CommandError::NotDelivered {
+                key,
+                reason: gone.into(),
+            })
+        })
+    })
+}
+
 /// Forwards `event` to `child` and answers with the child's reply.
 fn forward<E: DurableEntity>(
     key: E::Key,
@@ -386,17 +409,13 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
             ),
             Phase::Passivating { held, .. } => {
                 self.stats.commands_held_during_passivation += 1;
-                let (reply, answer) = oneshot::channel();
-                held.push(HeldCommand { event, reply });
-                Box::pin(async move {
-                    let _counted = in_flight;
-                    answer.await.unwrap_or_else(|_| {
-                        Err(CommandError::NotDelivered {
-                            key,
-                            reason: "the manager stopped while the entity was passivating".into(),
-                        })
-                    })
-                })
+                hold(
+                    held,
+                    key,
+                    event,
+                    in_flight,
+                    "the manager stopped while the entity was passivating",
+                )
             }
         }
     }

@@ -302,6 +302,32 @@ struct PgBackend {
 }
 
 impl PgBackend {
+    /// One page of an entity type's ids and revisions in persistence id
+    /// order after `after`, with `written_before` only rows last written
+    /// before it: served by the `(entity_type, persistence_id)` index.
+    async fn page(
+        &self,
+        entity_type: String,
+        written_before: Option<chrono::DateTime<chrono::Utc>>,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let mut query = durable_state::table
+            .filter(durable_state::entity_type.eq(entity_type))
+            .order(durable_state::persistence_id)
+            .limit(limit)
+            .select((durable_state::persistence_id, durable_state::revision))
+            .into_boxed();
+        if let Some(written_before) = written_before {
+            query = query.filter(durable_state::db_timestamp.lt(written_before));
+        }
+        if let Some(after) = after {
+            query = query.filter(durable_state::persistence_id.gt(after));
+        }
+        Ok(query.load(&mut conn).await?)
+    }
+
     async fn checkout(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
         self.pool.get().await.map_err(StoreError::unavailable)
     }
@@ -488,19 +514,7 @@ impl SqlBackend for PgBackend {
         after: Option<String>,
         limit: i64,
     ) -> Result<Vec<(String, i64)>, StoreError> {
-        let mut conn = self.checkout().await?;
-        // Served by the (entity_type, persistence_id) index, in its order.
-        let mut query = durable_state::table
-            .filter(durable_state::entity_type.eq(entity_type))
-            .filter(durable_state::db_timestamp.lt(written_before))
-            .order(durable_state::persistence_id)
-            .limit(limit)
-            .select((durable_state::persistence_id, durable_state::revision))
-            .into_boxed();
-        if let Some(after) = after {
-            query = query.filter(durable_state::persistence_id.gt(after));
-        }
-        Ok(query.load(&mut conn).await?)
+        self.page(entity_type, Some(written_before), after, limit).await
     }
 
     async fn purge_rows(
@@ -544,17 +558,7 @@ impl SqlBackend for PgBackend {
         after: Option<String>,
         limit: i64,
     ) -> Result<Vec<(String, i64)>, StoreError> {
-        let mut conn = self.checkout().await?;
-        let mut query = durable_state::table
-            .filter(durable_state::entity_type.eq(entity_type))
-            .order(durable_state::persistence_id)
-            .limit(limit)
-            .select((durable_state::persistence_id, durable_state::revision))
-            .into_boxed();
-        if let Some(after) = after {
-            query = query.filter(durable_state::persistence_id.gt(after));
-        }
-        Ok(query.load(&mut conn).await?)
+        self.page(entity_type, None, after, limit).await
     }
 }
 

@@ -168,6 +168,38 @@ struct SqliteBackend {
 }
 
 impl SqliteBackend {
+    /// One page of an entity type's ids and revisions in persistence id
+    /// order after `after`, with `written_before` (as the `TEXT` timestamps
+    /// hold it) only rows last written before it: served by the
+    /// `(entity_type, persistence_id)` index.
+    async fn page(
+        &self,
+        entity_type: String,
+        written_before: Option<String>,
+        after: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let rows = conn
+            .spawn_blocking(move |conn| {
+                let mut query = durable_state::table
+                    .filter(durable_state::entity_type.eq(entity_type))
+                    .order(durable_state::persistence_id)
+                    .limit(limit)
+                    .select((durable_state::persistence_id, durable_state::revision))
+                    .into_boxed();
+                if let Some(written_before) = written_before {
+                    query = query.filter(durable_state::db_timestamp.lt(written_before));
+                }
+                if let Some(after) = after {
+                    query = query.filter(durable_state::persistence_id.gt(after));
+                }
+                query.load(conn)
+            })
+            .await?;
+        Ok(rows)
+    }
+
     async fn checkout(&self) -> Result<Object<SqliteAsync>, StoreError> {
         self.pool.get().await.map_err(StoreError::unavailable)
     }
@@ -363,25 +395,8 @@ impl SqlBackend for SqliteBackend {
         after: Option<String>,
         limit: i64,
     ) -> Result<Vec<(String, i64)>, StoreError> {
-        let mut conn = self.checkout().await?;
-        let written_before = iso_8601_millis(written_before);
-        let rows = conn
-            .spawn_blocking(move |conn| {
-                // Served by the (entity_type, persistence_id) index, in its order.
-                let mut query = durable_state::table
-                    .filter(durable_state::entity_type.eq(entity_type))
-                    .filter(durable_state::db_timestamp.lt(written_before))
-                    .order(durable_state::persistence_id)
-                    .limit(limit)
-                    .select((durable_state::persistence_id, durable_state::revision))
-                    .into_boxed();
-                if let Some(after) = after {
-                    query = query.filter(durable_state::persistence_id.gt(after));
-                }
-                query.load(conn)
-            })
-            .await?;
-        Ok(rows)
+        self.page(entity_type, Some(iso_8601_millis(written_before)), after, limit)
+            .await
     }
 
     async fn purge_rows(
@@ -448,22 +463,7 @@ impl SqlBackend for SqliteBackend {
         after: Option<String>,
         limit: i64,
     ) -> Result<Vec<(String, i64)>, StoreError> {
-        let mut conn = self.checkout().await?;
-        let rows = conn
-            .spawn_blocking(move |conn| {
-                let mut query = durable_state::table
-                    .filter(durable_state::entity_type.eq(entity_type))
-                    .order(durable_state::persistence_id)
-                    .limit(limit)
-                    .select((durable_state::persistence_id, durable_state::revision))
-                    .into_boxed();
-                if let Some(after) = after {
-                    query = query.filter(durable_state::persistence_id.gt(after));
-                }
-                query.load(conn)
-            })
-            .await?;
-        Ok(rows)
+        self.page(entity_type, None, after, limit).await
     }
 }
 

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use super::{EntityManager, HeldCommand, InFlight};
+use super::{hold, EntityManager, HeldCommand, InFlight};
 use crate::entity::{DurableEntity, EntityEvent, PersistenceId, Revision};
 use crate::error::{CommandError, StoreError};
 
@@ -122,19 +122,13 @@ impl<E: DurableEntity> EntityManager<E> {
     ) -> ResponseFuture<Result<E, CommandError<E>>> {
         let max_held = self.shared.config.max_queued_per_user;
         match self.retention.purging.get_mut(&key) {
-            Some(held) if held.len() < max_held => {
-                let (reply, answer) = oneshot::channel();
-                held.push(HeldCommand { event, reply });
-                Box::pin(async move {
-                    let _counted = in_flight;
-                    answer.await.unwrap_or_else(|_| {
-                        Err(CommandError::NotDelivered {
-                            key,
-                            reason: "the manager stopped while the entity's row was being purged".into(),
-                        })
-                    })
-                })
-            }
+            Some(held) if held.len() < max_held => hold(
+                held,
+                key,
+                event,
+                in_flight,
+                "the manager stopped while the entity's row was being purged",
+            ),
             _ => self.refuse(
                 key,
                 &event,
