@@ -51,6 +51,8 @@
 //! - `sqlite` (default): [`SqliteStore`], with a bundled libsqlite3.
 //! - `postgres` (default): [`PostgresStore`], on diesel-async's pure-Rust driver.
 //! - `http` (default): [`http::routes`], actix-web routes for the user states.
+//! - `kafka` (off by default): `kafka::KafkaIngest`, exactly-once-in-effect
+//!   ingestion from Kafka topics, on rdkafka with its bundled librdkafka.
 #![warn(missing_docs)]
 
 mod actors;
@@ -62,6 +64,8 @@ mod error;
 mod feed;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 mod store;
 
 pub use actors::{
@@ -74,7 +78,7 @@ pub use domain::cart;
 pub use domain::{apply, apply_event, Command, Event, ProductId, StatePolicy, UserKey, UserState};
 pub use entity::{
     decode_json, validate_id, DurableEntity, EntityEvent, EntityKey, EventId, IdField, InvalidInput, PersistenceId,
-    Revision, MAX_ID_BYTES,
+    Revision, SourceOffsets, MAX_ID_BYTES,
 };
 pub use error::{Cause, CommandError, CorruptRow, StoreError};
 pub use feed::{ChangeFeed, ChangeKind, EntityFeed, SkipRefused, StateChange};

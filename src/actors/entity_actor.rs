@@ -8,7 +8,7 @@ use tracing::{debug, warn, Instrument};
 
 use super::protocol::{ChildEvent, FromChild, Passivate};
 use crate::config::Config;
-use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, Revision, Step};
+use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, RecordOrigin, Revision, Step};
 use crate::error::{CommandError, StoreError};
 use crate::store::SharedStore;
 
@@ -22,6 +22,20 @@ impl<E: DurableEntity> Message for Execute<E> {
 }
 
 type Reply<E> = oneshot::Sender<Result<E, CommandError<E>>>;
+
+/// Ingested records for one entity, from one source partition in offset
+/// order: queued together (so no other command comes between them) and
+/// answered one result per record. A record already applied (at or below the
+/// entity's remembered offset of its partition) is answered without being
+/// applied again.
+pub(crate) struct ExecuteRecords<E: DurableEntity>(pub(crate) Records<E>);
+
+/// Records as an ingest hands them over: each command with where it came from.
+pub(crate) type Records<E> = Vec<(EntityEvent<<E as DurableEntity>::Command>, RecordOrigin)>;
+
+impl<E: DurableEntity> Message for ExecuteRecords<E> {
+    type Result = Vec<Result<E, CommandError<E>>>;
+}
 
 /// Keeps one entity's state in memory and every change of it in the store.
 ///
@@ -97,6 +111,8 @@ pub(crate) struct Shared<E: DurableEntity> {
 
 struct Queued<E: DurableEntity> {
     event: EntityEvent<E::Command>,
+    /// Where an ingested record came from.
+    origin: Option<RecordOrigin>,
     received_at: DateTime<Utc>,
     reply: Reply<E>,
     /// Writes of this event lost to a conflict so far.
@@ -205,6 +221,7 @@ impl<E: DurableEntity> EntityActor<E> {
         while let Some(queued) = queue.next() {
             let step = current.step(
                 &queued.event,
+                queued.origin.as_ref(),
                 queued.received_at,
                 &self.shared.settings,
                 self.shared.config.event_id_memory,
@@ -282,11 +299,27 @@ impl<E: DurableEntity> EntityActor<E> {
         self.committed = None;
         self.reload = false;
         let mut retry = Vec::new();
+        let mut ingested_record_failed = false;
         for (mut queued, _) in written {
             if matches!(error, StoreError::Conflict { .. }) && queued.conflicts < self.shared.config.conflict_retries {
                 queued.conflicts += 1;
                 retry.push(queued);
             } else {
+                ingested_record_failed |= queued.origin.is_some();
+                let _ = queued
+                    .reply
+                    .send(Err(CommandError::from_store(&self.key, error.clone())));
+            }
+        }
+        if ingested_record_failed {
+            // Records queued behind a failed one come later in their
+            // partition: committed now, they would mark the failed one as
+            // applied. They fail with it, and the ingest sends them again.
+            let (failed, kept) = std::mem::take(&mut self.queue)
+                .into_iter()
+                .partition(|queued| queued.origin.is_some());
+            self.queue = kept;
+            for queued in failed {
                 let _ = queued
                     .reply
                     .send(Err(CommandError::from_store(&self.key, error.clone())));
@@ -330,58 +363,110 @@ impl<E: DurableEntity> EntityActor<E> {
         event: EntityEvent<E::Command>,
         ctx: &mut Context<Self>,
     ) -> ResponseFuture<Result<E, CommandError<E>>> {
+        if !self.has_room_for(1) {
+            count_overloaded::<E>(&event);
+            let refused = self.overloaded();
+            return Box::pin(async move { Err(refused) });
+        }
+        let answer = self.enqueue(event, None);
+        self.pump(ctx);
+        Box::pin(answer)
+    }
+
+    /// Queues `records` together, or refuses them all if they do not fit.
+    fn accept_records(
+        &mut self,
+        records: Records<E>,
+        ctx: &mut Context<Self>,
+    ) -> ResponseFuture<Vec<Result<E, CommandError<E>>>> {
+        if !self.has_room_for(records.len()) {
+            let refused = records
+                .iter()
+                .map(|(event, _)| {
+                    count_overloaded::<E>(event);
+                    Err(self.overloaded())
+                })
+                .collect();
+            return Box::pin(async move { refused });
+        }
+        let answers: Vec<_> = records
+            .into_iter()
+            .map(|(event, origin)| self.enqueue(event, Some(origin)))
+            .collect();
+        self.pump(ctx);
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(answers.len());
+            for answer in answers {
+                results.push(answer.await);
+            }
+            results
+        })
+    }
+
+    /// `count` more commands stay within [`Config::max_queued_per_user`].
+    fn has_room_for(&self, count: usize) -> bool {
+        self.queue.len() + count <= self.shared.config.max_queued_per_user
+    }
+
+    fn overloaded(&self) -> CommandError<E> {
+        let limit = self.shared.config.max_queued_per_user;
+        CommandError::Overloaded {
+            key: self.key.clone(),
+            reason: format!("{limit} commands are already queued for this entity"),
+        }
+    }
+
+    /// Queues one event; the future answers once it is applied and committed.
+    fn enqueue(
+        &mut self,
+        event: EntityEvent<E::Command>,
+        origin: Option<RecordOrigin>,
+    ) -> impl std::future::Future<Output = Result<E, CommandError<E>>> + 'static {
         self.last_active = Instant::now();
         let key = self.key.clone();
         let command = E::command_name(&event.command);
         let entity = E::ENTITY_TYPE;
-        if self.queue.len() >= self.shared.config.max_queued_per_user {
-            let limit = self.shared.config.max_queued_per_user;
-            metrics::counter!(
-                "persist_durable_commands_total",
-                "entity" => entity,
-                "command" => command,
-                "outcome" => "overloaded"
-            )
-            .increment(1);
-            return Box::pin(async move {
-                Err(CommandError::Overloaded {
-                    key,
-                    reason: format!("{limit} commands are already queued for this entity"),
-                })
-            });
-        }
         let span = tracing::debug_span!("command", entity, key = %key, command, revision = tracing::field::Empty);
         let (reply, answer) = oneshot::channel();
         self.queue.push(Queued {
             event,
+            origin,
             received_at: self.shared.config.clock.now(),
             reply,
             conflicts: 0,
             on_fresh_state: false,
             span: span.clone(),
         });
-        self.pump(ctx);
-        Box::pin(
-            async move {
-                let reply = answer.await.unwrap_or_else(|_| {
-                    Err(CommandError::NotDelivered {
-                        key,
-                        reason: "the entity's actor stopped before answering".into(),
-                    })
-                });
-                let outcome = reply.as_ref().map_or_else(CommandError::kind, |_| "ok");
-                metrics::counter!(
-                    "persist_durable_commands_total",
-                    "entity" => entity,
-                    "command" => command,
-                    "outcome" => outcome
-                )
-                .increment(1);
-                reply
-            }
-            .instrument(span),
-        )
+        async move {
+            let reply = answer.await.unwrap_or_else(|_| {
+                Err(CommandError::NotDelivered {
+                    key,
+                    reason: "the entity's actor stopped before answering".into(),
+                })
+            });
+            let outcome = reply.as_ref().map_or_else(CommandError::kind, |_| "ok");
+            metrics::counter!(
+                "persist_durable_commands_total",
+                "entity" => entity,
+                "command" => command,
+                "outcome" => outcome
+            )
+            .increment(1);
+            reply
+        }
+        .instrument(span)
     }
+}
+
+/// Counts a command refused because its entity's queue is full.
+fn count_overloaded<E: DurableEntity>(event: &EntityEvent<E::Command>) {
+    metrics::counter!(
+        "persist_durable_commands_total",
+        "entity" => E::ENTITY_TYPE,
+        "command" => E::command_name(&event.command),
+        "outcome" => "overloaded"
+    )
+    .increment(1);
 }
 
 impl<E: DurableEntity> Actor for EntityActor<E> {
@@ -427,5 +512,13 @@ impl<E: DurableEntity> Handler<Passivate> for EntityActor<E> {
         debug!(key = %self.key, "passivating once drained");
         self.stop_when_drained = true;
         self.pump(ctx);
+    }
+}
+
+impl<E: DurableEntity> Handler<ExecuteRecords<E>> for EntityActor<E> {
+    type Result = ResponseFuture<Vec<Result<E, CommandError<E>>>>;
+
+    fn handle(&mut self, ExecuteRecords(records): ExecuteRecords<E>, ctx: &mut Self::Context) -> Self::Result {
+        self.accept_records(records, ctx)
     }
 }

@@ -6,7 +6,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::entity_actor::{EntityActor, Execute, Shared, Supervisor};
+use super::entity_actor::{EntityActor, Records, Shared, Supervisor};
 use super::protocol::{ChildEvent, FromChild, Passivate};
 use super::start_unbounded;
 use crate::config::Config;
@@ -14,8 +14,10 @@ use crate::entity::{DurableEntity, EntityEvent};
 use crate::error::CommandError;
 use crate::store::SharedStore;
 
+mod delivery;
 mod retention;
 
+use delivery::{Batch, Delivery, Held, One};
 pub use retention::PurgeIdle;
 
 /// A command for one entity, sent to its [`EntityManager`]; for users it is
@@ -77,6 +79,9 @@ pub struct ManagerStats {
     pub commands_held_during_passivation: u64,
     /// Entities passivated early because [`Config::max_resident_users`] was reached.
     pub evictions: u64,
+    /// Entities passivated because the ingest feeding them lost their
+    /// source partition to another node (a rebalance).
+    pub handovers: u64,
     /// Rows removed by this manager's retention purges ([`Config::retention`], [`PurgeIdle`]).
     pub purged: u64,
     /// Commands refused with [`CommandError::Overloaded`] by the manager:
@@ -151,7 +156,7 @@ enum Phase<E: DurableEntity> {
     /// Told to passivate: commands wait here for its successor, at most
     /// [`Config::max_queued_per_user`] of them.
     Passivating {
-        held: Vec<HeldCommand<E>>,
+        held: Vec<Held<E>>,
         cause: PassivationCause,
     },
 }
@@ -163,6 +168,9 @@ enum PassivationCause {
     Idle,
     /// [`Config::max_resident_users`] was reached and it was least recently used.
     Evicted,
+    /// The ingest that fed it lost its source partition to another node,
+    /// which must find the state as committed.
+    HandedOver,
 }
 
 impl PassivationCause {
@@ -171,13 +179,9 @@ impl PassivationCause {
         match self {
             PassivationCause::Idle => "idle",
             PassivationCause::Evicted => "evicted",
+            PassivationCause::HandedOver => "handed_over",
         }
     }
-}
-
-struct HeldCommand<E: DurableEntity> {
-    event: EntityEvent<E::Command>,
-    reply: oneshot::Sender<Result<E, CommandError<E>>>,
 }
 
 impl<E: DurableEntity> EntityManager<E> {
@@ -228,6 +232,7 @@ impl<E: DurableEntity> EntityManager<E> {
         match cause {
             PassivationCause::Idle => self.stats.idle_passivations += 1,
             PassivationCause::Evicted => self.stats.evictions += 1,
+            PassivationCause::HandedOver => self.stats.handovers += 1,
         }
         true
     }
@@ -318,53 +323,31 @@ impl<E: DurableEntity> Actor for EntityManager<E> {
     }
 }
 
-/// Counts a command in flight until it is answered.
-struct InFlight(Arc<AtomicUsize>);
+/// Counts commands in flight until they are answered.
+struct InFlight(Arc<AtomicUsize>, usize);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
     }
 }
 
-/// Keeps `event` in `held` for the entity's next actor and answers with
+/// Keeps `delivery` in `held` for the entity's next actor and answers with
 /// that actor's reply, counted in flight until then; `gone` says why if the
 /// manager stops first.
-fn hold<E: DurableEntity>(
-    held: &mut Vec<HeldCommand<E>>,
+fn hold<E: DurableEntity, D: Delivery<E>>(
+    held: &mut Vec<Held<E>>,
     key: E::Key,
-    event: EntityEvent<E::Command>,
+    delivery: D,
     in_flight: InFlight,
     gone: &'static str,
-) -> ResponseFuture<Result<E, CommandError<E>>> {
+) -> ResponseFuture<D::Answer> {
     let (reply, answer) = oneshot::channel();
-    held.push(HeldCommand { event, reply });
+    let len = delivery.len();
+    held.push(delivery.held(reply));
     Box::pin(async move {
         let _counted = in_flight;
-        answer.await.unwrap_or_else(|_| {
-            Err(CommandError::NotDelivered {
-                key,
-                reason: gone.into(),
-            })
-        })
-    })
-}
-
-/// Forwards `event` to `child` and answers with the child's reply.
-fn forward<E: DurableEntity>(
-    key: E::Key,
-    child: &Addr<EntityActor<E>>,
-    event: EntityEvent<E::Command>,
-) -> ResponseFuture<Result<E, CommandError<E>>> {
-    // `send` queues the message now, in order; only the reply is awaited.
-    let request = child.send(Execute(event));
-    Box::pin(async move {
-        request.await.unwrap_or_else(|error| {
-            Err(CommandError::NotDelivered {
-                key,
-                reason: error.to_string(),
-            })
-        })
+        answer.await.unwrap_or_else(|_| D::undelivered(len, key, gone))
     })
 }
 
@@ -372,15 +355,63 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
     type Result = ResponseFuture<Result<E, CommandError<E>>>;
 
     fn handle(&mut self, EntityCommand { key, event }: EntityCommand<E>, _ctx: &mut Self::Context) -> Self::Result {
+        self.route(key, One(event))
+    }
+}
+
+/// Records of one source partition for one entity, from an ingest: queued
+/// at the entity together, answered one result per record.
+pub(crate) struct EntityRecords<E: DurableEntity> {
+    pub(crate) key: E::Key,
+    pub(crate) records: Records<E>,
+}
+
+impl<E: DurableEntity> Message for EntityRecords<E> {
+    type Result = Vec<Result<E, CommandError<E>>>;
+}
+
+impl<E: DurableEntity> Handler<EntityRecords<E>> for EntityManager<E> {
+    type Result = ResponseFuture<Vec<Result<E, CommandError<E>>>>;
+
+    fn handle(&mut self, EntityRecords { key, records }: EntityRecords<E>, _ctx: &mut Self::Context) -> Self::Result {
+        self.route(key, Batch(records))
+    }
+}
+
+/// Passivates these entities (those not passivating already) once what was
+/// sent to them is committed, so that whoever writes them next finds the
+/// committed state: what an ingest asks when its partitions move to another
+/// node. Answered once every one of them has been told to passivate.
+pub(crate) struct HandOver<E: DurableEntity>(pub(crate) Vec<E::Key>);
+
+impl<E: DurableEntity> Message for HandOver<E> {
+    type Result = ();
+}
+
+impl<E: DurableEntity> Handler<HandOver<E>> for EntityManager<E> {
+    type Result = ();
+
+    fn handle(&mut self, HandOver(keys): HandOver<E>, _ctx: &mut Self::Context) {
+        for key in keys {
+            self.begin_passivation(&key, PassivationCause::HandedOver);
+        }
+    }
+}
+
+impl<E: DurableEntity> EntityManager<E> {
+    /// Routes `delivery` to `key`'s actor, starting one if needed, or holds
+    /// it while the entity passivates or its row is purged.
+    fn route<D: Delivery<E>>(&mut self, key: E::Key, delivery: D) -> ResponseFuture<D::Answer> {
+        let len = delivery.len();
         if self.in_flight.load(Ordering::Relaxed) >= self.shared.config.max_commands_in_flight {
             let limit = self.shared.config.max_commands_in_flight;
-            return self.refuse(key, &event, format!("{limit} commands are already in flight"));
+            return self.refuse(key, delivery, format!("{limit} commands are already in flight"));
         }
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        let in_flight = InFlight(self.in_flight.clone());
+        self.in_flight.fetch_add(len, Ordering::Relaxed);
+        let in_flight = InFlight(self.in_flight.clone(), len);
         self.ticks += 1;
         if self.is_being_purged(&key) {
-            return self.hold_during_purge(key, event, in_flight);
+            return self.hold_during_purge(key, delivery, in_flight);
         }
         if !self.children.contains_key(&key) {
             let child = self.spawn_child(&key);
@@ -395,7 +426,7 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
         let max_held = self.shared.config.max_queued_per_user;
         match &mut child.phase {
             Phase::Active => {
-                let answer = forward(key, &child.addr, event);
+                let answer = delivery.forward(key, &child.addr);
                 Box::pin(async move {
                     let _counted = in_flight;
                     answer.await
@@ -404,40 +435,27 @@ impl<E: DurableEntity> Handler<EntityCommand<E>> for EntityManager<E> {
             // The same bound as a live actor's queue: refused here, not by the successor.
             Phase::Passivating { held, .. } if held.len() >= max_held => self.refuse(
                 key,
-                &event,
+                delivery,
                 format!("{max_held} commands are already queued for this entity while it passivates"),
             ),
             Phase::Passivating { held, .. } => {
-                self.stats.commands_held_during_passivation += 1;
+                self.stats.commands_held_during_passivation += len as u64;
                 hold(
                     held,
                     key,
-                    event,
+                    delivery,
                     in_flight,
                     "the manager stopped while the entity was passivating",
                 )
             }
         }
     }
-}
 
-impl<E: DurableEntity> EntityManager<E> {
-    /// Refuses `event` with [`CommandError::Overloaded`], counted.
-    fn refuse(
-        &mut self,
-        key: E::Key,
-        event: &EntityEvent<E::Command>,
-        reason: String,
-    ) -> ResponseFuture<Result<E, CommandError<E>>> {
-        self.stats.commands_refused += 1;
-        metrics::counter!(
-            "persist_durable_commands_total",
-            "entity" => E::ENTITY_TYPE,
-            "command" => E::command_name(&event.command),
-            "outcome" => "overloaded"
-        )
-        .increment(1);
-        Box::pin(async move { Err(CommandError::Overloaded { key, reason }) })
+    /// Refuses `delivery` with [`CommandError::Overloaded`], counted.
+    fn refuse<D: Delivery<E>>(&mut self, key: E::Key, delivery: D, reason: String) -> ResponseFuture<D::Answer> {
+        self.stats.commands_refused += delivery.len() as u64;
+        let answer = delivery.refuse(key, reason);
+        Box::pin(async move { answer })
     }
 }
 
@@ -492,15 +510,11 @@ impl<E: DurableEntity> EntityManager<E> {
 
     /// Starts a new actor for `key` (which restores what the store holds) and
     /// hands it the commands held for it, in order.
-    fn start_with_held(&mut self, key: E::Key, held: Vec<HeldCommand<E>>) {
+    fn start_with_held(&mut self, key: E::Key, held: Vec<Held<E>>) {
         let successor = self.spawn_child(&key);
-        for HeldCommand { event, reply } in held {
-            // Counted in flight already, by the handler's future waiting on `reply`.
-            let answer = forward(key.clone(), &successor.addr, event);
-            actix::spawn(async move {
-                // The caller may have given up waiting; nothing to do then.
-                let _ = reply.send(answer.await);
-            });
+        for delivery in held {
+            // Counted in flight already, by the handler's future waiting on its reply.
+            delivery.forward_to(key.clone(), &successor.addr);
         }
         self.children.insert(key, successor);
     }

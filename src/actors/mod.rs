@@ -11,6 +11,8 @@ mod users;
 pub use entity_actor::{EntityActor, Execute};
 pub use handle::{Entities, UserStates};
 pub use manager::{EntityCommand, EntityManager, GetManagerStats, ManagerStats, PurgeIdle};
+#[allow(unused_imports)] // used by the `kafka` feature
+pub(crate) use manager::{EntityRecords, HandOver};
 pub use users::{UserCommand, UserStateActor, UserStateManager};
 
 use actix::dev::channel;

@@ -10,6 +10,7 @@ mod event;
 mod invalid_input;
 mod key;
 mod revision;
+mod source;
 mod transition;
 
 use std::fmt::{Debug, Display};
@@ -24,6 +25,8 @@ pub use invalid_input::{IdField, InvalidInput};
 pub(crate) use key::validate;
 pub use key::{validate_id, PersistenceId, MAX_ID_BYTES};
 pub use revision::Revision;
+pub(crate) use source::RecordOrigin;
+pub use source::SourceOffsets;
 pub(crate) use transition::{Durable, Step};
 
 use crate::config::Config;
@@ -38,8 +41,9 @@ use crate::config::Config;
 /// The state is stored as a JSON object (so it must serialize as a struct or
 /// a map), under [`MANIFEST`](Self::MANIFEST). Give every field a serde
 /// default and rows written by an older version keep loading. The field name
-/// `recent_event_ids` is the machinery's: it stores the entity's remembered
-/// event ids beside the state.
+/// `recent_event_ids`, `source_offsets`, `deleted` and `erased_at` are the
+/// machinery's: it stores the entity's remembered event ids and ingest
+/// positions beside the state.
 ///
 /// A whole entity, a counter, run on the embedded SQLite store:
 ///

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{DurableEntity, EntityEvent, EventId};
+use super::{DurableEntity, EntityEvent, EventId, RecordOrigin, SourceOffsets};
 
 /// An entity's state with what the machinery remembers beside it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -18,6 +18,9 @@ pub(crate) struct Durable<E> {
     pub(crate) erased_at: Option<DateTime<Utc>>,
     /// This state is the revision that deleted the entity.
     pub(crate) tombstone: bool,
+    /// Per source partition, the last ingested record applied: a record at
+    /// or below it is a redelivery. Kept through a delete, like event ids.
+    pub(crate) source_offsets: SourceOffsets,
 }
 
 /// What one event does to a [`Durable`] state.
@@ -38,6 +41,7 @@ impl<E: DurableEntity> Durable<E> {
             event_ids,
             erased_at: None,
             tombstone: false,
+            source_offsets: SourceOffsets::new(),
         }
     }
 
@@ -47,17 +51,23 @@ impl<E: DurableEntity> Durable<E> {
             event_ids: machinery.recent_event_ids,
             erased_at: machinery.erased_at,
             tombstone: machinery.deleted,
+            source_offsets: machinery.source_offsets,
         }
     }
 
-    /// Applies `event`, received at `now`, remembering at most `id_memory` event ids.
+    /// Applies `event`, received at `now` (from `origin` when ingested),
+    /// remembering at most `id_memory` event ids.
     pub(crate) fn step(
         &self,
         event: &EntityEvent<E::Command>,
+        origin: Option<&RecordOrigin>,
         now: DateTime<Utc>,
         settings: &E::Settings,
         id_memory: usize,
     ) -> Step<E> {
+        if origin.is_some_and(|origin| origin.is_applied_in(&self.source_offsets)) {
+            return Step::Unchanged;
+        }
         if let Some(id) = &event.event_id {
             if self.event_ids.contains(id) {
                 return Step::Unchanged;
@@ -82,11 +92,16 @@ impl<E: DurableEntity> Durable<E> {
             let excess = event_ids.len().saturating_sub(id_memory);
             event_ids.drain(..excess);
         }
+        let mut source_offsets = self.source_offsets.clone();
+        if let Some(origin) = origin {
+            origin.record_in(&mut source_offsets);
+        }
         Step::Changed(Durable {
             state,
             event_ids,
             erased_at,
             tombstone,
+            source_offsets,
         })
     }
 }

@@ -267,7 +267,6 @@ impl GroupCommit {
     }
 
     pub(crate) async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
-        self.require_feed()?;
         let (backend, consumer) = (self.backend.clone(), consumer.to_owned());
         let position = self
             .runtime
@@ -277,7 +276,6 @@ impl GroupCommit {
     }
 
     pub(crate) async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
-        self.require_feed()?;
         let (backend, consumer) = (self.backend.clone(), consumer.to_owned());
         let position = bigint(position)?;
         self.runtime

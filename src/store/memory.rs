@@ -17,6 +17,8 @@ pub struct MemoryStore {
     rows: Mutex<HashMap<PersistenceId, StoredRow>>,
     /// When each row was last written (`db_timestamp`), for retention.
     written_at: Mutex<HashMap<PersistenceId, chrono::DateTime<chrono::Utc>>>,
+    /// Named reader positions (`load_offset` / `save_offset`).
+    offsets: Mutex<HashMap<String, u64>>,
     unavailable: AtomicBool,
     stats: Mutex<StoreStats>,
 }
@@ -97,6 +99,25 @@ impl StateStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.check_available()
+    }
+
+    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
+        self.check_available()?;
+        Ok(self
+            .offsets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(consumer)
+            .copied())
+    }
+
+    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
+        self.check_available()?;
+        self.offsets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(consumer.to_owned(), position);
+        Ok(())
     }
 
     fn stats(&self) -> StoreStats {

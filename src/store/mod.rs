@@ -211,6 +211,9 @@ pub struct StoredState<E = UserState> {
     pub erased_at: Option<chrono::DateTime<chrono::Utc>>,
     /// This revision is the entity's deletion (its state is the default).
     pub deleted: bool,
+    /// Per source partition (`topic/partition`), the offset of the last
+    /// ingested record applied to this entity, written with the state.
+    pub source_offsets: crate::entity::SourceOffsets,
 }
 
 impl<E: DurableEntity> StoredState<E> {
@@ -222,6 +225,7 @@ impl<E: DurableEntity> StoredState<E> {
             recent_event_ids: Vec::new(),
             erased_at: None,
             deleted: false,
+            source_offsets: Default::default(),
         }
     }
 
@@ -231,6 +235,7 @@ impl<E: DurableEntity> StoredState<E> {
             event_ids: self.recent_event_ids,
             erased_at: self.erased_at,
             tombstone: self.deleted,
+            source_offsets: self.source_offsets,
         };
         (self.revision, durable)
     }
@@ -361,16 +366,19 @@ pub trait StateStore: Send + Sync + fmt::Debug + 'static {
         Err(StoreError::NoChangeFeed)
     }
 
-    /// The feed position `consumer` saved last, if any.
+    /// The position `consumer` saved last, if any: a change-feed follower's,
+    /// or a Kafka ingest's per partition (`kafka/<group>/<topic>/<partition>`).
+    /// Every store of this crate keeps them, with or without the change feed.
     async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
         let _ = consumer;
-        Err(StoreError::NoChangeFeed)
+        Err(StoreError::Unsupported("reader positions"))
     }
 
-    /// Saves the feed position `consumer` has processed up to, inclusive.
+    /// Saves the position `consumer` has processed up to: for a change-feed
+    /// follower the last position handled, for an ingest the next offset to read.
     async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
         let _ = (consumer, position);
-        Err(StoreError::NoChangeFeed)
+        Err(StoreError::Unsupported("reader positions"))
     }
 
     /// Up to `limit` rows of `entity_type` last written before
@@ -517,6 +525,7 @@ impl dyn StateStore {
             recent_event_ids: durable.event_ids,
             erased_at: durable.erased_at,
             deleted: durable.tombstone,
+            source_offsets: durable.source_offsets,
         }))
     }
 

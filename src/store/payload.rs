@@ -3,13 +3,15 @@
 //! `recent_event_ids` (the field user states have always been stored with),
 //! and after a delete `erased_at`; a tombstone (the revision that deleted the
 //! entity) holds the machinery's fields alone, `deleted: true`, and no state.
+//! Ingested entities also carry `source_offsets`: per source partition, the
+//! offset of the last record applied.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::entity::{Durable, DurableEntity, EventId, PersistenceId};
+use crate::entity::{Durable, DurableEntity, EventId, PersistenceId, SourceOffsets};
 use crate::error::{CorruptRow, StoreError};
 
 #[derive(Serialize)]
@@ -23,6 +25,8 @@ struct Envelope<'a, E> {
     deleted: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     erased_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "SourceOffsets::is_empty")]
+    source_offsets: &'a SourceOffsets,
 }
 
 /// The machinery's fields of a stored payload.
@@ -34,6 +38,8 @@ pub(crate) struct Machinery {
     pub(crate) deleted: bool,
     #[serde(default)]
     pub(crate) erased_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub(crate) source_offsets: SourceOffsets,
 }
 
 #[derive(Deserialize)]
@@ -50,6 +56,7 @@ pub(crate) fn encode<E: DurableEntity>(key: &PersistenceId, durable: &Durable<E>
         recent_event_ids: &durable.event_ids,
         deleted: durable.tombstone,
         erased_at: durable.erased_at,
+        source_offsets: &durable.source_offsets,
     };
     serde_json::to_vec(&envelope).map_err(|e| StoreError::Encode {
         key: key.clone(),

@@ -21,9 +21,10 @@ use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-use super::{hold, EntityManager, HeldCommand, InFlight};
-use crate::entity::{DurableEntity, EntityEvent, PersistenceId, Revision};
-use crate::error::{CommandError, StoreError};
+use super::delivery::{Delivery, Held};
+use super::{hold, EntityManager, InFlight};
+use crate::entity::{DurableEntity, PersistenceId, Revision};
+use crate::error::StoreError;
 
 /// Asks a manager to purge now, as its periodic retention does, the rows of
 /// its entity type not written for [`Config::retention`](crate::Config::retention),
@@ -74,7 +75,7 @@ pub(super) struct Retention<E: DurableEntity> {
     next: Vec<PurgeReply>,
     /// The keys whose rows the delete in flight may remove, each with the
     /// commands that arrived for it meanwhile.
-    purging: std::collections::HashMap<E::Key, Vec<HeldCommand<E>>>,
+    purging: std::collections::HashMap<E::Key, Vec<Held<E>>>,
 }
 
 impl<E: DurableEntity> Default for Retention<E> {
@@ -114,24 +115,24 @@ impl<E: DurableEntity> EntityManager<E> {
 
     /// Holds a command for an entity whose row the delete in flight may
     /// remove, within the same bound as a passivating entity's.
-    pub(super) fn hold_during_purge(
+    pub(super) fn hold_during_purge<D: Delivery<E>>(
         &mut self,
         key: E::Key,
-        event: EntityEvent<E::Command>,
+        delivery: D,
         in_flight: InFlight,
-    ) -> ResponseFuture<Result<E, CommandError<E>>> {
+    ) -> ResponseFuture<D::Answer> {
         let max_held = self.shared.config.max_queued_per_user;
         match self.retention.purging.get_mut(&key) {
             Some(held) if held.len() < max_held => hold(
                 held,
                 key,
-                event,
+                delivery,
                 in_flight,
                 "the manager stopped while the entity's row was being purged",
             ),
             _ => self.refuse(
                 key,
-                &event,
+                delivery,
                 format!("{max_held} commands are already queued for this entity while its row is purged"),
             ),
         }
