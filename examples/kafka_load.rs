@@ -62,11 +62,18 @@ struct Args {
     group: String,
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
+    /// A librdkafka property for the ingest's consumer, `key=value` (repeatable).
+    #[arg(long)]
+    client_config: Vec<String>,
 }
 
 #[actix::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     match args.mode {
         Mode::Produce => produce(&args).await,
         Mode::Ingest => ingest(&args).await,
@@ -75,9 +82,12 @@ async fn main() -> Result<(), Box<dyn Error>> {
 }
 
 async fn produce(args: &Args) -> Result<(), Box<dyn Error>> {
+    // One record per batch: tansu 0.6 serves a fetch that starts inside a
+    // batch from the next batch on (Kafka returns the whole batch), and the
+    // consumers here resume at arbitrary positions after a pause.
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
-        .set("linger.ms", "20")
+        .set("batch.num.messages", "1")
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
     let started = Instant::now();
@@ -137,7 +147,11 @@ fn report(args: &Args, mode: &str, started: Instant, cpu_before: f64) {
 async fn ingest(args: &Args) -> Result<(), Box<dyn Error>> {
     let store = PostgresStore::connect(database_url(args)?).await?;
     let users = UserStates::start(Arc::new(store), Config::default());
-    let config = IngestConfig::new(&args.brokers, &args.group, [&args.topic]);
+    let mut config = IngestConfig::new(&args.brokers, &args.group, [&args.topic]);
+    for property in &args.client_config {
+        let (key, value) = property.split_once('=').ok_or("--client-config takes key=value")?;
+        config = config.with_client_config(key, value);
+    }
     let (started, cpu_before) = (Instant::now(), process_cpu_seconds());
     let ingest = KafkaIngest::start(config, &users, JsonRecords)?;
     loop {
