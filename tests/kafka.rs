@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use common::{test_store_config, Backend, TestDb};
-use persist_durable::kafka::{IngestConfig, JsonRecords, KafkaIngest};
+use persist_durable::kafka::{IngestConfig, IngestError, JsonRecords, KafkaIngest, StartAt};
 use persist_durable::{
     validate_id, Config, DurableEntity, Entities, EntityKey, InvalidInput, PostgresStore, SharedStore, StoreError,
 };
@@ -490,6 +490,66 @@ async fn a_database_outage_pauses_consumption_and_loses_nothing() {
     ingest.stop().await;
 }
 
+#[actix_rt::test]
+async fn an_entity_whose_queue_is_smaller_than_a_batch_still_gets_every_record_in_order() {
+    let Some((broker, db)) = setup("tallies", 1).await else {
+        return;
+    };
+    let store = db.connect().await;
+    let tallies = Entities::<Tally>::start(store.clone(), Config::default().with_max_queued_per_user(4));
+    produce(&broker.producer(), "tallies", &workload(1, 1, 50)).await;
+    let ingest = KafkaIngest::start(ingest_config(&broker, "g1", "tallies"), &tallies, JsonRecords).unwrap();
+    assert_tallies_reach(&store, &expected(1, 1..=50), Duration::from_secs(60)).await;
+    ingest.stop().await;
+}
+
+#[actix_rt::test]
+async fn starting_at_the_latest_record_stores_that_position_before_any_record_arrives() {
+    let Some((broker, db)) = setup("tallies", 1).await else {
+        return;
+    };
+    let store = db.connect().await;
+    let tallies = Entities::<Tally>::start(store.clone(), Config::default());
+    let producer = broker.producer();
+    produce(&producer, "tallies", &workload(1, 1, 5)).await;
+    let config = || ingest_config(&broker, "g1", "tallies").with_start_at(StartAt::Latest);
+    let ingest = KafkaIngest::start(config(), &tallies, JsonRecords).unwrap();
+    wait_until("the partition is assigned", Duration::from_secs(30), async || {
+        ingest.stats().partitions_assigned == 1
+    })
+    .await;
+    ingest.stop().await;
+    assert_eq!(store.load_offset("kafka/g1/tallies/0").await.unwrap(), Some(5));
+
+    // Produced while no member reads: the next one starts where the first did.
+    produce(&producer, "tallies", &workload(1, 6, 3)).await;
+    let ingest = KafkaIngest::start(config(), &tallies, JsonRecords).unwrap();
+    assert_tallies_reach(&store, &expected(1, 6..=8), Duration::from_secs(60)).await;
+    ingest.stop().await;
+}
+
+#[actix_rt::test]
+async fn a_client_configuration_the_ingest_cannot_run_with_is_an_error_not_a_panic() {
+    let store: SharedStore = Arc::new(persist_durable::MemoryStore::new());
+    let tallies = Entities::<Tally>::start(store, Config::default());
+    let unknown = IngestConfig::new("127.0.0.1:1", "g", ["t"]).with_client_config("no.such.property", "1");
+    assert!(matches!(
+        KafkaIngest::start(unknown, &tallies, JsonRecords),
+        Err(IngestError::Kafka(_))
+    ));
+    let cooperative = IngestConfig::new("127.0.0.1:1", "g", ["t"])
+        .with_client_config("partition.assignment.strategy", "cooperative-sticky");
+    assert!(matches!(
+        KafkaIngest::start(cooperative, &tallies, JsonRecords),
+        Err(IngestError::InvalidConfig(_))
+    ));
+    let no_topic = IngestConfig::new("127.0.0.1:1", "g", Vec::<String>::new());
+    assert!(matches!(
+        KafkaIngest::start(no_topic, &tallies, JsonRecords),
+        Err(IngestError::InvalidConfig(_))
+    ));
+}
+
 // ---------------------------------------------------------------------------
 // Scenarios across processes.
 
@@ -514,10 +574,22 @@ async fn consumer_process() {
     let ingest = KafkaIngest::start(config, &tallies, JsonRecords).expect("the ingest starts");
     // On a line of its own: libtest has already printed `test consumer_process ... `.
     println!("\nconsumer ready");
-    tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
-        .await
-        .unwrap()
-        .unwrap();
+    let stdin_closed = tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()));
+    tokio::pin!(stdin_closed);
+    // Reports each change of the partitions it owns, until stdin closes.
+    let mut owned = None;
+    loop {
+        tokio::select! {
+            _ = &mut stdin_closed => break,
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                let now = ingest.stats().partitions_owned;
+                if owned != Some(now) {
+                    println!("owned {now}");
+                    owned = Some(now);
+                }
+            }
+        }
+    }
     let stats = ingest.stats();
     ingest.stop().await;
     println!("stats {} {}", stats.partitions_assigned, stats.records_applied);
@@ -529,6 +601,8 @@ struct ConsumerProcess {
     stdin: Option<ChildStdin>,
     /// Its last line, `stats <partitions assigned> <records applied>`.
     stats: std::sync::mpsc::Receiver<(u64, u64)>,
+    /// The partitions it owns now, as it last reported (`owned <n>`).
+    owned: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ConsumerProcess {
@@ -560,8 +634,13 @@ impl ConsumerProcess {
         // Its log, prefixed, in this test's output.
         let pid = process.id();
         let (report, stats) = std::sync::mpsc::channel();
+        let owned = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let owned_report = owned.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
+                if let Some(n) = line.strip_prefix("owned ") {
+                    owned_report.store(n.parse().unwrap(), std::sync::atomic::Ordering::SeqCst);
+                }
                 if let Some(numbers) = line.strip_prefix("stats ") {
                     let mut numbers = numbers.split(' ').map(|n| n.parse().unwrap());
                     let _ = report.send((numbers.next().unwrap(), numbers.next().unwrap()));
@@ -569,7 +648,16 @@ impl ConsumerProcess {
                 eprintln!("[consumer {pid}] {line}");
             }
         });
-        Self { process, stdin, stats }
+        Self {
+            process,
+            stdin,
+            stats,
+            owned,
+        }
+    }
+
+    fn owned(&self) -> u64 {
+        self.owned.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// SIGKILL: no revocation, no stored position, writes cut off anywhere.
@@ -654,6 +742,12 @@ async fn partitions_move_between_consumers_and_every_record_is_applied_once() {
     let tallies = 8;
     let a = ConsumerProcess::start(&broker, &db, "tallies");
     let b = ConsumerProcess::start(&broker, &db, "tallies");
+    wait_until(
+        "the two members share the 4 partitions",
+        Duration::from_secs(60),
+        async || a.owned() > 0 && b.owned() > 0 && a.owned() + b.owned() == 4,
+    )
+    .await;
     produce(&producer, "tallies", &workload(tallies, 1, 100)).await;
     wait_until("both consumers are mid-stream", Duration::from_secs(60), async || {
         applied_count(&store, tallies).await >= tallies * 40
@@ -668,6 +762,10 @@ async fn partitions_move_between_consumers_and_every_record_is_applied_once() {
 
     // A replacement joins, then B is killed and its replacement joins.
     let c = ConsumerProcess::start(&broker, &db, "tallies");
+    wait_until("B and C share the partitions", Duration::from_secs(60), async || {
+        b.owned() > 0 && c.owned() > 0 && b.owned() + c.owned() == 4
+    })
+    .await;
     produce(&producer, "tallies", &workload(tallies, 201, 100)).await;
     wait_until("the new member is consuming", Duration::from_secs(60), async || {
         applied_count(&store, tallies).await >= tallies * 240
@@ -675,6 +773,12 @@ async fn partitions_move_between_consumers_and_every_record_is_applied_once() {
     .await;
     b.kill();
     let d = ConsumerProcess::start(&broker, &db, "tallies");
+    wait_until(
+        "C and the replacement D share the partitions",
+        Duration::from_secs(60),
+        async || c.owned() > 0 && d.owned() > 0 && c.owned() + d.owned() == 4,
+    )
+    .await;
     produce(&producer, "tallies", &workload(tallies, 301, 100)).await;
     assert_tallies_reach(&store, &expected(tallies, 1..=400), Duration::from_secs(120)).await;
     let (c_partitions, c_applied) = c.stop();

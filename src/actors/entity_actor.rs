@@ -299,9 +299,17 @@ impl<E: DurableEntity> EntityActor<E> {
         self.committed = None;
         self.reload = false;
         let mut retry = Vec::new();
+        // Ingested records behind a failed one come later in their
+        // partition: committed now, they would mark the failed one as
+        // applied. They fail with it (written, retried or queued), and the
+        // ingest sends them again in order.
         let mut ingested_record_failed = false;
         for (mut queued, _) in written {
-            if matches!(error, StoreError::Conflict { .. }) && queued.conflicts < self.shared.config.conflict_retries {
+            let behind_a_failed_record = ingested_record_failed && queued.origin.is_some();
+            if matches!(error, StoreError::Conflict { .. })
+                && queued.conflicts < self.shared.config.conflict_retries
+                && !behind_a_failed_record
+            {
                 queued.conflicts += 1;
                 retry.push(queued);
             } else {
@@ -312,9 +320,6 @@ impl<E: DurableEntity> EntityActor<E> {
             }
         }
         if ingested_record_failed {
-            // Records queued behind a failed one come later in their
-            // partition: committed now, they would mark the failed one as
-            // applied. They fail with it, and the ingest sends them again.
             let (failed, kept) = std::mem::take(&mut self.queue)
                 .into_iter()
                 .partition(|queued| queued.origin.is_some());

@@ -332,6 +332,11 @@ impl Drop for InFlight {
     }
 }
 
+/// The commands in `held`: what counts against [`Config::max_queued_per_user`].
+fn held_commands<E: DurableEntity>(held: &[Held<E>]) -> usize {
+    held.iter().map(Held::len).sum()
+}
+
 /// Keeps `delivery` in `held` for the entity's next actor and answers with
 /// that actor's reply, counted in flight until then; `gone` says why if the
 /// manager stops first.
@@ -403,7 +408,7 @@ impl<E: DurableEntity> EntityManager<E> {
     /// it while the entity passivates or its row is purged.
     fn route<D: Delivery<E>>(&mut self, key: E::Key, delivery: D) -> ResponseFuture<D::Answer> {
         let len = delivery.len();
-        if self.in_flight.load(Ordering::Relaxed) >= self.shared.config.max_commands_in_flight {
+        if self.in_flight.load(Ordering::Relaxed) + len > self.shared.config.max_commands_in_flight {
             let limit = self.shared.config.max_commands_in_flight;
             return self.refuse(key, delivery, format!("{limit} commands are already in flight"));
         }
@@ -433,7 +438,7 @@ impl<E: DurableEntity> EntityManager<E> {
                 })
             }
             // The same bound as a live actor's queue: refused here, not by the successor.
-            Phase::Passivating { held, .. } if held.len() >= max_held => self.refuse(
+            Phase::Passivating { held, .. } if held_commands(held) + len > max_held => self.refuse(
                 key,
                 delivery,
                 format!("{max_held} commands are already queued for this entity while it passivates"),

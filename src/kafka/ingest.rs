@@ -75,6 +75,8 @@ pub struct IngestStats {
     pub partitions_assigned: u64,
     /// Partitions revoked from this member, over all rebalances.
     pub partitions_revoked: u64,
+    /// Partitions this member owns now.
+    pub partitions_owned: u64,
     /// Times consumption paused because too many records were unsettled.
     pub pauses: u64,
     /// Entities passivated because their partition went to another member.
@@ -96,40 +98,29 @@ impl KafkaIngest {
         if config.topics.is_empty() {
             return Err(IngestError::InvalidConfig("no topic to read".into()));
         }
+        let cooperative = config
+            .client_config
+            .iter()
+            .any(|(key, value)| key == "partition.assignment.strategy" && value.contains("cooperative"));
+        if cooperative {
+            return Err(IngestError::InvalidConfig(
+                "the cooperative rebalance protocol is not supported: the ingest assigns partitions eagerly".into(),
+            ));
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("persist-durable-ingest")
             .enable_all()
             .build()
             .map_err(IngestError::Io)?;
-        let dead_letters = match &config.dead_letter_topic {
-            None => None,
-            Some(_) => {
-                let _guard = runtime.enter();
-                Some(
-                    ClientConfig::new()
-                        .set("bootstrap.servers", &config.brokers)
-                        .set("enable.idempotence", "true")
-                        .create::<FutureProducer>()
-                        .map_err(IngestError::Kafka)?,
-                )
+        let (ingest, consumer) = match Ingest::prepare(config, entities, decoder, runtime.handle().clone()) {
+            Ok(prepared) => prepared,
+            Err(error) => {
+                // Dropping a runtime inside an async context (the caller's) would panic.
+                runtime.shutdown_background();
+                return Err(error);
             }
         };
-        let ingest = Arc::new(Ingest {
-            manager: entities.addr().clone(),
-            store: entities.store().clone(),
-            decoder: Box::new(decoder),
-            state: Mutex::new(State::default()),
-            settled: Condvar::new(),
-            counters: Counters::default(),
-            stopping: AtomicBool::new(false),
-            dead_letters,
-            runtime: runtime.handle().clone(),
-            config,
-        });
-        let consumer = ingest.consumer()?;
-        let topics: Vec<&str> = ingest.config.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics).map_err(IngestError::Kafka)?;
         let (done, finished) = oneshot::channel();
         let thread_ingest = ingest.clone();
         std::thread::Builder::new()
@@ -178,8 +169,13 @@ trait IngestControl: Send + Sync {
 
 impl<E: DurableEntity> IngestControl for Ingest<E> {
     fn stats(&self) -> IngestStats {
-        let unsettled = self.lock().unsettled as u64;
-        self.counters.snapshot(unsettled)
+        let state = self.lock();
+        let (unsettled, owned) = (state.unsettled as u64, state.owned.len() as u64);
+        drop(state);
+        IngestStats {
+            partitions_owned: owned,
+            ..self.counters.snapshot(unsettled)
+        }
     }
 
     fn request_stop(&self) {
@@ -233,6 +229,7 @@ impl Counters {
             entities_handed_over: get(&self.handed_over),
             positions_saved: get(&self.positions_saved),
             unsettled,
+            partitions_owned: 0,
         }
     }
 }
@@ -307,7 +304,7 @@ impl<E: DurableEntity> ConsumerContext for IngestContext<E> {
     fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
         let result = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.0.assigned(tpl);
+                self.0.assigned(consumer, tpl);
                 consumer.assign(tpl)
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -326,7 +323,48 @@ impl<E: DurableEntity> ConsumerContext for IngestContext<E> {
     }
 }
 
+/// A consumer subscribed to the ingest's topics.
+type SubscribedConsumer<E> = BaseConsumer<IngestContext<E>>;
+
 impl<E: DurableEntity> Ingest<E> {
+    /// Everything that can fail before the consumer thread starts.
+    fn prepare(
+        config: IngestConfig,
+        entities: &Entities<E>,
+        decoder: impl RecordDecoder<E>,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<(Arc<Self>, SubscribedConsumer<E>), IngestError> {
+        let dead_letters = match &config.dead_letter_topic {
+            None => None,
+            Some(_) => {
+                let _guard = runtime.enter();
+                Some(
+                    ClientConfig::new()
+                        .set("bootstrap.servers", &config.brokers)
+                        .set("enable.idempotence", "true")
+                        .create::<FutureProducer>()
+                        .map_err(IngestError::Kafka)?,
+                )
+            }
+        };
+        let ingest = Arc::new(Ingest {
+            manager: entities.addr().clone(),
+            store: entities.store().clone(),
+            decoder: Box::new(decoder),
+            state: Mutex::new(State::default()),
+            settled: Condvar::new(),
+            counters: Counters::default(),
+            stopping: AtomicBool::new(false),
+            dead_letters,
+            runtime,
+            config,
+        });
+        let consumer = ingest.consumer()?;
+        let topics: Vec<&str> = ingest.config.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).map_err(IngestError::Kafka)?;
+        Ok((ingest, consumer))
+    }
+
     fn lock(&self) -> MutexGuard<'_, State<E>> {
         // A panic elsewhere cannot leave the bookkeeping half-done: every
         // change under the lock is a few assignments.
@@ -472,7 +510,11 @@ impl<E: DurableEntity> Ingest<E> {
         let batch: Vec<Pending<E>> = lane.waiting.drain(..take).collect();
         lane.busy = true;
         for pending in &batch {
-            if let Some(owned) = state.owned.get_mut(&pending.partition) {
+            if let Some(owned) = state
+                .owned
+                .get_mut(&pending.partition)
+                .filter(|o| o.epoch == pending.epoch)
+            {
                 owned.in_flight += 1;
             }
         }
@@ -484,12 +526,18 @@ impl<E: DurableEntity> Ingest<E> {
     /// retrying from the first that failed for a reason that may pass.
     async fn deliver(self: Arc<Self>, key: E::Key, mut batch: Vec<Pending<E>>) {
         let mut backoff = self.config.retry_backoff.0;
+        // Halved when the entity's queue cannot take this many at once.
+        let mut chunk = batch.len();
         loop {
             self.drop_unowned(&mut batch);
             if batch.is_empty() {
                 break;
             }
-            let records = batch.iter().map(|p| (p.event.clone(), p.origin.clone())).collect();
+            let sending = chunk.min(batch.len());
+            let records = batch[..sending]
+                .iter()
+                .map(|p| (p.event.clone(), p.origin.clone()))
+                .collect();
             let results = self
                 .manager
                 .send(EntityRecords {
@@ -499,8 +547,7 @@ impl<E: DurableEntity> Ingest<E> {
                 .await
                 .unwrap_or_else(|error| {
                     let reason = format!("the manager is gone: {error}");
-                    batch
-                        .iter()
+                    (0..sending)
                         .map(|_| {
                             Err(CommandError::NotDelivered {
                                 key: key.clone(),
@@ -540,12 +587,16 @@ impl<E: DurableEntity> Ingest<E> {
             }
             self.settle(&settled, false);
             let Some((index, error)) = retry_from else {
-                batch.clear();
-                break;
+                batch.drain(..sending);
+                continue;
             };
             // Those before it are settled; it and those after it go again,
             // in order (the entity answers any already applied at once).
             batch.drain(..index);
+            if index == 0 && sending > 1 && matches!(error, CommandError::Overloaded { .. }) {
+                chunk = sending / 2;
+                continue;
+            }
             Counters::add(&self.counters.retries, 1);
             metrics::counter!("persist_durable_ingest_retries_total").increment(1);
             warn!(key = %key, records = batch.len(), %error, retry_in = ?backoff, "delivery failed; retrying");
@@ -646,15 +697,28 @@ impl<E: DurableEntity> Ingest<E> {
     /// Takes over newly assigned partitions: reads where each was left from
     /// the store, and hands over the entities of revoked partitions that did
     /// not come back.
-    fn assigned(&self, tpl: &mut TopicPartitionList) {
+    fn assigned(&self, consumer: &BaseConsumer<IngestContext<E>>, tpl: &mut TopicPartitionList) {
         let partitions: Vec<(String, i32)> = tpl
             .elements()
             .iter()
             .map(|e| (e.topic().to_owned(), e.partition()))
             .collect();
         let mut starts = Vec::with_capacity(partitions.len());
+        let mut to_store = Vec::new();
         for (topic, partition) in &partitions {
-            let start = self.stored_position(topic, *partition);
+            let mut start = self.stored_position(topic, *partition);
+            if start.is_none() && self.config.start_at == StartAt::Latest {
+                // The end as an offset, stored at once: a member that takes
+                // the partition over before a record arrives must start here
+                // too, not at a later end.
+                match consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10)) {
+                    Ok((_, high)) => {
+                        start = Some(high);
+                        to_store.push(((Arc::from(topic.as_str()), *partition), high));
+                    }
+                    Err(error) => warn!(%error, topic, partition, "could not read the partition's end"),
+                }
+            }
             let offset = match start {
                 Some(position) => Offset::Offset(position),
                 None => match self.config.start_at {
@@ -690,6 +754,7 @@ impl<E: DurableEntity> Ingest<E> {
         }
         let handed_over: Vec<E::Key> = std::mem::take(&mut state.revoked).into_values().flatten().collect();
         drop(state);
+        self.store_positions(consumer, &to_store);
         Counters::add(&self.counters.assigned, partitions.len() as u64);
         metrics::counter!("persist_durable_ingest_partitions_total", "change" => "assigned")
             .increment(partitions.len() as u64);

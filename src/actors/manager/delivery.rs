@@ -44,6 +44,14 @@ pub(super) enum Held<E: DurableEntity> {
 }
 
 impl<E: DurableEntity> Held<E> {
+    /// The commands it holds.
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Held::One(..) => 1,
+            Held::Batch(batch, _) => batch.0.len(),
+        }
+    }
+
     /// Forwards it to `successor` now, in order, and the reply to its caller later.
     pub(super) fn forward_to(self, key: E::Key, successor: &Addr<EntityActor<E>>) {
         fn relay<T: 'static>(answer: ResponseFuture<T>, reply: oneshot::Sender<T>) {

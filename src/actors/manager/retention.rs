@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use super::delivery::{Delivery, Held};
-use super::{hold, EntityManager, InFlight};
+use super::{held_commands, hold, EntityManager, InFlight};
 use crate::entity::{DurableEntity, PersistenceId, Revision};
 use crate::error::StoreError;
 
@@ -122,8 +122,9 @@ impl<E: DurableEntity> EntityManager<E> {
         in_flight: InFlight,
     ) -> ResponseFuture<D::Answer> {
         let max_held = self.shared.config.max_queued_per_user;
+        let len = delivery.len();
         match self.retention.purging.get_mut(&key) {
-            Some(held) if held.len() < max_held => hold(
+            Some(held) if held_commands(held) + len <= max_held => hold(
                 held,
                 key,
                 delivery,
