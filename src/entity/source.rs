@@ -22,14 +22,45 @@ pub(crate) struct RecordOrigin {
 /// entity; stored beside its state as `source_offsets`.
 pub type SourceOffsets = BTreeMap<String, i64>;
 
+/// [`SourceOffsets`] as an entity in memory carries them: boxed, because
+/// most entities are never ingested and every resident one would otherwise
+/// pay 24 bytes for an empty map.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct AppliedOffsets(Option<Box<SourceOffsets>>);
+
+impl AppliedOffsets {
+    pub(crate) fn from_map(offsets: SourceOffsets) -> Self {
+        Self((!offsets.is_empty()).then(|| Box::new(offsets)))
+    }
+
+    pub(crate) fn as_map(&self) -> &SourceOffsets {
+        static NONE: SourceOffsets = BTreeMap::new();
+        self.0.as_deref().unwrap_or(&NONE)
+    }
+
+    pub(crate) fn into_map(self) -> SourceOffsets {
+        self.0.map(|offsets| *offsets).unwrap_or_default()
+    }
+
+    /// The record has been applied to this entity.
+    pub(crate) fn contain(&self, origin: &RecordOrigin) -> bool {
+        origin.is_applied_in(self.as_map())
+    }
+
+    /// Remembers the record as the last one applied from its partition.
+    pub(crate) fn record(&mut self, origin: &RecordOrigin) {
+        origin.record_in(self.0.get_or_insert_with(Default::default));
+    }
+}
+
 impl RecordOrigin {
     /// The record has been applied to an entity that remembers `offsets`.
-    pub(crate) fn is_applied_in(&self, offsets: &SourceOffsets) -> bool {
+    fn is_applied_in(&self, offsets: &SourceOffsets) -> bool {
         offsets.get(&*self.partition).is_some_and(|&last| self.offset <= last)
     }
 
     /// Remembers this record as the last one applied from its partition.
-    pub(crate) fn record_in(&self, offsets: &mut SourceOffsets) {
+    fn record_in(&self, offsets: &mut SourceOffsets) {
         match offsets.get_mut(&*self.partition) {
             Some(last) => *last = (*last).max(self.offset),
             None => {
@@ -61,6 +92,17 @@ mod tests {
             !origin("t/1", 3).is_applied_in(&offsets),
             "another partition is its own sequence"
         );
+    }
+
+    #[test]
+    fn an_entity_never_ingested_carries_no_map() {
+        assert_eq!(std::mem::size_of::<AppliedOffsets>(), 8);
+        let mut applied = AppliedOffsets::default();
+        assert!(!applied.contain(&origin("t/0", 0)));
+        applied.record(&origin("t/0", 3));
+        assert!(applied.contain(&origin("t/0", 3)));
+        assert_eq!(AppliedOffsets::from_map(applied.clone().into_map()), applied);
+        assert_eq!(AppliedOffsets::from_map(SourceOffsets::new()), AppliedOffsets::default());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{DurableEntity, EntityEvent, EventId, RecordOrigin, SourceOffsets};
+use super::{AppliedOffsets, DurableEntity, EntityEvent, EventId, RecordOrigin};
 
 /// An entity's state with what the machinery remembers beside it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -20,7 +20,7 @@ pub(crate) struct Durable<E> {
     pub(crate) tombstone: bool,
     /// Per source partition, the last ingested record applied: a record at
     /// or below it is a redelivery. Kept through a delete, like event ids.
-    pub(crate) source_offsets: SourceOffsets,
+    pub(crate) source_offsets: AppliedOffsets,
 }
 
 /// What one event does to a [`Durable`] state.
@@ -41,7 +41,7 @@ impl<E: DurableEntity> Durable<E> {
             event_ids,
             erased_at: None,
             tombstone: false,
-            source_offsets: SourceOffsets::new(),
+            source_offsets: AppliedOffsets::default(),
         }
     }
 
@@ -51,7 +51,7 @@ impl<E: DurableEntity> Durable<E> {
             event_ids: machinery.recent_event_ids,
             erased_at: machinery.erased_at,
             tombstone: machinery.deleted,
-            source_offsets: machinery.source_offsets,
+            source_offsets: AppliedOffsets::from_map(machinery.source_offsets),
         }
     }
 
@@ -65,7 +65,7 @@ impl<E: DurableEntity> Durable<E> {
         settings: &E::Settings,
         id_memory: usize,
     ) -> Step<E> {
-        if origin.is_some_and(|origin| origin.is_applied_in(&self.source_offsets)) {
+        if origin.is_some_and(|origin| self.source_offsets.contain(origin)) {
             return Step::Unchanged;
         }
         if let Some(id) = &event.event_id {
@@ -94,7 +94,7 @@ impl<E: DurableEntity> Durable<E> {
         }
         let mut source_offsets = self.source_offsets.clone();
         if let Some(origin) = origin {
-            origin.record_in(&mut source_offsets);
+            source_offsets.record(origin);
         }
         Step::Changed(Durable {
             state,

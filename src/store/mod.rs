@@ -235,7 +235,7 @@ impl<E: DurableEntity> StoredState<E> {
             event_ids: self.recent_event_ids,
             erased_at: self.erased_at,
             tombstone: self.deleted,
-            source_offsets: self.source_offsets,
+            source_offsets: crate::entity::AppliedOffsets::from_map(self.source_offsets),
         };
         (self.revision, durable)
     }
@@ -525,7 +525,7 @@ impl dyn StateStore {
             recent_event_ids: durable.event_ids,
             erased_at: durable.erased_at,
             deleted: durable.tombstone,
-            source_offsets: durable.source_offsets,
+            source_offsets: durable.source_offsets.into_map(),
         }))
     }
 

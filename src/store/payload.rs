@@ -56,7 +56,7 @@ pub(crate) fn encode<E: DurableEntity>(key: &PersistenceId, durable: &Durable<E>
         recent_event_ids: &durable.event_ids,
         deleted: durable.tombstone,
         erased_at: durable.erased_at,
-        source_offsets: &durable.source_offsets,
+        source_offsets: durable.source_offsets.as_map(),
     };
     serde_json::to_vec(&envelope).map_err(|e| StoreError::Encode {
         key: key.clone(),
