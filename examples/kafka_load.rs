@@ -33,8 +33,12 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+#[path = "shared/cpu.rs"]
+mod cpu;
 #[path = "shared/naive.rs"]
 mod naive;
+
+use cpu::process_cpu_seconds;
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -195,16 +199,4 @@ async fn naive_consumer(args: &Args) -> Result<(), Box<dyn Error>> {
     }
     report(args, "naive", started, cpu_before);
     Ok(())
-}
-
-/// This process's user + system CPU time, from `getrusage`.
-fn process_cpu_seconds() -> f64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
-    let usage = unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
-        usage.assume_init()
-    };
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }

@@ -343,8 +343,12 @@ async fn run_actors(options: &Options, location: &str, backend: &str) -> Result<
     Ok(report)
 }
 
+#[path = "shared/cpu.rs"]
+mod cpu;
 #[path = "shared/naive.rs"]
 mod naive;
+
+use cpu::process_cpu_seconds;
 use naive::naive_command;
 
 fn run_naive(options: &Options, url: &str) -> Result<serde_json::Value, AnyError> {
@@ -455,20 +459,6 @@ fn proc_status_kib(field: &str) -> u64 {
                 .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
-}
-
-/// User plus system CPU time of this whole process so far (the load
-/// generator, the library and its store runtime; not the database's), from
-/// `getrusage`: divided by the commands, the CPU each command costs here.
-fn process_cpu_seconds() -> f64 {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
-    let usage = unsafe {
-        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
-        usage.assume_init()
-    };
-    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
 fn peak_rss_bytes() -> u64 {

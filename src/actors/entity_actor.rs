@@ -463,8 +463,8 @@ impl<E: DurableEntity> EntityActor<E> {
     }
 }
 
-/// Counts a command refused because its entity's queue is full.
-fn count_overloaded<E: DurableEntity>(event: &EntityEvent<E::Command>) {
+/// Counts a command refused with [`CommandError::Overloaded`].
+pub(super) fn count_overloaded<E: DurableEntity>(event: &EntityEvent<E::Command>) {
     metrics::counter!(
         "persist_durable_commands_total",
         "entity" => E::ENTITY_TYPE,

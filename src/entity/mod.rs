@@ -25,8 +25,8 @@ pub use invalid_input::{IdField, InvalidInput};
 pub(crate) use key::validate;
 pub use key::{validate_id, PersistenceId, MAX_ID_BYTES};
 pub use revision::Revision;
-pub(crate) use source::{AppliedOffsets, RecordOrigin};
 pub use source::SourceOffsets;
+pub(crate) use source::{AppliedOffsets, RecordOrigin};
 pub(crate) use transition::{Durable, Step};
 
 use crate::config::Config;

@@ -102,7 +102,10 @@ mod tests {
         applied.record(&origin("t/0", 3));
         assert!(applied.contain(&origin("t/0", 3)));
         assert_eq!(AppliedOffsets::from_map(applied.clone().into_map()), applied);
-        assert_eq!(AppliedOffsets::from_map(SourceOffsets::new()), AppliedOffsets::default());
+        assert_eq!(
+            AppliedOffsets::from_map(SourceOffsets::new()),
+            AppliedOffsets::default()
+        );
     }
 
     #[test]

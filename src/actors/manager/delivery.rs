@@ -6,7 +6,7 @@
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use super::super::entity_actor::{EntityActor, Execute, ExecuteRecords, Records};
+use super::super::entity_actor::{count_overloaded, EntityActor, Execute, ExecuteRecords, Records};
 use crate::entity::{DurableEntity, EntityEvent};
 use crate::error::CommandError;
 
@@ -74,16 +74,6 @@ fn not_delivered<E: DurableEntity>(key: E::Key, reason: impl Into<String>) -> Co
     }
 }
 
-fn count_refused<E: DurableEntity>(event: &EntityEvent<E::Command>) {
-    metrics::counter!(
-        "persist_durable_commands_total",
-        "entity" => E::ENTITY_TYPE,
-        "command" => E::command_name(&event.command),
-        "outcome" => "overloaded"
-    )
-    .increment(1);
-}
-
 impl<E: DurableEntity> Delivery<E> for One<E> {
     type Answer = Result<E, CommandError<E>>;
 
@@ -102,7 +92,7 @@ impl<E: DurableEntity> Delivery<E> for One<E> {
     }
 
     fn refuse(self, key: E::Key, reason: String) -> Self::Answer {
-        count_refused::<E>(&self.0);
+        count_overloaded::<E>(&self.0);
         Err(CommandError::Overloaded { key, reason })
     }
 
@@ -136,7 +126,7 @@ impl<E: DurableEntity> Delivery<E> for Batch<E> {
         self.0
             .iter()
             .map(|(event, _)| {
-                count_refused::<E>(event);
+                count_overloaded::<E>(event);
                 Err(CommandError::Overloaded {
                     key: key.clone(),
                     reason: reason.clone(),
@@ -184,12 +174,32 @@ mod tests {
         }
     }
 
-    #[actix_rt::test]
-    async fn a_redelivered_record_is_acknowledged_and_not_applied_again() {
+    /// A manager of users on a memory store, and the store.
+    fn users() -> (
+        actix::Addr<EntityManager<UserState>>,
+        Arc<MemoryStore>,
+        SharedStore,
+        UserKey,
+    ) {
         let memory = Arc::new(MemoryStore::new());
         let store: SharedStore = memory.clone();
         let manager = EntityManager::<UserState>::new(store.clone(), Config::default()).start();
-        let key = UserKey::new("m", "u").unwrap();
+        (manager, memory, store, UserKey::new("m", "u").unwrap())
+    }
+
+    async fn recent_products(store: &SharedStore, key: &UserKey) -> Vec<String> {
+        let stored = store.load(key).await.unwrap().unwrap();
+        stored
+            .state
+            .recent_products
+            .iter()
+            .map(|p| p.as_str().to_owned())
+            .collect()
+    }
+
+    #[actix_rt::test]
+    async fn a_redelivered_record_is_acknowledged_and_not_applied_again() {
+        let (manager, _, store, key) = users();
         let first = manager
             .send(records(&key, vec![view("p1", 0), view("p2", 1)]))
             .await
@@ -208,21 +218,12 @@ mod tests {
             stored.source_offsets["views/0"], 2,
             "the last offset applied is stored with the state"
         );
-        let recent: Vec<_> = stored
-            .state
-            .recent_products
-            .iter()
-            .map(|p| p.as_str().to_owned())
-            .collect();
-        assert_eq!(recent, ["p3", "p2", "p1"]);
+        assert_eq!(recent_products(&store, &key).await, ["p3", "p2", "p1"]);
     }
 
     #[actix_rt::test]
     async fn records_of_a_failed_write_fail_together_and_apply_in_order_when_sent_again() {
-        let memory = Arc::new(MemoryStore::new());
-        let store: SharedStore = memory.clone();
-        let manager = EntityManager::<UserState>::new(store.clone(), Config::default()).start();
-        let key = UserKey::new("m", "u").unwrap();
+        let (manager, memory, store, key) = users();
         let batch = vec![view("p1", 0), view("p2", 1), view("p3", 2)];
         // Restored first, so that the outage hits the write.
         let restored = manager
@@ -243,12 +244,6 @@ mod tests {
         assert!(applied.iter().all(Result::is_ok), "{applied:?}");
         let stored = store.load(&key).await.unwrap().unwrap();
         assert_eq!(stored.revision.0, 3);
-        let recent: Vec<_> = stored
-            .state
-            .recent_products
-            .iter()
-            .map(|p| p.as_str().to_owned())
-            .collect();
-        assert_eq!(recent, ["p3", "p2", "p1"]);
+        assert_eq!(recent_products(&store, &key).await, ["p3", "p2", "p1"]);
     }
 }

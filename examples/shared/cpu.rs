@@ -1,0 +1,15 @@
+//! CPU time of this process, for the load generators' per-command figures.
+
+/// User plus system CPU time of this whole process so far (the load
+/// generator, the library and its store runtime; not the database's), from
+/// `getrusage`: divided by the commands, the CPU each command costs here.
+pub fn process_cpu_seconds() -> f64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    let usage = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+        usage.assume_init()
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
