@@ -56,11 +56,12 @@ pub struct GetManagerStats;
 
 /// What a manager has done since it started.
 ///
-/// A passivation has one of two causes, counted apart when it begins:
-/// [`idle_passivations`](Self::idle_passivations) and
-/// [`evictions`](Self::evictions). [`passivations`](Self::passivations)
-/// counts those of either cause that have completed (the actor stopped), so
-/// once no entity is passivating it is their sum.
+/// A passivation has one of three causes, counted apart when it begins:
+/// [`idle_passivations`](Self::idle_passivations),
+/// [`evictions`](Self::evictions) and [`handovers`](Self::handovers).
+/// [`passivations`](Self::passivations) counts those of any cause that have
+/// completed (the actor stopped), so once no entity is passivating it is
+/// their sum.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ManagerStats {
@@ -68,7 +69,7 @@ pub struct ManagerStats {
     pub resident_users: usize,
     /// Actors started: first activations and restores after passivation.
     pub activations: u64,
-    /// Passivations completed, of either cause: idleness or eviction.
+    /// Passivations completed, of any cause: idleness, eviction or hand-over.
     pub passivations: u64,
     /// Entities whose actor asked to be passivated because it was idle for
     /// [`Config::idle_timeout`].

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 /// Where an ingest starts reading a partition that has no stored position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum StartAt {
     /// At the oldest record the broker still has: nothing already in the
     /// topic is missed (the default).
@@ -14,7 +15,7 @@ pub enum StartAt {
 }
 
 /// The settings of a [`KafkaIngest`](super::KafkaIngest).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IngestConfig {
     pub(super) brokers: String,
     pub(super) group_id: String,
@@ -110,9 +111,12 @@ impl IngestConfig {
         self
     }
 
-    /// Sets any librdkafka consumer property (`session.timeout.ms`,
-    /// `security.protocol`...). The ingest's own (`group.id`,
-    /// `enable.auto.commit`, `auto.offset.reset`) cannot be overridden.
+    /// Sets any librdkafka property (`session.timeout.ms`,
+    /// `security.protocol`...), for the consumer and the dead-letter
+    /// producer. The ingest's own (`group.id`, `enable.auto.commit`,
+    /// `auto.offset.reset`) cannot be overridden. TLS and SASL need
+    /// rdkafka's `ssl` / `sasl` features: add `rdkafka = { version = "0.39",
+    /// features = ["ssl"] }` to your own dependencies.
     pub fn with_client_config(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.client_config.push((key.into(), value.into()));
         self
@@ -121,5 +125,45 @@ impl IngestConfig {
     /// The name under which the position of `topic`'s `partition` is stored.
     pub(super) fn position_name(&self, topic: &str, partition: i32) -> String {
         format!("kafka/{}/{}/{}", self.group_id, topic, partition)
+    }
+}
+
+impl std::fmt::Debug for IngestConfig {
+    /// Client properties are shown by name only: their values may be secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let client_config: Vec<&str> = self.client_config.iter().map(|(key, _)| key.as_str()).collect();
+        f.debug_struct("IngestConfig")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("dead_letter_topic", &self.dead_letter_topic)
+            .field("max_unsettled", &self.max_unsettled)
+            .field("resume_below", &self.resume_below)
+            .field("max_batch_per_entity", &self.max_batch_per_entity)
+            .field("position_save_interval", &self.position_save_interval)
+            .field("retry_backoff", &self.retry_backoff)
+            .field("revocation_timeout", &self.revocation_timeout)
+            .field("start_at", &self.start_at)
+            .field("client_config", &client_config)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_names_client_properties_but_hides_their_values() {
+        let config = IngestConfig::new("b:9092", "g", ["t"]).with_client_config("sasl.password", "hunter2");
+        let shown = format!("{config:?}");
+        assert!(shown.contains("sasl.password"), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+
+    #[test]
+    fn the_low_water_mark_stays_below_the_high_one() {
+        let config = IngestConfig::new("b:9092", "g", ["t"]).with_max_unsettled(10, 50);
+        assert_eq!((config.max_unsettled, config.resume_below), (10, 9));
     }
 }

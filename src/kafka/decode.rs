@@ -25,6 +25,25 @@ pub struct IngestRecord<'a> {
 }
 
 impl<'a> IngestRecord<'a> {
+    /// A record from its parts: for testing a decoder.
+    pub fn new(
+        topic: &'a str,
+        partition: i32,
+        offset: i64,
+        key: Option<&'a [u8]>,
+        payload: Option<&'a [u8]>,
+        timestamp: Option<DateTime<Utc>>,
+    ) -> Self {
+        Self {
+            topic,
+            partition,
+            offset,
+            key,
+            payload,
+            timestamp,
+        }
+    }
+
     /// The record a Kafka client received.
     pub fn from_message(message: &'a impl rdkafka::Message) -> Self {
         Self {

@@ -2,9 +2,7 @@
 
 use rdkafka::error::KafkaError;
 
-use crate::error::StoreError;
-
-/// An ingest's failure to start, or to stop cleanly.
+/// Why an ingest could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum IngestError {
@@ -17,7 +15,4 @@ pub enum IngestError {
     /// The ingest's threads could not be started.
     #[error("the ingest could not start its threads")]
     Io(#[source] std::io::Error),
-    /// The store could not be reached to read or save a position.
-    #[error("the store failed")]
-    Store(#[source] StoreError),
 }

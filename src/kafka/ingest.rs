@@ -24,7 +24,7 @@ use super::error::IngestError;
 use super::progress::Progress;
 use crate::actors::{Entities, EntityManager, EntityRecords, HandOver};
 use crate::entity::{DurableEntity, EntityEvent, RecordOrigin};
-use crate::error::CommandError;
+use crate::error::{CommandError, StoreError};
 use crate::store::SharedStore;
 
 /// A topic partition.
@@ -79,7 +79,8 @@ pub struct IngestStats {
     pub partitions_owned: u64,
     /// Times consumption paused because too many records were unsettled.
     pub pauses: u64,
-    /// Entities passivated because their partition went to another member.
+    /// Entities asked to passivate (resident or not) because their partition
+    /// went to another member, or because this member left the group.
     pub entities_handed_over: u64,
     /// Partition positions written to the store.
     pub positions_saved: u64,
@@ -113,14 +114,9 @@ impl KafkaIngest {
             .enable_all()
             .build()
             .map_err(IngestError::Io)?;
-        let (ingest, consumer) = match Ingest::prepare(config, entities, decoder, runtime.handle().clone()) {
-            Ok(prepared) => prepared,
-            Err(error) => {
-                // Dropping a runtime inside an async context (the caller's) would panic.
-                runtime.shutdown_background();
-                return Err(error);
-            }
-        };
+        let handle = runtime.handle().clone();
+        let runtime = IngestRuntime(Some(runtime));
+        let (ingest, consumer) = Ingest::prepare(config, entities, decoder, handle)?;
         let (done, finished) = oneshot::channel();
         let thread_ingest = ingest.clone();
         std::thread::Builder::new()
@@ -128,7 +124,7 @@ impl KafkaIngest {
             .spawn(move || {
                 thread_ingest.consume(&consumer);
                 thread_ingest.close(consumer);
-                runtime.shutdown_timeout(Duration::from_secs(1));
+                runtime.shutdown(Duration::from_secs(1));
                 let _ = done.send(());
             })
             .map_err(IngestError::Io)?;
@@ -158,6 +154,28 @@ impl KafkaIngest {
 impl Drop for KafkaIngest {
     fn drop(&mut self) {
         self.shared.request_stop();
+    }
+}
+
+/// The ingest's own runtime. Dropped on an error path of `start`, it shuts
+/// down in the background: dropping a runtime inside the caller's async
+/// context would panic.
+struct IngestRuntime(Option<tokio::runtime::Runtime>);
+
+impl IngestRuntime {
+    /// From the consumer thread, once it is done: lets deliveries finish.
+    fn shutdown(mut self, timeout: Duration) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_timeout(timeout);
+        }
+    }
+}
+
+impl Drop for IngestRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -338,8 +356,13 @@ impl<E: DurableEntity> Ingest<E> {
             None => None,
             Some(_) => {
                 let _guard = runtime.enter();
+                // The same connection settings (security, ...) as the consumer's.
+                let mut client = ClientConfig::new();
+                for (key, value) in &config.client_config {
+                    client.set(key, value);
+                }
                 Some(
-                    ClientConfig::new()
+                    client
                         .set("bootstrap.servers", &config.brokers)
                         .set("enable.idempotence", "true")
                         .create::<FutureProducer>()
@@ -426,7 +449,7 @@ impl<E: DurableEntity> Ingest<E> {
             }
             if !paused {
                 Counters::add(&self.counters.pauses, 1);
-                metrics::counter!("persist_durable_ingest_pauses_total").increment(1);
+                metrics::counter!("persist_durable_ingest_pauses_total", "entity" => E::ENTITY_TYPE).increment(1);
                 info!(unsettled, "pausing consumption: too many records in flight");
             }
             return true;
@@ -598,7 +621,7 @@ impl<E: DurableEntity> Ingest<E> {
                 continue;
             }
             Counters::add(&self.counters.retries, 1);
-            metrics::counter!("persist_durable_ingest_retries_total").increment(1);
+            metrics::counter!("persist_durable_ingest_retries_total", "entity" => E::ENTITY_TYPE).increment(1);
             warn!(key = %key, records = batch.len(), %error, retry_in = ?backoff, "delivery failed; retrying");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.config.retry_backoff.1);
@@ -640,10 +663,10 @@ impl<E: DurableEntity> Ingest<E> {
         let n = records.len() as u64;
         if dead_lettered {
             Counters::add(&self.counters.dead_lettered, n);
-            metrics::counter!("persist_durable_ingest_records_total", "outcome" => "dead_lettered").increment(n);
+            metrics::counter!("persist_durable_ingest_records_total", "entity" => E::ENTITY_TYPE, "outcome" => "dead_lettered").increment(n);
         } else {
             Counters::add(&self.counters.applied, n);
-            metrics::counter!("persist_durable_ingest_records_total", "outcome" => "applied").increment(n);
+            metrics::counter!("persist_durable_ingest_records_total", "entity" => E::ENTITY_TYPE, "outcome" => "applied").increment(n);
         }
         self.settled.notify_all();
     }
@@ -706,8 +729,9 @@ impl<E: DurableEntity> Ingest<E> {
         let mut starts = Vec::with_capacity(partitions.len());
         let mut to_store = Vec::new();
         for (topic, partition) in &partitions {
-            let mut start = self.stored_position(topic, *partition);
-            if start.is_none() && self.config.start_at == StartAt::Latest {
+            let stored = self.stored_position(topic, *partition);
+            let mut start = stored.unwrap_or(None);
+            if stored == Ok(None) && self.config.start_at == StartAt::Latest {
                 // The end as an offset, stored at once: a member that takes
                 // the partition over before a record arrives must start here
                 // too, not at a later end.
@@ -756,7 +780,7 @@ impl<E: DurableEntity> Ingest<E> {
         drop(state);
         self.store_positions(consumer, &to_store);
         Counters::add(&self.counters.assigned, partitions.len() as u64);
-        metrics::counter!("persist_durable_ingest_partitions_total", "change" => "assigned")
+        metrics::counter!("persist_durable_ingest_partitions_total", "entity" => E::ENTITY_TYPE, "change" => "assigned")
             .increment(partitions.len() as u64);
         info!(partitions = ?partitions, "partitions assigned");
         self.hand_over(handed_over);
@@ -765,12 +789,19 @@ impl<E: DurableEntity> Ingest<E> {
     /// The stored position of a partition; waits out a database outage
     /// (reading from elsewhere could apply nothing twice, but would re-read
     /// the whole partition).
-    fn stored_position(&self, topic: &str, partition: i32) -> Option<i64> {
+    /// `Err` only when stopping, or for a store that keeps no positions.
+    fn stored_position(&self, topic: &str, partition: i32) -> Result<Option<i64>, ()> {
         let name = self.config.position_name(topic, partition);
         let mut backoff = self.config.retry_backoff.0;
         loop {
             match self.runtime.block_on(self.store.load_offset(&name)) {
-                Ok(position) => return position.and_then(|p| i64::try_from(p).ok()),
+                Ok(position) => return Ok(position.and_then(|p| i64::try_from(p).ok())),
+                Err(error @ StoreError::Unsupported(_)) => {
+                    // Correct still (each entity's offsets recognise what was
+                    // applied), but every assignment reads from the start.
+                    error!(%error, topic, partition, "this store keeps no positions");
+                    return Err(());
+                }
                 Err(error) if !self.stopping.load(Ordering::Relaxed) => {
                     warn!(%error, topic, partition, retry_in = ?backoff, "could not read the stored position; retrying");
                     std::thread::sleep(backoff);
@@ -778,7 +809,7 @@ impl<E: DurableEntity> Ingest<E> {
                 }
                 Err(error) => {
                     warn!(%error, topic, partition, "could not read the stored position; stopping anyway");
-                    return None;
+                    return Err(());
                 }
             }
         }
@@ -843,7 +874,7 @@ impl<E: DurableEntity> Ingest<E> {
         drop(state);
         self.store_positions(consumer, &final_positions);
         Counters::add(&self.counters.revoked, partitions.len() as u64);
-        metrics::counter!("persist_durable_ingest_partitions_total", "change" => "revoked")
+        metrics::counter!("persist_durable_ingest_partitions_total", "entity" => E::ENTITY_TYPE, "change" => "revoked")
             .increment(partitions.len() as u64);
         info!(partitions = ?partitions, "partitions revoked");
         self.hand_over(handed_over);
