@@ -42,6 +42,10 @@ struct Args {
 #[actix::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let dir = tempfile::tempdir()?;
     let store: SharedStore = match &args.database_url {
         Some(url) => Arc::new(PostgresStore::connect(url).await?),
@@ -81,7 +85,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let config = IngestConfig::new(&args.brokers, "user-state-example", [&args.topic])
         .with_dead_letter_topic(&args.dead_letter_topic);
     let ingest = KafkaIngest::start(config, &users, JsonRecords)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while ingest.stats().records_applied + ingest.stats().records_dead_lettered < events.len() as u64 {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("not every record settled within 60 s: {:?}", ingest.stats()).into());
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let stats = ingest.stats();

@@ -529,6 +529,28 @@ async fn starting_at_the_latest_record_stores_that_position_before_any_record_ar
 }
 
 #[actix_rt::test]
+async fn stopping_after_the_broker_is_gone_returns_in_bounded_time() {
+    let Some((mut broker, db)) = setup("tallies", 1).await else {
+        return;
+    };
+    let store = db.connect().await;
+    let tallies = Entities::<Tally>::start(store.clone(), Config::default());
+    produce(&broker.producer(), "tallies", &workload(1, 1, 3)).await;
+    let config = ingest_config(&broker, "g1", "tallies").with_revocation_timeout(Duration::from_secs(2));
+    let ingest = KafkaIngest::start(config, &tallies, JsonRecords).unwrap();
+    assert_tallies_reach(&store, &expected(1, 1..=3), Duration::from_secs(60)).await;
+    broker.process.kill().unwrap();
+    broker.process.wait().unwrap();
+    let started = Instant::now();
+    ingest.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2 + 15 + 5),
+        "stop took {:?}",
+        started.elapsed()
+    );
+}
+
+#[actix_rt::test]
 async fn a_client_configuration_the_ingest_cannot_run_with_is_an_error_not_a_panic() {
     let store: SharedStore = Arc::new(persist_durable::MemoryStore::new());
     let tallies = Entities::<Tally>::start(store, Config::default());

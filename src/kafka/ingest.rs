@@ -57,6 +57,8 @@ type Partition = (Arc<str>, i32);
 pub struct KafkaIngest {
     shared: Arc<dyn IngestControl>,
     finished: Option<oneshot::Receiver<()>>,
+    /// The longest `stop` waits for the consumer to close.
+    stop_timeout: Duration,
 }
 
 /// What an ingest has done since it started.
@@ -116,6 +118,7 @@ impl KafkaIngest {
             .map_err(IngestError::Io)?;
         let handle = runtime.handle().clone();
         let runtime = IngestRuntime(Some(runtime));
+        let stop_timeout = config.revocation_timeout + Duration::from_secs(15);
         let (ingest, consumer) = Ingest::prepare(config, entities, decoder, handle)?;
         let (done, finished) = oneshot::channel();
         let thread_ingest = ingest.clone();
@@ -131,6 +134,7 @@ impl KafkaIngest {
         Ok(Self {
             shared: ingest,
             finished: Some(finished),
+            stop_timeout,
         })
     }
 
@@ -142,11 +146,15 @@ impl KafkaIngest {
     /// Leaves the consumer group gracefully: stops reading, lets the records
     /// in flight commit, stores the positions, passivates the entities it
     /// served, and returns once the consumer is closed (the group then
-    /// rebalances its partitions to the other members).
+    /// rebalances its partitions to the other members). Returns after the
+    /// revocation timeout plus 15 s at the latest (a broker that cannot be
+    /// reached), leaving the consumer to close in the background.
     pub async fn stop(mut self) {
         self.shared.request_stop();
         if let Some(finished) = self.finished.take() {
-            let _ = finished.await;
+            if tokio::time::timeout(self.stop_timeout, finished).await.is_err() {
+                warn!(timeout = ?self.stop_timeout, "the consumer did not close in time; leaving it to close in the background");
+            }
         }
     }
 }
