@@ -11,7 +11,11 @@
 //! cargo run --example kafka_ingest --features kafka -- --brokers 127.0.0.1:9092
 //! ```
 //!
-//! The state goes to embedded SQLite, or to PostgreSQL with `--database-url`.
+//! The state goes to a fresh embedded SQLite file, or to PostgreSQL with
+//! `--database-url` (or `DATABASE_URL`). A database keeps the positions and
+//! per-user offsets of earlier runs: against a broker whose topic was created
+//! again, it rightly takes the new records at those offsets as read and
+//! applied (README, "Limits").
 
 use std::error::Error;
 use std::sync::Arc;
