@@ -474,9 +474,17 @@ impl<E: DurableEntity> Ingest<E> {
     fn receive(self: &Arc<Self>, message: &rdkafka::message::BorrowedMessage<'_>) {
         let record = IngestRecord::from_message(message);
         let decoded = self.decoder.decode(&record);
-        let raw = RawRecord {
-            key: record.key.map(<[u8]>::to_vec),
-            payload: record.payload.map(<[u8]>::to_vec),
+        // Copied only if it may become a dead letter: without a topic for
+        // them, a refused record is logged and skipped.
+        let raw = match self.dead_letters {
+            Some(_) => RawRecord {
+                key: record.key.map(<[u8]>::to_vec),
+                payload: record.payload.map(<[u8]>::to_vec),
+            },
+            None => RawRecord {
+                key: None,
+                payload: None,
+            },
         };
         let partition: Partition = (Arc::from(record.topic), record.partition);
         let mut state = self.lock();
