@@ -30,7 +30,6 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::Actor;
 use clap::{Parser, ValueEnum};
 use diesel_async::pooled_connection::deadpool::Pool;
 use diesel_async::pooled_connection::AsyncDieselConnectionManager;
@@ -38,8 +37,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use persist_durable::{
-    Command, Config, GetManagerStats, PostgresStore, ProductId, SharedStore, SqliteStore, StoreConfig, UserCommand,
-    UserKey, UserStateManager,
+    Command, Config, PostgresStore, ProductId, SharedStore, SqliteStore, StoreConfig, UserKey, UserStates,
 };
 use rand::{RngExt, SeedableRng};
 use serde_json::json;
@@ -315,7 +313,8 @@ where
 
 async fn run_actors(options: &Options, location: &str, backend: &str) -> Result<serde_json::Value, AnyError> {
     let store = open_store(options, location, backend).await?;
-    let manager = UserStateManager::new(store.clone(), manager_config(options)).start();
+    // The typed handle: it picks each user's shard in this thread.
+    let users = UserStates::start(store.clone(), manager_config(options));
     let mut workload = Workload::new(options)?;
     let mut report = drive(
         &mut workload,
@@ -323,18 +322,18 @@ async fn run_actors(options: &Options, location: &str, backend: &str) -> Result<
         options.concurrency,
         options.rate,
         |key, command| {
-            let request = manager.send(UserCommand::new(key, command));
+            let users = users.clone();
             async move {
-                match request.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(error)) => Err(error.to_string()),
-                    Err(error) => Err(error.to_string()),
-                }
+                users
+                    .send(key, command)
+                    .await
+                    .map(drop)
+                    .map_err(|error| error.to_string())
             }
         },
     )
     .await;
-    let stats = manager.send(GetManagerStats).await?;
+    let stats = users.stats().await?;
     let store_stats = store.stats();
     report["resident_users"] = json!(stats.resident_users);
     report["write_statements"] = json!(store_stats.write_statements);
@@ -379,29 +378,25 @@ fn run_naive(options: &Options, url: &str) -> Result<serde_json::Value, AnyError
 }
 
 /// Activates every user (a read each) with bounded concurrency; returns the seconds taken.
-async fn activate_all(
-    manager: &actix::Addr<UserStateManager>,
-    keys: &[UserKey],
-    concurrency: usize,
-) -> Result<f64, AnyError> {
+async fn activate_all(users: &UserStates, keys: &[UserKey], concurrency: usize) -> Result<f64, AnyError> {
     let started = Instant::now();
     let mut replies = futures_util::stream::iter(keys.iter().cloned())
-        .map(|key| manager.send(UserCommand::new(key, Command::GetUserState)))
+        .map(|key| users.send(key, Command::GetUserState))
         .buffer_unordered(concurrency);
     while let Some(reply) = replies.next().await {
-        reply??;
+        reply?;
     }
     Ok(started.elapsed().as_secs_f64())
 }
 
 async fn run_resident(options: &Options, location: &str, backend: &str) -> Result<serde_json::Value, AnyError> {
     let store = open_store(options, location, backend).await?;
-    let manager = UserStateManager::new(store, manager_config(options)).start();
+    let users = UserStates::start(store, manager_config(options));
     let keys = Workload::new(options)?.keys;
     let before = current_rss_bytes();
-    let seconds = activate_all(&manager, &keys, options.concurrency).await?;
+    let seconds = activate_all(&users, &keys, options.concurrency).await?;
     let after = current_rss_bytes();
-    let resident = manager.send(GetManagerStats).await?.resident_users;
+    let resident = users.stats().await?.resident_users;
     // The keys are held by the workload too; count them once, as the manager's.
     Ok(json!({
         "seconds": seconds,
@@ -417,23 +412,23 @@ async fn run_restore(options: &Options, location: &str, backend: &str) -> Result
     {
         // Seed: every user logs in once.
         let store = open_store(options, location, backend).await?;
-        let manager = UserStateManager::new(store, manager_config(options)).start();
+        let users = UserStates::start(store, manager_config(options));
         let mut seeded = futures_util::stream::iter(keys.iter().cloned())
-            .map(|key| manager.send(UserCommand::new(key, Command::UserLogin)))
+            .map(|key| users.send(key, Command::UserLogin))
             .buffer_unordered(options.concurrency);
         while let Some(reply) = seeded.next().await {
-            reply??;
+            reply?;
         }
     }
     // A fresh store and manager, as after a restart.
     let store = open_store(options, location, backend).await?;
-    let manager = UserStateManager::new(store.clone(), manager_config(options)).start();
-    let seconds = activate_all(&manager, &keys, options.concurrency).await?;
+    let users = UserStates::start(store.clone(), manager_config(options));
+    let seconds = activate_all(&users, &keys, options.concurrency).await?;
     let stats = store.stats();
     Ok(json!({
         "seconds": seconds,
         "users_restored_per_sec": keys.len() as f64 / seconds,
-        "resident_users": manager.send(GetManagerStats).await?.resident_users,
+        "resident_users": users.stats().await?.resident_users,
         "load_statements": stats.load_statements,
         "users_loaded": stats.users_loaded,
     }))

@@ -206,9 +206,11 @@ async fn healthz_reports_whether_the_database_answers(#[values(Backend::Postgres
 #[actix::test]
 async fn an_overloaded_library_is_a_503() {
     let store: SharedStore = std::sync::Arc::new(persist_durable::MemoryStore::new());
+    // One shard, on this thread: all 20 arrive before the first is answered.
     let app = app!(
         store,
         Config::default()
+            .with_arbiters(0)
             .with_max_commands_in_flight(1)
             .with_max_queued_per_user(1)
     );

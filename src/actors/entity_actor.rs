@@ -4,9 +4,9 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, warn};
 
-use super::protocol::{ChildEvent, FromChild, Passivate};
+use super::protocol::{ChildEvent, FromChild, Passivate, ReplyTo};
 use crate::config::Config;
 use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, RecordOrigin, Revision, Step};
 use crate::error::{CommandError, StoreError};
@@ -21,20 +21,35 @@ impl<E: DurableEntity> Message for Execute<E> {
     type Result = Result<E, CommandError<E>>;
 }
 
-type Reply<E> = oneshot::Sender<Result<E, CommandError<E>>>;
+/// What a command is answered with: the state after it, or why not.
+pub(crate) type Answer<E> = Result<E, CommandError<E>>;
+
+/// A command from the entity's shard, with the caller's reply: the actor
+/// answers the caller directly.
+pub(crate) struct Deliver<E: DurableEntity> {
+    pub(crate) event: EntityEvent<E::Command>,
+    pub(crate) reply: ReplyTo<Answer<E>>,
+}
+
+impl<E: DurableEntity> Message for Deliver<E> {
+    type Result = ();
+}
 
 /// Ingested records for one entity, from one source partition in offset
 /// order: queued together (so no other command comes between them) and
 /// answered one result per record. A record already applied (at or below the
 /// entity's remembered offset of its partition) is answered without being
 /// applied again.
-pub(crate) struct ExecuteRecords<E: DurableEntity>(pub(crate) Records<E>);
+pub(crate) struct ExecuteRecords<E: DurableEntity> {
+    pub(crate) records: Records<E>,
+    pub(crate) reply: ReplyTo<Vec<Answer<E>>>,
+}
 
 /// Records as an ingest hands them over: each command with where it came from.
 pub(crate) type Records<E> = Vec<(EntityEvent<<E as DurableEntity>::Command>, RecordOrigin)>;
 
 impl<E: DurableEntity> Message for ExecuteRecords<E> {
-    type Result = Vec<Result<E, CommandError<E>>>;
+    type Result = ();
 }
 
 /// Keeps one entity's state in memory and every change of it in the store.
@@ -114,7 +129,7 @@ struct Queued<E: DurableEntity> {
     /// Where an ingested record came from.
     origin: Option<RecordOrigin>,
     received_at: DateTime<Utc>,
-    reply: Reply<E>,
+    reply: ReplyTo<Answer<E>>,
     /// Writes of this event lost to a conflict so far.
     conflicts: u32,
     /// Applied to a state loaded for it: a refusal now is final.
@@ -203,7 +218,7 @@ impl<E: DurableEntity> EntityActor<E> {
                         Err(error) => {
                             warn!(key = %actor.key, %error, "restore failed; queued commands fail, the next one retries");
                             for queued in actor.queue.drain(..) {
-                                let _ = queued.reply.send(Err(CommandError::from_store(&actor.key, error.clone())));
+                                queued.answer(Err(CommandError::from_store(&actor.key, error.clone())));
                             }
                         }
                     }
@@ -229,7 +244,7 @@ impl<E: DurableEntity> EntityActor<E> {
             match step {
                 // A read or a redelivered event before any change: answer now.
                 Step::Unchanged if changes.is_empty() => {
-                    let _ = queued.reply.send(Ok(current.state.clone()));
+                    queued.answer(Ok(current.state.clone()));
                 }
                 // Otherwise it is answered once the changes before it commit.
                 Step::Unchanged => written.push((queued, current.state.clone())),
@@ -243,7 +258,7 @@ impl<E: DurableEntity> EntityActor<E> {
                 }
                 // Refused on the stored state: answered at once, it changes nothing.
                 Step::Rejected(reason) => {
-                    let _ = queued.reply.send(Err(CommandError::Rejected {
+                    queued.answer(Err(CommandError::Rejected {
                         key: self.key.clone(),
                         reason,
                     }));
@@ -289,7 +304,7 @@ impl<E: DurableEntity> EntityActor<E> {
                 // After a refusal on possibly stale state, the next command reloads.
                 self.committed = (!std::mem::take(&mut self.reload)).then_some(committed);
                 for (queued, state) in written {
-                    let _ = queued.reply.send(Ok(state));
+                    queued.answer(Ok(state));
                 }
                 return;
             }
@@ -314,9 +329,7 @@ impl<E: DurableEntity> EntityActor<E> {
                 retry.push(queued);
             } else {
                 ingested_record_failed |= queued.origin.is_some();
-                let _ = queued
-                    .reply
-                    .send(Err(CommandError::from_store(&self.key, error.clone())));
+                queued.answer(Err(CommandError::from_store(&self.key, error.clone())));
             }
         }
         if ingested_record_failed {
@@ -325,9 +338,7 @@ impl<E: DurableEntity> EntityActor<E> {
                 .partition(|queued| queued.origin.is_some());
             self.queue = kept;
             for queued in failed {
-                let _ = queued
-                    .reply
-                    .send(Err(CommandError::from_store(&self.key, error.clone())));
+                queued.answer(Err(CommandError::from_store(&self.key, error.clone())));
             }
         }
         if retry.is_empty() {
@@ -362,28 +373,20 @@ impl<E: DurableEntity> EntityActor<E> {
         }
     }
 
-    /// Queues `event` and answers once it is applied and committed.
-    pub(crate) fn accept(
-        &mut self,
-        event: EntityEvent<E::Command>,
-        ctx: &mut Context<Self>,
-    ) -> ResponseFuture<Result<E, CommandError<E>>> {
+    /// Queues `event`, answered through `reply` once it is applied and committed.
+    fn accept(&mut self, event: EntityEvent<E::Command>, reply: ReplyTo<Answer<E>>, ctx: &mut Context<Self>) {
         if !self.has_room_for(1) {
             count_overloaded::<E>(&event);
-            let refused = self.overloaded();
-            return Box::pin(async move { Err(refused) });
+            reply.send(Err(self.overloaded()));
+            return;
         }
-        let answer = self.enqueue(event, None);
+        self.enqueue(event, None, reply);
         self.pump(ctx);
-        Box::pin(answer)
     }
 
-    /// Queues `records` together, or refuses them all if they do not fit.
-    fn accept_records(
-        &mut self,
-        records: Records<E>,
-        ctx: &mut Context<Self>,
-    ) -> ResponseFuture<Vec<Result<E, CommandError<E>>>> {
+    /// Queues `records` together, or refuses them all if they do not fit;
+    /// `reply` gets one answer per record, in order.
+    fn accept_records(&mut self, records: Records<E>, reply: ReplyTo<Vec<Answer<E>>>, ctx: &mut Context<Self>) {
         if !self.has_room_for(records.len()) {
             let refused = records
                 .iter()
@@ -392,20 +395,26 @@ impl<E: DurableEntity> EntityActor<E> {
                     Err(self.overloaded())
                 })
                 .collect();
-            return Box::pin(async move { refused });
+            reply.send(refused);
+            return;
         }
         let answers: Vec<_> = records
             .into_iter()
-            .map(|(event, origin)| self.enqueue(event, Some(origin)))
+            .map(|(event, origin)| {
+                let (sender, answer) = oneshot::channel();
+                self.enqueue(event, Some(origin), ReplyTo::new(sender, None));
+                answer
+            })
             .collect();
         self.pump(ctx);
-        Box::pin(async move {
+        let key = self.key.clone();
+        actix::spawn(async move {
             let mut results = Vec::with_capacity(answers.len());
             for answer in answers {
-                results.push(answer.await);
+                results.push(answer.await.unwrap_or_else(|_| Err(stopped_before_answering(&key))));
             }
-            results
-        })
+            reply.send(results);
+        });
     }
 
     /// `count` more commands stay within [`Config::max_queued_per_user`].
@@ -421,18 +430,16 @@ impl<E: DurableEntity> EntityActor<E> {
         }
     }
 
-    /// Queues one event; the future answers once it is applied and committed.
-    fn enqueue(
-        &mut self,
-        event: EntityEvent<E::Command>,
-        origin: Option<RecordOrigin>,
-    ) -> impl std::future::Future<Output = Result<E, CommandError<E>>> + 'static {
+    /// Queues one event, answered through `reply` once applied and committed.
+    fn enqueue(&mut self, event: EntityEvent<E::Command>, origin: Option<RecordOrigin>, reply: ReplyTo<Answer<E>>) {
         self.last_active = Instant::now();
-        let key = self.key.clone();
-        let command = E::command_name(&event.command);
-        let entity = E::ENTITY_TYPE;
-        let span = tracing::debug_span!("command", entity, key = %key, command, revision = tracing::field::Empty);
-        let (reply, answer) = oneshot::channel();
+        let span = tracing::debug_span!(
+            "command",
+            entity = E::ENTITY_TYPE,
+            key = %self.key,
+            command = E::command_name(&event.command),
+            revision = tracing::field::Empty
+        );
         self.queue.push(Queued {
             event,
             origin,
@@ -440,26 +447,32 @@ impl<E: DurableEntity> EntityActor<E> {
             reply,
             conflicts: 0,
             on_fresh_state: false,
-            span: span.clone(),
+            span,
         });
-        async move {
-            let reply = answer.await.unwrap_or_else(|_| {
-                Err(CommandError::NotDelivered {
-                    key,
-                    reason: "the entity's actor stopped before answering".into(),
-                })
-            });
-            let outcome = reply.as_ref().map_or_else(CommandError::kind, |_| "ok");
-            metrics::counter!(
-                "persist_durable_commands_total",
-                "entity" => entity,
-                "command" => command,
-                "outcome" => outcome
-            )
-            .increment(1);
-            reply
-        }
-        .instrument(span)
+    }
+}
+
+impl<E: DurableEntity> Queued<E> {
+    /// Answers the command, counted by its outcome.
+    fn answer(self, answer: Answer<E>) {
+        let outcome = answer.as_ref().map_or_else(CommandError::kind, |_| "ok");
+        metrics::counter!(
+            "persist_durable_commands_total",
+            "entity" => E::ENTITY_TYPE,
+            "command" => E::command_name(&self.event.command),
+            "outcome" => outcome
+        )
+        .increment(1);
+        self.reply.send(answer);
+    }
+}
+
+/// What a caller hears when the entity's actor stopped before answering
+/// (its mailbox closed under it): the command was not applied.
+pub(crate) fn stopped_before_answering<E: DurableEntity>(key: &E::Key) -> CommandError<E> {
+    CommandError::NotDelivered {
+        key: key.clone(),
+        reason: "the entity's actor stopped before answering".into(),
     }
 }
 
@@ -503,10 +516,21 @@ impl<E: DurableEntity> Actor for EntityActor<E> {
 impl<E: DurableEntity> Handler<Execute<E>> for EntityActor<E> {
     /// Answered from a channel, so the mailbox keeps flowing while a write is
     /// in flight: that is what lets queued commands share the next write.
-    type Result = ResponseFuture<Result<E, CommandError<E>>>;
+    type Result = ResponseFuture<Answer<E>>;
 
     fn handle(&mut self, Execute(event): Execute<E>, ctx: &mut Self::Context) -> Self::Result {
-        self.accept(event, ctx)
+        let (sender, answer) = oneshot::channel();
+        self.accept(event, ReplyTo::new(sender, None), ctx);
+        let key = self.key.clone();
+        Box::pin(async move { answer.await.unwrap_or_else(|_| Err(stopped_before_answering(&key))) })
+    }
+}
+
+impl<E: DurableEntity> Handler<Deliver<E>> for EntityActor<E> {
+    type Result = ();
+
+    fn handle(&mut self, Deliver { event, reply }: Deliver<E>, ctx: &mut Self::Context) {
+        self.accept(event, reply, ctx);
     }
 }
 
@@ -521,9 +545,9 @@ impl<E: DurableEntity> Handler<Passivate> for EntityActor<E> {
 }
 
 impl<E: DurableEntity> Handler<ExecuteRecords<E>> for EntityActor<E> {
-    type Result = ResponseFuture<Vec<Result<E, CommandError<E>>>>;
+    type Result = ();
 
-    fn handle(&mut self, ExecuteRecords(records): ExecuteRecords<E>, ctx: &mut Self::Context) -> Self::Result {
-        self.accept_records(records, ctx)
+    fn handle(&mut self, ExecuteRecords { records, reply }: ExecuteRecords<E>, ctx: &mut Self::Context) {
+        self.accept_records(records, reply, ctx);
     }
 }

@@ -1,8 +1,10 @@
 use std::fmt;
 
-use actix::{Actor, Addr};
+use actix::Addr;
 
-use super::manager::{EntityCommand, EntityManager, GetManagerStats, ManagerStats};
+use super::entity_actor::{Answer, Records};
+use super::manager::{EntityManager, Shards};
+use super::messages::{EntityCommand, EntityRecords, GetManagerStats, HandOver, ManagerStats};
 use crate::config::Config;
 use crate::domain::UserState;
 use crate::entity::{DurableEntity, EntityEvent};
@@ -18,6 +20,10 @@ use crate::store::SharedStore;
 /// [`Addr`] stays available through [`addr`](Self::addr). For users it is
 /// [`UserStates`].
 ///
+/// A handle from [`start`](Self::start) picks the entity's shard in the
+/// caller's thread and sends the command there, one hop shorter than a
+/// message to the manager's address, which passes it on.
+///
 /// ```
 /// use persist_durable::{Command, Config, MemoryStore, UserKey, UserStates};
 ///
@@ -31,6 +37,8 @@ use crate::store::SharedStore;
 /// ```
 pub struct Entities<E: DurableEntity> {
     manager: Addr<EntityManager<E>>,
+    /// The manager's shards, when this handle started it.
+    shards: Option<Shards<E>>,
     store: SharedStore,
 }
 
@@ -40,18 +48,30 @@ pub type UserStates = Entities<UserState>;
 impl<E: DurableEntity> Entities<E> {
     /// Starts a manager for `E` on `store` and returns its handle.
     pub fn start(store: SharedStore, config: Config) -> Self {
-        let manager = EntityManager::<E>::new(store.clone(), config).start();
-        Self::new(manager, store)
+        let (manager, shards) = EntityManager::<E>::new(store.clone(), config).start_with_shards();
+        Self {
+            manager,
+            shards: Some(shards),
+            store,
+        }
     }
 
-    /// A handle to a manager already started on `store`.
+    /// A handle to a manager already started on `store`; its commands go
+    /// through the manager's address.
     pub fn new(manager: Addr<EntityManager<E>>, store: SharedStore) -> Self {
-        Self { manager, store }
+        Self {
+            manager,
+            shards: None,
+            store,
+        }
     }
 
     /// Sends `command` (a command, or an [`EntityEvent`] with its id and
     /// time) to the entity `key` and returns the state after it, once committed.
     pub async fn send(&self, key: E::Key, command: impl Into<EntityEvent<E::Command>>) -> Result<E, CommandError<E>> {
+        if let Some(shards) = &self.shards {
+            return shards.send(key, command.into()).await;
+        }
         let request = self.manager.send(EntityCommand::new(key.clone(), command));
         request.await.unwrap_or_else(|error| {
             Err(CommandError::NotDelivered {
@@ -63,7 +83,35 @@ impl<E: DurableEntity> Entities<E> {
 
     /// The manager's counters.
     pub async fn stats(&self) -> Result<ManagerStats, actix::MailboxError> {
-        self.manager.send(GetManagerStats).await
+        match &self.shards {
+            Some(shards) => Ok(shards.stats().await),
+            None => self.manager.send(GetManagerStats).await,
+        }
+    }
+
+    /// Sends an ingest's `records` for `key`, answered one result per record.
+    #[allow(dead_code)] // used by the `kafka` feature
+    pub(crate) async fn send_records(&self, key: E::Key, records: Records<E>) -> Vec<Answer<E>> {
+        if let Some(shards) = &self.shards {
+            return shards.send_records(key, records).await;
+        }
+        let len = records.len();
+        let request = self.manager.send(EntityRecords {
+            key: key.clone(),
+            records,
+        });
+        request
+            .await
+            .unwrap_or_else(|error| EntityRecords::undelivered(&key, len, &format!("the manager is gone: {error}")))
+    }
+
+    /// Passivates `keys` once what was sent to them is committed (see [`HandOver`]).
+    #[allow(dead_code)] // used by the `kafka` feature
+    pub(crate) fn hand_over(&self, keys: Vec<E::Key>) {
+        match &self.shards {
+            Some(shards) => shards.hand_over(keys),
+            None => self.manager.do_send(HandOver(keys)),
+        }
     }
 
     /// Checks that the store's database answers.
@@ -86,6 +134,7 @@ impl<E: DurableEntity> Clone for Entities<E> {
     fn clone(&self) -> Self {
         Self {
             manager: self.manager.clone(),
+            shards: self.shards.clone(),
             store: self.store.clone(),
         }
     }

@@ -1,18 +1,21 @@
-//! The actors: one [`EntityActor`] per entity, the [`EntityManager`] that
-//! routes commands to them and hides their passivation from callers, the
-//! passivation protocol between the two, and the typed handle [`Entities`].
+//! The actors: one [`EntityActor`] per entity; the [`EntityManager`] and
+//! its shards, one per arbiter, which route commands to them and hide their
+//! passivation from callers; the protocol between a shard and its actors;
+//! and the typed handle [`Entities`], which picks the shard itself.
 
 mod entity_actor;
 mod handle;
 mod manager;
+mod messages;
+mod placement;
 mod protocol;
+mod shard;
 mod users;
 
 pub use entity_actor::{EntityActor, Execute};
 pub use handle::{Entities, UserStates};
-pub use manager::{EntityCommand, EntityManager, GetManagerStats, ManagerStats, PurgeIdle};
-#[allow(unused_imports)] // used by the `kafka` feature
-pub(crate) use manager::{EntityRecords, HandOver};
+pub use manager::EntityManager;
+pub use messages::{EntityCommand, GetManagerStats, ManagerStats, PurgeIdle};
 pub use users::{UserCommand, UserStateActor, UserStateManager};
 
 use actix::dev::channel;

@@ -1,10 +1,15 @@
-//! The passivation handshake between an entity actor and its manager.
+//! What an entity actor and its manager's shard say to each other: the
+//! passivation handshake, and the reply a command carries to the actor.
 //!
 //! Its own module so that neither side imports the other: the actor knows
-//! its manager only through a [`Recipient`](actix::Recipient) of
-//! [`FromChild`], and the manager knows the actor through its address.
+//! its shard only through a [`Recipient`](actix::Recipient) of
+//! [`FromChild`], and the shard knows the actor through its address.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use actix::Message;
+use tokio::sync::oneshot;
 
 /// From a child to its manager. One message type, so a child holds a single
 /// [`Recipient`](actix::Recipient) (each one boxes a sender of its own: two
@@ -32,3 +37,59 @@ pub(crate) enum ChildEvent {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) struct Passivate;
+
+/// Where an answer goes, holding its commands' place under
+/// [`Config::max_commands_in_flight`](crate::Config::max_commands_in_flight)
+/// until it is sent. Passed along from the caller to the entity's actor, so
+/// the answer goes straight back, whichever threads it crossed.
+pub(crate) struct ReplyTo<T> {
+    sender: oneshot::Sender<T>,
+    _slot: Option<InFlight>,
+}
+
+impl<T> ReplyTo<T> {
+    /// Answers through `sender`; `slot` is released with the answer.
+    pub(crate) fn new(sender: oneshot::Sender<T>, slot: Option<InFlight>) -> Self {
+        Self { sender, _slot: slot }
+    }
+
+    /// The same reply, holding `slot` until it is sent.
+    pub(crate) fn holding(self, slot: InFlight) -> Self {
+        Self {
+            sender: self.sender,
+            _slot: Some(slot),
+        }
+    }
+
+    /// Sends the answer; a caller that gave up waiting is not an error.
+    pub(crate) fn send(self, answer: T) {
+        let _ = self.sender.send(answer);
+    }
+}
+
+/// Commands counted in flight until dropped.
+pub(crate) struct InFlight {
+    counter: Arc<AtomicUsize>,
+    commands: usize,
+}
+
+impl InFlight {
+    /// Takes `commands` places in `counter` if that keeps it within `limit`.
+    pub(crate) fn acquire(counter: &Arc<AtomicUsize>, commands: usize, limit: usize) -> Option<Self> {
+        counter
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+                (now + commands <= limit).then_some(now + commands)
+            })
+            .ok()?;
+        Some(Self {
+            counter: counter.clone(),
+            commands,
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.commands, Ordering::Relaxed);
+    }
+}

@@ -4,7 +4,8 @@
 use actix::prelude::*;
 
 use super::entity_actor::{EntityActor, Execute};
-use super::manager::{EntityCommand, EntityManager};
+use super::manager::EntityManager;
+use super::messages::EntityCommand;
 use crate::domain::{Command, Event, UserState};
 use crate::error::CommandError;
 

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use actix::Addr;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -22,7 +21,7 @@ use super::config::{IngestConfig, StartAt};
 use super::decode::{IngestRecord, RecordDecoder};
 use super::error::IngestError;
 use super::progress::Progress;
-use crate::actors::{Entities, EntityManager, EntityRecords, HandOver};
+use crate::actors::Entities;
 use crate::entity::{DurableEntity, EntityEvent, RecordOrigin};
 use crate::error::{CommandError, StoreError};
 use crate::store::SharedStore;
@@ -31,7 +30,7 @@ use crate::store::SharedStore;
 type Partition = (Arc<str>, i32);
 
 /// Reads Kafka topics in a consumer group and applies each record, once in
-/// effect, to its entity through an [`EntityManager`].
+/// effect, to its entity through an [`EntityManager`](crate::EntityManager).
 ///
 /// - Each record becomes a command ([`RecordDecoder`]); an entity's records
 ///   are sent to it in offset order, one batch at a time.
@@ -211,7 +210,7 @@ impl<E: DurableEntity> IngestControl for Ingest<E> {
 
 struct Ingest<E: DurableEntity> {
     config: IngestConfig,
-    manager: Addr<EntityManager<E>>,
+    entities: Entities<E>,
     store: SharedStore,
     decoder: Box<dyn RecordDecoder<E>>,
     state: Mutex<State<E>>,
@@ -379,7 +378,7 @@ impl<E: DurableEntity> Ingest<E> {
             }
         };
         let ingest = Arc::new(Ingest {
-            manager: entities.addr().clone(),
+            entities: entities.clone(),
             store: entities.store().clone(),
             decoder: Box::new(decoder),
             state: Mutex::new(State::default()),
@@ -577,24 +576,7 @@ impl<E: DurableEntity> Ingest<E> {
                 .iter()
                 .map(|p| (p.event.clone(), p.origin.clone()))
                 .collect();
-            let results = self
-                .manager
-                .send(EntityRecords {
-                    key: key.clone(),
-                    records,
-                })
-                .await
-                .unwrap_or_else(|error| {
-                    let reason = format!("the manager is gone: {error}");
-                    (0..sending)
-                        .map(|_| {
-                            Err(CommandError::NotDelivered {
-                                key: key.clone(),
-                                reason: reason.clone(),
-                            })
-                        })
-                        .collect()
-                });
+            let results = self.entities.send_records(key.clone(), records).await;
             let mut settled = Vec::with_capacity(batch.len());
             let mut retry_from = None;
             for (index, (pending, result)) in batch.iter().zip(results).enumerate() {
@@ -903,7 +885,7 @@ impl<E: DurableEntity> Ingest<E> {
         }
         debug!(entities = keys.len(), "handing over entities");
         Counters::add(&self.counters.handed_over, keys.len() as u64);
-        self.manager.do_send(HandOver(keys));
+        self.entities.hand_over(keys);
     }
 
     /// Stores the positions that moved since last stored.

@@ -1,10 +1,11 @@
-//! The manager's retention: every [`Config::retention_check_interval`], the
+//! A shard's retention: every [`Config::retention_check_interval`], the
 //! rows of its entity type not written for [`Config::retention`] are
 //! purged, in chunks, except those of resident entities.
 //!
 //! A purge run walks the type's idle rows in persistence id order, one chunk
-//! at a time, and never overlaps another run. From each chunk it drops the
-//! keys that have an actor (resident or passivating: the actor holds the
+//! at a time, and never overlaps another run of the shard. From each chunk
+//! it drops the keys of other shards (each shard purges its own, knowing
+//! which of them are resident) and the keys that have an actor (resident or passivating: the actor holds the
 //! state). While a chunk's delete is in flight, commands for its keys wait
 //! here for its answer, as during a passivation: an actor started meanwhile
 //! would restore a row about to disappear. After the answer they go to a new
@@ -21,36 +22,11 @@ use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use super::super::messages::PurgeIdle;
 use super::delivery::{Delivery, Held};
-use super::{held_commands, hold, EntityManager, InFlight};
+use super::{held_commands, Shard};
 use crate::entity::{DurableEntity, PersistenceId, Revision};
 use crate::error::StoreError;
-
-/// Asks a manager to purge now, as its periodic retention does, the rows of
-/// its entity type not written for [`Config::retention`](crate::Config::retention),
-/// skipping resident entities; answered with the number of rows removed.
-///
-/// Purges never overlap: one asked for while another runs starts when that
-/// one ends. Fails with [`StoreError::InvalidConfig`] when retention is off,
-/// and with the store's error when a chunk fails (the chunks before it stay
-/// purged; the next run goes on).
-///
-/// ```
-/// use std::time::Duration;
-/// use actix::Actor;
-/// use persist_durable::{Config, MemoryStore, PurgeIdle, UserStateManager};
-///
-/// #[actix::main]
-/// async fn main() -> Result<(), Box<dyn std::error::Error>> {
-///     let config = Config::default().with_retention(Some(Duration::from_secs(400 * 24 * 60 * 60)));
-///     let manager = UserStateManager::new(std::sync::Arc::new(MemoryStore::new()), config).start();
-///     assert_eq!(manager.send(PurgeIdle).await??, 0);
-///     Ok(())
-/// }
-/// ```
-#[derive(Debug, Clone, Copy, Message)]
-#[rtype(result = "Result<u64, StoreError>")]
-pub struct PurgeIdle;
 
 type PurgeReply = oneshot::Sender<Result<u64, StoreError>>;
 
@@ -88,7 +64,7 @@ impl<E: DurableEntity> Default for Retention<E> {
     }
 }
 
-impl<E: DurableEntity> Handler<PurgeIdle> for EntityManager<E> {
+impl<E: DurableEntity> Handler<PurgeIdle> for Shard<E> {
     type Result = ResponseFuture<Result<u64, StoreError>>;
 
     fn handle(&mut self, _: PurgeIdle, ctx: &mut Self::Context) -> Self::Result {
@@ -98,7 +74,7 @@ impl<E: DurableEntity> Handler<PurgeIdle> for EntityManager<E> {
     }
 }
 
-impl<E: DurableEntity> EntityManager<E> {
+impl<E: DurableEntity> Shard<E> {
     /// With retention on, purges every check interval.
     pub(super) fn schedule_retention(&mut self, ctx: &mut Context<Self>) {
         if self.shared.config.retention.is_some() {
@@ -115,22 +91,11 @@ impl<E: DurableEntity> EntityManager<E> {
 
     /// Holds a command for an entity whose row the delete in flight may
     /// remove, within the same bound as a passivating entity's.
-    pub(super) fn hold_during_purge<D: Delivery<E>>(
-        &mut self,
-        key: E::Key,
-        delivery: D,
-        in_flight: InFlight,
-    ) -> ResponseFuture<D::Answer> {
+    pub(super) fn hold_during_purge<D: Delivery<E>>(&mut self, key: E::Key, delivery: D) {
         let max_held = self.shared.config.max_queued_per_user;
         let len = delivery.len();
         match self.retention.purging.get_mut(&key) {
-            Some(held) if held_commands(held) + len <= max_held => hold(
-                held,
-                key,
-                delivery,
-                in_flight,
-                "the manager stopped while the entity's row was being purged",
-            ),
+            Some(held) if held_commands(held) + len <= max_held => held.push(delivery.held()),
             _ => self.refuse(
                 key,
                 delivery,
@@ -212,12 +177,16 @@ impl<E: DurableEntity> EntityManager<E> {
         let mut rows = Vec::with_capacity(candidates.len());
         for (id, revision) in candidates {
             match id.key::<E::Key>() {
+                // Another shard's: that shard purges it.
+                Some(key) if !self.placement.owns(&key) => continue,
                 // Resident or passivating: its actor holds the state.
                 Some(key) if self.children.contains_key(&key) => continue,
                 Some(key) => {
                     self.retention.purging.insert(key, Vec::new());
                 }
-                // No key encodes to this id, so no actor can hold it.
+                // No key encodes to this id, so no actor can hold it: the
+                // first shard purges it.
+                None if !self.placement.is_first() => continue,
                 None => {}
             }
             rows.push((id, revision));

@@ -1,129 +1,123 @@
-//! What a manager routes to an entity: a caller's command, or an ingest's
-//! records of one partition. Both take the same way (the in-flight bound,
-//! holding during a passivation or a purge, the per-entity bound), so the
-//! manager routes either through one [`Delivery`].
+//! What a shard routes to an entity: a caller's command, or an ingest's
+//! records of one partition, each with the reply its caller waits on. Both
+//! take the same way (the in-flight bound, holding during a passivation or a
+//! purge, the per-entity bound), so the shard routes either through one
+//! [`Delivery`].
 
 use actix::prelude::*;
-use tokio::sync::oneshot;
 
-use super::super::entity_actor::{count_overloaded, EntityActor, Execute, ExecuteRecords, Records};
+use super::super::entity_actor::{count_overloaded, Answer, Deliver, EntityActor, ExecuteRecords, Records};
+use super::super::protocol::{InFlight, ReplyTo};
 use crate::entity::{DurableEntity, EntityEvent};
 use crate::error::CommandError;
 
-/// Something the manager delivers to one entity's actor.
+/// Something a shard delivers to one entity's actor.
 pub(super) trait Delivery<E: DurableEntity>: Sized + 'static {
-    /// What the caller is answered.
-    type Answer: 'static;
-
     /// The commands in it, each counted in flight.
     fn len(&self) -> usize;
 
-    /// Sends it to `child` now (so it is queued in order) and answers with the child's reply.
-    fn forward(self, key: E::Key, child: &Addr<EntityActor<E>>) -> ResponseFuture<Self::Answer>;
+    /// The same delivery, counted in flight until answered.
+    fn holding(self, slot: InFlight) -> Self;
 
-    /// Refused with [`CommandError::Overloaded`], counted per command.
-    fn refuse(self, key: E::Key, reason: String) -> Self::Answer;
+    /// Queues it at `child` now, in order; the child answers the caller.
+    fn forward(self, child: &Addr<EntityActor<E>>);
 
-    /// Not delivered: `len` commands failing with [`CommandError::NotDelivered`].
-    fn undelivered(len: usize, key: E::Key, reason: &str) -> Self::Answer;
+    /// Answers [`CommandError::Overloaded`], counted per command.
+    fn refuse(self, key: E::Key, reason: String);
 
-    /// Kept for the entity's next actor, answered through `reply`.
-    fn held(self, reply: oneshot::Sender<Self::Answer>) -> Held<E>;
+    /// Kept for the entity's next actor.
+    fn held(self) -> Held<E>;
 }
 
 /// One command of a caller.
-pub(super) struct One<E: DurableEntity>(pub(super) EntityEvent<E::Command>);
+pub(crate) struct One<E: DurableEntity> {
+    pub(crate) event: EntityEvent<E::Command>,
+    pub(crate) reply: ReplyTo<Answer<E>>,
+}
 
 /// Records of an ingest, queued together.
-pub(super) struct Batch<E: DurableEntity>(pub(super) Records<E>);
+pub(super) struct Batch<E: DurableEntity> {
+    pub(super) records: Records<E>,
+    pub(super) reply: ReplyTo<Vec<Answer<E>>>,
+}
 
 /// A delivery waiting for the entity's next actor.
 pub(super) enum Held<E: DurableEntity> {
-    One(One<E>, oneshot::Sender<Result<E, CommandError<E>>>),
-    Batch(Batch<E>, oneshot::Sender<Vec<Result<E, CommandError<E>>>>),
+    One(One<E>),
+    Batch(Batch<E>),
 }
 
 impl<E: DurableEntity> Held<E> {
     /// The commands it holds.
     pub(super) fn len(&self) -> usize {
         match self {
-            Held::One(..) => 1,
-            Held::Batch(batch, _) => batch.0.len(),
+            Held::One(one) => one.len(),
+            Held::Batch(batch) => batch.len(),
         }
     }
 
-    /// Forwards it to `successor` now, in order, and the reply to its caller later.
-    pub(super) fn forward_to(self, key: E::Key, successor: &Addr<EntityActor<E>>) {
-        fn relay<T: 'static>(answer: ResponseFuture<T>, reply: oneshot::Sender<T>) {
-            actix::spawn(async move {
-                // The caller may have given up waiting; nothing to do then.
-                let _ = reply.send(answer.await);
-            });
-        }
+    /// Queues it at `successor` now, in order.
+    pub(super) fn forward_to(self, successor: &Addr<EntityActor<E>>) {
         match self {
-            Held::One(one, reply) => relay(one.forward(key, successor), reply),
-            Held::Batch(batch, reply) => relay(batch.forward(key, successor), reply),
+            Held::One(one) => one.forward(successor),
+            Held::Batch(batch) => batch.forward(successor),
         }
-    }
-}
-
-fn not_delivered<E: DurableEntity>(key: E::Key, reason: impl Into<String>) -> CommandError<E> {
-    CommandError::NotDelivered {
-        key,
-        reason: reason.into(),
     }
 }
 
 impl<E: DurableEntity> Delivery<E> for One<E> {
-    type Answer = Result<E, CommandError<E>>;
-
     fn len(&self) -> usize {
         1
     }
 
-    fn forward(self, key: E::Key, child: &Addr<EntityActor<E>>) -> ResponseFuture<Self::Answer> {
-        // `send` queues the message now, in order; only the reply is awaited.
-        let request = child.send(Execute(self.0));
-        Box::pin(async move {
-            request
-                .await
-                .unwrap_or_else(|error| Err(not_delivered(key, error.to_string())))
-        })
+    fn holding(self, slot: InFlight) -> Self {
+        Self {
+            event: self.event,
+            reply: self.reply.holding(slot),
+        }
     }
 
-    fn refuse(self, key: E::Key, reason: String) -> Self::Answer {
-        count_overloaded::<E>(&self.0);
-        Err(CommandError::Overloaded { key, reason })
+    fn forward(self, child: &Addr<EntityActor<E>>) {
+        // Unbounded mailbox: queued now. If it is closed, the reply is
+        // dropped with the message and the caller hears `NotDelivered`.
+        child.do_send(Deliver {
+            event: self.event,
+            reply: self.reply,
+        });
     }
 
-    fn undelivered(_len: usize, key: E::Key, reason: &str) -> Self::Answer {
-        Err(not_delivered(key, reason))
+    fn refuse(self, key: E::Key, reason: String) {
+        count_overloaded::<E>(&self.event);
+        self.reply.send(Err(CommandError::Overloaded { key, reason }));
     }
 
-    fn held(self, reply: oneshot::Sender<Self::Answer>) -> Held<E> {
-        Held::One(self, reply)
+    fn held(self) -> Held<E> {
+        Held::One(self)
     }
 }
 
 impl<E: DurableEntity> Delivery<E> for Batch<E> {
-    type Answer = Vec<Result<E, CommandError<E>>>;
-
     fn len(&self) -> usize {
-        self.0.len()
+        self.records.len()
     }
 
-    fn forward(self, key: E::Key, child: &Addr<EntityActor<E>>) -> ResponseFuture<Self::Answer> {
-        let len = self.0.len();
-        let request = child.send(ExecuteRecords(self.0));
-        Box::pin(async move {
-            request
-                .await
-                .unwrap_or_else(|error| Self::undelivered(len, key, &error.to_string()))
-        })
+    fn holding(self, slot: InFlight) -> Self {
+        Self {
+            records: self.records,
+            reply: self.reply.holding(slot),
+        }
     }
 
-    fn refuse(self, key: E::Key, reason: String) -> Self::Answer {
-        self.0
+    fn forward(self, child: &Addr<EntityActor<E>>) {
+        child.do_send(ExecuteRecords {
+            records: self.records,
+            reply: self.reply,
+        });
+    }
+
+    fn refuse(self, key: E::Key, reason: String) {
+        let refused = self
+            .records
             .iter()
             .map(|(event, _)| {
                 count_overloaded::<E>(event);
@@ -132,15 +126,12 @@ impl<E: DurableEntity> Delivery<E> for Batch<E> {
                     reason: reason.clone(),
                 })
             })
-            .collect()
+            .collect();
+        self.reply.send(refused);
     }
 
-    fn undelivered(len: usize, key: E::Key, reason: &str) -> Self::Answer {
-        (0..len).map(|_| Err(not_delivered(key.clone(), reason))).collect()
-    }
-
-    fn held(self, reply: oneshot::Sender<Self::Answer>) -> Held<E> {
-        Held::Batch(self, reply)
+    fn held(self) -> Held<E> {
+        Held::Batch(self)
     }
 }
 
@@ -148,7 +139,8 @@ impl<E: DurableEntity> Delivery<E> for Batch<E> {
 mod tests {
     use std::sync::Arc;
 
-    use super::super::{EntityCommand, EntityManager, EntityRecords};
+    use crate::actors::manager::EntityManager;
+    use crate::actors::messages::{EntityCommand, EntityRecords};
     use crate::domain::{Command, ProductId, UserKey, UserState};
     use crate::entity::{EntityEvent, RecordOrigin};
     use crate::error::CommandError;

@@ -1,0 +1,420 @@
+//! One shard of an [`EntityManager`](crate::EntityManager): it owns the
+//! entities whose keys hash to it, runs their actors on its own thread, and
+//! hides their passivation from callers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use super::entity_actor::{Answer, EntityActor, Shared, Supervisor};
+use super::messages::{EntityRecords, GetManagerStats, HandOver, ManagerStats};
+use super::placement::Placement;
+use super::protocol::{ChildEvent, FromChild, InFlight, Passivate, ReplyTo};
+use super::start_unbounded;
+use crate::entity::{DurableEntity, EntityEvent};
+use crate::store::SharedStore;
+
+mod delivery;
+mod retention;
+
+/// What the shards of one manager count together.
+#[derive(Clone, Default)]
+pub(crate) struct ShardCounters {
+    /// Commands forwarded and not yet answered: what
+    /// [`Config::max_commands_in_flight`](crate::Config::max_commands_in_flight) bounds.
+    pub(crate) in_flight: Arc<AtomicUsize>,
+    /// Entities with an actor that is not passivating.
+    pub(crate) active: Arc<AtomicUsize>,
+}
+
+use delivery::{Batch, Delivery, Held, One};
+
+/// Owns the entities of one shard: routes each command to its entity's
+/// [`EntityActor`], starting (and so restoring) the actor when the entity
+/// has none, on the shard's own thread.
+///
+/// Passivation is a handshake, as in Pekko's cluster sharding: an idle actor
+/// asks to be passivated; from then on the shard holds back new commands
+/// for that entity and sends the actor a `Passivate` message behind
+/// everything already forwarded. The actor handles those first, then stops;
+/// when it has stopped (its last write committed), the held-back commands go
+/// to a new actor, which restores the committed state first. No command is
+/// lost, bounced with a mailbox error, or applied twice. At most
+/// [`Config::max_queued_per_user`](crate::Config::max_queued_per_user)
+/// commands are held per entity, the bound of a live actor's queue: beyond
+/// it the shard refuses them at once with
+/// [`CommandError::Overloaded`](crate::CommandError::Overloaded).
+pub(crate) struct Shard<E: DurableEntity> {
+    store: SharedStore,
+    /// The configuration, settings and this shard's recipient, shared by every child.
+    shared: Arc<Shared<E>>,
+    /// Which keys are this shard's.
+    placement: Placement,
+    children: HashMap<E::Key, Child<E>>,
+    stats: ManagerStats,
+    next_incarnation: u64,
+    /// Commands forwarded and not yet answered, across all shards of the manager.
+    in_flight: Arc<AtomicUsize>,
+    /// A logical clock: one tick per command, to find the least recently used entities.
+    ticks: u64,
+    /// Entities with an actor that is not passivating, across all shards:
+    /// what [`Config::max_resident_users`](crate::Config::max_resident_users) bounds.
+    active: Arc<AtomicUsize>,
+    /// The retention purge under way and the commands it holds back.
+    retention: retention::Retention<E>,
+}
+
+struct Child<E: DurableEntity> {
+    addr: Addr<EntityActor<E>>,
+    incarnation: u64,
+    /// The tick of the last command for this entity.
+    last_used: u64,
+    phase: Phase<E>,
+}
+
+/// Where a child is in its life.
+enum Phase<E: DurableEntity> {
+    /// Commands go straight to it.
+    Active,
+    /// Told to passivate: commands wait here for its successor, at most
+    /// [`Config::max_queued_per_user`](crate::Config::max_queued_per_user) of them.
+    Passivating {
+        held: Vec<Held<E>>,
+        cause: PassivationCause,
+    },
+}
+
+/// Why a child is passivated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PassivationCause {
+    /// It was idle and asked for it.
+    Idle,
+    /// [`Config::max_resident_users`](crate::Config::max_resident_users) was reached and it was least recently used.
+    Evicted,
+    /// The ingest that fed it lost its source partition to another node,
+    /// which must find the state as committed.
+    HandedOver,
+}
+
+impl PassivationCause {
+    /// The `cause` label of `persist_durable_passivations_total`.
+    fn label(self) -> &'static str {
+        match self {
+            PassivationCause::Idle => "idle",
+            PassivationCause::Evicted => "evicted",
+            PassivationCause::HandedOver => "handed_over",
+        }
+    }
+}
+
+impl<E: DurableEntity> Shard<E> {
+    /// The shard at `placement`, its actors persisting to `store`, sharing
+    /// `in_flight` with the other shards; `shared` is completed with the
+    /// shard's own address when it starts.
+    pub(crate) fn new(
+        store: SharedStore,
+        shared: Arc<Shared<E>>,
+        placement: Placement,
+        counters: &ShardCounters,
+    ) -> Self {
+        let ShardCounters { in_flight, active } = counters.clone();
+        Self {
+            store,
+            shared,
+            placement,
+            children: HashMap::new(),
+            stats: ManagerStats::default(),
+            next_incarnation: 0,
+            in_flight,
+            ticks: 0,
+            active,
+            retention: retention::Retention::default(),
+        }
+    }
+
+    /// Tells `key`'s child to passivate, holding its later commands, and
+    /// counts it under `cause`; false if it is unknown or already passivating.
+    fn begin_passivation(&mut self, key: &E::Key, cause: PassivationCause) -> bool {
+        let begun = self.passivate_child(key, cause);
+        if begun {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        begun
+    }
+
+    /// [`begin_passivation`](Self::begin_passivation) without counting the
+    /// child out of [`active`](Self::active): for children already counted out.
+    fn passivate_child(&mut self, key: &E::Key, cause: PassivationCause) -> bool {
+        let Some(child) = self.children.get_mut(key) else {
+            return false;
+        };
+        if let Phase::Passivating { .. } = child.phase {
+            return false;
+        }
+        child.phase = Phase::Passivating {
+            held: Vec::new(),
+            cause,
+        };
+        child.addr.do_send(Passivate);
+        match cause {
+            PassivationCause::Idle => self.stats.idle_passivations += 1,
+            PassivationCause::Evicted => self.stats.evictions += 1,
+            PassivationCause::HandedOver => self.stats.handovers += 1,
+        }
+        true
+    }
+
+    /// Passivates least recently used entities of this shard once all
+    /// shards together hold more than
+    /// [`Config::max_resident_users`](crate::Config::max_resident_users):
+    /// the excess and a hundredth of the limit more, so the scan is paid once
+    /// per many activations.
+    fn evict_least_recently_used(&mut self) {
+        let limit = self.shared.config.max_resident_users;
+        if self.active.load(Ordering::Relaxed) <= limit {
+            return;
+        }
+        let mut candidates: Vec<(u64, E::Key)> = self
+            .children
+            .iter()
+            .filter(|(_, child)| matches!(child.phase, Phase::Active))
+            .map(|(key, child)| (child.last_used, key.clone()))
+            .collect();
+        // Claimed at once, so that shards evicting at the same time never
+        // evict the same excess twice.
+        let claim = |active: usize| {
+            let excess = (active.saturating_sub(limit) + limit / 100).min(candidates.len());
+            (active > limit && excess > 0).then(|| active - excess)
+        };
+        let Ok(before) = self.active.fetch_update(Ordering::Relaxed, Ordering::Relaxed, claim) else {
+            return;
+        };
+        let excess = before - claim(before).unwrap_or(before);
+        candidates.select_nth_unstable_by_key(excess - 1, |(last_used, _)| *last_used);
+        for (_, key) in candidates.into_iter().take(excess) {
+            self.passivate_child(&key, PassivationCause::Evicted);
+        }
+    }
+
+    fn spawn_child(&mut self, key: &E::Key) -> Child<E> {
+        self.next_incarnation += 1;
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.stats.activations += 1;
+        metrics::counter!("persist_durable_activations_total", "entity" => E::ENTITY_TYPE).increment(1);
+        let supervisor = Supervisor {
+            incarnation: self.next_incarnation,
+            passivation_requested: false,
+        };
+        let actor = EntityActor::with_shared(key.clone(), self.store.clone(), self.shared.clone(), Some(supervisor));
+        let addr = start_unbounded(actor, None);
+        Child {
+            addr,
+            incarnation: self.next_incarnation,
+            last_used: self.ticks,
+            phase: Phase::Active,
+        }
+    }
+
+    fn report_resident(&self) {
+        metrics::gauge!("persist_durable_resident_users", "entity" => E::ENTITY_TYPE).set(self.children.len() as f64);
+    }
+}
+
+impl<E: DurableEntity> Actor for Shard<E> {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Children report through this one recipient, shared by all of them.
+        let manager = Some(ctx.address().recipient());
+        match Arc::get_mut(&mut self.shared) {
+            Some(shared) => shared.manager = manager,
+            None => {
+                self.shared = Arc::new(Shared {
+                    config: self.shared.config.clone(),
+                    settings: self.shared.settings.clone(),
+                    manager,
+                })
+            }
+        }
+        self.schedule_retention(ctx);
+    }
+}
+
+/// The commands in `held`: what counts against [`Config::max_queued_per_user`](crate::Config::max_queued_per_user).
+fn held_commands<E: DurableEntity>(held: &[Held<E>]) -> usize {
+    held.iter().map(Held::len).sum()
+}
+
+/// A command for one entity of this shard, with the caller's reply: sent
+/// with `do_send`, answered by the entity's actor directly.
+pub(crate) struct RouteCommand<E: DurableEntity> {
+    pub(crate) key: E::Key,
+    pub(crate) event: EntityEvent<E::Command>,
+    pub(crate) reply: oneshot::Sender<Answer<E>>,
+}
+
+impl<E: DurableEntity> Message for RouteCommand<E> {
+    type Result = ();
+}
+
+impl<E: DurableEntity> Handler<RouteCommand<E>> for Shard<E> {
+    type Result = ();
+
+    fn handle(&mut self, RouteCommand { key, event, reply }: RouteCommand<E>, _ctx: &mut Self::Context) {
+        let reply = ReplyTo::new(reply, None);
+        self.route(key, One { event, reply });
+    }
+}
+
+impl<E: DurableEntity> Handler<EntityRecords<E>> for Shard<E> {
+    type Result = ResponseFuture<Vec<Answer<E>>>;
+
+    fn handle(&mut self, EntityRecords { key, records }: EntityRecords<E>, _ctx: &mut Self::Context) -> Self::Result {
+        let (sender, answer) = oneshot::channel();
+        let len = records.len();
+        let reply = ReplyTo::new(sender, None);
+        self.route(key.clone(), Batch { records, reply });
+        Box::pin(async move {
+            answer.await.unwrap_or_else(|_| {
+                (0..len)
+                    .map(|_| Err(super::entity_actor::stopped_before_answering(&key)))
+                    .collect()
+            })
+        })
+    }
+}
+
+impl<E: DurableEntity> Handler<HandOver<E>> for Shard<E> {
+    type Result = ();
+
+    fn handle(&mut self, HandOver(keys): HandOver<E>, _ctx: &mut Self::Context) {
+        for key in keys {
+            self.begin_passivation(&key, PassivationCause::HandedOver);
+        }
+    }
+}
+
+impl<E: DurableEntity> Shard<E> {
+    /// Routes `delivery` to `key`'s actor, starting one if needed, or holds
+    /// it while the entity passivates or its row is purged.
+    fn route<D: Delivery<E>>(&mut self, key: E::Key, delivery: D) {
+        let len = delivery.len();
+        let limit = self.shared.config.max_commands_in_flight;
+        let Some(slot) = InFlight::acquire(&self.in_flight, len, limit) else {
+            return self.refuse(key, delivery, format!("{limit} commands are already in flight"));
+        };
+        let delivery = delivery.holding(slot);
+        self.ticks += 1;
+        if self.is_being_purged(&key) {
+            return self.hold_during_purge(key, delivery);
+        }
+        if !self.children.contains_key(&key) {
+            let child = self.spawn_child(&key);
+            self.children.insert(key.clone(), child);
+            self.evict_least_recently_used();
+            self.report_resident();
+        }
+        let Some(child) = self.children.get_mut(&key) else {
+            unreachable!("inserted above")
+        };
+        child.last_used = self.ticks;
+        let max_held = self.shared.config.max_queued_per_user;
+        match &mut child.phase {
+            Phase::Active => delivery.forward(&child.addr),
+            // The same bound as a live actor's queue: refused here, not by the successor.
+            Phase::Passivating { held, .. } if held_commands(held) + len > max_held => self.refuse(
+                key,
+                delivery,
+                format!("{max_held} commands are already queued for this entity while it passivates"),
+            ),
+            Phase::Passivating { held, .. } => {
+                self.stats.commands_held_during_passivation += len as u64;
+                held.push(delivery.held());
+            }
+        }
+    }
+
+    /// Refuses `delivery` with [`CommandError::Overloaded`](crate::CommandError::Overloaded), counted.
+    fn refuse<D: Delivery<E>>(&mut self, key: E::Key, delivery: D, reason: String) {
+        self.stats.commands_refused += delivery.len() as u64;
+        delivery.refuse(key, reason);
+    }
+}
+
+impl<E: DurableEntity> Handler<FromChild<E::Key>> for Shard<E> {
+    type Result = ();
+
+    fn handle(&mut self, message: FromChild<E::Key>, _ctx: &mut Self::Context) {
+        // A message from an earlier incarnation is about an actor already replaced.
+        let current = self
+            .children
+            .get(&message.key)
+            .is_some_and(|child| child.incarnation == message.incarnation);
+        if !current {
+            return;
+        }
+        match message.event {
+            ChildEvent::PassivationRequested => {
+                self.begin_passivation(&message.key, PassivationCause::Idle);
+            }
+            ChildEvent::Stopped => self.child_stopped(message.key),
+        }
+    }
+}
+
+impl<E: DurableEntity> Shard<E> {
+    /// Hands the commands held for a stopped child to its successor.
+    fn child_stopped(&mut self, key: E::Key) {
+        let Some(child) = self.children.remove(&key) else {
+            return;
+        };
+        let held = match child.phase {
+            Phase::Active => {
+                self.active.fetch_sub(1, Ordering::Relaxed);
+                Vec::new()
+            }
+            Phase::Passivating { held, cause } => {
+                self.stats.passivations += 1;
+                metrics::counter!(
+                    "persist_durable_passivations_total",
+                    "entity" => E::ENTITY_TYPE,
+                    "cause" => cause.label()
+                )
+                .increment(1);
+                held
+            }
+        };
+        self.report_resident();
+        debug!(key = %key, held = held.len(), "entity actor stopped");
+        if held.is_empty() {
+            return;
+        }
+        self.start_with_held(key, held);
+    }
+
+    /// Starts a new actor for `key` (which restores what the store holds) and
+    /// hands it the commands held for it, in order.
+    fn start_with_held(&mut self, key: E::Key, held: Vec<Held<E>>) {
+        let successor = self.spawn_child(&key);
+        for delivery in held {
+            // Counted in flight already, by the handler's future waiting on its reply.
+            delivery.forward_to(&successor.addr);
+        }
+        self.children.insert(key, successor);
+    }
+}
+
+impl<E: DurableEntity> Handler<GetManagerStats> for Shard<E> {
+    type Result = MessageResult<GetManagerStats>;
+
+    fn handle(&mut self, _: GetManagerStats, _ctx: &mut Self::Context) -> Self::Result {
+        MessageResult(ManagerStats {
+            resident_users: self.children.len(),
+            ..self.stats
+        })
+    }
+}
