@@ -94,10 +94,14 @@ impl<E: DurableEntity> Message for ExecuteRecords<E> {
 ///     Ok(())
 /// }
 /// ```
+///
+/// Its fields are kept few and small: a resident entity costs what its actor
+/// costs, and actix and tokio keep the actor inside its task, whose
+/// allocation grows in steps of 128 bytes.
 pub struct EntityActor<E: DurableEntity> {
     key: E::Key,
-    store: SharedStore,
-    /// One per manager (or per stand-alone actor): 8 bytes per resident entity.
+    /// The store, configuration and manager: one per shard (or per
+    /// stand-alone actor), 8 bytes per resident entity.
     shared: Arc<Shared<E>>,
     /// What the store holds, or `None` when it must be (re)loaded before the
     /// next write: not restored yet, or a write did not succeed.
@@ -111,13 +115,19 @@ pub struct EntityActor<E: DurableEntity> {
     /// Reload before the next command: a refusal must be checked against
     /// the stored state, which another node may have changed.
     reload: bool,
+    /// Under a manager: it asked to be passivated.
+    passivation_requested: bool,
+    /// It stopped itself: passivated, or idle on its own.
+    stop_asked: bool,
     last_active: Instant,
-    /// Under a manager: which of its incarnations this actor is.
-    supervisor: Option<Supervisor>,
+    /// Under a manager: which of its incarnations this actor is (from 1);
+    /// 0 for a stand-alone actor.
+    incarnation: u32,
 }
 
-/// What every actor of one manager shares.
+/// What every actor of one shard shares.
 pub(crate) struct Shared<E: DurableEntity> {
+    pub(crate) store: SharedStore,
     pub(crate) config: Config,
     pub(crate) settings: E::Settings,
     /// The manager, known only by what it receives; `None` for stand-alone actors.
@@ -138,12 +148,6 @@ struct Queued<E: DurableEntity> {
     span: tracing::Span,
 }
 
-/// An actor's place under its manager.
-pub(crate) struct Supervisor {
-    pub(crate) incarnation: u64,
-    pub(crate) passivation_requested: bool,
-}
-
 /// A write in flight: each event with the state it is answered with.
 type Written<E> = Vec<(Queued<E>, E)>;
 
@@ -151,31 +155,34 @@ impl<E: DurableEntity> EntityActor<E> {
     /// A stand-alone actor for `key`; start it with [`Actor::start`].
     pub fn new(key: E::Key, store: SharedStore, config: Config) -> Self {
         let shared = Shared {
+            store,
             settings: E::settings(&config),
             config,
             manager: None,
         };
-        Self::with_shared(key, store, Arc::new(shared), None)
+        Self::with_shared(key, Arc::new(shared), 0)
     }
 
-    pub(crate) fn with_shared(
-        key: E::Key,
-        store: SharedStore,
-        shared: Arc<Shared<E>>,
-        supervisor: Option<Supervisor>,
-    ) -> Self {
+    /// The actor of `key`, incarnation `incarnation` under its shard (0: stand-alone).
+    pub(crate) fn with_shared(key: E::Key, shared: Arc<Shared<E>>, incarnation: u32) -> Self {
         Self {
             key,
-            store,
             shared,
             committed: None,
             queue: Vec::new(),
             busy: false,
             stop_when_drained: false,
             reload: false,
+            passivation_requested: false,
+            stop_asked: false,
             last_active: Instant::now(),
-            supervisor,
+            incarnation,
         }
+    }
+
+    /// Its shard, if it has one and this is not a stand-alone actor.
+    fn shard(&self) -> Option<&Recipient<FromChild<E::Key>>> {
+        self.shared.manager.as_ref().filter(|_| self.incarnation != 0)
     }
 
     fn is_drained(&self) -> bool {
@@ -193,13 +200,14 @@ impl<E: DurableEntity> EntityActor<E> {
             }
         }
         if self.stop_when_drained && self.is_drained() {
+            self.stop_asked = true;
             ctx.stop();
         }
     }
 
     fn restore(&mut self, ctx: &mut Context<Self>) {
         self.busy = true;
-        let (store, key) = (self.store.clone(), self.key.persistence_id());
+        let (store, key) = (self.shared.store.clone(), self.key.persistence_id());
         ctx.spawn(
             async move { store.load_durable::<E>(&key).await }
                 .into_actor(self)
@@ -280,7 +288,7 @@ impl<E: DurableEntity> EntityActor<E> {
             return;
         }
         self.busy = true;
-        let (store, key) = (self.store.clone(), self.key.persistence_id());
+        let (store, key) = (self.shared.store.clone(), self.key.persistence_id());
         ctx.spawn(
             async move {
                 let result = store.write_durable(&key, expected, &changes).await;
@@ -355,21 +363,20 @@ impl<E: DurableEntity> EntityActor<E> {
         if !self.is_drained() || self.last_active.elapsed() < self.shared.config.idle_timeout {
             return;
         }
-        match (&mut self.supervisor, &self.shared.manager) {
-            (Some(supervisor), Some(manager)) if !supervisor.passivation_requested => {
-                debug!(key = %self.key, "idle; asking the manager to passivate");
-                supervisor.passivation_requested = true;
-                manager.do_send(FromChild {
-                    key: self.key.clone(),
-                    incarnation: supervisor.incarnation,
-                    event: ChildEvent::PassivationRequested,
-                });
-            }
-            (Some(_), _) => {}
-            (None, _) => {
-                debug!(key = %self.key, "idle; stopping");
-                ctx.stop();
-            }
+        if self.incarnation == 0 {
+            debug!(key = %self.key, "idle; stopping");
+            self.stop_asked = true;
+            ctx.stop();
+            return;
+        }
+        if let Some(shard) = self.shard().filter(|_| !self.passivation_requested) {
+            debug!(key = %self.key, "idle; asking the manager to passivate");
+            shard.do_send(FromChild {
+                key: self.key.clone(),
+                incarnation: self.incarnation,
+                event: ChildEvent::PassivationRequested,
+            });
+            self.passivation_requested = true;
         }
     }
 
@@ -497,16 +504,27 @@ impl<E: DurableEntity> Actor for EntityActor<E> {
         super::start_unbounded(self, None)
     }
 
+    /// Only when it stops itself. Under a shard no strong address is held
+    /// between commands; the idle check keeps it running, and this keeps it
+    /// from ever taking that for a reason to stop.
+    fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {
+        if self.stop_asked {
+            Running::Stop
+        } else {
+            Running::Continue
+        }
+    }
+
     fn started(&mut self, ctx: &mut Self::Context) {
         self.restore(ctx);
         ctx.run_interval(self.shared.config.idle_check_interval, Self::check_idle);
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        if let (Some(supervisor), Some(manager)) = (&self.supervisor, &self.shared.manager) {
-            manager.do_send(FromChild {
+        if let Some(shard) = self.shard() {
+            shard.do_send(FromChild {
                 key: self.key.clone(),
-                incarnation: supervisor.incarnation,
+                incarnation: self.incarnation,
                 event: ChildEvent::Stopped,
             });
         }

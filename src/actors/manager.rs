@@ -184,16 +184,12 @@ impl<E: DurableEntity> EntityManager<E> {
         let shards: Arc<[Addr<Shard<E>>]> = (0..count)
             .map(|index| {
                 let shared = Shared {
+                    store: self.store.clone(),
                     config: self.config.clone(),
                     settings: E::Settings::clone(&self.settings),
                     manager: None,
                 };
-                let shard = Shard::new(
-                    self.store.clone(),
-                    Arc::new(shared),
-                    Placement::new(index, count),
-                    &counters,
-                );
+                let shard = Shard::new(Arc::new(shared), Placement::new(index, count), &counters);
                 start_unbounded(shard, self.arbiters.get(index).map(Arbiter::handle).as_ref())
             })
             .collect();

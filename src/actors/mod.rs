@@ -43,3 +43,33 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod footprint {
+    //! What a resident entity costs, guarded: BENCHMARKS.md's resident
+    //! bytes per user rest on these sizes (tokio allocates a task in steps
+    //! of 128 bytes, the actor's context inside it).
+
+    use std::mem::size_of;
+
+    use actix::dev::ContextFut;
+    use actix::Context;
+
+    use super::EntityActor;
+    use crate::domain::UserState;
+
+    type UserContextFut = ContextFut<EntityActor<UserState>, Context<EntityActor<UserState>>>;
+
+    #[test]
+    fn a_user_actor_and_its_context_fit_a_640_byte_task() {
+        // With tokio's 32-byte header and 48-byte trailer around the future
+        // and its 16-byte id and scheduler, 528 bytes make a 632-byte task.
+        assert!(size_of::<UserContextFut>() <= 528, "{}", size_of::<UserContextFut>());
+    }
+
+    #[test]
+    fn a_shard_keeps_a_resident_child_in_32_bytes_of_map_entry() {
+        assert!(super::shard::child_size() <= 24, "{}", super::shard::child_size());
+        assert_eq!(size_of::<crate::UserKey>(), 8);
+    }
+}

@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 #[rtype(result = "()")]
 pub(crate) struct FromChild<K> {
     pub(crate) key: K,
-    pub(crate) incarnation: u64,
+    pub(crate) incarnation: u32,
     pub(crate) event: ChildEvent,
 }
 

@@ -7,16 +7,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use actix::prelude::*;
+use actix::WeakAddr;
 use tokio::sync::oneshot;
 use tracing::debug;
 
-use super::entity_actor::{Answer, EntityActor, Shared, Supervisor};
+use super::entity_actor::{Answer, EntityActor, Shared};
 use super::messages::{EntityRecords, GetManagerStats, HandOver, ManagerStats};
 use super::placement::Placement;
 use super::protocol::{ChildEvent, FromChild, InFlight, Passivate, ReplyTo};
 use super::start_unbounded;
 use crate::entity::{DurableEntity, EntityEvent};
-use crate::store::SharedStore;
 
 mod delivery;
 mod retention;
@@ -49,18 +49,17 @@ use delivery::{Batch, Delivery, Held, One};
 /// it the shard refuses them at once with
 /// [`CommandError::Overloaded`](crate::CommandError::Overloaded).
 pub(crate) struct Shard<E: DurableEntity> {
-    store: SharedStore,
-    /// The configuration, settings and this shard's recipient, shared by every child.
+    /// The store, configuration, settings and this shard's recipient, shared by every child.
     shared: Arc<Shared<E>>,
     /// Which keys are this shard's.
     placement: Placement,
     children: HashMap<E::Key, Child<E>>,
     stats: ManagerStats,
-    next_incarnation: u64,
+    next_incarnation: u32,
     /// Commands forwarded and not yet answered, across all shards of the manager.
     in_flight: Arc<AtomicUsize>,
     /// A logical clock: one tick per command, to find the least recently used entities.
-    ticks: u64,
+    ticks: u32,
     /// Entities with an actor that is not passivating, across all shards:
     /// what [`Config::max_resident_users`](crate::Config::max_resident_users) bounds.
     active: Arc<AtomicUsize>,
@@ -68,24 +67,43 @@ pub(crate) struct Shard<E: DurableEntity> {
     retention: retention::Retention<E>,
 }
 
+/// A child in the shard's map: 32 bytes, the larger part of what a resident
+/// entity costs the shard.
 struct Child<E: DurableEntity> {
-    addr: Addr<EntityActor<E>>,
-    incarnation: u64,
-    /// The tick of the last command for this entity.
-    last_used: u64,
+    /// Weak: a strong address holds two allocations of its own per entity.
+    /// The actor lives on without it, as its idle check keeps its context
+    /// busy until the actor stops itself.
+    addr: WeakAddr<EntityActor<E>>,
+    incarnation: u32,
+    /// The tick of the last command for this entity (ticks wrap; ages do not).
+    last_used: u32,
     phase: Phase<E>,
 }
 
+impl<E: DurableEntity> Child<E> {
+    /// The actor's address; `None` once it has stopped, when whatever is
+    /// sent to it would be dropped unanswered anyway.
+    fn addr(&self) -> Option<Addr<EntityActor<E>>> {
+        self.addr.upgrade()
+    }
+}
+
 /// Where a child is in its life.
+///
+/// Boxed while passivating, so that the resident majority of children, in
+/// the shard's map, costs 8 bytes for it.
 enum Phase<E: DurableEntity> {
     /// Commands go straight to it.
     Active,
-    /// Told to passivate: commands wait here for its successor, at most
-    /// [`Config::max_queued_per_user`](crate::Config::max_queued_per_user) of them.
-    Passivating {
-        held: Vec<Held<E>>,
-        cause: PassivationCause,
-    },
+    /// Told to passivate: commands wait for its successor.
+    Passivating(Box<Passivating<E>>),
+}
+
+struct Passivating<E: DurableEntity> {
+    /// Commands for the successor, at most
+    /// [`Config::max_queued_per_user`](crate::Config::max_queued_per_user).
+    held: Vec<Held<E>>,
+    cause: PassivationCause,
 }
 
 /// Why a child is passivated.
@@ -115,15 +133,9 @@ impl<E: DurableEntity> Shard<E> {
     /// The shard at `placement`, its actors persisting to `store`, sharing
     /// `in_flight` with the other shards; `shared` is completed with the
     /// shard's own address when it starts.
-    pub(crate) fn new(
-        store: SharedStore,
-        shared: Arc<Shared<E>>,
-        placement: Placement,
-        counters: &ShardCounters,
-    ) -> Self {
+    pub(crate) fn new(shared: Arc<Shared<E>>, placement: Placement, counters: &ShardCounters) -> Self {
         let ShardCounters { in_flight, active } = counters.clone();
         Self {
-            store,
             shared,
             placement,
             children: HashMap::new(),
@@ -152,14 +164,16 @@ impl<E: DurableEntity> Shard<E> {
         let Some(child) = self.children.get_mut(key) else {
             return false;
         };
-        if let Phase::Passivating { .. } = child.phase {
+        if let Phase::Passivating(_) = child.phase {
             return false;
         }
-        child.phase = Phase::Passivating {
+        child.phase = Phase::Passivating(Box::new(Passivating {
             held: Vec::new(),
             cause,
-        };
-        child.addr.do_send(Passivate);
+        }));
+        if let Some(addr) = child.addr() {
+            addr.do_send(Passivate);
+        }
         match cause {
             PassivationCause::Idle => self.stats.idle_passivations += 1,
             PassivationCause::Evicted => self.stats.evictions += 1,
@@ -178,11 +192,12 @@ impl<E: DurableEntity> Shard<E> {
         if self.active.load(Ordering::Relaxed) <= limit {
             return;
         }
-        let mut candidates: Vec<(u64, E::Key)> = self
+        let now = self.ticks;
+        let mut candidates: Vec<(std::cmp::Reverse<u32>, E::Key)> = self
             .children
             .iter()
             .filter(|(_, child)| matches!(child.phase, Phase::Active))
-            .map(|(key, child)| (child.last_used, key.clone()))
+            .map(|(key, child)| (std::cmp::Reverse(now.wrapping_sub(child.last_used)), key.clone()))
             .collect();
         // Claimed at once, so that shards evicting at the same time never
         // evict the same excess twice.
@@ -194,25 +209,23 @@ impl<E: DurableEntity> Shard<E> {
             return;
         };
         let excess = before - claim(before).unwrap_or(before);
-        candidates.select_nth_unstable_by_key(excess - 1, |(last_used, _)| *last_used);
+        // The oldest first.
+        candidates.select_nth_unstable_by_key(excess - 1, |(age, _)| *age);
         for (_, key) in candidates.into_iter().take(excess) {
             self.passivate_child(&key, PassivationCause::Evicted);
         }
     }
 
     fn spawn_child(&mut self, key: &E::Key) -> Child<E> {
-        self.next_incarnation += 1;
+        // 0 is a stand-alone actor's.
+        self.next_incarnation = self.next_incarnation.wrapping_add(1).max(1);
         self.active.fetch_add(1, Ordering::Relaxed);
         self.stats.activations += 1;
         metrics::counter!("persist_durable_activations_total", "entity" => E::ENTITY_TYPE).increment(1);
-        let supervisor = Supervisor {
-            incarnation: self.next_incarnation,
-            passivation_requested: false,
-        };
-        let actor = EntityActor::with_shared(key.clone(), self.store.clone(), self.shared.clone(), Some(supervisor));
+        let actor = EntityActor::with_shared(key.clone(), self.shared.clone(), self.next_incarnation);
         let addr = start_unbounded(actor, None);
         Child {
-            addr,
+            addr: addr.downgrade(),
             incarnation: self.next_incarnation,
             last_used: self.ticks,
             phase: Phase::Active,
@@ -234,6 +247,7 @@ impl<E: DurableEntity> Actor for Shard<E> {
             Some(shared) => shared.manager = manager,
             None => {
                 self.shared = Arc::new(Shared {
+                    store: self.shared.store.clone(),
                     config: self.shared.config.clone(),
                     settings: self.shared.settings.clone(),
                     manager,
@@ -308,7 +322,7 @@ impl<E: DurableEntity> Shard<E> {
             return self.refuse(key, delivery, format!("{limit} commands are already in flight"));
         };
         let delivery = delivery.holding(slot);
-        self.ticks += 1;
+        self.ticks = self.ticks.wrapping_add(1);
         if self.is_being_purged(&key) {
             return self.hold_during_purge(key, delivery);
         }
@@ -324,16 +338,16 @@ impl<E: DurableEntity> Shard<E> {
         child.last_used = self.ticks;
         let max_held = self.shared.config.max_queued_per_user;
         match &mut child.phase {
-            Phase::Active => delivery.forward(&child.addr),
+            Phase::Active => delivery.forward(child.addr()),
             // The same bound as a live actor's queue: refused here, not by the successor.
-            Phase::Passivating { held, .. } if held_commands(held) + len > max_held => self.refuse(
+            Phase::Passivating(passivating) if held_commands(&passivating.held) + len > max_held => self.refuse(
                 key,
                 delivery,
                 format!("{max_held} commands are already queued for this entity while it passivates"),
             ),
-            Phase::Passivating { held, .. } => {
+            Phase::Passivating(passivating) => {
                 self.stats.commands_held_during_passivation += len as u64;
-                held.push(delivery.held());
+                passivating.held.push(delivery.held());
             }
         }
     }
@@ -377,7 +391,8 @@ impl<E: DurableEntity> Shard<E> {
                 self.active.fetch_sub(1, Ordering::Relaxed);
                 Vec::new()
             }
-            Phase::Passivating { held, cause } => {
+            Phase::Passivating(passivating) => {
+                let Passivating { held, cause } = *passivating;
                 self.stats.passivations += 1;
                 metrics::counter!(
                     "persist_durable_passivations_total",
@@ -402,7 +417,7 @@ impl<E: DurableEntity> Shard<E> {
         let successor = self.spawn_child(&key);
         for delivery in held {
             // Counted in flight already, by the handler's future waiting on its reply.
-            delivery.forward_to(&successor.addr);
+            delivery.forward_to(successor.addr());
         }
         self.children.insert(key, successor);
     }
@@ -417,4 +432,9 @@ impl<E: DurableEntity> Handler<GetManagerStats> for Shard<E> {
             ..self.stats
         })
     }
+}
+
+#[cfg(test)]
+pub(crate) fn child_size() -> usize {
+    std::mem::size_of::<Child<crate::domain::UserState>>()
 }

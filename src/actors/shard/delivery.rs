@@ -20,7 +20,9 @@ pub(super) trait Delivery<E: DurableEntity>: Sized + 'static {
     fn holding(self, slot: InFlight) -> Self;
 
     /// Queues it at `child` now, in order; the child answers the caller.
-    fn forward(self, child: &Addr<EntityActor<E>>);
+    /// A child that has stopped (`None`) drops it, and the caller hears
+    /// [`CommandError::NotDelivered`].
+    fn forward(self, child: Option<Addr<EntityActor<E>>>);
 
     /// Answers [`CommandError::Overloaded`], counted per command.
     fn refuse(self, key: E::Key, reason: String);
@@ -57,7 +59,7 @@ impl<E: DurableEntity> Held<E> {
     }
 
     /// Queues it at `successor` now, in order.
-    pub(super) fn forward_to(self, successor: &Addr<EntityActor<E>>) {
+    pub(super) fn forward_to(self, successor: Option<Addr<EntityActor<E>>>) {
         match self {
             Held::One(one) => one.forward(successor),
             Held::Batch(batch) => batch.forward(successor),
@@ -77,9 +79,10 @@ impl<E: DurableEntity> Delivery<E> for One<E> {
         }
     }
 
-    fn forward(self, child: &Addr<EntityActor<E>>) {
+    fn forward(self, child: Option<Addr<EntityActor<E>>>) {
         // Unbounded mailbox: queued now. If it is closed, the reply is
         // dropped with the message and the caller hears `NotDelivered`.
+        let Some(child) = child else { return };
         child.do_send(Deliver {
             event: self.event,
             reply: self.reply,
@@ -108,7 +111,8 @@ impl<E: DurableEntity> Delivery<E> for Batch<E> {
         }
     }
 
-    fn forward(self, child: &Addr<EntityActor<E>>) {
+    fn forward(self, child: Option<Addr<EntityActor<E>>>) {
+        let Some(child) = child else { return };
         child.do_send(ExecuteRecords {
             records: self.records,
             reply: self.reply,

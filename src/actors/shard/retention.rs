@@ -145,7 +145,7 @@ impl<E: DurableEntity> Shard<E> {
             return;
         };
         let limit = self.shared.config.retention_chunk_size.max(1);
-        let (store, after, written_before) = (self.store.clone(), run.after.clone(), run.written_before);
+        let (store, after, written_before) = (self.shared.store.clone(), run.after.clone(), run.written_before);
         ctx.spawn(
             async move {
                 store
@@ -195,7 +195,7 @@ impl<E: DurableEntity> Shard<E> {
             self.purge_chunk_done(0, more, ctx);
             return;
         }
-        let store = self.store.clone();
+        let store = self.shared.store.clone();
         ctx.spawn(
             async move { store.purge_counted::<E>(rows, written_before).await }
                 .into_actor(self)
