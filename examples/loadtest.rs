@@ -96,9 +96,13 @@ struct Options {
     /// Record the change feed (StoreConfig::with_change_feed), to measure its cost.
     #[arg(long)]
     change_feed: bool,
-    /// Arbiters for user actors; default: one per core.
+    /// Manager shards, each on an arbiter of its own with its user actors;
+    /// default: one per core (Config::arbiters).
     #[arg(long)]
     arbiters: Option<usize>,
+    /// Worker threads of the store's runtime; default: the library's (StoreConfig::worker_threads).
+    #[arg(long)]
+    store_threads: Option<usize>,
     /// Random seed, so runs can be repeated.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -156,6 +160,7 @@ fn store_config(options: &Options) -> StoreConfig {
         .with_max_batch_size(options.batch_size)
         .with_max_batch_wait(Duration::from_micros(options.batch_wait_us))
         .with_max_write_batches_in_flight(options.batches_in_flight)
+        .with_worker_threads(options.store_threads.unwrap_or(StoreConfig::default().worker_threads))
         .with_operation_timeout(Duration::from_secs(60))
         .with_change_feed(options.change_feed)
 }

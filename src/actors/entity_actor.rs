@@ -237,8 +237,11 @@ impl<E: DurableEntity> EntityActor<E> {
 
     fn write_queued(&mut self, committed: (Revision, Durable<E>), ctx: &mut Context<Self>) {
         let (expected, mut current) = committed;
-        // Every state this write commits, one per change: the feed gets each.
+        // The states this write commits: with a change feed every one (the
+        // feed gets each), else only the last, which the row keeps.
+        let every_change = self.shared.store.keeps_change_feed();
         let mut changes: Vec<Durable<E>> = Vec::new();
+        let mut revision = expected;
         let mut written: Written<E> = Vec::with_capacity(self.queue.len());
         let mut queue = std::mem::take(&mut self.queue).into_iter();
         while let Some(queued) = queue.next() {
@@ -251,7 +254,7 @@ impl<E: DurableEntity> EntityActor<E> {
             );
             match step {
                 // A read or a redelivered event before any change: answer now.
-                Step::Unchanged if changes.is_empty() => {
+                Step::Unchanged if revision == expected => {
                     queued.answer(Ok(current.state.clone()));
                 }
                 // Otherwise it is answered once the changes before it commit.
@@ -273,13 +276,16 @@ impl<E: DurableEntity> EntityActor<E> {
                 }
                 Step::Changed(next) => {
                     current = next;
-                    changes.push(current.clone());
-                    queued.span.record("revision", expected.0 + changes.len() as u64);
+                    revision.0 += 1;
+                    if every_change {
+                        changes.push(current.clone());
+                    }
+                    queued.span.record("revision", revision.0);
                     written.push((queued, current.state.clone()));
                 }
             }
         }
-        if changes.is_empty() {
+        if revision == expected {
             if std::mem::take(&mut self.reload) {
                 self.restore(ctx);
             } else {
@@ -287,11 +293,14 @@ impl<E: DurableEntity> EntityActor<E> {
             }
             return;
         }
+        if !every_change {
+            changes.push(current.clone());
+        }
         self.busy = true;
         let (store, key) = (self.shared.store.clone(), self.key.persistence_id());
         ctx.spawn(
             async move {
-                let result = store.write_durable(&key, expected, &changes).await;
+                let result = store.write_durable(&key, expected, revision, &changes).await;
                 result.map(|revision| (revision, current))
             }
             .into_actor(self)

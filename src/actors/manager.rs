@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 use super::entity_actor::{stopped_before_answering, Answer, Records, Shared};
 use super::messages::{EntityCommand, EntityRecords, GetManagerStats, HandOver, ManagerStats, PurgeIdle};
-use super::placement::{shard_of, Placement};
+use super::placement::{Placement, Spread};
 use super::shard::{RouteCommand, Shard, ShardCounters};
 use super::start_unbounded;
 use crate::config::Config;
@@ -71,18 +71,21 @@ pub struct EntityManager<E: DurableEntity> {
     arbiters: Vec<Arbiter>,
 }
 
-/// The shards of one manager, in placement order.
-pub(crate) struct Shards<E: DurableEntity>(Arc<[Addr<Shard<E>>]>);
+/// The shards of one manager, in placement order, and how keys spread over them.
+pub(crate) struct Shards<E: DurableEntity> {
+    shards: Arc<[Addr<Shard<E>>]>,
+    spread: Spread,
+}
 
 impl<E: DurableEntity> Shards<E> {
     /// The shard that owns `key`.
     pub(crate) fn of(&self, key: &E::Key) -> &Addr<Shard<E>> {
-        &self.0[shard_of(key, self.0.len())]
+        &self.shards[self.spread.shard_of(key)]
     }
 
     /// Every shard.
     pub(crate) fn all(&self) -> &[Addr<Shard<E>>] {
-        &self.0
+        &self.shards
     }
 
     /// Queues `event` for `key` at its shard now, in order; the answer comes
@@ -114,11 +117,11 @@ impl<E: DurableEntity> Shards<E> {
 
     /// Hands `keys` over, each by its shard.
     pub(crate) fn hand_over(&self, keys: Vec<E::Key>) {
-        let mut per_shard: Vec<Vec<E::Key>> = (0..self.0.len()).map(|_| Vec::new()).collect();
+        let mut per_shard: Vec<Vec<E::Key>> = (0..self.shards.len()).map(|_| Vec::new()).collect();
         for key in keys {
-            per_shard[shard_of(&key, self.0.len())].push(key);
+            per_shard[self.spread.shard_of(&key)].push(key);
         }
-        for (shard, keys) in self.0.iter().zip(per_shard) {
+        for (shard, keys) in self.shards.iter().zip(per_shard) {
             if !keys.is_empty() {
                 shard.do_send(HandOver(keys));
             }
@@ -128,7 +131,7 @@ impl<E: DurableEntity> Shards<E> {
     /// The counters of all shards, summed; a shard that cannot answer counts nothing.
     pub(crate) async fn stats(&self) -> ManagerStats {
         // Each request is queued when made: the shards answer concurrently.
-        let requests: Vec<_> = self.0.iter().map(|shard| shard.send(GetManagerStats)).collect();
+        let requests: Vec<_> = self.shards.iter().map(|shard| shard.send(GetManagerStats)).collect();
         let mut sum = ManagerStats::default();
         for request in requests {
             if let Ok(stats) = request.await {
@@ -141,7 +144,10 @@ impl<E: DurableEntity> Shards<E> {
 
 impl<E: DurableEntity> Clone for Shards<E> {
     fn clone(&self) -> Self {
-        Self(self.0.clone())
+        Self {
+            shards: self.shards.clone(),
+            spread: self.spread.clone(),
+        }
     }
 }
 
@@ -179,9 +185,9 @@ impl<E: DurableEntity> EntityManager<E> {
             return shards.clone();
         }
         self.arbiters = (0..self.config.arbiters).map(|_| Arbiter::new()).collect();
-        let count = self.arbiters.len().max(1);
+        let spread = Spread::new(self.arbiters.len().max(1));
         let counters = ShardCounters::default();
-        let shards: Arc<[Addr<Shard<E>>]> = (0..count)
+        let shards: Arc<[Addr<Shard<E>>]> = (0..spread.shards())
             .map(|index| {
                 let shared = Shared {
                     store: self.store.clone(),
@@ -189,11 +195,11 @@ impl<E: DurableEntity> EntityManager<E> {
                     settings: E::Settings::clone(&self.settings),
                     manager: None,
                 };
-                let shard = Shard::new(Arc::new(shared), Placement::new(index, count), &counters);
+                let shard = Shard::new(Arc::new(shared), Placement::new(index, spread.clone()), &counters);
                 start_unbounded(shard, self.arbiters.get(index).map(Arbiter::handle).as_ref())
             })
             .collect();
-        let shards = Shards(shards);
+        let shards = Shards { shards, spread };
         self.shards = Some(shards.clone());
         shards
     }

@@ -1,29 +1,60 @@
-//! Which shard of a manager owns an entity: its key's hash, fixed for the
-//! life of the process, so the caller's thread, the manager and the shards
-//! all agree without asking one another.
+//! Which shard of a manager owns an entity: its key's hash under one seed
+//! per manager, so the caller's thread, the manager and the shards all agree
+//! without asking one another, and no outsider can choose keys that all
+//! land on one shard.
 
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
+
+use foldhash::fast::{FixedState, RandomState};
+
+/// How a manager spreads keys over its shards.
+#[derive(Debug, Clone)]
+pub(crate) struct Spread {
+    shards: usize,
+    hasher: FixedState,
+}
+
+impl Spread {
+    /// Over `shards` shards (at least one), with a seed of its own.
+    pub(crate) fn new(shards: usize) -> Self {
+        let seed = RandomState::default().hash_one(shards);
+        Self {
+            shards: shards.max(1),
+            hasher: FixedState::with_seed(seed),
+        }
+    }
+
+    /// The shard that owns `key`.
+    pub(crate) fn shard_of<K: Hash>(&self, key: &K) -> usize {
+        if self.shards == 1 {
+            return 0;
+        }
+        (self.hasher.hash_one(key) % self.shards as u64) as usize
+    }
+
+    /// How many shards.
+    pub(crate) fn shards(&self) -> usize {
+        self.shards
+    }
+}
 
 /// A shard's place among its manager's shards.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) struct Placement {
     index: usize,
-    count: usize,
+    spread: Spread,
 }
 
 impl Placement {
-    /// Shard `index` of `count` (at least one).
-    pub(crate) fn new(index: usize, count: usize) -> Self {
-        debug_assert!(index < count.max(1));
-        Self {
-            index,
-            count: count.max(1),
-        }
+    /// Shard `index` of `spread`.
+    pub(crate) fn new(index: usize, spread: Spread) -> Self {
+        debug_assert!(index < spread.shards());
+        Self { index, spread }
     }
 
     /// Whether `key` is this shard's.
     pub(crate) fn owns<K: Hash>(&self, key: &K) -> bool {
-        shard_of(key, self.count) == self.index
+        self.spread.shard_of(key) == self.index
     }
 
     /// The first shard, which takes what belongs to no key.
@@ -32,31 +63,29 @@ impl Placement {
     }
 }
 
-/// The shard of `count` that owns `key`.
-pub(crate) fn shard_of<K: Hash>(key: &K, count: usize) -> usize {
-    if count <= 1 {
-        return 0;
-    }
-    // Fixed keys: every thread computes the same shard.
-    let mut hasher = DefaultHasher::new();
-    key.hash(&mut hasher);
-    (hasher.finish() % count as u64) as usize
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn every_key_has_exactly_one_owner_and_keys_spread_over_all_shards() {
-        let count = 4;
+        let spread = Spread::new(4);
         let mut per_shard = [0usize; 4];
         for i in 0..4_000 {
             let key = format!("mall{:03}-user{i:07}", i % 100);
-            let owners: Vec<_> = (0..count).filter(|&s| Placement::new(s, count).owns(&key)).collect();
+            let owners: Vec<_> = (0..4)
+                .filter(|&s| Placement::new(s, spread.clone()).owns(&key))
+                .collect();
             assert_eq!(owners.len(), 1, "{key} owned by {owners:?}");
+            assert_eq!(owners[0], spread.shard_of(&key));
             per_shard[owners[0]] += 1;
         }
         assert!(per_shard.iter().all(|&n| (800..=1_200).contains(&n)), "{per_shard:?}");
+    }
+
+    #[test]
+    fn one_shard_owns_everything() {
+        let spread = Spread::new(1);
+        assert!(Placement::new(0, spread).owns(&"any key"));
     }
 }

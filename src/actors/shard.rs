@@ -53,7 +53,7 @@ pub(crate) struct Shard<E: DurableEntity> {
     shared: Arc<Shared<E>>,
     /// Which keys are this shard's.
     placement: Placement,
-    children: HashMap<E::Key, Child<E>>,
+    children: HashMap<E::Key, Child<E>, foldhash::fast::RandomState>,
     stats: ManagerStats,
     next_incarnation: u32,
     /// Commands forwarded and not yet answered, across all shards of the manager.
@@ -138,7 +138,7 @@ impl<E: DurableEntity> Shard<E> {
         Self {
             shared,
             placement,
-            children: HashMap::new(),
+            children: HashMap::default(),
             stats: ManagerStats::default(),
             next_incarnation: 0,
             in_flight,

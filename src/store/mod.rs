@@ -503,7 +503,9 @@ impl dyn StateStore {
         states: &[K::Entity],
     ) -> Result<Revision, StoreError> {
         let changes: Vec<Durable<K::Entity>> = states.iter().map(|s| Durable::new(s.clone(), Vec::new())).collect();
-        self.write_durable(&key.persistence_id(), expected, &changes).await
+        let revision = Revision(expected.0 + changes.len() as u64);
+        self.write_durable(&key.persistence_id(), expected, revision, &changes)
+            .await
     }
 
     pub(crate) async fn load_durable<E: DurableEntity>(
@@ -529,14 +531,16 @@ impl dyn StateStore {
         }))
     }
 
-    /// Writes each of `changes` as the next revision after `expected`.
+    /// Writes revisions `expected + 1 ..= revision`: `changes` holds the
+    /// state of each when the store keeps a change feed, else at least the
+    /// last, the only one a row needs.
     pub(crate) async fn write_durable<E: DurableEntity>(
         &self,
         key: &PersistenceId,
         expected: Revision,
+        revision: Revision,
         changes: &[Durable<E>],
     ) -> Result<Revision, StoreError> {
-        let revision = Revision(expected.0 + changes.len() as u64);
         // Without a feed only the row's state is needed.
         let encoded = if self.keeps_change_feed() {
             changes
