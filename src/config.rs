@@ -40,13 +40,15 @@ pub struct Config {
     /// Commands in flight through the manager at most; beyond it, refused
     /// with [`CommandError::Overloaded`](crate::CommandError::Overloaded).
     pub max_commands_in_flight: usize,
-    /// Users with an actor at most; beyond it, the least recently used ones
-    /// are passivated (Akka's default for a shard region is 100,000).
+    /// Users with an actor at most, over all shards; beyond it, the shard
+    /// whose activation crossed it passivates its least recently used ones
+    /// (Akka's default for a shard region is 100,000).
     pub max_resident_users: usize,
-    /// Arbiters (threads) the manager spreads user actors over; default: one
-    /// per core. With 0, user actors run on the manager's own arbiter, which
-    /// tests that pause tokio's clock need: paused time is per runtime, and
-    /// each arbiter has its own.
+    /// Shards of the manager, each on an arbiter (thread) of its own with the
+    /// actors of the entities whose keys hash to it; default: one per core.
+    /// With 0, one shard runs on the manager's own arbiter, which tests that
+    /// pause tokio's clock need: paused time is per runtime, and each arbiter
+    /// has its own.
     pub arbiters: usize,
     /// How long an entity's row may go unwritten before the manager purges
     /// it (by the row's `db_timestamp`, against this process's wall clock);

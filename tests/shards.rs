@@ -191,3 +191,82 @@ fn persistence_id(key: &UserKey) -> String {
     use persist_durable::EntityKey;
     key.persistence_id().to_string()
 }
+
+#[rstest]
+#[actix::test]
+async fn a_command_sent_as_the_last_address_is_dropped_is_still_answered(#[values(Backend::Sqlite)] backend: Backend) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = db.connect().await;
+    let user = key("mall001", "user001");
+
+    // Nobody holds the manager's address once the command is sent.
+    let request = UserStateManager::new(store.clone(), Config::default().with_arbiters(SHARDS))
+        .start()
+        .send(UserCommand::new(user.clone(), Command::UserLogin));
+
+    let state = request.await.expect("the manager answers").expect("committed");
+    assert!(state.last_login.is_some());
+    assert_eq!(store.load(&user).await.unwrap().unwrap().revision, Revision(1));
+}
+
+/// The resident-users gauge, as a metrics recorder installed for this test binary sees it.
+mod gauge {
+    use std::sync::OnceLock;
+
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+    pub fn snapshotter() -> &'static Snapshotter {
+        static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+        SNAPSHOTTER.get_or_init(|| {
+            let recorder = DebuggingRecorder::new();
+            let snapshotter = recorder.snapshotter();
+            recorder.install().expect("the only recorder of this test binary");
+            snapshotter
+        })
+    }
+
+    /// `persist_durable_resident_users{entity}`, if set.
+    pub fn resident(entity: &str) -> Option<f64> {
+        snapshotter()
+            .snapshot()
+            .into_vec()
+            .into_iter()
+            .find_map(|(key, _, _, value)| {
+                let key = key.key();
+                let is_it = key.name() == "persist_durable_resident_users"
+                    && key.labels().any(|l| l.key() == "entity" && l.value() == entity);
+                match value {
+                    DebugValue::Gauge(gauge) if is_it => Some(gauge.into_inner()),
+                    _ => None,
+                }
+            })
+    }
+}
+
+#[rstest]
+#[actix::test]
+async fn the_resident_gauge_counts_the_entities_of_all_shards(#[values(Backend::Sqlite)] backend: Backend) {
+    use persist_durable::cart::{Cart, CartCommand, CartId};
+    use persist_durable::Entities;
+
+    let Some(db) = TestDb::open(backend).await else { return };
+    gauge::snapshotter();
+    // Carts: no other test of this binary starts one, so the gauge is this test's alone.
+    let carts = Entities::<Cart>::start(db.connect().await, Config::default().with_arbiters(SHARDS));
+
+    for i in 0..40 {
+        let cart = CartId::new(format!("cart{i:02}")).unwrap();
+        let add = CartCommand::AddItem {
+            sku: "sku-1".into(),
+            quantity: 1,
+        };
+        carts.send(cart, add).await.unwrap();
+    }
+
+    assert_eq!(carts.stats().await.unwrap().resident_users, 40);
+    assert_eq!(
+        gauge::resident("Cart"),
+        Some(40.0),
+        "the sum over the shards, not one shard's count"
+    );
+}

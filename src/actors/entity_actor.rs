@@ -130,7 +130,7 @@ pub(crate) struct Shared<E: DurableEntity> {
     pub(crate) store: SharedStore,
     pub(crate) config: Config,
     pub(crate) settings: E::Settings,
-    /// The manager, known only by what it receives; `None` for stand-alone actors.
+    /// The actor's shard, known only by what it receives; `None` for stand-alone actors.
     pub(crate) manager: Option<Recipient<FromChild<E::Key>>>,
 }
 
@@ -514,8 +514,9 @@ impl<E: DurableEntity> Actor for EntityActor<E> {
     }
 
     /// Only when it stops itself. Under a shard no strong address is held
-    /// between commands; the idle check keeps it running, and this keeps it
-    /// from ever taking that for a reason to stop.
+    /// between commands: actix would stop an actor with no address and
+    /// nothing to do, and although the idle check always gives it something,
+    /// this keeps that from ever becoming a reason to stop.
     fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {
         if self.stop_asked {
             Running::Stop

@@ -223,10 +223,11 @@ impl<E: DurableEntity> Actor for EntityManager<E> {
         self.start_shards();
     }
 
-    fn stopped(&mut self, _ctx: &mut Self::Context) {
-        for arbiter in &self.arbiters {
-            arbiter.stop();
-        }
+    /// Never of its own accord: the shards hold what callers sent, and
+    /// dropping the manager's last address (`start().send(..)` in one
+    /// expression) must not drop that. It lives as long as its system.
+    fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {
+        Running::Continue
     }
 }
 

@@ -102,8 +102,9 @@ impl ManagerStats {
 /// its entity type not written for [`Config::retention`](crate::Config::retention),
 /// skipping resident entities; answered with the number of rows removed.
 ///
-/// Purges never overlap: one asked for while another runs starts when that
-/// one ends. Fails with [`StoreError::InvalidConfig`] when retention is off,
+/// Each shard purges the rows of its own keys, and the answer is the sum. A
+/// shard's purges never overlap: one asked for while another runs starts
+/// when that one ends. Fails with [`StoreError::InvalidConfig`] when retention is off,
 /// and with the store's error when a chunk fails (the chunks before it stay
 /// purged; the next run goes on).
 ///

@@ -1,7 +1,8 @@
-//! Which shard of a manager owns an entity: its key's hash under one seed
-//! per manager, so the caller's thread, the manager and the shards all agree
-//! without asking one another, and no outsider can choose keys that all
-//! land on one shard.
+//! Which shard of a manager owns an entity: its key's hash under one random
+//! seed per manager, so the caller's thread, the manager and the shards all
+//! agree without asking one another. A fast hash (foldhash) suffices: keys
+//! chosen to crowd one shard could only unbalance the threads, not slow a
+//! lookup, and without the seed they cannot be chosen offline.
 
 use std::hash::{BuildHasher, Hash};
 

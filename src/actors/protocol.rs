@@ -11,7 +11,7 @@ use std::sync::Arc;
 use actix::Message;
 use tokio::sync::oneshot;
 
-/// From a child to its manager. One message type, so a child holds a single
+/// From a child to its shard. One message type, so a child holds a single
 /// [`Recipient`](actix::Recipient) (each one boxes a sender of its own: two
 /// would cost every resident entity another allocation).
 #[derive(Message)]
@@ -22,7 +22,7 @@ pub(crate) struct FromChild<K> {
     pub(crate) event: ChildEvent,
 }
 
-/// What a child tells its manager.
+/// What a child tells its shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ChildEvent {
     /// It has been idle long enough: hold its commands and tell it to passivate.
@@ -31,7 +31,7 @@ pub(crate) enum ChildEvent {
     Stopped,
 }
 
-/// From the manager to a child, once the manager holds back further
+/// From the shard to a child, once the shard holds back further
 /// commands for it: everything forwarded earlier is already in the mailbox
 /// ahead of this, so the child stops once it has handled them.
 #[derive(Message)]

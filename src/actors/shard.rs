@@ -53,7 +53,9 @@ pub(crate) struct Shard<E: DurableEntity> {
     shared: Arc<Shared<E>>,
     /// Which keys are this shard's.
     placement: Placement,
-    children: HashMap<E::Key, Child<E>, foldhash::fast::RandomState>,
+    /// Keyed by ids from outside (HTTP paths, Kafka keys): std's
+    /// DoS-resistant hasher, not a faster one.
+    children: HashMap<E::Key, Child<E>>,
     stats: ManagerStats,
     next_incarnation: u32,
     /// Commands forwarded and not yet answered, across all shards of the manager.
@@ -138,7 +140,7 @@ impl<E: DurableEntity> Shard<E> {
         Self {
             shared,
             placement,
-            children: HashMap::default(),
+            children: HashMap::new(),
             stats: ManagerStats::default(),
             next_incarnation: 0,
             in_flight,
@@ -182,12 +184,14 @@ impl<E: DurableEntity> Shard<E> {
         true
     }
 
-    /// Passivates least recently used entities of this shard once all
+    /// Passivates least recently used entities of this shard, other than
+    /// `started` (the one whose activation brought this about), once all
     /// shards together hold more than
     /// [`Config::max_resident_users`](crate::Config::max_resident_users):
     /// the excess and a hundredth of the limit more, so the scan is paid once
-    /// per many activations.
-    fn evict_least_recently_used(&mut self) {
+    /// per many activations. A shard with nothing to evict leaves the excess
+    /// to the next activation.
+    fn evict_least_recently_used(&mut self, started: &E::Key) {
         let limit = self.shared.config.max_resident_users;
         if self.active.load(Ordering::Relaxed) <= limit {
             return;
@@ -196,7 +200,7 @@ impl<E: DurableEntity> Shard<E> {
         let mut candidates: Vec<(std::cmp::Reverse<u32>, E::Key)> = self
             .children
             .iter()
-            .filter(|(_, child)| matches!(child.phase, Phase::Active))
+            .filter(|(key, child)| matches!(child.phase, Phase::Active) && *key != started)
             .map(|(key, child)| (std::cmp::Reverse(now.wrapping_sub(child.last_used)), key.clone()))
             .collect();
         // Claimed at once, so that shards evicting at the same time never
@@ -222,6 +226,8 @@ impl<E: DurableEntity> Shard<E> {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.stats.activations += 1;
         metrics::counter!("persist_durable_activations_total", "entity" => E::ENTITY_TYPE).increment(1);
+        // Each shard adds its own: the gauge is the sum of all shards'.
+        metrics::gauge!("persist_durable_resident_users", "entity" => E::ENTITY_TYPE).increment(1);
         let actor = EntityActor::with_shared(key.clone(), self.shared.clone(), self.next_incarnation);
         let addr = start_unbounded(actor, None);
         Child {
@@ -230,10 +236,6 @@ impl<E: DurableEntity> Shard<E> {
             last_used: self.ticks,
             phase: Phase::Active,
         }
-    }
-
-    fn report_resident(&self) {
-        metrics::gauge!("persist_durable_resident_users", "entity" => E::ENTITY_TYPE).set(self.children.len() as f64);
     }
 }
 
@@ -329,8 +331,7 @@ impl<E: DurableEntity> Shard<E> {
         if !self.children.contains_key(&key) {
             let child = self.spawn_child(&key);
             self.children.insert(key.clone(), child);
-            self.evict_least_recently_used();
-            self.report_resident();
+            self.evict_least_recently_used(&key);
         }
         let Some(child) = self.children.get_mut(&key) else {
             unreachable!("inserted above")
@@ -403,7 +404,7 @@ impl<E: DurableEntity> Shard<E> {
                 held
             }
         };
-        self.report_resident();
+        metrics::gauge!("persist_durable_resident_users", "entity" => E::ENTITY_TYPE).decrement(1);
         debug!(key = %key, held = held.len(), "entity actor stopped");
         if held.is_empty() {
             return;
@@ -419,7 +420,8 @@ impl<E: DurableEntity> Shard<E> {
             // Counted in flight already, by the handler's future waiting on its reply.
             delivery.forward_to(successor.addr());
         }
-        self.children.insert(key, successor);
+        self.children.insert(key.clone(), successor);
+        self.evict_least_recently_used(&key);
     }
 }
 

@@ -368,6 +368,7 @@ async fn collect_writes(
         };
         // One row per user per statement: a second write for the same user
         // (only possible from two actors of one user) waits for the next batch.
+        // At most one batch of keys: a fast hash is safe here.
         let mut ids: HashSet<_, foldhash::fast::RandomState> = HashSet::default();
         let batch = gather(
             &mut requests,

@@ -224,18 +224,11 @@ impl<E: DurableEntity> Shard<E> {
     /// Sends the commands held during a delete to new actors, which restore
     /// whatever the delete left.
     fn release_purging(&mut self) {
-        let mut started = false;
         let purging = std::mem::take(&mut self.retention.purging);
         for (key, held) in purging {
-            if held.is_empty() {
-                continue;
+            if !held.is_empty() {
+                self.start_with_held(key, held);
             }
-            self.start_with_held(key, held);
-            started = true;
-        }
-        if started {
-            self.evict_least_recently_used();
-            self.report_resident();
         }
     }
 
