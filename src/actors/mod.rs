@@ -68,8 +68,8 @@ mod footprint {
     }
 
     #[test]
-    fn a_shard_keeps_a_resident_child_in_32_bytes_of_map_entry() {
-        assert!(super::shard::child_size() <= 24, "{}", super::shard::child_size());
+    fn a_shard_keeps_a_resident_child_in_24_bytes_of_map_entry() {
+        assert!(super::shard::child_size() <= 16, "{}", super::shard::child_size());
         assert_eq!(size_of::<crate::UserKey>(), 8);
     }
 }

@@ -58,6 +58,12 @@ impl Placement {
         self.spread.shard_of(key) == self.index
     }
 
+    /// This shard's part of a bound on all shards together, keys being
+    /// spread evenly: an equal share, rounded up.
+    pub(crate) fn share_of(&self, bound: usize) -> usize {
+        bound.div_ceil(self.spread.shards())
+    }
+
     /// The first shard, which takes what belongs to no key.
     pub(crate) fn is_first(&self) -> bool {
         self.index == 0

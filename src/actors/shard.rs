@@ -21,6 +21,9 @@ use crate::entity::{DurableEntity, EntityEvent};
 mod delivery;
 mod retention;
 
+/// The most children a shard reserves room for when it starts.
+const MAX_RESERVED: usize = 1 << 20;
+
 /// What the shards of one manager count together.
 #[derive(Clone, Default)]
 pub(crate) struct ShardCounters {
@@ -54,8 +57,13 @@ pub(crate) struct Shard<E: DurableEntity> {
     /// Which keys are this shard's.
     placement: Placement,
     /// Keyed by ids from outside (HTTP paths, Kafka keys): std's
-    /// DoS-resistant hasher, not a faster one.
+    /// DoS-resistant hasher, not a faster one. Sized for the shard's share
+    /// of the resident limit from the start: growing would copy every entry
+    /// and leave the old table's pages behind in the allocator. Untouched
+    /// pages of the reserved table cost no memory.
     children: HashMap<E::Key, Child<E>>,
+    /// The children told to passivate (the others are active).
+    passivating: HashMap<E::Key, Passivating<E>>,
     stats: ManagerStats,
     next_incarnation: u32,
     /// Commands forwarded and not yet answered, across all shards of the manager.
@@ -69,8 +77,8 @@ pub(crate) struct Shard<E: DurableEntity> {
     retention: retention::Retention<E>,
 }
 
-/// A child in the shard's map: 32 bytes, the larger part of what a resident
-/// entity costs the shard.
+/// A child in the shard's map: with its key, a 24-byte entry, most of what a
+/// resident entity costs the shard.
 struct Child<E: DurableEntity> {
     /// Weak: a strong address holds two allocations of its own per entity.
     /// The actor lives on without it, as its idle check keeps its context
@@ -79,7 +87,6 @@ struct Child<E: DurableEntity> {
     incarnation: u32,
     /// The tick of the last command for this entity (ticks wrap; ages do not).
     last_used: u32,
-    phase: Phase<E>,
 }
 
 impl<E: DurableEntity> Child<E> {
@@ -90,17 +97,9 @@ impl<E: DurableEntity> Child<E> {
     }
 }
 
-/// Where a child is in its life.
-///
-/// Boxed while passivating, so that the resident majority of children, in
-/// the shard's map, costs 8 bytes for it.
-enum Phase<E: DurableEntity> {
-    /// Commands go straight to it.
-    Active,
-    /// Told to passivate: commands wait for its successor.
-    Passivating(Box<Passivating<E>>),
-}
-
+/// A child told to passivate: commands wait here for its successor. Kept
+/// beside the children, not in them, so that the resident majority pays
+/// nothing for it.
 struct Passivating<E: DurableEntity> {
     /// Commands for the successor, at most
     /// [`Config::max_queued_per_user`](crate::Config::max_queued_per_user).
@@ -137,10 +136,12 @@ impl<E: DurableEntity> Shard<E> {
     /// shard's own address when it starts.
     pub(crate) fn new(shared: Arc<Shared<E>>, placement: Placement, counters: &ShardCounters) -> Self {
         let ShardCounters { in_flight, active } = counters.clone();
+        let children = HashMap::with_capacity(placement.share_of(shared.config.max_resident_users).min(MAX_RESERVED));
         Self {
             shared,
             placement,
-            children: HashMap::new(),
+            children,
+            passivating: HashMap::new(),
             stats: ManagerStats::default(),
             next_incarnation: 0,
             in_flight,
@@ -163,16 +164,17 @@ impl<E: DurableEntity> Shard<E> {
     /// [`begin_passivation`](Self::begin_passivation) without counting the
     /// child out of [`active`](Self::active): for children already counted out.
     fn passivate_child(&mut self, key: &E::Key, cause: PassivationCause) -> bool {
-        let Some(child) = self.children.get_mut(key) else {
+        let Some(child) = self.children.get(key) else {
             return false;
         };
-        if let Phase::Passivating(_) = child.phase {
+        if self.passivating.contains_key(key) {
             return false;
         }
-        child.phase = Phase::Passivating(Box::new(Passivating {
+        let passivating = Passivating {
             held: Vec::new(),
             cause,
-        }));
+        };
+        self.passivating.insert(key.clone(), passivating);
         if let Some(addr) = child.addr() {
             addr.do_send(Passivate);
         }
@@ -200,7 +202,7 @@ impl<E: DurableEntity> Shard<E> {
         let mut candidates: Vec<(std::cmp::Reverse<u32>, E::Key)> = self
             .children
             .iter()
-            .filter(|(key, child)| matches!(child.phase, Phase::Active) && *key != started)
+            .filter(|(key, _)| *key != started && !self.passivating.contains_key(key))
             .map(|(key, child)| (std::cmp::Reverse(now.wrapping_sub(child.last_used)), key.clone()))
             .collect();
         // Claimed at once, so that shards evicting at the same time never
@@ -234,7 +236,6 @@ impl<E: DurableEntity> Shard<E> {
             addr: addr.downgrade(),
             incarnation: self.next_incarnation,
             last_used: self.ticks,
-            phase: Phase::Active,
         }
     }
 }
@@ -338,19 +339,19 @@ impl<E: DurableEntity> Shard<E> {
         };
         child.last_used = self.ticks;
         let max_held = self.shared.config.max_queued_per_user;
-        match &mut child.phase {
-            Phase::Active => delivery.forward(child.addr()),
-            // The same bound as a live actor's queue: refused here, not by the successor.
-            Phase::Passivating(passivating) if held_commands(&passivating.held) + len > max_held => self.refuse(
+        let Some(passivating) = self.passivating.get_mut(&key) else {
+            return delivery.forward(child.addr());
+        };
+        // The same bound as a live actor's queue: refused here, not by the successor.
+        if held_commands(&passivating.held) + len > max_held {
+            return self.refuse(
                 key,
                 delivery,
                 format!("{max_held} commands are already queued for this entity while it passivates"),
-            ),
-            Phase::Passivating(passivating) => {
-                self.stats.commands_held_during_passivation += len as u64;
-                passivating.held.push(delivery.held());
-            }
+            );
         }
+        self.stats.commands_held_during_passivation += len as u64;
+        passivating.held.push(delivery.held());
     }
 
     /// Refuses `delivery` with [`CommandError::Overloaded`](crate::CommandError::Overloaded), counted.
@@ -384,16 +385,15 @@ impl<E: DurableEntity> Handler<FromChild<E::Key>> for Shard<E> {
 impl<E: DurableEntity> Shard<E> {
     /// Hands the commands held for a stopped child to its successor.
     fn child_stopped(&mut self, key: E::Key) {
-        let Some(child) = self.children.remove(&key) else {
+        if self.children.remove(&key).is_none() {
             return;
-        };
-        let held = match child.phase {
-            Phase::Active => {
+        }
+        let held = match self.passivating.remove(&key) {
+            None => {
                 self.active.fetch_sub(1, Ordering::Relaxed);
                 Vec::new()
             }
-            Phase::Passivating(passivating) => {
-                let Passivating { held, cause } = *passivating;
+            Some(Passivating { held, cause }) => {
                 self.stats.passivations += 1;
                 metrics::counter!(
                     "persist_durable_passivations_total",
