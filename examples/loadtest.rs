@@ -265,7 +265,7 @@ where
     let mut latencies = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds");
     let (mut done, mut errors, mut first_error) = (0u64, 0u64, None);
     let progress = std::io::stderr().is_terminal();
-    let cpu_before = process_cpu_seconds();
+    let (cpu_before, generator_before) = (process_cpu_seconds(), thread_cpu_seconds());
     let started = Instant::now();
     let mut last_report = started;
     let scheduled = move |i: u64| rate.map(|rate| started + Duration::from_secs_f64(i as f64 / rate));
@@ -301,11 +301,17 @@ where
     }
     let seconds = started.elapsed().as_secs_f64();
     let cpu_seconds = process_cpu_seconds() - cpu_before;
+    // This thread only generates load and measures (the library's shards and
+    // store run on threads of their own): the rest of the process is the library.
+    let generator_cpu_seconds = thread_cpu_seconds() - generator_before;
+    let per_command = |seconds: f64| seconds * 1e6 / done.max(1) as f64;
     let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
     json!({
         "commands": done,
         "cpu_seconds": cpu_seconds,
-        "cpu_us_per_command": cpu_seconds * 1e6 / done.max(1) as f64,
+        "cpu_us_per_command": per_command(cpu_seconds),
+        "generator_cpu_us_per_command": per_command(generator_cpu_seconds),
+        "library_cpu_us_per_command": per_command(cpu_seconds - generator_cpu_seconds),
         "errors": errors,
         "first_error": first_error,
         "seconds": seconds,
@@ -352,7 +358,7 @@ mod cpu;
 #[path = "shared/naive.rs"]
 mod naive;
 
-use cpu::process_cpu_seconds;
+use cpu::{process_cpu_seconds, thread_cpu_seconds};
 use naive::naive_command;
 
 fn run_naive(options: &Options, url: &str) -> Result<serde_json::Value, AnyError> {
