@@ -6,23 +6,14 @@ mod common;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use actix::Actor;
+use common::metrics_snapshotter as snapshotter;
 use common::{key, view};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::DebugValue;
 use persist_durable::{Command, Config, MemoryStore, UserCommand, UserStateManager};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::Layer;
-
-fn snapshotter() -> &'static Snapshotter {
-    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
-    SNAPSHOTTER.get_or_init(|| {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder.install().expect("the only recorder of this test binary");
-        snapshotter
-    })
-}
 
 type Snapshot = Vec<(
     metrics_util::CompositeKey,

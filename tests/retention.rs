@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use actix::Actor;
-use common::{key, test_store_config, view, Backend, TestDb};
+use common::{age, key, test_store_config, view, Backend, TestDb};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use persist_durable::cart::{Cart, CartCommand, CartId};
 use persist_durable::{
@@ -49,19 +49,6 @@ async fn write_carts(store: &SharedStore, keys: &[CartId]) {
             .await
             .unwrap();
     }
-}
-
-/// Makes the rows of `keys` look last written 500 days ago, behind the library's back.
-fn age<K: EntityKey>(db: &TestDb, keys: &[K]) {
-    let ids: Vec<String> = keys.iter().map(|k| format!("'{}'", k.persistence_id())).collect();
-    let long_ago = match db.backend {
-        Backend::Postgres => "now() - interval '500 days'",
-        Backend::Sqlite => "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-500 days')",
-    };
-    db.execute(&format!(
-        "UPDATE durable_state SET db_timestamp = {long_ago} WHERE persistence_id IN ({})",
-        ids.join(", ")
-    ));
 }
 
 async fn exists<K: EntityKey>(store: &SharedStore, key: &K) -> bool {

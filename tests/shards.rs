@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use actix::Actor;
-use common::{key, view, Backend, TestDb};
+use common::{age, key, view, Backend, TestDb};
 use persist_durable::{
     Command, CommandError, Config, GetManagerStats, ProductId, PurgeIdle, Revision, SharedStore, UserCommand, UserKey,
     UserState, UserStateManager, UserStates,
@@ -151,15 +151,7 @@ async fn each_shard_purges_its_own_idle_rows_and_never_a_resident_entity(
             .await
             .unwrap();
     }
-    let ids: Vec<String> = keys.iter().map(|k| format!("'{}'", persistence_id(k))).collect();
-    let long_ago = match db.backend {
-        Backend::Postgres => "now() - interval '500 days'",
-        Backend::Sqlite => "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-500 days')",
-    };
-    db.execute(&format!(
-        "UPDATE durable_state SET db_timestamp = {long_ago} WHERE persistence_id IN ({})",
-        ids.join(", ")
-    ));
+    age(&db, &keys);
     let config = Config::default()
         .with_arbiters(SHARDS)
         .with_retention(Some(Duration::from_secs(400 * 24 * 60 * 60)))
@@ -187,11 +179,6 @@ async fn each_shard_purges_its_own_idle_rows_and_never_a_resident_entity(
     assert_eq!(manager.send(GetManagerStats).await.unwrap().purged, 50);
 }
 
-fn persistence_id(key: &UserKey) -> String {
-    use persist_durable::EntityKey;
-    key.persistence_id().to_string()
-}
-
 #[rstest]
 #[actix::test]
 async fn a_command_sent_as_the_last_address_is_dropped_is_still_answered(#[values(Backend::Sqlite)] backend: Backend) {
@@ -211,19 +198,9 @@ async fn a_command_sent_as_the_last_address_is_dropped_is_still_answered(#[value
 
 /// The resident-users gauge, as a metrics recorder installed for this test binary sees it.
 mod gauge {
-    use std::sync::OnceLock;
+    use metrics_util::debugging::DebugValue;
 
-    use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-
-    pub fn snapshotter() -> &'static Snapshotter {
-        static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
-        SNAPSHOTTER.get_or_init(|| {
-            let recorder = DebuggingRecorder::new();
-            let snapshotter = recorder.snapshotter();
-            recorder.install().expect("the only recorder of this test binary");
-            snapshotter
-        })
-    }
+    pub use super::common::metrics_snapshotter as snapshotter;
 
     /// `persist_durable_resident_users{entity}`, if set.
     pub fn resident(entity: &str) -> Option<f64> {

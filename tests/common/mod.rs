@@ -388,3 +388,28 @@ impl Drop for TableLock {
         }
     }
 }
+
+/// Makes the rows of `keys` look last written 500 days ago, behind the library's back.
+pub fn age<K: EntityKey>(db: &TestDb, keys: &[K]) {
+    let ids: Vec<String> = keys.iter().map(|k| format!("'{}'", k.persistence_id())).collect();
+    let long_ago = match db.backend {
+        Backend::Postgres => "now() - interval '500 days'",
+        Backend::Sqlite => "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-500 days')",
+    };
+    db.execute(&format!(
+        "UPDATE durable_state SET db_timestamp = {long_ago} WHERE persistence_id IN ({})",
+        ids.join(", ")
+    ));
+}
+
+/// A metrics recorder installed once for this test binary (metrics go to
+/// one global recorder), and what it has seen.
+pub fn metrics_snapshotter() -> &'static metrics_util::debugging::Snapshotter {
+    static SNAPSHOTTER: OnceLock<metrics_util::debugging::Snapshotter> = OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder.install().expect("the only recorder of this test binary");
+        snapshotter
+    })
+}
