@@ -9,7 +9,7 @@ use super::entity_actor::Records;
 use crate::entity::{DurableEntity, EntityEvent};
 use crate::error::{CommandError, StoreError};
 
-/// A command for one entity, sent to its [`EntityManager`]; for users it is
+/// A command for one entity, sent to its [`EntityManager`](crate::EntityManager); for users it is
 /// [`UserCommand`](crate::UserCommand).
 #[derive(Debug, Clone)]
 pub struct EntityCommand<E: DurableEntity> {
@@ -61,22 +61,22 @@ pub struct ManagerStats {
     /// Passivations completed, of any cause: idleness, eviction or hand-over.
     pub passivations: u64,
     /// Entities whose actor asked to be passivated because it was idle for
-    /// [`Config::idle_timeout`].
+    /// [`Config::idle_timeout`](crate::Config::idle_timeout).
     pub idle_passivations: u64,
     /// Commands that arrived while their entity was passivating and were
-    /// held for its next actor (at most [`Config::max_queued_per_user`] at a
+    /// held for its next actor (at most [`Config::max_queued_per_user`](crate::Config::max_queued_per_user) at a
     /// time per entity; beyond it they are refused).
     pub commands_held_during_passivation: u64,
-    /// Entities passivated early because [`Config::max_resident_users`] was reached.
+    /// Entities passivated early because [`Config::max_resident_users`](crate::Config::max_resident_users) was reached.
     pub evictions: u64,
     /// Entities passivated because the ingest feeding them lost their
     /// source partition to another node (a rebalance).
     pub handovers: u64,
-    /// Rows removed by this manager's retention purges ([`Config::retention`], [`PurgeIdle`]).
+    /// Rows removed by this manager's retention purges ([`Config::retention`](crate::Config::retention), [`PurgeIdle`]).
     pub purged: u64,
     /// Commands refused with [`CommandError::Overloaded`] by the manager:
-    /// beyond [`Config::max_commands_in_flight`], or beyond
-    /// [`Config::max_queued_per_user`] held for a passivating entity.
+    /// beyond [`Config::max_commands_in_flight`](crate::Config::max_commands_in_flight), or beyond
+    /// [`Config::max_queued_per_user`](crate::Config::max_queued_per_user) held for a passivating entity.
     pub commands_refused: u64,
 }
 
