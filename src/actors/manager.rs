@@ -174,13 +174,13 @@ impl<E: DurableEntity> EntityManager<E> {
     /// Starts the manager and its shards, returning both: the typed handle
     /// sends commands to the shards directly.
     pub(crate) fn start_with_shards(mut self) -> (Addr<Self>, Shards<E>) {
-        let shards = self.start_shards();
+        let shards = self.shards();
         (start_unbounded(self, None), shards)
     }
 
-    /// Starts one shard per arbiter (one on this thread without arbiters),
-    /// once.
-    fn start_shards(&mut self) -> Shards<E> {
+    /// The shards: one per arbiter (one on this thread without arbiters),
+    /// started on first need.
+    fn shards(&mut self) -> Shards<E> {
         if let Some(shards) = &self.shards {
             return shards.clone();
         }
@@ -203,10 +203,6 @@ impl<E: DurableEntity> EntityManager<E> {
         self.shards = Some(shards.clone());
         shards
     }
-
-    fn shards(&mut self) -> Shards<E> {
-        self.start_shards()
-    }
 }
 
 impl<E: DurableEntity> Actor for EntityManager<E> {
@@ -220,7 +216,7 @@ impl<E: DurableEntity> Actor for EntityManager<E> {
 
     /// Started some other way than [`start`](Actor::start): the shards start now.
     fn started(&mut self, _ctx: &mut Self::Context) {
-        self.start_shards();
+        self.shards();
     }
 
     /// Never of its own accord: the shards hold what callers sent, and

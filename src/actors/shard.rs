@@ -331,18 +331,25 @@ impl<E: DurableEntity> Shard<E> {
         if self.is_being_purged(&key) {
             return self.hold_during_purge(key, delivery);
         }
-        if !self.children.contains_key(&key) {
-            let child = self.spawn_child(&key);
-            self.children.insert(key.clone(), child);
-            self.evict_least_recently_used(&key);
-        }
-        let Some(child) = self.children.get_mut(&key) else {
-            unreachable!("inserted above")
+        // One lookup for a resident entity; a weak address is cloned
+        // without allocating, and upgraded only if the delivery goes to it.
+        let ticks = self.ticks;
+        let addr = match self.children.get_mut(&key) {
+            Some(child) => {
+                child.last_used = ticks;
+                child.addr.clone()
+            }
+            None => {
+                let child = self.spawn_child(&key);
+                let addr = child.addr.clone();
+                self.children.insert(key.clone(), child);
+                self.evict_least_recently_used(&key);
+                addr
+            }
         };
-        child.last_used = self.ticks;
         let max_held = self.shared.config.max_queued_per_user;
         let Some(passivating) = self.passivating.get_mut(&key) else {
-            return delivery.forward(child.addr());
+            return delivery.forward(addr.upgrade());
         };
         // The same bound as a live actor's queue: refused here, not by the successor.
         if held_commands(&passivating.held) + len > max_held {
