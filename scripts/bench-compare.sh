@@ -5,7 +5,9 @@
 # run-to-run noise the difference is held against.
 #
 # Usage: scripts/bench-compare.sh BEFORE_BINARY AFTER_BINARY [DATABASE_URL]
-#   env: ROUNDS (3), COMMANDS (300000), NAIVE_COMMANDS (30000), OUT (bench/compare.jsonl)
+#   env: ROUNDS (3), COMMANDS (300000), NAIVE_COMMANDS (30000), OUT (bench/compare.jsonl),
+#        BEFORE_DATABASE_URL (DATABASE_URL): a database of its own for a commit
+#        whose schema differs (both are truncated)
 # Build the binaries with `cargo build --release --example loadtest` in a
 # worktree of each commit (`git worktree add ../before <commit>`).
 set -euo pipefail
@@ -16,14 +18,16 @@ url=${3:-${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/persist_durable_benc
 rounds=${ROUNDS:-3}
 commands=${COMMANDS:-300000}
 naive_commands=${NAIVE_COMMANDS:-30000}
+before_url=${BEFORE_DATABASE_URL:-$url}
 out=${OUT:-bench/compare.jsonl}
 mkdir -p "$(dirname "$out")"
 : > "$out"
 
 run() { # label binary args...
-  local label=$1 binary=$2
+  local label=$1 binary=$2 database=$url
   shift 2
-  "$binary" --database-url "$url" --truncate "$@" | tail -n 1 \
+  [ "$label" = before ] && database=$before_url
+  "$binary" --database-url "$database" --truncate "$@" | tail -n 1 \
     | python3 -c "import json,sys; d=json.loads(sys.stdin.read()); d['build']='$label'; print(json.dumps(d))" \
     | tee -a "$out"
 }

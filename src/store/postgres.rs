@@ -60,7 +60,10 @@ const MIGRATION_LOCK_KEY: i64 = 0x7065_7273_6973_7400;
 ///    before the first lock. A row at another revision is not returned.
 /// 3. `updated` updates only rows that `locked` returned, whose locks this
 ///    transaction already holds, so it waits for nobody (it may update a row
-///    before `locked` has locked the next). With the feed, `head` takes the
+///    before `locked` has locked the next). It finds each by the `ctid` of
+///    the version `locked` locked, a TID scan instead of a second index
+///    lookup: a locked, live row version keeps its `ctid` until this
+///    transaction ends. With the feed, `head` takes the
 ///    `feed_head` lock after all of this, and its holder waits for nobody.
 ///
 /// No cycle of waits is possible. Place a waiting statement at (phase, id):
@@ -91,7 +94,7 @@ WITH input AS (
     ON CONFLICT (persistence_id) DO NOTHING
     RETURNING persistence_id
 ), locked AS (
-    SELECT i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version
+    SELECT d.ctid AS row_id, i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version
     FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
     WHERE i.expected <> 0 AND (SELECT count(*) FROM inserted) >= 0
     ORDER BY d.persistence_id COLLATE \"C\"
@@ -101,7 +104,7 @@ WITH input AS (
     SET revision = l.revision, db_timestamp = now(), state_ser_id = $8, state_ser_manifest = l.manifest,
         state_payload = l.payload, state_schema_version = l.schema_version
     FROM locked AS l
-    WHERE d.persistence_id = l.persistence_id AND d.revision = l.expected
+    WHERE d.ctid = l.row_id AND d.revision = l.expected
     RETURNING d.persistence_id
 )"
     };
