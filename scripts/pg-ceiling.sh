@@ -57,7 +57,7 @@ WITH input AS (
     ON CONFLICT (persistence_id) DO NOTHING
     RETURNING persistence_id
 ), locked AS (
-    SELECT i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version
+    SELECT d.ctid AS row_id, i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version
     FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
     WHERE i.expected <> 0 AND (SELECT count(*) FROM inserted) >= 0
     ORDER BY d.persistence_id COLLATE "C"
@@ -67,7 +67,7 @@ WITH input AS (
     SET revision = l.revision, db_timestamp = now(), state_ser_id = 1, state_ser_manifest = l.manifest,
         state_payload = l.payload, state_schema_version = l.schema_version
     FROM locked AS l
-    WHERE d.persistence_id = l.persistence_id AND d.revision = l.expected
+    WHERE d.ctid = l.row_id AND d.revision = l.expected
     RETURNING d.persistence_id
 )
 SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated;

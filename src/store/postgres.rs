@@ -243,28 +243,7 @@ impl PostgresStore {
                     .unwrap_or(Err(StoreError::Timeout(limit)))
             })
             .await?;
-        // The server enforces the operation timeout, so that a write the
-        // client gave up on is rolled back rather than committed later; the
-        // feed's commit-ordered positions rely on READ COMMITTED.
-        let limit_ms = config.operation_timeout.as_millis().max(1);
-        let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
-        manager_config.custom_setup = Box::new(move |url| {
-            let url = url.to_owned();
-            Box::pin(async move {
-                let mut conn = AsyncPgConnection::establish(&url).await?;
-                conn.batch_execute(&format!(
-                    "SET statement_timeout = {limit_ms}; SET lock_timeout = {limit_ms}; \
-                     SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED;"
-                ))
-                .await
-                .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
-                Ok(conn)
-            })
-        });
-        let pool = config.build_pool(AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
-            database_url,
-            manager_config,
-        ))?;
+        let pool = connection_pool(database_url, &config)?;
         let backend = PgBackend {
             pool,
             feed: config.change_feed,
@@ -273,6 +252,42 @@ impl PostgresStore {
         let group_commit = GroupCommit::start(Arc::new(backend), runtime, &config);
         Ok(Self { group_commit })
     }
+}
+
+/// The store's connections, each set up as the statements rely on.
+///
+/// - The server enforces the operation timeout, so that a write the client
+///   gave up on is rolled back rather than committed later; the feed's
+///   commit-ordered positions rely on READ COMMITTED.
+/// - Every execution is planned for its own parameters
+///   (`plan_cache_mode = force_custom_plan`). diesel keeps the DSL's
+///   statements prepared, and after five executions PostgreSQL may switch a
+///   prepared statement to a generic plan chosen from the table's size at
+///   that moment and keep it for the life of the connection: restores on a
+///   table that was empty or just truncated were seen sequentially scanning
+///   it long after it held a hundred thousand rows. Parsing stays cached; a
+///   key lookup plans in microseconds.
+fn connection_pool(database_url: &str, config: &StoreConfig) -> Result<Pool<AsyncPgConnection>, StoreError> {
+    let limit_ms = config.operation_timeout.as_millis().max(1);
+    let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
+    manager_config.custom_setup = Box::new(move |url| {
+        let url = url.to_owned();
+        Box::pin(async move {
+            let mut conn = AsyncPgConnection::establish(&url).await?;
+            conn.batch_execute(&format!(
+                "SET statement_timeout = {limit_ms}; SET lock_timeout = {limit_ms}; \
+                 SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+                 SET plan_cache_mode = force_custom_plan;"
+            ))
+            .await
+            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            Ok(conn)
+        })
+    });
+    config.build_pool(AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+        database_url,
+        manager_config,
+    ))
 }
 
 async fn migrate(url: String) -> Result<(), StoreError> {
@@ -568,6 +583,73 @@ impl SqlBackend for PgBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `DATABASE_URL` with every connection's `search_path` set to a schema
+    /// of its own, created here (dropped by the caller); `None`, loudly, when
+    /// there is no PostgreSQL to use outside CI.
+    async fn scratch_schema(name: &str) -> Option<(String, AsyncPgConnection)> {
+        let url = match std::env::var("DATABASE_URL") {
+            Ok(url) if url.starts_with("postgres") => url,
+            _ if std::env::var_os("CI").is_some() => panic!("PostgreSQL is required in CI: set DATABASE_URL"),
+            _ => {
+                eprintln!("\n*** SKIPPED a PostgreSQL test: DATABASE_URL is not set. ***\n");
+                return None;
+            }
+        };
+        let schema = format!("{name}_{}", std::process::id());
+        let mut admin = AsyncPgConnection::establish(&url).await.expect("DATABASE_URL connects");
+        admin
+            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"))
+            .await
+            .unwrap();
+        let separator = if url.contains('?') { '&' } else { '?' };
+        Some((format!("{url}{separator}options=-csearch_path%3D{schema}"), admin))
+    }
+
+    #[derive(QueryableByName, Debug)]
+    struct PlanCounts {
+        #[diesel(sql_type = BigInt)]
+        generic_plans: i64,
+        #[diesel(sql_type = BigInt)]
+        custom_plans: i64,
+    }
+
+    /// A generic plan is made once, from the table's size at that moment, and
+    /// kept by the connection: on an empty table it can be a sequential scan
+    /// that restores then run long after the table has grown.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn restores_are_planned_for_each_batch_never_with_a_generic_plan() {
+        let Some((url, mut admin)) = scratch_schema("plans").await else {
+            return;
+        };
+        migrate(url.clone()).await.unwrap();
+        let config = StoreConfig::default().with_pool_size(1);
+        let backend = PgBackend {
+            pool: connection_pool(&url, &config).unwrap(),
+            feed: false,
+            no_answer_after: config.operation_timeout,
+        };
+        // More executions than PostgreSQL's five custom plans before it
+        // considers a generic one, on the empty table.
+        for batch in 0..10 {
+            let ids = (0..5).map(|i| format!("UserState|m-u{batch}x{i}")).collect();
+            assert!(backend.load_rows(ids).await.unwrap().is_empty());
+        }
+        let plans: Vec<PlanCounts> = diesel::sql_query(
+            "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+             WHERE statement LIKE '%= ANY%' AND statement NOT LIKE '%pg_prepared_statements%'",
+        )
+        .load(&mut backend.checkout().await.unwrap())
+        .await
+        .unwrap();
+        admin
+            .batch_execute(&format!("DROP SCHEMA plans_{} CASCADE", std::process::id()))
+            .await
+            .unwrap();
+        assert_eq!(plans.len(), 1, "the restore statement is kept prepared: {plans:?}");
+        assert_eq!(plans[0].generic_plans, 0, "{plans:?}");
+        assert_eq!(plans[0].custom_plans, 10, "{plans:?}");
+    }
 
     fn words(sql: &str) -> String {
         sql.split_whitespace().collect::<Vec<_>>().join(" ")
