@@ -11,6 +11,9 @@ use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfi
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
+mod prepared_sql;
+
+use self::prepared_sql::PreparedSql;
 use super::group_commit::{FeedRow, GroupCommit, RowWrite, SqlBackend};
 use super::row::StateRow;
 use super::runtime::DbRuntime;
@@ -396,12 +399,11 @@ impl SqlBackend for PgBackend {
         let mut conn = self.checkout().await?;
         // Every array is bound borrowed from the rows: no per-row copies.
         let ids: Vec<&str> = rows.iter().map(|row| row.persistence_id.as_str()).collect();
-        let write = diesel::sql_query(if self.feed {
+        let write = PreparedSql::new(if self.feed {
             WRITE_ROWS_WITH_FEED_SQL
         } else {
             WRITE_ROWS_SQL
         })
-        .into_boxed()
         .bind::<Array<Text>, _>(&ids)
         .bind::<Array<BigInt>, _>(rows.iter().map(|row| row.expected).collect::<Vec<_>>())
         .bind::<Array<BigInt>, _>(rows.iter().map(|row| row.revision).collect::<Vec<_>>())
@@ -614,11 +616,12 @@ mod tests {
         custom_plans: i64,
     }
 
-    /// A generic plan is made once, from the table's size at that moment, and
-    /// kept by the connection: on an empty table it can be a sequential scan
-    /// that restores then run long after the table has grown.
+    /// Restores and writes are parsed once per connection and planned for
+    /// each batch. A generic plan is made once, from the table's size at that
+    /// moment, and kept by the connection: on an empty table it can be a
+    /// sequential scan that restores then run long after the table has grown.
     #[tokio::test(flavor = "multi_thread")]
-    async fn restores_are_planned_for_each_batch_never_with_a_generic_plan() {
+    async fn statements_stay_prepared_and_are_planned_for_each_batch() {
         let Some((url, mut admin)) = scratch_schema("plans").await else {
             return;
         };
@@ -635,20 +638,42 @@ mod tests {
             let ids = (0..5).map(|i| format!("UserState|m-u{batch}x{i}")).collect();
             assert!(backend.load_rows(ids).await.unwrap().is_empty());
         }
-        let plans: Vec<PlanCounts> = diesel::sql_query(
-            "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
-             WHERE statement LIKE '%= ANY%' AND statement NOT LIKE '%pg_prepared_statements%'",
-        )
-        .load(&mut backend.checkout().await.unwrap())
-        .await
-        .unwrap();
+        for revision in 1..=7 {
+            let row = RowWrite {
+                persistence_id: crate::PersistenceId::new("UserState", "m-u"),
+                manifest: "UserState/v1",
+                expected: revision - 1,
+                revision,
+                schema_version: 1,
+                payload: b"{}".to_vec(),
+                changes: Vec::new(),
+            };
+            assert_eq!(backend.write_rows(&[row]).await.unwrap(), [true]);
+        }
+        let plans = |pattern: &'static str| {
+            let backend = &backend;
+            async move {
+                diesel::sql_query(
+                    "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+                     WHERE statement LIKE $1 AND statement NOT LIKE '%pg_prepared_statements%'",
+                )
+                .bind::<Text, _>(pattern)
+                .load::<PlanCounts>(&mut backend.checkout().await.unwrap())
+                .await
+                .unwrap()
+            }
+        };
+        let (restores, writes) = (plans("%= ANY%").await, plans("WITH input AS%").await);
         admin
             .batch_execute(&format!("DROP SCHEMA plans_{} CASCADE", std::process::id()))
             .await
             .unwrap();
-        assert_eq!(plans.len(), 1, "the restore statement is kept prepared: {plans:?}");
-        assert_eq!(plans[0].generic_plans, 0, "{plans:?}");
-        assert_eq!(plans[0].custom_plans, 10, "{plans:?}");
+        assert_eq!(restores.len(), 1, "the restore statement is kept prepared: {restores:?}");
+        assert_eq!(restores[0].generic_plans, 0, "{restores:?}");
+        assert_eq!(restores[0].custom_plans, 10, "{restores:?}");
+        assert_eq!(writes.len(), 1, "the write statement is kept prepared: {writes:?}");
+        assert_eq!(writes[0].generic_plans, 0, "{writes:?}");
+        assert_eq!(writes[0].custom_plans, 7, "{writes:?}");
     }
 
     fn words(sql: &str) -> String {
