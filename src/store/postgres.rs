@@ -601,7 +601,9 @@ mod tests {
         let schema = format!("{name}_{}", std::process::id());
         let mut admin = AsyncPgConnection::establish(&url).await.expect("DATABASE_URL connects");
         admin
-            .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"))
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"
+            ))
             .await
             .unwrap();
         let separator = if url.contains('?') { '&' } else { '?' };
@@ -668,7 +670,11 @@ mod tests {
             .batch_execute(&format!("DROP SCHEMA plans_{} CASCADE", std::process::id()))
             .await
             .unwrap();
-        assert_eq!(restores.len(), 1, "the restore statement is kept prepared: {restores:?}");
+        assert_eq!(
+            restores.len(),
+            1,
+            "the restore statement is kept prepared: {restores:?}"
+        );
         assert_eq!(restores[0].generic_plans, 0, "{restores:?}");
         assert_eq!(restores[0].custom_plans, 10, "{restores:?}");
         assert_eq!(writes.len(), 1, "the write statement is kept prepared: {writes:?}");

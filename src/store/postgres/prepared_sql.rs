@@ -85,7 +85,6 @@ impl Query for PreparedSql<'_> {
     type SqlType = Untyped;
 }
 
-
 struct Bind<ST, U> {
     value: U,
     sql_type: PhantomData<ST>,
