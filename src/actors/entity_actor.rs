@@ -8,9 +8,9 @@ use tracing::{debug, warn};
 
 use super::protocol::{ChildEvent, FromChild, Passivate, ReplyTo};
 use crate::config::Config;
-use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, RecordOrigin, Revision, Step};
+use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, PersistenceId, RecordOrigin, Revision, Step};
 use crate::error::{CommandError, StoreError};
-use crate::store::SharedStore;
+use crate::store::{encode_durable, SharedStore};
 
 /// A command (with its event's id and time) for the entity of an
 /// [`EntityActor`]; answered with the state after it.
@@ -240,7 +240,10 @@ impl<E: DurableEntity> EntityActor<E> {
         // The states this write commits: with a change feed every one (the
         // feed gets each), else only the last, which the row keeps.
         let every_change = self.shared.store.keeps_change_feed();
-        let mut changes: Vec<Durable<E>> = Vec::new();
+        // Encoded as they are made, so no state is copied for the write; the
+        // persistence id only once something changes (not for reads).
+        let mut payloads: Result<Vec<Vec<u8>>, StoreError> = Ok(Vec::new());
+        let mut persistence_id = None;
         let mut revision = expected;
         let mut written: Written<E> = Vec::with_capacity(self.queue.len());
         let mut queue = std::mem::take(&mut self.queue).into_iter();
@@ -278,7 +281,8 @@ impl<E: DurableEntity> EntityActor<E> {
                     current = next;
                     revision.0 += 1;
                     if every_change {
-                        changes.push(current.clone());
+                        let key = persistence_id.get_or_insert_with(|| self.key.persistence_id());
+                        push_encoded(&mut payloads, key, &current);
                     }
                     queued.span.record("revision", revision.0);
                     written.push((queued, current.state.clone()));
@@ -293,14 +297,15 @@ impl<E: DurableEntity> EntityActor<E> {
             }
             return;
         }
+        let key = persistence_id.unwrap_or_else(|| self.key.persistence_id());
         if !every_change {
-            changes.push(current.clone());
+            push_encoded(&mut payloads, &key, &current);
         }
         self.busy = true;
-        let (store, key) = (self.shared.store.clone(), self.key.persistence_id());
+        let store = self.shared.store.clone();
         ctx.spawn(
             async move {
-                let result = store.write_durable(&key, expected, revision, &changes).await;
+                let result = store.write_encoded::<E>(key, expected, revision, payloads?).await;
                 result.map(|revision| (revision, current))
             }
             .into_actor(self)
@@ -480,6 +485,20 @@ impl<E: DurableEntity> Queued<E> {
         )
         .increment(1);
         self.reply.send(answer);
+    }
+}
+
+/// Appends `durable` encoded, unless an earlier state already failed to encode.
+fn push_encoded<E: DurableEntity>(
+    payloads: &mut Result<Vec<Vec<u8>>, StoreError>,
+    key: &PersistenceId,
+    durable: &Durable<E>,
+) {
+    if let Ok(encoded) = payloads {
+        match encode_durable(key, durable) {
+            Ok(payload) => encoded.push(payload),
+            Err(error) => *payloads = Err(error),
+        }
     }
 }
 

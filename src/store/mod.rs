@@ -189,7 +189,7 @@ pub(crate) use typed_access;
 
 pub use config::StoreConfig;
 pub use memory::MemoryStore;
-pub(crate) use payload::{decode as decode_payload, Machinery};
+pub(crate) use payload::{decode as decode_payload, encode as encode_durable, Machinery};
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
 #[cfg(feature = "sqlite")]
@@ -502,10 +502,19 @@ impl dyn StateStore {
         expected: Revision,
         states: &[K::Entity],
     ) -> Result<Revision, StoreError> {
-        let changes: Vec<Durable<K::Entity>> = states.iter().map(|s| Durable::new(s.clone(), Vec::new())).collect();
-        let revision = Revision(expected.0 + changes.len() as u64);
-        self.write_durable(&key.persistence_id(), expected, revision, &changes)
-            .await
+        let key = key.persistence_id();
+        let revision = Revision(expected.0 + states.len() as u64);
+        // Without a feed only the row's state, the last, is needed.
+        let skipped = if self.keeps_change_feed() {
+            0
+        } else {
+            states.len().saturating_sub(1)
+        };
+        let payloads = states[skipped..]
+            .iter()
+            .map(|state| payload::encode_state(&key, state))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.write_encoded::<K::Entity>(key, expected, revision, payloads).await
     }
 
     pub(crate) async fn load_durable<E: DurableEntity>(
@@ -531,28 +540,21 @@ impl dyn StateStore {
         }))
     }
 
-    /// Writes revisions `expected + 1 ..= revision`: `changes` holds the
-    /// state of each when the store keeps a change feed, else at least the
-    /// last, the only one a row needs.
-    pub(crate) async fn write_durable<E: DurableEntity>(
+    /// Writes revisions `expected + 1 ..= revision`: `payloads` holds the
+    /// encoded state ([`encode_durable`]) of each when the store keeps a
+    /// change feed, else at least the last, the only one a row needs.
+    pub(crate) async fn write_encoded<E: DurableEntity>(
         &self,
-        key: &PersistenceId,
+        key: PersistenceId,
         expected: Revision,
         revision: Revision,
-        changes: &[Durable<E>],
+        mut payloads: Vec<Vec<u8>>,
     ) -> Result<Revision, StoreError> {
-        // Without a feed only the row's state is needed.
-        let encoded = if self.keeps_change_feed() {
-            changes
-        } else {
-            &changes[changes.len().saturating_sub(1)..]
-        };
-        let payloads = encoded
-            .iter()
-            .map(|change| payload::encode(key, change))
-            .collect::<Result<Vec<_>, _>>()?;
+        if !self.keeps_change_feed() {
+            payloads.drain(..payloads.len().saturating_sub(1));
+        }
         self.write_row(WriteRow {
-            key: key.clone(),
+            key,
             manifest: E::MANIFEST,
             expected,
             revision,

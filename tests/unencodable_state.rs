@@ -1,0 +1,107 @@
+//! A state the entity's own serializer refuses: the command that made it
+//! fails with the encoding error, nothing of it is committed (nor of the
+//! commands that shared its write), and the entity goes on from its stored
+//! state, on each database.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+
+use chrono::{DateTime, Utc};
+use common::{test_store_config, Backend, TestDb};
+use persist_durable::{CommandError, Config, DurableEntity, Entities, EntityKey, InvalidInput, Revision, StoreError};
+use rstest::rstest;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct LedgerId(String);
+
+impl std::fmt::Display for LedgerId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl EntityKey for LedgerId {
+    type Entity = Ledger;
+
+    fn entity_id(&self) -> String {
+        self.0.clone()
+    }
+
+    fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
+        persist_durable::validate_id("ledger id", id).map(|()| LedgerId(id.to_owned()))
+    }
+}
+
+/// Entries keyed by a pair: JSON objects take string keys only, so a ledger
+/// with an entry cannot be encoded.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Ledger {
+    count: u32,
+    #[serde(default)]
+    entries: BTreeMap<(u8, u8), u32>,
+}
+
+#[derive(Debug, Clone)]
+enum LedgerCommand {
+    Count,
+    AddEntry,
+}
+
+impl DurableEntity for Ledger {
+    const ENTITY_TYPE: &'static str = "Ledger";
+    const MANIFEST: &'static str = "Ledger";
+    type Key = LedgerId;
+    type Command = LedgerCommand;
+    type Settings = ();
+    type Rejection = Infallible;
+
+    fn apply(&self, command: &LedgerCommand, _at: DateTime<Utc>, _: &()) -> Result<Option<Self>, Infallible> {
+        let mut next = self.clone();
+        match command {
+            LedgerCommand::Count => next.count += 1,
+            LedgerCommand::AddEntry => {
+                next.entries.insert((1, 2), 3);
+            }
+        }
+        Ok(Some(next))
+    }
+}
+
+#[rstest]
+#[case::without_change_feed(false)]
+#[case::with_change_feed(true)]
+#[actix::test]
+async fn a_state_that_cannot_be_encoded_fails_its_command_and_commits_nothing(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[case] change_feed: bool,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = db.connect_with(test_store_config().with_change_feed(change_feed)).await;
+    let ledgers = Entities::<Ledger>::start(store.clone(), Config::default());
+    let ledger = LedgerId("l1".into());
+    ledgers.send(ledger.clone(), LedgerCommand::Count).await.unwrap();
+
+    let refused = ledgers.send(ledger.clone(), LedgerCommand::AddEntry).await;
+
+    match refused {
+        Err(CommandError::StoreUnavailable {
+            source: StoreError::Encode { .. },
+            ..
+        }) => {}
+        other => panic!("expected the encoding error, got {other:?}"),
+    }
+    let stored = store.load(&ledger).await.unwrap().expect("the first count is stored");
+    assert_eq!(
+        stored.revision,
+        Revision(1),
+        "nothing of the refused state is committed"
+    );
+    assert_eq!(stored.state.count, 1);
+    let after = ledgers.send(ledger.clone(), LedgerCommand::Count).await.unwrap();
+    assert_eq!(after.count, 2, "the entity goes on from its stored state");
+    assert!(after.entries.is_empty());
+    assert_eq!(store.load(&ledger).await.unwrap().unwrap().revision, Revision(2));
+}
