@@ -3,8 +3,8 @@
 //! one query per batch.
 //!
 //! A collector task on the store's runtime takes the first request, gathers
-//! more for at most [`StoreConfig::max_batch_wait`] or until the batch is
-//! full, and hands the batch to an executor once one of a bounded number of
+//! what arrives within [`StoreConfig::max_batch_wait`], up to a full batch,
+//! and hands the batch to an executor once one of a bounded number of
 //! slots is free. While every slot is busy, requests pile up, so batches grow
 //! with the load: no wait is added beyond the bound, and the database sees
 //! few, large statements exactly when it is busiest.
@@ -303,7 +303,8 @@ impl GroupCommit {
     }
 }
 
-/// Takes requests after `first` until the batch is full or `wait` has passed.
+/// Takes requests after `first` until the batch is full or `wait` has passed
+/// (zero: only what is queued already).
 /// `admit` may refuse a request for this batch; refused ones go to `deferred`.
 ///
 /// It takes what is queued, sleeps once for the rest of the window, and
@@ -337,7 +338,7 @@ async fn gather<R>(
     *deferred = still_deferred;
     let deadline = Instant::now() + wait;
     let open = take_queued(requests, max, &mut batch, deferred, &mut admit);
-    if open && batch.len() < max {
+    if open && batch.len() < max && !wait.is_zero() {
         tokio::time::sleep_until(deadline).await;
         take_queued(requests, max, &mut batch, deferred, &mut admit);
     }
@@ -750,6 +751,16 @@ mod tests {
         let (batch, mut requests) = task.await.unwrap();
         assert_eq!(batch, [0, 1, 2, 3]);
         assert_eq!(requests.try_recv().unwrap(), 4, "the rest stays queued, in order");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_window_a_batch_takes_what_is_queued_and_goes_at_once() {
+        let (sender, mut requests) = mpsc::unbounded_channel();
+        sender.send(1).unwrap();
+        let started = tokio::time::Instant::now();
+        let batch = gather(&mut requests, 0, 512, Duration::ZERO, &mut VecDeque::new(), |_| true).await;
+        assert_eq!(batch, [0, 1]);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]
