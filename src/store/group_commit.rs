@@ -692,16 +692,16 @@ mod tests {
 
     const WINDOW: Duration = Duration::from_millis(1);
 
+    /// A batch, and the channel it was taken from.
+    type Gathered = (Vec<u32>, mpsc::UnboundedReceiver<u32>);
+
     /// Gathers a batch after `first` on a task of its own, counting how
     /// often the task is polled, that is, woken.
     fn gather_counting_polls(
         mut requests: mpsc::UnboundedReceiver<u32>,
         first: u32,
         max: usize,
-    ) -> (
-        tokio::task::JoinHandle<(Vec<u32>, mpsc::UnboundedReceiver<u32>)>,
-        Arc<AtomicUsize>,
-    ) {
+    ) -> (tokio::task::JoinHandle<Gathered>, Arc<AtomicUsize>) {
         let polls = Arc::new(AtomicUsize::new(0));
         let counted = polls.clone();
         let task = tokio::spawn(async move {
