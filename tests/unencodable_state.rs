@@ -10,7 +10,9 @@ use std::convert::Infallible;
 
 use chrono::{DateTime, Utc};
 use common::{test_store_config, Backend, TestDb};
-use persist_durable::{CommandError, Config, DurableEntity, Entities, EntityKey, InvalidInput, Revision, StoreError};
+use persist_durable::{
+    CommandError, Config, DurableEntity, Entities, EntityFeed, EntityKey, InvalidInput, Revision, StoreError,
+};
 use rstest::rstest;
 use serde::{Deserialize, Serialize};
 
@@ -104,4 +106,47 @@ async fn a_state_that_cannot_be_encoded_fails_its_command_and_commits_nothing(
     assert_eq!(after.count, 2, "the entity goes on from its stored state");
     assert!(after.entries.is_empty());
     assert_eq!(store.load(&ledger).await.unwrap().unwrap().revision, Revision(2));
+}
+
+#[rstest]
+#[case::without_change_feed(false)]
+#[case::with_change_feed(true)]
+#[actix::test]
+async fn commands_sharing_a_write_with_an_unencodable_state_fail_with_it(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[case] change_feed: bool,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = db.connect_with(test_store_config().with_change_feed(change_feed)).await;
+    let ledgers = Entities::<Ledger>::start(store.clone(), Config::default());
+    let ledger = LedgerId("l2".into());
+
+    // Queued together while the new entity restores, so applied in one write:
+    // with the feed on, the first count is encoded before the entry fails.
+    let (first, entry, last) = tokio::join!(
+        ledgers.send(ledger.clone(), LedgerCommand::Count),
+        ledgers.send(ledger.clone(), LedgerCommand::AddEntry),
+        ledgers.send(ledger.clone(), LedgerCommand::Count),
+    );
+
+    for answer in [first, entry, last] {
+        assert!(
+            matches!(
+                answer,
+                Err(CommandError::StoreUnavailable {
+                    source: StoreError::Encode { .. },
+                    ..
+                })
+            ),
+            "every command of the write fails with the encoding error: {answer:?}"
+        );
+    }
+    assert!(store.load(&ledger).await.unwrap().is_none(), "nothing is committed");
+    if change_feed {
+        let changes = EntityFeed::<Ledger>::from_position(store.clone(), 0)
+            .next_batch()
+            .await
+            .unwrap();
+        assert!(changes.is_empty(), "nor recorded in the feed: {changes:?}");
+    }
 }

@@ -22,7 +22,10 @@ pub struct StoreConfig {
     pub sqlite_busy_timeout: Duration,
     /// Group commit: the most writes (or restores) in one statement.
     pub max_batch_size: usize,
-    /// Group commit: how long a batch waits for more requests after its first.
+    /// Group commit: how long a batch waits for more requests after its
+    /// first. A batch that fills while it waits still waits out the window
+    /// (the collector does not listen meanwhile, which spares every sender a
+    /// wake-up): keep it short next to the latency you want.
     pub max_batch_wait: Duration,
     /// Group commit: write statements in flight at once.
     pub max_write_batches_in_flight: usize,

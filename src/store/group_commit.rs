@@ -303,8 +303,8 @@ impl GroupCommit {
     }
 }
 
-/// Takes requests after `first` until the batch is full or `wait` has passed
-/// (zero: only what is queued already).
+/// Takes what is queued after `first`, then, unless the batch is already
+/// full, what arrives within `wait` (zero: nothing more), up to `max`.
 /// `admit` may refuse a request for this batch; refused ones go to `deferred`.
 ///
 /// It takes what is queued, sleeps once for the rest of the window, and
@@ -747,10 +747,43 @@ mod tests {
         for request in 1..=10 {
             sender.send(request).unwrap();
         }
+        let started = tokio::time::Instant::now();
         let (task, _) = gather_counting_polls(requests, 0, 4);
         let (batch, mut requests) = task.await.unwrap();
         assert_eq!(batch, [0, 1, 2, 3]);
+        assert_eq!(started.elapsed(), Duration::ZERO, "a batch full at once goes at once");
         assert_eq!(requests.try_recv().unwrap(), 4, "the rest stays queued, in order");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_request_waits_for_a_later_batch_ahead_of_newer_ones() {
+        let (sender, mut requests) = mpsc::unbounded_channel();
+        for request in [1, 2, 1, 3] {
+            sender.send(request).unwrap();
+        }
+        let mut deferred = VecDeque::new();
+        let mut seen = std::collections::HashSet::new();
+        let batch = gather(&mut requests, 0, 512, WINDOW, &mut deferred, |r| seen.insert(*r)).await;
+        assert_eq!(batch, [0, 1, 2, 3], "one of each per batch");
+        assert_eq!(deferred, [1], "the second 1 is kept back");
+
+        sender.send(4).unwrap();
+        let first = deferred.pop_front().unwrap();
+        let mut seen = std::collections::HashSet::new();
+        let next = gather(&mut requests, first, 512, WINDOW, &mut deferred, |r| seen.insert(*r)).await;
+        assert_eq!(next, [1, 4]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn once_every_sender_is_gone_a_batch_goes_without_waiting() {
+        let (sender, requests) = mpsc::unbounded_channel();
+        sender.send(1).unwrap();
+        drop(sender);
+        let started = tokio::time::Instant::now();
+        let (task, _) = gather_counting_polls(requests, 0, 512);
+        let (batch, _) = task.await.unwrap();
+        assert_eq!(batch, [0, 1]);
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
     #[tokio::test(start_paused = true)]

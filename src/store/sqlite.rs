@@ -487,7 +487,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = StoreConfig::default()
             .with_max_batch_size(2 * LOAD_CHUNK + 100)
-            .with_max_batch_wait(Duration::from_secs(1));
+            .with_max_batch_wait(Duration::from_millis(250));
         let store = SqliteStore::open_with(dir.path().join("state.db"), config)
             .await
             .unwrap();
