@@ -307,11 +307,10 @@ impl GroupCommit {
 /// full, what arrives within `wait` (zero: nothing more), up to `max`.
 /// `admit` may refuse a request for this batch; refused ones go to `deferred`.
 ///
-/// It takes what is queued, sleeps once for the rest of the window, and
-/// takes what came meanwhile: not listening while it sleeps spares every
-/// sender a cross-thread wake-up of the collector (one per request before,
-/// at every load below the peak), at the price that a batch filled early
-/// still waits out its window, which `wait` bounds anyway.
+/// It sleeps once for the rest of the window instead of listening: a
+/// listening collector is woken across threads by every request at every
+/// load below the peak. The price is that a batch that fills while it
+/// sleeps still waits out the window, which `wait` bounds anyway.
 async fn gather<R>(
     requests: &mut mpsc::UnboundedReceiver<R>,
     first: R,
