@@ -72,6 +72,17 @@ impl DurableEntity for Ledger {
     }
 }
 
+/// The answer of a command whose state could not be encoded.
+fn is_encoding_failure(answer: &Result<Ledger, CommandError<Ledger>>) -> bool {
+    matches!(
+        answer,
+        Err(CommandError::StoreUnavailable {
+            source: StoreError::Encode { .. },
+            ..
+        })
+    )
+}
+
 #[rstest]
 #[case::without_change_feed(false)]
 #[case::with_change_feed(true)]
@@ -88,13 +99,10 @@ async fn a_state_that_cannot_be_encoded_fails_its_command_and_commits_nothing(
 
     let refused = ledgers.send(ledger.clone(), LedgerCommand::AddEntry).await;
 
-    match refused {
-        Err(CommandError::StoreUnavailable {
-            source: StoreError::Encode { .. },
-            ..
-        }) => {}
-        other => panic!("expected the encoding error, got {other:?}"),
-    }
+    assert!(
+        is_encoding_failure(&refused),
+        "expected the encoding error, got {refused:?}"
+    );
     let stored = store.load(&ledger).await.unwrap().expect("the first count is stored");
     assert_eq!(
         stored.revision,
@@ -131,13 +139,7 @@ async fn commands_sharing_a_write_with_an_unencodable_state_fail_with_it(
 
     for answer in [first, entry, last] {
         assert!(
-            matches!(
-                answer,
-                Err(CommandError::StoreUnavailable {
-                    source: StoreError::Encode { .. },
-                    ..
-                })
-            ),
+            is_encoding_failure(&answer),
             "every command of the write fails with the encoding error: {answer:?}"
         );
     }

@@ -542,17 +542,15 @@ impl dyn StateStore {
 
     /// Writes revisions `expected + 1 ..= revision`: `payloads` holds the
     /// encoded state ([`encode_durable`]) of each when the store keeps a
-    /// change feed, else at least the last, the only one a row needs.
+    /// change feed, else only the last, the one a row needs (callers encode
+    /// no more than that).
     pub(crate) async fn write_encoded<E: DurableEntity>(
         &self,
         key: PersistenceId,
         expected: Revision,
         revision: Revision,
-        mut payloads: Vec<Vec<u8>>,
+        payloads: Vec<Vec<u8>>,
     ) -> Result<Revision, StoreError> {
-        if !self.keeps_change_feed() {
-            payloads.drain(..payloads.len().saturating_sub(1));
-        }
         self.write_row(WriteRow {
             key,
             manifest: E::MANIFEST,
