@@ -12,7 +12,8 @@
 //! Configuration from the environment (defaults in brackets):
 //! `DATABASE_URL` (a SQLite file `user-state.db`; `postgres://...` for PostgreSQL),
 //! `BIND_ADDR` (127.0.0.1:8080), `IDLE_TIMEOUT_SECS` (1800), `IDLE_CHECK_INTERVAL_SECS` (300),
-//! `BATCH_SIZE` (512), `BATCH_WAIT_MICROS` (1000), `CHANGE_FEED` (false), `RUST_LOG` (info).
+//! `BATCH_SIZE` (512), `BATCH_WAIT_MICROS` (1000), `CHANGE_FEED` (false), `ARBITERS` (one per
+//! core), `STORE_THREADS` (2), `RUST_LOG` (info).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,8 +44,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let store_config = StoreConfig::default()
         .with_max_batch_size(env_or("BATCH_SIZE", 512))
         .with_max_batch_wait(Duration::from_micros(env_or("BATCH_WAIT_MICROS", 1000)))
-        .with_change_feed(env_or("CHANGE_FEED", false));
+        .with_change_feed(env_or("CHANGE_FEED", false))
+        .with_worker_threads(env_or("STORE_THREADS", StoreConfig::default().worker_threads));
     let config = Config::default()
+        .with_arbiters(env_or("ARBITERS", Config::default().arbiters))
         .with_idle_timeout(Duration::from_secs(env_or("IDLE_TIMEOUT_SECS", 1800)))
         .with_idle_check_interval(Duration::from_secs(env_or("IDLE_CHECK_INTERVAL_SECS", 300)));
 

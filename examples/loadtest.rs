@@ -22,7 +22,9 @@
 //! The `actors` and `naive` lines report `cpu_us_per_command`: this process's
 //! user + system CPU time during the run (`getrusage`), divided by the
 //! commands. For `actors` that is the load generator plus the library; the
-//! database's CPU is not in it.
+//! database's CPU is not in it. `context_switches_per_command` counts the
+//! process's context switches the same way: the price of hand-offs between
+//! threads that went idle.
 
 use std::error::Error;
 use std::future::Future;
@@ -266,6 +268,7 @@ where
     let (mut done, mut errors, mut first_error) = (0u64, 0u64, None);
     let progress = std::io::stderr().is_terminal();
     let (cpu_before, generator_before) = (process_cpu_seconds(), thread_cpu_seconds());
+    let switches_before = process_context_switches();
     let started = Instant::now();
     let mut last_report = started;
     let scheduled = move |i: u64| rate.map(|rate| started + Duration::from_secs_f64(i as f64 / rate));
@@ -304,6 +307,7 @@ where
     // This thread only generates load and measures (the library's shards and
     // store run on threads of their own): the rest of the process is the library.
     let generator_cpu_seconds = thread_cpu_seconds() - generator_before;
+    let context_switches = process_context_switches() - switches_before;
     let per_command = |seconds: f64| seconds * 1e6 / done.max(1) as f64;
     let ms = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
     json!({
@@ -312,6 +316,7 @@ where
         "cpu_us_per_command": per_command(cpu_seconds),
         "generator_cpu_us_per_command": per_command(generator_cpu_seconds),
         "library_cpu_us_per_command": per_command(cpu_seconds - generator_cpu_seconds),
+        "context_switches_per_command": context_switches as f64 / done.max(1) as f64,
         "errors": errors,
         "first_error": first_error,
         "seconds": seconds,
@@ -358,7 +363,7 @@ mod cpu;
 #[path = "shared/naive.rs"]
 mod naive;
 
-use cpu::{process_cpu_seconds, thread_cpu_seconds};
+use cpu::{process_context_switches, process_cpu_seconds, thread_cpu_seconds};
 use naive::naive_command;
 
 fn run_naive(options: &Options, url: &str) -> Result<serde_json::Value, AnyError> {
