@@ -95,6 +95,10 @@ struct Options {
     /// Group commit: write statements in flight.
     #[arg(long, default_value_t = 6)]
     batches_in_flight: usize,
+    /// Restore statements in flight (StoreConfig::with_max_restores_in_flight);
+    /// default: the library's.
+    #[arg(long)]
+    restores_in_flight: Option<usize>,
     /// Record the change feed (StoreConfig::with_change_feed), to measure its cost.
     #[arg(long)]
     change_feed: bool,
@@ -162,6 +166,11 @@ fn store_config(options: &Options) -> StoreConfig {
         .with_max_batch_size(options.batch_size)
         .with_max_batch_wait(Duration::from_micros(options.batch_wait_us))
         .with_max_write_batches_in_flight(options.batches_in_flight)
+        .with_max_restores_in_flight(
+            options
+                .restores_in_flight
+                .unwrap_or(StoreConfig::default().max_restores_in_flight),
+        )
         .with_worker_threads(options.store_threads.unwrap_or(StoreConfig::default().worker_threads))
         .with_operation_timeout(Duration::from_secs(60))
         .with_change_feed(options.change_feed)
