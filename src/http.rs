@@ -12,7 +12,7 @@
 //!
 //! | status | when |
 //! | --- | --- |
-//! | 400 | bad input: a malformed path, body or command |
+//! | 400 | bad input: a malformed path, body or command (an id that is empty, too long, holds a control character or is not UTF-8 once percent-decoded; bad JSON; a command over 16 KiB) |
 //! | 404 | no route at this path |
 //! | 405 | a route that does not take this method (with `Allow`) |
 //! | 409 | a conflict that could not be resolved |
@@ -72,15 +72,18 @@
 //! provide `web::Data<Addr<UserStateManager>>` and `web::Data<SharedStore>`
 //! themselves; it serves the same routes.
 
+use std::borrow::Cow;
+
 use actix::Addr;
 use actix_web::error::PayloadError;
 use actix_web::http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
+use percent_encoding::percent_decode_str;
 use serde::Serialize;
 
 use crate::domain::{Command, Event, UserKey, UserState};
-use crate::entity::InvalidInput;
+use crate::entity::{IdField, InvalidInput};
 use crate::error::CommandError;
 use crate::{SharedStore, UserStateManager, UserStates};
 
@@ -100,14 +103,35 @@ pub fn routes(users: UserStates) -> impl FnOnce(&mut web::ServiceConfig) {
 /// every error, the router's included, is answered with a JSON body.
 pub fn configure(config: &mut web::ServiceConfig) {
     config
-        .service(resource("/malls/{mall_id}/users/{user_id}/commands", "POST").route(web::post().to(post_command)))
+        .service(resource(&format!("{USER}/commands"), "POST").route(web::post().to(post_command)))
         .service(
-            resource("/malls/{mall_id}/users/{user_id}", "GET, DELETE")
+            resource(USER, "GET, DELETE")
                 .route(web::get().to(get_state))
                 .route(web::delete().to(delete_user)),
         )
         .service(resource("/healthz", "GET").route(web::get().to(healthz)))
         .default_service(web::to(not_found));
+}
+
+/// A user's route. An empty id matches too, so that it is answered as the
+/// bad input it is (400), not as a path no route takes (404).
+const USER: &str = "/malls/{mall_id:[^/]*}/users/{user_id:[^/]*}";
+
+/// The mall and user ids of a user's route, percent-decoded from the
+/// request's raw path; `after` is the number of segments after the user id.
+/// actix-web's own decoding replaces bytes that are not UTF-8 with U+FFFD,
+/// under which `%FE` and `%FF` would name one user: such an id is refused.
+fn path_ids(request: &HttpRequest, after: usize) -> Result<(String, String), InvalidInput> {
+    // An id's `/` is still `%2F` here, so the segments are the route's.
+    let mut segments = request.uri().path().rsplit('/').skip(after);
+    let (user_id, _users, mall_id) = (segments.next(), segments.next(), segments.next());
+    let decode = |raw: Option<&str>, field| {
+        percent_decode_str(raw.unwrap_or_default())
+            .decode_utf8()
+            .map(Cow::into_owned)
+            .map_err(|_| InvalidInput::NotUtf8 { field })
+    };
+    Ok((decode(mall_id, IdField::MallId)?, decode(user_id, IdField::UserId)?))
 }
 
 /// A route at `path` that answers other methods than `allowed` with a JSON 405.
@@ -274,25 +298,25 @@ fn body_error(error: actix_web::Error) -> ApiError {
 
 async fn post_command(
     request: HttpRequest,
-    path: web::Path<(String, String)>,
     body: Result<web::Bytes, actix_web::Error>,
 ) -> Result<HttpResponse, ApiError> {
+    let ids = path_ids(&request, 1)?;
     require_json(&request)?;
     let body = body.map_err(body_error)?;
     let text = std::str::from_utf8(&body).map_err(|e| InvalidInput::MalformedCommand {
         reason: format!("the body is not UTF-8: {e}"),
     })?;
     let event = Event::from_json(text)?;
-    execute(&request, path.into_inner(), event).await
+    execute(&request, ids, event).await
 }
 
 /// Erases the user; answers the state after it, the default one.
-async fn delete_user(request: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
-    execute(&request, path.into_inner(), Command::DeleteUser.into()).await
+async fn delete_user(request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    execute(&request, path_ids(&request, 0)?, Command::DeleteUser.into()).await
 }
 
-async fn get_state(request: HttpRequest, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
-    execute(&request, path.into_inner(), Command::GetUserState.into()).await
+async fn get_state(request: HttpRequest) -> Result<HttpResponse, ApiError> {
+    execute(&request, path_ids(&request, 0)?, Command::GetUserState.into()).await
 }
 
 async fn healthz(request: HttpRequest) -> Result<HttpResponse, ApiError> {

@@ -128,6 +128,10 @@ async fn bad_input_is_a_400_with_a_json_message_and_changes_nothing(#[values(Bac
         ),
         ("/malls/mall001/users/user001/commands", r#"{"type": "view_product"}"#),
         ("/malls/mall001/users/us%0Aer/commands", r#"{"type": "user_login"}"#),
+        ("/malls//users/user001/commands", r#"{"type": "user_login"}"#),
+        ("/malls/mall001/users//commands", r#"{"type": "user_login"}"#),
+        ("/malls/mall001/users/user%FF/commands", r#"{"type": "user_login"}"#),
+        ("/malls/mall%C3/users/user001/commands", r#"{"type": "user_login"}"#),
         (
             &*format!("/malls/{}/users/u/commands", "m".repeat(200)),
             r#"{"type": "user_login"}"#,
@@ -140,6 +144,42 @@ async fn bad_input_is_a_400_with_a_json_message_and_changes_nothing(#[values(Bac
         assert!(message["error"].as_str().is_some_and(|m| !m.is_empty()), "{message}");
     }
     assert_eq!(db.connect().await.load(&key("mall001", "user001")).await.unwrap(), None);
+}
+
+#[actix::test]
+async fn an_empty_id_in_a_state_path_is_a_400_not_a_404() {
+    let app = app!(memory(), Config::default());
+    for (method, path) in [
+        (test::TestRequest::get(), "/malls/mall001/users/"),
+        (test::TestRequest::get(), "/malls//users/user001"),
+        (test::TestRequest::delete(), "/malls//users/user001"),
+    ] {
+        let response = test::call_service(&app, method.uri(path).to_request()).await;
+        assert_json_error(response, StatusCode::BAD_REQUEST, path).await;
+    }
+}
+
+#[actix::test]
+async fn ids_whose_bytes_are_not_utf8_are_refused_rather_than_merged_into_one_user() {
+    let app = app!(memory(), Config::default());
+    // actix-web's own decoding would read both as `user\u{FFFD}`: one user for two ids.
+    for path in ["/malls/mall001/users/user%FE", "/malls/mall001/users/user%FF"] {
+        let response = test::call_service(&app, test::TestRequest::get().uri(path).to_request()).await;
+        let status = response.status();
+        let message: Value = test::read_body_json(response).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}");
+        assert_eq!(
+            message["error"], "the user id is not UTF-8 once percent-decoded",
+            "{path}"
+        );
+    }
+    // Percent-encoded UTF-8, `/` included, is an id like any other.
+    let path = "/malls/mall%2F1/users/j%C3%BCrgen";
+    let state: Value = test::call_and_read_body_json(&app, test::TestRequest::get().uri(path).to_request()).await;
+    assert_eq!(
+        (&state["mall_id"], &state["user_id"]),
+        (&json!("mall/1"), &json!("jürgen"))
+    );
 }
 
 #[rstest]

@@ -49,6 +49,12 @@ pub enum InvalidInput {
         /// The limit.
         max: usize,
     },
+    /// An id was not UTF-8: in an HTTP path, once percent-decoded (`%FF`).
+    #[error("the {field} is not UTF-8 once percent-decoded")]
+    NotUtf8 {
+        /// Which id.
+        field: IdField,
+    },
     /// An id contained a control character (a newline, NUL, DEL...).
     #[error("the {field} contains a control character at character {position}")]
     ControlCharacter {
