@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use actix::Actor;
 use common::metrics_snapshotter as snapshotter;
-use common::{key, view};
+use common::{key, view, Backend, TestDb};
 use metrics_util::debugging::DebugValue;
-use persist_durable::{Command, Config, MemoryStore, UserCommand, UserStateManager};
+use persist_durable::{Command, Config, MemoryStore, Revision, UserCommand, UserState, UserStateManager};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -26,6 +26,10 @@ type Snapshot = Vec<(
 fn snapshot() -> Snapshot {
     snapshotter().snapshot().into_vec()
 }
+
+/// Held by each test that takes snapshots: one's snapshot would drain the
+/// counts of another running at the same time.
+static SNAPSHOTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn counter(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
     snapshot
@@ -46,6 +50,7 @@ fn counter(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
 #[actix::test]
 async fn commands_are_counted_by_type_and_outcome() {
     recorded_spans(); // before any span is created in this binary: see recorded_spans
+    let _alone = SNAPSHOTS.lock().await;
     snapshot();
     let store = Arc::new(MemoryStore::new());
     let manager = UserStateManager::new(store.clone(), Config::default().with_arbiters(0)).start();
@@ -82,6 +87,44 @@ async fn commands_are_counted_by_type_and_outcome() {
     assert_eq!(commands("get_user_state", "ok"), 1);
     assert_eq!(commands("use_cart", "store_unavailable"), 1);
     assert!(counter(&counts, "persist_durable_activations_total", &[]) >= 1);
+}
+
+#[actix::test]
+async fn the_stores_restores_and_conflicts_are_counted_by_entity_type() {
+    recorded_spans();
+    let Some(db) = TestDb::open(Backend::Sqlite).await else {
+        return;
+    };
+    let store = db.connect().await;
+    let manager = UserStateManager::new(store.clone(), Config::default().with_arbiters(0)).start();
+    let user = key("mall001", "store-metrics");
+    let _alone = SNAPSHOTS.lock().await;
+    snapshot();
+
+    manager
+        .send(UserCommand::new(user.clone(), Command::UserLogin))
+        .await
+        .unwrap()
+        .unwrap();
+    // Another writer moves the row on: the next write conflicts once, and
+    // the actor restores the row again before it applies the command.
+    let stored = store.load(&user).await.unwrap().unwrap();
+    store
+        .write(
+            &user,
+            stored.revision,
+            Revision(stored.revision.0 + 1),
+            &UserState::default(),
+        )
+        .await
+        .unwrap();
+    manager.send(UserCommand::new(user, view("p1"))).await.unwrap().unwrap();
+
+    let counts = snapshot();
+    let by_entity = [("entity", "UserState")];
+    assert_eq!(counter(&counts, "persist_durable_conflicts_total", &by_entity), 1);
+    // The actor's first restore, this test's own load, the actor's reload.
+    assert_eq!(counter(&counts, "persist_durable_restores_total", &by_entity), 3);
 }
 
 /// The `key` (the user) and `revision` fields of one `command` span.

@@ -435,7 +435,16 @@ async fn execute_writes(backend: &dyn SqlBackend, mut batch: Vec<WriteRequest>, 
     let conflicts = outcomes.iter().filter(|outcome| matches!(outcome, Ok(false))).count();
     Counters::add(&counters.rows_written, rows_written);
     Counters::add(&counters.conflicts, conflicts);
-    metrics::counter!("persist_durable_conflicts_total").increment(conflicts as u64);
+    if conflicts > 0 {
+        let conflicted = accepted
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| matches!(outcome, Ok(false)));
+        count_by_entity(
+            "persist_durable_conflicts_total",
+            conflicted.map(|(request, _)| request.write.key.entity_type()),
+        );
+    }
     for (request, outcome) in accepted.into_iter().zip(outcomes) {
         let result = match outcome {
             Ok(true) => Ok(request.write.revision),
@@ -536,14 +545,18 @@ async fn collect_loads(
 }
 
 async fn execute_loads(backend: &dyn SqlBackend, batch: Vec<LoadRequest>, timeout: Duration, counters: &Counters) {
-    let mut ids: Vec<String> = batch.iter().map(|r| r.key.as_str().to_owned()).collect();
-    ids.sort_unstable();
-    ids.dedup();
+    let mut keys: Vec<&PersistenceId> = batch.iter().map(|r| &r.key).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    count_by_entity(
+        "persist_durable_restores_total",
+        keys.iter().map(|key| key.entity_type()),
+    );
+    let ids: Vec<String> = keys.iter().map(|key| key.as_str().to_owned()).collect();
     // Two actors of one entity may ask at once: then each gets a copy.
     let shared_rows = ids.len() < batch.len();
     Counters::add(&counters.load_statements, 1);
     Counters::add(&counters.users_loaded, ids.len());
-    metrics::counter!("persist_durable_restores_total").increment(ids.len() as u64);
     let outcome = tokio::time::timeout(timeout, backend.load_rows(ids))
         .await
         .unwrap_or(Err(StoreError::Timeout(timeout)));
@@ -567,6 +580,22 @@ async fn execute_loads(backend: &dyn SqlBackend, batch: Vec<LoadRequest>, timeou
                 let _ = request.reply.send(Err(error.clone()));
             }
         }
+    }
+}
+
+/// Adds one to the counter `name` per item of `entity_types`, labelled
+/// `entity` like the actors' metrics: one call per entity type of a batch,
+/// not per row (a statement may carry entities of several types).
+fn count_by_entity<'a>(name: &'static str, entity_types: impl Iterator<Item = &'a str>) {
+    let mut counts: Vec<(&str, u64)> = Vec::new();
+    for entity in entity_types {
+        match counts.iter_mut().find(|(counted, _)| *counted == entity) {
+            Some((_, count)) => *count += 1,
+            None => counts.push((entity, 1)),
+        }
+    }
+    for (entity, count) in counts {
+        metrics::counter!(name, "entity" => entity.to_owned()).increment(count);
     }
 }
 
