@@ -27,8 +27,8 @@ fn snapshot() -> Snapshot {
     snapshotter().snapshot().into_vec()
 }
 
-/// Held by each test that takes snapshots: one's snapshot would drain the
-/// counts of another running at the same time.
+/// Held by each test that takes snapshots, or sends commands that one
+/// counts: a snapshot drains the counts of every test running at the time.
 static SNAPSHOTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn counter(snapshot: &Snapshot, name: &str, labels: &[(&str, &str)]) -> u64 {
@@ -127,8 +127,14 @@ async fn the_stores_restores_and_conflicts_are_counted_by_entity_type() {
     assert_eq!(counter(&counts, "persist_durable_restores_total", &by_entity), 3);
 }
 
-/// The `key` (the user) and `revision` fields of one `command` span.
-type SpanFields = (String, Option<u64>);
+/// What one `command` span recorded: its `key` (the user) and `revision`
+/// fields, and the `outcome` of each event logged within it.
+#[derive(Debug, Clone, Default)]
+struct SpanFields {
+    key: String,
+    revision: Option<u64>,
+    outcomes: Vec<String>,
+}
 
 /// Collects the fields of `command` spans.
 #[derive(Clone, Default)]
@@ -139,14 +145,20 @@ struct Fields<'a>(&'a mut SpanFields);
 impl Visit for Fields<'_> {
     fn record_u64(&mut self, field: &Field, value: u64) {
         if field.name() == "revision" {
-            self.0 .1 = Some(value);
+            self.0.revision = Some(value);
+        }
+    }
+
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "outcome" {
+            self.0.outcomes.push(value.to_owned());
         }
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         // The entity's key: for users, `mall-user`.
         if field.name() == "key" {
-            self.0 .0 = format!("{value:?}");
+            self.0.key = format!("{value:?}");
         }
     }
 }
@@ -154,7 +166,7 @@ impl Visit for Fields<'_> {
 impl<S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>> Layer<S> for CommandSpans {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         if attrs.metadata().name() == "command" {
-            let mut fields = (String::new(), None);
+            let mut fields = SpanFields::default();
             attrs.record(&mut Fields(&mut fields));
             // One lock for index and push: other tests create spans concurrently.
             let mut all = self.0.lock().unwrap();
@@ -170,6 +182,16 @@ impl<S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'
             return;
         };
         values.record(&mut Fields(&mut self.0.lock().unwrap()[index]));
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
+        let Some(index) = ctx
+            .event_span(event)
+            .and_then(|span| span.extensions().get::<usize>().copied())
+        else {
+            return;
+        };
+        event.record(&mut Fields(&mut self.0.lock().unwrap()[index]));
     }
 }
 
@@ -205,17 +227,45 @@ async fn each_command_has_a_span_with_the_user_and_the_revision_written() {
         .unwrap()
         .unwrap();
 
-    let traced: Vec<SpanFields> = spans
-        .0
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(user, _)| user.contains("mall001-traced"))
-        .cloned()
-        .collect();
+    let traced = spans_of(spans, "mall001-traced");
     assert_eq!(
-        traced.iter().map(|(_, revision)| *revision).collect::<Vec<_>>(),
+        traced.iter().map(|span| span.revision).collect::<Vec<_>>(),
         [Some(1), Some(2)],
         "{traced:?}"
     );
+}
+
+#[actix::test]
+async fn each_answer_is_logged_within_its_commands_span_with_the_outcome() {
+    let spans = recorded_spans();
+    let store = Arc::new(MemoryStore::new());
+    let manager = UserStateManager::new(store.clone(), Config::default().with_arbiters(0)).start();
+    let user = key("mall001", "logged");
+    // Its failed UseCart would count in commands_are_counted_by_type_and_outcome.
+    let _alone = SNAPSHOTS.lock().await;
+
+    manager
+        .send(UserCommand::new(user.clone(), Command::UserLogin))
+        .await
+        .unwrap()
+        .unwrap();
+    store.set_unavailable(true);
+    manager
+        .send(UserCommand::new(user, Command::UseCart))
+        .await
+        .unwrap()
+        .unwrap_err();
+
+    let logged = spans_of(spans, "mall001-logged");
+    assert_eq!(
+        logged.iter().map(|span| span.outcomes.clone()).collect::<Vec<_>>(),
+        [vec!["ok"], vec!["store_unavailable"]],
+        "{logged:?}"
+    );
+}
+
+/// The `command` spans recorded for the key shown as `key`.
+fn spans_of(spans: &CommandSpans, key: &str) -> Vec<SpanFields> {
+    let all = spans.0.lock().unwrap();
+    all.iter().filter(|span| span.key.contains(key)).cloned().collect()
 }

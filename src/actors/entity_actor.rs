@@ -484,6 +484,10 @@ impl<E: DurableEntity> Queued<E> {
             "outcome" => outcome
         )
         .increment(1);
+        // Within the command's span, so that a subscriber printing events
+        // (the fmt one at `debug`) shows each command with its entity, key,
+        // revision and outcome.
+        self.span.in_scope(|| debug!(outcome, "answered"));
         self.reply.send(answer);
     }
 }
