@@ -322,6 +322,28 @@ async fn purged_entities_appear_in_the_feed_as_deleted_and_start_over_at_revisio
     );
 }
 
+#[actix::test]
+async fn a_concrete_store_counts_entities_as_a_shared_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = persist_durable::SqliteStore::open(dir.path().join("count.db"))
+        .await
+        .unwrap();
+    let memory = MemoryStore::new();
+    let user = key("mall001", "counted");
+
+    sqlite
+        .write(&user, Revision(0), Revision(1), &UserState::default())
+        .await
+        .unwrap();
+    memory
+        .write(&user, Revision(0), Revision(1), &UserState::default())
+        .await
+        .unwrap();
+
+    assert_eq!(sqlite.count::<UserState>().await.unwrap(), 1);
+    assert_eq!(memory.count::<UserState>().await.unwrap(), 1);
+}
+
 #[rstest]
 #[actix::test]
 async fn entities_are_counted_and_paged_per_type_without_actors(

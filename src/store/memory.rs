@@ -48,7 +48,7 @@ impl MemoryStore {
         }
     }
 
-    fn count(&self, update: impl FnOnce(&mut StoreStats)) {
+    fn record(&self, update: impl FnOnce(&mut StoreStats)) {
         update(&mut self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
     }
 
@@ -63,7 +63,7 @@ super::typed_access!(MemoryStore);
 impl StateStore for MemoryStore {
     async fn load_row(&self, key: &PersistenceId) -> Result<Option<StoredRow>, StoreError> {
         self.check_available()?;
-        self.count(|stats| {
+        self.record(|stats| {
             stats.load_statements += 1;
             stats.users_loaded += 1;
         });
@@ -75,15 +75,15 @@ impl StateStore for MemoryStore {
         self.check_available()?;
         let mut rows = self.rows();
         let stored = rows.get(&write.key).map_or(Revision::NONE, |row| row.revision);
-        self.count(|stats| stats.write_statements += 1);
+        self.record(|stats| stats.write_statements += 1);
         if stored != write.expected {
-            self.count(|stats| stats.conflicts += 1);
+            self.record(|stats| stats.conflicts += 1);
             return Err(StoreError::Conflict {
                 key: write.key,
                 expected: write.expected,
             });
         }
-        self.count(|stats| stats.rows_written += 1);
+        self.record(|stats| stats.rows_written += 1);
         let payload = write.payloads.into_iter().last().unwrap_or_default();
         lock(&self.written_at).insert(write.key.clone(), chrono::Utc::now());
         rows.insert(

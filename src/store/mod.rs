@@ -174,6 +174,11 @@ macro_rules! typed_access {
                     .await
             }
 
+            /// See [`StateStore::count`](trait.StateStore.html#method.count).
+            pub async fn count<E: $crate::DurableEntity>(&self) -> Result<u64, $crate::StoreError> {
+                (self as &dyn $crate::StateStore).count::<E>().await
+            }
+
             /// See [`StateStore::entity_keys`](trait.StateStore.html#method.entity_keys).
             pub async fn entity_keys<K: $crate::EntityKey>(
                 &self,
