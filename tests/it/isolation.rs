@@ -2,11 +2,9 @@
 //! database refuses a group-commit statement because of one row, the batch
 //! is split until that row is alone, and every other row commits.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{key, test_store_config, Backend, TestDb};
+use crate::common::{key, test_store_config, Backend, TestDb};
 use persist_durable::{Command, CommandError, Config, EntityKey, Revision, UserKey, UserStates};
 use rstest::rstest;
 

@@ -7,12 +7,10 @@
 //! batch runs on SQLite (whose per-row statements are diesel DSL), so both
 //! backends are held to the same results.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{key, test_store_config, Backend, TestDb};
 use chrono::Utc;
-use common::{key, test_store_config, Backend, TestDb};
 use persist_durable::cart::{Cart, CartId};
 use persist_durable::{
     ChangeFeed, EntityFeed, EntityKey, ProductId, Revision, SharedStore, StoreError, UserKey, UserState,

@@ -1,12 +1,10 @@
 //! Passivation after 30 idle minutes and restore on the next command, in
 //! paused tokio time: the Rust counterpart of Pekko's `manualTime.timePasses`.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{key, t0, view, Backend, TestDb};
 use actix::{Actor, Addr};
-use common::{key, t0, view, Backend, TestDb};
 use persist_durable::{
     Command, CommandError, Config, GetManagerStats, ManualClock, MemoryStore, ProductId, Revision, SharedStore,
     UserCommand, UserState, UserStateActor, UserStateManager,

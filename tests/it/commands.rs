@@ -1,10 +1,8 @@
 //! Every command, and the state it leaves, committed on SQLite and PostgreSQL.
 
-mod common;
-
+use crate::common::{key, t0, view, Backend, TestDb};
 use actix::Actor;
 use chrono::Duration;
-use common::{key, t0, view, Backend, TestDb};
 use persist_durable::{
     Command, CommandError, Config, ManualClock, ProductId, Revision, UserCommand, UserKey, UserState, UserStateActor,
     UserStateManager,

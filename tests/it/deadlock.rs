@@ -12,13 +12,11 @@
 //! deadlock_detected within seconds, under the planner's default settings
 //! too (mixed batch sizes pick different join plans).
 
-mod common;
-
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{key, test_store_config, Backend, TestDb};
+use crate::common::{key, test_store_config, Backend, TestDb};
 use futures_util::future::join_all;
 use persist_durable::{Revision, SharedStore, StoreConfig, StoreError, UserKey, UserState};
 

@@ -2,13 +2,11 @@
 //! process-level guarantees (kill -9, database outages, two nodes) are
 //! proven by `cargo run --example reliability`; see RELIABILITY.md.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
+use crate::common::{key, t0, test_store_config, view, Backend, TestDb};
 use actix::Actor;
 use chrono::Duration as Minutes;
-use common::{key, t0, test_store_config, view, Backend, TestDb};
 use persist_durable::{
     Command, CommandError, Config, Event, EventId, GetManagerStats, ManualClock, Revision, UserCommand, UserKey,
     UserStateManager,

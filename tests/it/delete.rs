@@ -2,12 +2,10 @@
 //! committed. The data is gone, revisions go on, and nothing from before the
 //! deletion (a stale writer, a redelivered or late event) brings it back.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{key, test_store_config, view, Backend, TestDb};
 use chrono::TimeZone;
-use common::{key, test_store_config, view, Backend, TestDb};
 use persist_durable::{
     ChangeFeed, ChangeKind, Command, Config, Event, EventId, ManualClock, ProductId, Revision, SharedStore, StoreError,
     UserKey, UserState, UserStates,

@@ -1,13 +1,11 @@
 //! The change feed: every committed revision, in commit order per user and in
 //! one stable global order, gapless, resumable without duplicates.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::common::{key, test_store_config, view, Backend, TestDb};
 use actix::Actor;
-use common::{key, test_store_config, view, Backend, TestDb};
 use persist_durable::{
     ChangeFeed, Command, Config, CorruptRow, EntityKey, Revision, SharedStore, SkipRefused, StateChange, StoreError,
     UserCommand, UserKey, UserState, UserStateManager,

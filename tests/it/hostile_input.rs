@@ -1,10 +1,8 @@
 //! Hostile input: any id or JSON either is accepted and round-trips, or gets
 //! a typed error; nothing panics; ids built to collide never share state.
 
-mod common;
-
+use crate::common::{Backend, TestDb};
 use actix::Actor;
-use common::{Backend, TestDb};
 use persist_durable::{
     Command, Config, EntityKey, Event, EventId, InvalidInput, ProductId, UserCommand, UserKey, UserStateManager,
     MAX_ID_BYTES,

@@ -1,12 +1,10 @@
 //! Group commit and bulk restore: many users share statements, a busy user
 //! shares rows, and a conflict fails only its own command.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::{key, test_store_config, view, Backend, TestDb};
 use actix::Actor;
-use common::{key, test_store_config, view, Backend, TestDb};
 use persist_durable::{
     Command, CommandError, Config, ProductId, Revision, StateStore, StoreError, UserCommand, UserKey, UserState,
     UserStateManager,

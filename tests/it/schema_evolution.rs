@@ -5,12 +5,10 @@
 //! knows is refused for that entity alone, never read in part. The change
 //! feed upgrades old rows as it reads them.
 
-mod common;
-
 use std::convert::Infallible;
 
+use crate::common::{t0, Backend, TestDb};
 use chrono::{DateTime, Utc};
-use common::{t0, Backend, TestDb};
 use persist_durable::{
     CommandError, Config, CorruptRow, DurableEntity, Entities, EntityEvent, EntityFeed, EntityKey, EventId,
     InvalidInput, MemoryStore, Revision, SharedStore, StoreError, UserKey, UserState, UserStates, WriteRow,
@@ -432,7 +430,7 @@ async fn the_feed_upgrades_old_changes_as_it_reads_them_and_stops_at_a_newer_one
 ) {
     let Some(db) = TestDb::open(backend).await else { return };
     let store = db
-        .connect_with(common::test_store_config().with_change_feed(true))
+        .connect_with(crate::common::test_store_config().with_change_feed(true))
         .await;
     insert_change(
         &db,

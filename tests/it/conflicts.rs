@@ -1,10 +1,8 @@
 //! Revision-checked writes: two writers from the same revision, one wins,
 //! nothing is silently overwritten, and the loser recovers.
 
-mod common;
-
+use crate::common::{key, view, Backend, TestDb};
 use actix::Actor;
-use common::{key, view, Backend, TestDb};
 use persist_durable::{
     Command, CommandError, Config, ProductId, Revision, StoreError, UserCommand, UserState, UserStateActor,
     UserStateManager,

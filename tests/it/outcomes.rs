@@ -3,11 +3,9 @@
 //! construction: the wait for a connection is bounded apart from the
 //! statement, and SQLite's busy wait sits inside the operation timeout.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{key, test_store_config, Backend, TestDb};
+use crate::common::{key, test_store_config, Backend, TestDb};
 use diesel::sql_types::Integer;
 use diesel::QueryableByName;
 use diesel_async::{AsyncConnection, AsyncPgConnection};

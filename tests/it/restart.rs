@@ -1,12 +1,10 @@
 //! Restarting the whole manager, in a new actix System with a new store on
 //! the same database, restores every user's committed state.
 
-mod common;
-
 use std::collections::BTreeMap;
 
+use crate::common::{key, Backend, TestDb};
 use actix::Actor;
-use common::{key, Backend, TestDb};
 use persist_durable::{Command, Config, ProductId, UserCommand, UserKey, UserState, UserStateManager};
 use rstest::rstest;
 

@@ -1,12 +1,10 @@
 //! The actix-web routes: commands and state as JSON, and the status a client
 //! expects for each failure.
 
-mod common;
-
+use crate::common::{key, Backend, TestDb};
 use actix::Actor;
 use actix_web::http::StatusCode;
 use actix_web::{test, web, App};
-use common::{key, Backend, TestDb};
 use persist_durable::{http, Config, Revision, SharedStore, UserState, UserStateManager};
 use rstest::rstest;
 use serde_json::{json, Value};
@@ -104,7 +102,11 @@ async fn delete_erases_the_user_and_answers_the_default_state(
         StatusCode::OK,
         "a delete of a user never seen is a committed tombstone"
     );
-    let stored = store.load(&common::key("mall001", "user001")).await.unwrap().unwrap();
+    let stored = store
+        .load(&crate::common::key("mall001", "user001"))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((stored.revision, stored.deleted), (Revision(2), true));
     let after: Value = test::call_and_read_body_json(&app, test::TestRequest::get().uri(user).to_request()).await;
     assert_eq!(after["recent_products"], json!([]));

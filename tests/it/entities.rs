@@ -1,11 +1,9 @@
 //! Two entity types in one database and one process: users and carts share a
 //! store (and its change feed) but never a row, a revision or a feed entry.
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::{key, test_store_config, view, Backend, TestDb};
+use crate::common::{key, test_store_config, view, Backend, TestDb};
 use persist_durable::cart::{Cart, CartCommand, CartId};
 use persist_durable::{
     ChangeFeed, Command, Config, DurableEntity, Entities, EntityFeed, EntityKey, Revision, SharedStore, StateChange,

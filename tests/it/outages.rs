@@ -2,10 +2,8 @@
 //! manager stays up, the state is never reported ahead of the database, and
 //! service resumes by itself when the database is back.
 
-mod common;
-
+use crate::common::{key, view, Backend, TestDb};
 use actix::Actor;
-use common::{key, view, Backend, TestDb};
 use persist_durable::{
     Command, CommandError, Config, GetManagerStats, MemoryStore, ProductId, Revision, UserCommand, UserStateManager,
 };

@@ -3,13 +3,11 @@
 //! commands that shared its write), and the entity goes on from its stored
 //! state, on each database.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 
+use crate::common::{test_store_config, Backend, TestDb};
 use chrono::{DateTime, Utc};
-use common::{test_store_config, Backend, TestDb};
 use persist_durable::{
     CommandError, Config, DurableEntity, Entities, EntityFeed, EntityKey, InvalidInput, Revision, StoreError,
 };

@@ -3,10 +3,8 @@
 //! run alone, the old rows load (at schema version 1), and the old feed rows come out of the typed
 //! feed with their users' keys.
 
-mod common;
-
+use crate::common::{key, t0, test_store_config, view, Backend, TestDb};
 use chrono::{DateTime, Duration, Utc};
-use common::{key, t0, test_store_config, view, Backend, TestDb};
 use persist_durable::{
     ChangeFeed, Command, Config, Event, EventId, ManualClock, ProductId, Revision, SharedStore, UserKey, UserState,
     UserStates,
@@ -18,12 +16,12 @@ use serde_json::json;
 fn old_migrations(backend: Backend) -> [&'static str; 2] {
     match backend {
         Backend::Sqlite => [
-            include_str!("../migrations/sqlite/2026-11-20-000000_create_durable_state/up.sql"),
-            include_str!("../migrations/sqlite/2026-11-21-000000_create_state_changes/up.sql"),
+            include_str!("../../migrations/sqlite/2026-11-20-000000_create_durable_state/up.sql"),
+            include_str!("../../migrations/sqlite/2026-11-21-000000_create_state_changes/up.sql"),
         ],
         Backend::Postgres => [
-            include_str!("../migrations/postgres/2026-11-20-000000_create_durable_state/up.sql"),
-            include_str!("../migrations/postgres/2026-11-21-000000_create_state_changes/up.sql"),
+            include_str!("../../migrations/postgres/2026-11-20-000000_create_durable_state/up.sql"),
+            include_str!("../../migrations/postgres/2026-11-21-000000_create_state_changes/up.sql"),
         ],
     }
 }

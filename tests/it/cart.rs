@@ -2,12 +2,10 @@
 //! command, the domain's refusal, passivation, conflicts between nodes,
 //! redelivered events and JSON input.
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{t0, Backend, TestDb};
+use crate::common::{t0, Backend, TestDb};
 use persist_durable::cart::{Cart, CartCommand, CartError, CartId};
 use persist_durable::{
     CommandError, Config, Entities, EntityEvent, EventId, IdField, InvalidInput, ManualClock, Revision, SharedStore,

@@ -1,0 +1,28 @@
+//! The integration tests that need no process of their own, one module per
+//! topic, linked into one binary. Tests that install a global metrics recorder
+//! or tracing subscriber (observability, retention, shards) and the Kafka tests
+//! keep binaries of their own.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod cart;
+mod change_feed;
+mod commands;
+mod conflicts;
+mod deadlock;
+mod delete;
+mod entities;
+mod group_commit;
+mod hostile_input;
+mod http;
+mod isolation;
+mod outages;
+mod outcomes;
+mod passivation;
+mod raw_statements;
+mod reliability;
+mod restart;
+mod schema_evolution;
+mod unencodable_state;
+mod upgrade;
