@@ -16,11 +16,11 @@ use std::sync::Arc;
 
 use actix::Actor;
 use persist_durable::{
-    ChangeFeed, Command, Config, PostgresStore, ProductId, SharedStore, SqliteStore, StateChange, StoreConfig,
-    UserCommand, UserKey, UserStateManager,
+    ChangeFeed, Command, Config, PostgresStore, ProductId, SharedStore, SqliteStore, StoreConfig, UserCommand, UserKey,
+    UserStateChange, UserStateManager,
 };
 
-fn print(change: &StateChange) {
+fn print(change: &UserStateChange) {
     let products: Vec<&str> = change.state.recent_products.iter().map(ProductId::as_str).collect();
     println!(
         "#{:<4} {} revision {:<3} recent {:?} opt-in {} (committed {})",

@@ -187,7 +187,7 @@ async fn open_store(options: &Options, location: &str, backend: &str) -> Result<
 fn manager_config(options: &Options) -> Config {
     // Every user stays resident and nothing is refused: the load is the measure.
     let config = Config::default()
-        .with_max_resident_users(options.users.max(1))
+        .with_max_resident(options.users.max(1))
         .with_max_commands_in_flight(options.concurrency.max(1) * 2);
     match options.arbiters {
         Some(arbiters) => config.with_arbiters(arbiters),
@@ -360,7 +360,7 @@ async fn run_actors(options: &Options, location: &str, backend: &str) -> Result<
     .await;
     let stats = users.stats().await?;
     let store_stats = store.stats();
-    report["resident_users"] = json!(stats.resident_users);
+    report["resident_entities"] = json!(stats.resident_entities);
     report["write_statements"] = json!(store_stats.write_statements);
     report["rows_written"] = json!(store_stats.rows_written);
     report["conflicts"] = json!(store_stats.conflicts);
@@ -397,7 +397,7 @@ fn run_naive(options: &Options, url: &str) -> Result<serde_json::Value, AnyError
         .await;
         let mut report = report;
         // The naive service keeps nothing resident.
-        report["resident_users"] = json!(0);
+        report["resident_entities"] = json!(0);
         Ok::<_, AnyError>(report)
     })
 }
@@ -421,11 +421,11 @@ async fn run_resident(options: &Options, location: &str, backend: &str) -> Resul
     let before = current_rss_bytes();
     let seconds = activate_all(&users, &keys, options.concurrency).await?;
     let after = current_rss_bytes();
-    let resident = users.stats().await?.resident_users;
+    let resident = users.stats().await?.resident_entities;
     // The keys are held by the workload too; count them once, as the manager's.
     Ok(json!({
         "seconds": seconds,
-        "resident_users": resident,
+        "resident_entities": resident,
         "rss_before_bytes": before,
         "rss_after_bytes": after,
         "bytes_per_resident_user": (after.saturating_sub(before)) as f64 / resident.max(1) as f64,
@@ -453,9 +453,9 @@ async fn run_restore(options: &Options, location: &str, backend: &str) -> Result
     Ok(json!({
         "seconds": seconds,
         "users_restored_per_sec": keys.len() as f64 / seconds,
-        "resident_users": users.stats().await?.resident_users,
+        "resident_entities": users.stats().await?.resident_entities,
         "load_statements": stats.load_statements,
-        "users_loaded": stats.users_loaded,
+        "entities_loaded": stats.entities_loaded,
     }))
 }
 

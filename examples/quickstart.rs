@@ -51,7 +51,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let stats = users.stats().await?;
     println!(
         "6. passivated: {} resident users, {} passivation(s); the state lives only in the database now",
-        stats.resident_users, stats.passivations
+        stats.resident_entities, stats.passivations
     );
 
     let restored = users.send(user.clone(), Command::GetUserState).await?;
@@ -68,7 +68,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
 /// Lets the actors run until the idle user has been passivated.
 async fn wait_until_no_user_is_resident(users: &UserStates) {
     for _ in 0..1_000 {
-        if matches!(users.stats().await, Ok(stats) if stats.resident_users == 0) {
+        if matches!(users.stats().await, Ok(stats) if stats.resident_entities == 0) {
             return;
         }
         tokio::task::yield_now().await;

@@ -1,4 +1,3 @@
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -6,26 +5,22 @@ use crate::clock::{Clock, SystemClock};
 
 /// How the entity actors and their manager behave, for every entity type.
 /// Defaults follow the original design: an entity idle for 30 minutes is
-/// passivated, checked every 5 minutes, and (for users) 3 recently viewed
-/// products are kept.
+/// passivated, checked every 5 minutes. What an entity's own transition is
+/// tuned by (for users, how many recently viewed products are kept) is its
+/// settings, given at start: [`Entities::start_with`](crate::Entities::start_with).
 ///
 /// ```
 /// use std::time::Duration;
-/// let config = persist_durable::Config::default()
-///     .with_idle_timeout(Duration::from_secs(15 * 60))
-///     .with_recent_products_limit(5);
+/// let config = persist_durable::Config::default().with_idle_timeout(Duration::from_secs(15 * 60));
 /// assert_eq!(config.idle_check_interval, Duration::from_secs(5 * 60));
 /// ```
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct Config {
-    /// How long a user may go without a command before its actor is passivated.
+    /// How long an entity may go without a command before its actor is passivated.
     pub idle_timeout: Duration,
     /// How often an actor checks whether it has been idle long enough.
     pub idle_check_interval: Duration,
-    /// Users only: how many recently viewed products are kept (see
-    /// [`DurableEntity::settings`](crate::DurableEntity::settings)).
-    pub recent_products_limit: usize,
     /// Where recorded times come from.
     pub clock: Arc<dyn Clock>,
     /// How many applied event ids each entity remembers, to recognise redelivery.
@@ -34,16 +29,16 @@ pub struct Config {
     /// applied again before its commands fail with
     /// [`CommandError::Conflict`](crate::CommandError::Conflict).
     pub conflict_retries: u32,
-    /// Commands queued for one user at most; beyond it, commands are refused
+    /// Commands queued for one entity at most; beyond it, commands are refused
     /// with [`CommandError::Overloaded`](crate::CommandError::Overloaded).
-    pub max_queued_per_user: usize,
+    pub max_queued_per_entity: usize,
     /// Commands in flight through the manager at most; beyond it, refused
     /// with [`CommandError::Overloaded`](crate::CommandError::Overloaded).
     pub max_commands_in_flight: usize,
-    /// Users with an actor at most, over all shards; beyond it, the shard
+    /// Entities with an actor at most, over all shards; beyond it, the shard
     /// whose activation crossed it passivates its least recently used ones
     /// (Akka's default for a shard region is 100,000).
-    pub max_resident_users: usize,
+    pub max_resident: usize,
     /// Shards of the manager, each on an arbiter (thread) of its own with the
     /// actors of the entities whose keys hash to it; default: one per core.
     /// With 0, one shard runs on the manager's own arbiter, which tests that
@@ -65,38 +60,17 @@ impl Default for Config {
         Self {
             idle_timeout: Duration::from_secs(30 * 60),
             idle_check_interval: Duration::from_secs(5 * 60),
-            recent_products_limit: 3,
             clock: Arc::new(SystemClock),
             event_id_memory: 32,
             conflict_retries: 3,
-            max_queued_per_user: 1_000,
+            max_queued_per_entity: 1_000,
             max_commands_in_flight: 100_000,
-            max_resident_users: 100_000,
+            max_resident: 100_000,
             arbiters: std::thread::available_parallelism().map_or(1, usize::from),
             retention: None,
             retention_check_interval: Duration::from_secs(60 * 60),
             retention_chunk_size: 500,
         }
-    }
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("idle_timeout", &self.idle_timeout)
-            .field("idle_check_interval", &self.idle_check_interval)
-            .field("recent_products_limit", &self.recent_products_limit)
-            .field("clock", &self.clock)
-            .field("event_id_memory", &self.event_id_memory)
-            .field("conflict_retries", &self.conflict_retries)
-            .field("max_queued_per_user", &self.max_queued_per_user)
-            .field("max_commands_in_flight", &self.max_commands_in_flight)
-            .field("max_resident_users", &self.max_resident_users)
-            .field("arbiters", &self.arbiters)
-            .field("retention", &self.retention)
-            .field("retention_check_interval", &self.retention_check_interval)
-            .field("retention_chunk_size", &self.retention_chunk_size)
-            .finish()
     }
 }
 
@@ -110,12 +84,6 @@ impl Config {
     /// Sets [`idle_check_interval`](Self::idle_check_interval); zero is raised to one millisecond.
     pub fn with_idle_check_interval(mut self, interval: Duration) -> Self {
         self.idle_check_interval = interval.max(Duration::from_millis(1));
-        self
-    }
-
-    /// Sets [`recent_products_limit`](Self::recent_products_limit).
-    pub fn with_recent_products_limit(mut self, limit: usize) -> Self {
-        self.recent_products_limit = limit;
         self
     }
 
@@ -137,10 +105,16 @@ impl Config {
         self
     }
 
-    /// Sets [`max_queued_per_user`](Self::max_queued_per_user); at least 1.
-    pub fn with_max_queued_per_user(mut self, limit: usize) -> Self {
-        self.max_queued_per_user = limit.max(1);
+    /// Sets [`max_queued_per_entity`](Self::max_queued_per_entity); at least 1.
+    pub fn with_max_queued_per_entity(mut self, limit: usize) -> Self {
+        self.max_queued_per_entity = limit.max(1);
         self
+    }
+
+    /// The former name of [`with_max_queued_per_entity`](Self::with_max_queued_per_entity).
+    #[deprecated(note = "use with_max_queued_per_entity: the limit is per entity of any type")]
+    pub fn with_max_queued_per_user(self, limit: usize) -> Self {
+        self.with_max_queued_per_entity(limit)
     }
 
     /// Sets [`max_commands_in_flight`](Self::max_commands_in_flight); at least 1.
@@ -149,10 +123,16 @@ impl Config {
         self
     }
 
-    /// Sets [`max_resident_users`](Self::max_resident_users); at least 1.
-    pub fn with_max_resident_users(mut self, limit: usize) -> Self {
-        self.max_resident_users = limit.max(1);
+    /// Sets [`max_resident`](Self::max_resident); at least 1.
+    pub fn with_max_resident(mut self, limit: usize) -> Self {
+        self.max_resident = limit.max(1);
         self
+    }
+
+    /// The former name of [`with_max_resident`](Self::with_max_resident).
+    #[deprecated(note = "use with_max_resident: the limit counts entities of any type")]
+    pub fn with_max_resident_users(self, limit: usize) -> Self {
+        self.with_max_resident(limit)
     }
 
     /// Sets [`arbiters`](Self::arbiters).

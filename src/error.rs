@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::domain::UserState;
 use crate::entity::{DurableEntity, InvalidInput, PersistenceId, Revision};
 
 /// The cause of a failure, shared: one failed batch fails each of its writes
@@ -27,12 +26,12 @@ pub enum StoreError {
         expected: Revision,
     },
     /// The stored row cannot be decoded; only this entity is affected.
-    #[error("the stored state of {key} (revision {revision}) is corrupt")]
+    #[error("the stored state of {key} is corrupt")]
     Corrupt {
         /// The entity.
         key: PersistenceId,
-        /// The revision found in the row.
-        revision: i64,
+        /// The revision found in the row, when it is one (at least 1) and was read.
+        revision: Option<Revision>,
         /// What is wrong with it.
         #[source]
         source: CorruptRow,
@@ -113,10 +112,6 @@ pub enum StoreError {
     /// (`BIGINT`), or a schema version beyond `INTEGER`'s.
     #[error("{0} exceeds the range of its database column")]
     OutOfRange(u64),
-    /// The store does not implement this operation (a store written before
-    /// the operation existed); use one of the crate's stores.
-    #[error("this store does not support {0}")]
-    Unsupported(&'static str),
 }
 
 impl From<diesel::result::Error> for StoreError {
@@ -212,11 +207,11 @@ pub enum CorruptRow {
 }
 
 /// Why a command was not applied. The entity's stored state is unchanged by
-/// it, and the actor that answered it keeps serving. For users (the default
-/// type parameter) the key is a [`UserKey`](crate::UserKey).
+/// it, and the actor that answered it keeps serving. For users it is
+/// [`UserCommandError`](crate::UserCommandError).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum CommandError<E: DurableEntity = UserState> {
+pub enum CommandError<E: DurableEntity> {
     /// Another writer changed this entity first (another node, or a stale
     /// actor). The actor reloads the stored state; sending the command again
     /// applies it on top of that.

@@ -23,15 +23,16 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use crate::domain::UserState;
+use std::sync::Arc;
+
 use crate::entity::{DurableEntity, EntityKey, PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
-use crate::store::{good_prefix, ChangeRow, SharedStore};
+use crate::store::{good_prefix, ChangeLog, ChangeRow};
 
 /// One committed revision of an entity's state, as the change feed delivers
-/// it. For users (the default) a [`UserState`] keyed by [`UserKey`](crate::UserKey).
+/// it. For users it is [`UserStateChange`](crate::UserStateChange).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StateChange<E: DurableEntity = UserState> {
+pub struct StateChange<E: DurableEntity> {
     /// Where the change stands in the feed: in commit order, across entity types.
     pub position: u64,
     /// The entity.
@@ -64,24 +65,22 @@ impl<E: DurableEntity> StateChange<E> {
             source,
         };
         let key = E::Key::from_entity_id(row.key.entity_id()).map_err(|e| corrupt(CorruptRow::Key(e)))?;
-        let durable = crate::store::decode_payload::<E>(&row.payload, row.schema_version).map_err(corrupt)?;
+        let durable = crate::store::payload::decode::<E>(&row.payload, row.schema_version).map_err(corrupt)?;
+        let kind = if durable.is_tombstone() {
+            ChangeKind::Deleted
+        } else {
+            ChangeKind::Updated
+        };
         Ok(Self {
             position: row.position,
             key,
             revision: row.revision,
             state: durable.state,
             committed_at: row.committed_at,
-            kind: if durable.tombstone {
-                ChangeKind::Deleted
-            } else {
-                ChangeKind::Updated
-            },
+            kind,
         })
     }
 }
-
-/// The change feed of the user states.
-pub type ChangeFeed = EntityFeed<UserState>;
 
 /// Follows the changes of one entity type from a position, and can save that
 /// position as a consumer's offset so that a restarted consumer goes on where
@@ -132,7 +131,7 @@ pub type ChangeFeed = EntityFeed<UserState>;
 /// }
 /// ```
 pub struct EntityFeed<E: DurableEntity> {
-    store: SharedStore,
+    store: Arc<dyn ChangeLog>,
     consumer: Option<String>,
     position: u64,
     batch_size: usize,
@@ -143,8 +142,10 @@ pub struct EntityFeed<E: DurableEntity> {
 }
 
 impl<E: DurableEntity> EntityFeed<E> {
-    /// Follows the feed after `position` (0: from the beginning), without a stored offset.
-    pub fn from_position(store: SharedStore, position: u64) -> Self {
+    /// Follows the feed after `position` (0: from the beginning), without a
+    /// stored offset. Any store with the feed will do: a
+    /// [`SharedStore`](crate::SharedStore), or an `Arc` of a concrete store.
+    pub fn from_position(store: Arc<dyn ChangeLog>, position: u64) -> Self {
         Self {
             store,
             consumer: None,
@@ -158,7 +159,7 @@ impl<E: DurableEntity> EntityFeed<E> {
 
     /// Follows the feed for `consumer`, from the offset it last committed
     /// (the beginning if none).
-    pub async fn resume(store: SharedStore, consumer: impl Into<String>) -> Result<Self, StoreError> {
+    pub async fn resume(store: Arc<dyn ChangeLog>, consumer: impl Into<String>) -> Result<Self, StoreError> {
         let consumer = consumer.into();
         let position = store.load_offset(&consumer).await?.unwrap_or(0);
         Ok(Self {

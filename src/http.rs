@@ -82,10 +82,10 @@ use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
 
+use crate::domain::key::{MALL_ID, USER_ID};
 use crate::domain::{Command, Event, UserKey, UserState};
-use crate::entity::{IdField, InvalidInput};
-use crate::error::CommandError;
-use crate::{SharedStore, UserStateManager, UserStates};
+use crate::entity::InvalidInput;
+use crate::{SharedStore, UserCommandError, UserStateManager, UserStates};
 
 /// The routes, serving `users`: `App::new().configure(http::routes(users))`.
 pub fn routes(users: UserStates) -> impl FnOnce(&mut web::ServiceConfig) {
@@ -131,7 +131,7 @@ fn path_ids(request: &HttpRequest, after: usize) -> Result<(String, String), Inv
             .map(Cow::into_owned)
             .map_err(|_| InvalidInput::NotUtf8 { field })
     };
-    Ok((decode(mall_id, IdField::MallId)?, decode(user_id, IdField::UserId)?))
+    Ok((decode(mall_id, MALL_ID)?, decode(user_id, USER_ID)?))
 }
 
 /// A route at `path` that answers other methods than `allowed` with a JSON 405.
@@ -176,7 +176,7 @@ pub enum ApiError {
     BadRequest(#[from] InvalidInput),
     /// The command failed: the status depends on why.
     #[error(transparent)]
-    Command(#[from] CommandError),
+    Command(#[from] UserCommandError),
     /// The routes cannot reach the user states: 503.
     #[error("the user state manager is unavailable: {0}")]
     Unavailable(String),
@@ -215,11 +215,11 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Command(CommandError::Conflict { .. }) => StatusCode::CONFLICT,
-            ApiError::Command(CommandError::CorruptState { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Command(UserCommandError::Conflict { .. }) => StatusCode::CONFLICT,
+            ApiError::Command(UserCommandError::CorruptState { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
             // The write may have committed: not "unavailable", and no Retry-After.
-            ApiError::Command(CommandError::OutcomeUnknown { .. }) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Command(CommandError::Rejected { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Command(UserCommandError::OutcomeUnknown { .. }) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Command(UserCommandError::Rejected { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Command(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,

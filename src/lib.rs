@@ -67,10 +67,10 @@ pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 mod store;
+mod users;
 
 pub use actors::{
     Entities, EntityActor, EntityCommand, EntityManager, Execute, GetManagerStats, ManagerStats, PurgeIdle,
-    UserCommand, UserStateActor, UserStateManager, UserStates,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::Config;
@@ -81,19 +81,26 @@ pub use entity::{
     Revision, SourceOffsets, MAX_ID_BYTES,
 };
 pub use error::{Cause, CommandError, CorruptRow, StoreError};
-pub use feed::{ChangeFeed, ChangeKind, EntityFeed, SkipRefused, StateChange};
-#[cfg(feature = "postgres")]
-pub use store::PostgresStore;
-#[cfg(feature = "sqlite")]
-pub use store::SqliteStore;
+pub use feed::{ChangeKind, EntityFeed, SkipRefused, StateChange};
 pub use store::{
-    ChangeRow, MemoryStore, SharedStore, StateStore, StoreConfig, StoreStats, StoredRow, StoredState, WriteRow,
+    ChangeLog, ChangeRow, Maintenance, MaintenanceExt, MemoryStore, Offsets, SharedStore, StateStore, StateStoreExt,
+    Store, StoreConfig, StoreStats, StoredRow, StoredState, WriteRow,
+};
+#[cfg(feature = "postgres")]
+pub use store::{PostgresBackend, PostgresStore};
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub use store::{SqlBackend, SqlStore};
+#[cfg(feature = "sqlite")]
+pub use store::{SqliteBackend, SqliteStore};
+pub use users::{
+    ChangeFeed, StoredUserState, UserCommand, UserCommandError, UserStateActor, UserStateChange, UserStateManager,
+    UserStates,
 };
 
 /// The types most programs need: `use persist_durable::prelude::*;`.
 pub mod prelude {
     pub use crate::{
-        Command, CommandError, Config, DurableEntity, Entities, EntityKey, UserCommand, UserKey, UserState,
-        UserStateActor, UserStateManager, UserStates,
+        Command, CommandError, Config, DurableEntity, Entities, EntityKey, MaintenanceExt, StateStoreExt, UserCommand,
+        UserKey, UserState, UserStateActor, UserStateManager, UserStates,
     };
 }

@@ -496,7 +496,7 @@ async fn an_entity_whose_queue_is_smaller_than_a_batch_still_gets_every_record_i
         return;
     };
     let store = db.connect().await;
-    let tallies = Entities::<Tally>::start(store.clone(), Config::default().with_max_queued_per_user(4));
+    let tallies = Entities::<Tally>::start(store.clone(), Config::default().with_max_queued_per_entity(4));
     produce(&broker.producer(), "tallies", &workload(1, 1, 50)).await;
     let ingest = KafkaIngest::start(ingest_config(&broker, "g1", "tallies"), &tallies, JsonRecords).unwrap();
     assert_tallies_reach(&store, &expected(1, 1..=50), Duration::from_secs(60)).await;

@@ -14,9 +14,9 @@ use common::{age, key, test_store_config, view, Backend, TestDb};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use persist_durable::cart::{Cart, CartCommand, CartId};
 use persist_durable::{
-    ChangeKind, Config, DurableEntity, EntityFeed, EntityKey, GetManagerStats, MemoryStore, PersistenceId, PurgeIdle,
-    Revision, SharedStore, StateChange, StateStore, StoreError, StoreStats, StoredRow, UserCommand, UserKey, UserState,
-    UserStateManager, WriteRow,
+    ChangeKind, ChangeLog, ChangeRow, Config, DurableEntity, EntityFeed, EntityKey, GetManagerStats, Maintenance,
+    MaintenanceExt, MemoryStore, Offsets, PersistenceId, PurgeIdle, Revision, SharedStore, StateChange, StateStore,
+    StateStoreExt, StoreError, StoreStats, StoredRow, UserCommand, UserKey, UserState, UserStateManager, WriteRow,
 };
 use rstest::rstest;
 
@@ -239,7 +239,7 @@ async fn a_resident_entity_survives_the_managers_purge(#[values(Backend::Sqlite,
     assert!(exists(&store, &resident).await, "the resident entity's row is kept");
     assert!(!exists(&store, &idle).await);
     let stats = manager.send(GetManagerStats).await.unwrap();
-    assert_eq!((stats.purged, stats.resident_users), (1, 1));
+    assert_eq!((stats.purged, stats.resident_entities), (1, 1));
     // The resident actor goes on from its revision; the purged entity starts over.
     let state = manager
         .send(UserCommand::new(resident.clone(), view("p2")))
@@ -493,6 +493,10 @@ impl StateStore for GatedStore {
         self.inner.write_row(write).await
     }
 
+    fn keeps_change_feed(&self) -> bool {
+        self.inner.keeps_change_feed()
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         self.inner.ping().await
     }
@@ -500,7 +504,33 @@ impl StateStore for GatedStore {
     fn stats(&self) -> StoreStats {
         self.inner.stats()
     }
+}
 
+#[async_trait::async_trait]
+impl Offsets for GatedStore {
+    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.load_offset(consumer).await
+    }
+
+    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
+        self.inner.save_offset(consumer, position).await
+    }
+}
+
+#[async_trait::async_trait]
+impl ChangeLog for GatedStore {
+    async fn read_change_rows(
+        &self,
+        entity_type: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangeRow>, StoreError> {
+        self.inner.read_change_rows(entity_type, after, limit).await
+    }
+}
+
+#[async_trait::async_trait]
+impl Maintenance for GatedStore {
     async fn purge_candidates(
         &self,
         entity_type: &str,
@@ -521,6 +551,19 @@ impl StateStore for GatedStore {
         self.entered.notify_one();
         self.gate.acquire().await.unwrap().forget();
         self.inner.purge_rows(rows, written_before).await
+    }
+
+    async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError> {
+        self.inner.count_entities(entity_type).await
+    }
+
+    async fn entity_ids(
+        &self,
+        entity_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        self.inner.entity_ids(entity_type, after, limit).await
     }
 }
 
@@ -563,7 +606,10 @@ async fn a_command_for_an_entity_whose_row_is_being_purged_waits_for_the_delete(
         "the command waits while the entity's row may be deleted"
     );
     let stats = manager.send(GetManagerStats).await.unwrap();
-    assert_eq!(stats.resident_users, 0, "no actor restored the row about to disappear");
+    assert_eq!(
+        stats.resident_entities, 0,
+        "no actor restored the row about to disappear"
+    );
     gated.gate.add_permits(1);
     assert_eq!(purge.await.unwrap().unwrap().unwrap(), 1);
     let state = command.await.unwrap().unwrap().unwrap();

@@ -72,7 +72,7 @@ async fn every_entity_is_reached_through_the_handle_and_the_address_and_stats_su
     let by_address = handle.addr().send(GetManagerStats).await.unwrap();
     assert_eq!(by_handle, by_address);
     assert_eq!(
-        (by_handle.resident_users, by_handle.activations),
+        (by_handle.resident_entities, by_handle.activations),
         (200, 200),
         "{by_handle:?}"
     );
@@ -83,18 +83,18 @@ async fn every_entity_is_reached_through_the_handle_and_the_address_and_stats_su
 async fn the_resident_limit_bounds_all_shards_together(#[values(Backend::Sqlite)] backend: Backend) {
     let Some(db) = TestDb::open(backend).await else { return };
     let store = db.connect().await;
-    let config = Config::default().with_arbiters(SHARDS).with_max_resident_users(20);
+    let config = Config::default().with_arbiters(SHARDS).with_max_resident(20);
     let handle = UserStates::start(store.clone(), config);
     let keys = users(100);
 
     for user in &keys {
         handle.send(user.clone(), Command::UserLogin).await.unwrap();
     }
-    let stats = stats_until(&handle, |s| s.resident_users <= 20).await;
+    let stats = stats_until(&handle, |s| s.resident_entities <= 20).await;
 
     // One shard's share of the limit would evict more: 80 is exactly the excess.
     assert_eq!(stats.evictions, 80, "{stats:?}");
-    assert_eq!(stats.resident_users, 20, "{stats:?}");
+    assert_eq!(stats.resident_entities, 20, "{stats:?}");
     for user in &keys {
         let state = handle.send(user.clone(), Command::GetUserState).await.unwrap();
         assert!(state.last_login.is_some(), "{user} kept its state");
@@ -202,7 +202,7 @@ mod gauge {
 
     pub use super::common::metrics_snapshotter as snapshotter;
 
-    /// `persist_durable_resident_users{entity}`, if set.
+    /// `persist_durable_resident_entities{entity}`, if set.
     pub fn resident(entity: &str) -> Option<f64> {
         snapshotter()
             .snapshot()
@@ -210,7 +210,7 @@ mod gauge {
             .into_iter()
             .find_map(|(key, _, _, value)| {
                 let key = key.key();
-                let is_it = key.name() == "persist_durable_resident_users"
+                let is_it = key.name() == "persist_durable_resident_entities"
                     && key.labels().any(|l| l.key() == "entity" && l.value() == entity);
                 match value {
                     DebugValue::Gauge(gauge) if is_it => Some(gauge.into_inner()),
@@ -240,7 +240,7 @@ async fn the_resident_gauge_counts_the_entities_of_all_shards(#[values(Backend::
         carts.send(cart, add).await.unwrap();
     }
 
-    assert_eq!(carts.stats().await.unwrap().resident_users, 40);
+    assert_eq!(carts.stats().await.unwrap().resident_entities, 40);
     assert_eq!(
         gauge::resident("Cart"),
         Some(40.0),

@@ -10,7 +10,9 @@ use super::protocol::{ChildEvent, FromChild, Passivate, ReplyTo};
 use crate::config::Config;
 use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, PersistenceId, RecordOrigin, Revision, Step};
 use crate::error::{CommandError, StoreError};
-use crate::store::{encode_durable, SharedStore};
+use crate::store::ext::{load_durable, write_encoded};
+use crate::store::payload::encode as encode_durable;
+use crate::store::SharedStore;
 
 /// A command (with its event's id and time) for the entity of an
 /// [`EntityActor`]; answered with the state after it.
@@ -103,26 +105,51 @@ pub struct EntityActor<E: DurableEntity> {
     /// The store, configuration and manager: one per shard (or per
     /// stand-alone actor), 8 bytes per resident entity.
     shared: Arc<Shared<E>>,
-    /// What the store holds, or `None` when it must be (re)loaded before the
-    /// next write: not restored yet, or a write did not succeed.
-    committed: Option<(Revision, Durable<E>)>,
+    /// Where its state is: loaded, being loaded or written.
+    phase: Phase<E>,
+    /// Whether it runs on or is on its way out.
+    lifecycle: Lifecycle,
     /// Commands received and not yet part of a write, in arrival order.
     queue: Vec<Queued<E>>,
-    /// A load or write is in flight.
-    busy: bool,
-    /// Stop as soon as nothing is queued or in flight.
-    stop_when_drained: bool,
-    /// Reload before the next command: a refusal must be checked against
-    /// the stored state, which another node may have changed.
-    reload: bool,
-    /// Under a manager: it asked to be passivated.
-    passivation_requested: bool,
-    /// It stopped itself: passivated, or idle on its own.
-    stop_asked: bool,
     last_active: Instant,
-    /// Under a manager: which of its incarnations this actor is (from 1);
-    /// 0 for a stand-alone actor.
-    incarnation: u32,
+    /// Stand-alone, or which incarnation under its shard.
+    owner: Owner,
+}
+
+/// Where an actor's state is.
+enum Phase<E: DurableEntity> {
+    /// Not known: restored before the next command (not restored yet, a
+    /// write did not succeed, or a refusal must be checked on a fresh state).
+    Unloaded,
+    /// A restore is in flight.
+    Restoring,
+    /// What the store holds, at its revision: commands apply to it.
+    Ready(Revision, Durable<E>),
+    /// A write is in flight; once it commits, the state is reloaded first
+    /// when `reload_after` (a command was refused on a state that may be stale).
+    Writing { reload_after: bool },
+}
+
+/// Whether an actor runs on or stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lifecycle {
+    Running,
+    /// Under a shard: it asked to be passivated, and waits to be told.
+    PassivationRequested,
+    /// Told to passivate: it stops once nothing is queued or in flight.
+    Draining,
+    /// It stopped itself (passivated, or idle on its own); `stopping` lets it.
+    Stopping,
+}
+
+/// Whom an actor answers to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// Started on its own: it stops itself when idle.
+    StandAlone,
+    /// Under its shard, as the entity's incarnation `n` (from 1): the shard
+    /// tells a message of this actor from one of an earlier incarnation.
+    Shard { incarnation: u32 },
 }
 
 /// What every actor of one shard shares.
@@ -152,78 +179,94 @@ struct Queued<E: DurableEntity> {
 type Written<E> = Vec<(Queued<E>, E)>;
 
 impl<E: DurableEntity> EntityActor<E> {
-    /// A stand-alone actor for `key`; start it with [`Actor::start`].
+    /// A stand-alone actor for `key` with the entity's default settings;
+    /// start it with [`Actor::start`].
     pub fn new(key: E::Key, store: SharedStore, config: Config) -> Self {
+        Self::with_settings(key, store, config, E::Settings::default())
+    }
+
+    /// A stand-alone actor for `key` whose transitions use `settings`.
+    pub fn with_settings(key: E::Key, store: SharedStore, config: Config, settings: E::Settings) -> Self {
         let shared = Shared {
             store,
-            settings: E::settings(&config),
+            settings,
             config,
             manager: None,
         };
-        Self::with_shared(key, Arc::new(shared), 0)
+        Self::with_shared(key, Arc::new(shared), Owner::StandAlone)
     }
 
-    /// The actor of `key`, incarnation `incarnation` under its shard (0: stand-alone).
-    pub(crate) fn with_shared(key: E::Key, shared: Arc<Shared<E>>, incarnation: u32) -> Self {
+    /// The actor of `key`, incarnation `incarnation` (from 1) under its shard.
+    pub(crate) fn under_shard(key: E::Key, shared: Arc<Shared<E>>, incarnation: u32) -> Self {
+        Self::with_shared(key, shared, Owner::Shard { incarnation })
+    }
+
+    fn with_shared(key: E::Key, shared: Arc<Shared<E>>, owner: Owner) -> Self {
         Self {
             key,
             shared,
-            committed: None,
+            phase: Phase::Unloaded,
+            lifecycle: Lifecycle::Running,
             queue: Vec::new(),
-            busy: false,
-            stop_when_drained: false,
-            reload: false,
-            passivation_requested: false,
-            stop_asked: false,
             last_active: Instant::now(),
-            incarnation,
+            owner,
         }
     }
 
-    /// Its shard, if it has one and this is not a stand-alone actor.
-    fn shard(&self) -> Option<&Recipient<FromChild<E::Key>>> {
-        self.shared.manager.as_ref().filter(|_| self.incarnation != 0)
+    /// Its shard and its incarnation there, unless it is stand-alone.
+    fn shard(&self) -> Option<(&Recipient<FromChild<E::Key>>, u32)> {
+        match self.owner {
+            Owner::StandAlone => None,
+            Owner::Shard { incarnation } => self.shared.manager.as_ref().map(|shard| (shard, incarnation)),
+        }
     }
 
+    /// Nothing queued, no load or write in flight.
     fn is_drained(&self) -> bool {
-        !self.busy && self.queue.is_empty()
+        self.queue.is_empty() && !matches!(self.phase, Phase::Restoring | Phase::Writing { .. })
     }
 
     /// Moves the actor forward: restore if needed, else write what is queued;
-    /// then, if passivation was asked for and nothing is left, stop.
+    /// then, if it is draining and nothing is left, stop.
     fn pump(&mut self, ctx: &mut Context<Self>) {
-        if !self.busy && !self.queue.is_empty() {
-            match self.committed.take() {
-                None => self.restore(ctx),
+        if !self.queue.is_empty() {
+            match std::mem::replace(&mut self.phase, Phase::Unloaded) {
+                Phase::Unloaded => self.restore(ctx),
                 // May answer everything at once (reads, redeliveries) and stay idle.
-                Some(committed) => self.write_queued(committed, ctx),
+                Phase::Ready(revision, durable) => self.write_queued(revision, durable, ctx),
+                busy => self.phase = busy,
             }
         }
-        if self.stop_when_drained && self.is_drained() {
-            self.stop_asked = true;
-            ctx.stop();
+        if self.lifecycle == Lifecycle::Draining && self.is_drained() {
+            self.stop_self(ctx);
         }
     }
 
+    fn stop_self(&mut self, ctx: &mut Context<Self>) {
+        self.lifecycle = Lifecycle::Stopping;
+        ctx.stop();
+    }
+
     fn restore(&mut self, ctx: &mut Context<Self>) {
-        self.busy = true;
+        self.phase = Phase::Restoring;
         let (store, key) = (self.shared.store.clone(), self.key.persistence_id());
         ctx.spawn(
-            async move { store.load_durable::<E>(&key).await }
+            async move { load_durable::<E, _>(store.as_ref(), &key).await }
                 .into_actor(self)
                 .map(|restored, actor, ctx| {
-                    actor.busy = false;
                     // Idle time counts from the end of work, not its start.
                     actor.last_active = Instant::now();
                     match restored {
                         Ok(stored) => {
-                            actor.committed = Some(stored.unwrap_or_else(crate::StoredState::initial).into_durable());
+                            let (revision, durable) = stored.unwrap_or_default();
+                            actor.phase = Phase::Ready(revision, durable);
                             // What is queued now meets the stored state.
                             for queued in &mut actor.queue {
                                 queued.on_fresh_state = true;
                             }
                         }
                         Err(error) => {
+                            actor.phase = Phase::Unloaded;
                             warn!(key = %actor.key, %error, "restore failed; queued commands fail, the next one retries");
                             for queued in actor.queue.drain(..) {
                                 queued.answer(Err(CommandError::from_store(&actor.key, error.clone())));
@@ -235,8 +278,7 @@ impl<E: DurableEntity> EntityActor<E> {
         );
     }
 
-    fn write_queued(&mut self, committed: (Revision, Durable<E>), ctx: &mut Context<Self>) {
-        let (expected, mut current) = committed;
+    fn write_queued(&mut self, expected: Revision, mut current: Durable<E>, ctx: &mut Context<Self>) {
         // The states this write commits: with a change feed every one (the
         // feed gets each), else only the last, which the row keeps.
         let every_change = self.shared.store.keeps_change_feed();
@@ -246,6 +288,8 @@ impl<E: DurableEntity> EntityActor<E> {
         let mut persistence_id = None;
         let mut revision = expected;
         let mut written: Written<E> = Vec::with_capacity(self.queue.len());
+        // A refusal on a state that may be stale: reload, then decide again.
+        let mut reload = false;
         let mut queue = std::mem::take(&mut self.queue).into_iter();
         while let Some(queued) = queue.next() {
             let step = current.step(
@@ -265,7 +309,7 @@ impl<E: DurableEntity> EntityActor<E> {
                 // Refused on a state that may be stale (another node may have
                 // written since it was loaded): reload, then decide again.
                 Step::Rejected(_) if !queued.on_fresh_state => {
-                    self.reload = true;
+                    reload = true;
                     self.queue.push(queued);
                     self.queue.extend(queue);
                     break;
@@ -290,10 +334,10 @@ impl<E: DurableEntity> EntityActor<E> {
             }
         }
         if revision == expected {
-            if std::mem::take(&mut self.reload) {
+            if reload {
                 self.restore(ctx);
             } else {
-                self.committed = Some((expected, current));
+                self.phase = Phase::Ready(expected, current);
             }
             return;
         }
@@ -301,16 +345,15 @@ impl<E: DurableEntity> EntityActor<E> {
         if !every_change {
             push_encoded(&mut payloads, &key, &current);
         }
-        self.busy = true;
+        self.phase = Phase::Writing { reload_after: reload };
         let store = self.shared.store.clone();
         ctx.spawn(
             async move {
-                let result = store.write_encoded::<E>(key, expected, revision, payloads?).await;
+                let result = write_encoded::<E, _>(store.as_ref(), key, expected, revision, payloads?).await;
                 result.map(|revision| (revision, current))
             }
             .into_actor(self)
             .map(move |result, actor, ctx| {
-                actor.busy = false;
                 actor.last_active = Instant::now();
                 actor.settle(result, written);
                 actor.pump(ctx);
@@ -320,11 +363,16 @@ impl<E: DurableEntity> EntityActor<E> {
 
     /// Answers the events of a finished write, or queues them again after a conflict.
     fn settle(&mut self, result: Result<(Revision, Durable<E>), StoreError>, written: Written<E>) {
+        let reload_after = matches!(self.phase, Phase::Writing { reload_after: true });
         let error = match result {
-            Ok(committed) => {
-                debug!(key = %self.key, revision = %committed.0, events = written.len(), "committed");
+            Ok((revision, durable)) => {
+                debug!(key = %self.key, %revision, events = written.len(), "committed");
                 // After a refusal on possibly stale state, the next command reloads.
-                self.committed = (!std::mem::take(&mut self.reload)).then_some(committed);
+                self.phase = if reload_after {
+                    Phase::Unloaded
+                } else {
+                    Phase::Ready(revision, durable)
+                };
                 for (queued, state) in written {
                     queued.answer(Ok(state));
                 }
@@ -333,8 +381,7 @@ impl<E: DurableEntity> EntityActor<E> {
             Err(error) => error,
         };
         // The stored state is not what this actor believed: reload first.
-        self.committed = None;
-        self.reload = false;
+        self.phase = Phase::Unloaded;
         let mut retry = Vec::new();
         // Ingested records behind a failed one come later in their
         // partition: committed now, they would mark the failed one as
@@ -377,21 +424,20 @@ impl<E: DurableEntity> EntityActor<E> {
         if !self.is_drained() || self.last_active.elapsed() < self.shared.config.idle_timeout {
             return;
         }
-        if self.incarnation == 0 {
-            debug!(key = %self.key, "idle; stopping");
-            self.stop_asked = true;
-            ctx.stop();
+        if self.lifecycle != Lifecycle::Running {
             return;
         }
-        if let Some(shard) = self.shard().filter(|_| !self.passivation_requested) {
-            debug!(key = %self.key, "idle; asking the manager to passivate");
-            shard.do_send(FromChild {
-                key: self.key.clone(),
-                incarnation: self.incarnation,
-                event: ChildEvent::PassivationRequested,
-            });
-            self.passivation_requested = true;
-        }
+        let Some((shard, incarnation)) = self.shard() else {
+            debug!(key = %self.key, "idle; stopping");
+            return self.stop_self(ctx);
+        };
+        debug!(key = %self.key, "idle; asking the manager to passivate");
+        shard.do_send(FromChild {
+            key: self.key.clone(),
+            incarnation,
+            event: ChildEvent::PassivationRequested,
+        });
+        self.lifecycle = Lifecycle::PassivationRequested;
     }
 
     /// Queues `event`, answered through `reply` once it is applied and committed.
@@ -438,13 +484,13 @@ impl<E: DurableEntity> EntityActor<E> {
         });
     }
 
-    /// `count` more commands stay within [`Config::max_queued_per_user`].
+    /// `count` more commands stay within [`Config::max_queued_per_entity`].
     fn has_room_for(&self, count: usize) -> bool {
-        self.queue.len() + count <= self.shared.config.max_queued_per_user
+        self.queue.len() + count <= self.shared.config.max_queued_per_entity
     }
 
     fn overloaded(&self) -> CommandError<E> {
-        let limit = self.shared.config.max_queued_per_user;
+        let limit = self.shared.config.max_queued_per_entity;
         CommandError::Overloaded {
             key: self.key.clone(),
             reason: format!("{limit} commands are already queued for this entity"),
@@ -541,7 +587,7 @@ impl<E: DurableEntity> Actor for EntityActor<E> {
     /// nothing to do, and although the idle check always gives it something,
     /// this keeps that from ever becoming a reason to stop.
     fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {
-        if self.stop_asked {
+        if self.lifecycle == Lifecycle::Stopping {
             Running::Stop
         } else {
             Running::Continue
@@ -554,10 +600,10 @@ impl<E: DurableEntity> Actor for EntityActor<E> {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        if let Some(shard) = self.shard() {
+        if let Some((shard, incarnation)) = self.shard() {
             shard.do_send(FromChild {
                 key: self.key.clone(),
-                incarnation: self.incarnation,
+                incarnation,
                 event: ChildEvent::Stopped,
             });
         }
@@ -590,7 +636,9 @@ impl<E: DurableEntity> Handler<Passivate> for EntityActor<E> {
 
     fn handle(&mut self, _: Passivate, ctx: &mut Self::Context) {
         debug!(key = %self.key, "passivating once drained");
-        self.stop_when_drained = true;
+        if self.lifecycle != Lifecycle::Stopping {
+            self.lifecycle = Lifecycle::Draining;
+        }
         self.pump(ctx);
     }
 }

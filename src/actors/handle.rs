@@ -6,7 +6,6 @@ use super::entity_actor::{Answer, Records};
 use super::manager::{EntityManager, Shards};
 use super::messages::{EntityCommand, EntityRecords, GetManagerStats, HandOver, ManagerStats};
 use crate::config::Config;
-use crate::domain::UserState;
 use crate::entity::{DurableEntity, EntityEvent};
 use crate::error::{CommandError, StoreError};
 use crate::store::SharedStore;
@@ -18,7 +17,7 @@ use crate::store::SharedStore;
 /// [`CommandError::NotDelivered`], not a second layer of `Result`. Share it
 /// with actix-web handlers as `web::Data<Entities<E>>`; the manager's
 /// [`Addr`] stays available through [`addr`](Self::addr). For users it is
-/// [`UserStates`].
+/// [`UserStates`](crate::UserStates).
 ///
 /// A handle from [`start`](Self::start) picks the entity's shard in the
 /// caller's thread and sends the command there, one hop shorter than a
@@ -42,13 +41,18 @@ pub struct Entities<E: DurableEntity> {
     store: SharedStore,
 }
 
-/// The typed handle to the user states.
-pub type UserStates = Entities<UserState>;
-
 impl<E: DurableEntity> Entities<E> {
-    /// Starts a manager for `E` on `store` and returns its handle.
+    /// Starts a manager for `E` on `store`, with the entity's default
+    /// settings, and returns its handle.
     pub fn start(store: SharedStore, config: Config) -> Self {
-        let (manager, shards) = EntityManager::<E>::new(store.clone(), config).start_with_shards();
+        Self::start_with(store, config, E::Settings::default())
+    }
+
+    /// Starts a manager for `E` on `store` whose entities' transitions use
+    /// `settings` (for users a [`StatePolicy`](crate::StatePolicy)), and
+    /// returns its handle.
+    pub fn start_with(store: SharedStore, config: Config, settings: E::Settings) -> Self {
+        let (manager, shards) = EntityManager::<E>::with_settings(store.clone(), config, settings).start_with_shards();
         Self {
             manager,
             shards: Some(shards),

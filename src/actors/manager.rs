@@ -30,7 +30,7 @@ use crate::store::SharedStore;
 /// command crosses threads once on its way to the actor; the typed handle
 /// picks the shard in the caller's thread, a message sent to this actor's
 /// address is passed on to it. [`Config::max_commands_in_flight`] and
-/// [`Config::max_resident_users`] bound all shards together, and
+/// [`Config::max_resident`] bound all shards together, and
 /// [`GetManagerStats`] sums theirs.
 ///
 /// Passivation is a handshake, as in Pekko's cluster sharding: an idle actor
@@ -40,7 +40,7 @@ use crate::store::SharedStore;
 /// stopped (its last write committed), the held-back commands go to a new
 /// actor, which restores the committed state first. No command is lost,
 /// bounced with a mailbox error, or applied twice. At most
-/// [`Config::max_queued_per_user`] commands are held per entity, the bound
+/// [`Config::max_queued_per_entity`] commands are held per entity, the bound
 /// of a live actor's queue: beyond it they are refused at once with
 /// [`CommandError::Overloaded`](crate::CommandError::Overloaded).
 ///
@@ -153,11 +153,9 @@ impl<E: DurableEntity> Clone for Shards<E> {
 
 impl<E: DurableEntity> EntityManager<E> {
     /// A manager whose entity actors persist to `store` and behave as
-    /// `config` says, with the entity's settings from
-    /// [`DurableEntity::settings`].
+    /// `config` says, with the entity's default settings.
     pub fn new(store: SharedStore, config: Config) -> Self {
-        let settings = E::settings(&config);
-        Self::with_settings(store, config, settings)
+        Self::with_settings(store, config, E::Settings::default())
     }
 
     /// A manager whose entities' transitions use `settings`.

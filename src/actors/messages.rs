@@ -55,7 +55,7 @@ pub struct GetManagerStats;
 #[non_exhaustive]
 pub struct ManagerStats {
     /// Entities with an actor now (passivating ones included).
-    pub resident_users: usize,
+    pub resident_entities: usize,
     /// Actors started: first activations and restores after passivation.
     pub activations: u64,
     /// Passivations completed, of any cause: idleness, eviction or hand-over.
@@ -64,10 +64,10 @@ pub struct ManagerStats {
     /// [`Config::idle_timeout`](crate::Config::idle_timeout).
     pub idle_passivations: u64,
     /// Commands that arrived while their entity was passivating and were
-    /// held for its next actor (at most [`Config::max_queued_per_user`](crate::Config::max_queued_per_user) at a
+    /// held for its next actor (at most [`Config::max_queued_per_entity`](crate::Config::max_queued_per_entity) at a
     /// time per entity; beyond it they are refused).
     pub commands_held_during_passivation: u64,
-    /// Entities passivated early because [`Config::max_resident_users`](crate::Config::max_resident_users) was reached.
+    /// Entities passivated early because [`Config::max_resident`](crate::Config::max_resident) was reached.
     pub evictions: u64,
     /// Entities passivated because the ingest feeding them lost their
     /// source partition to another node (a rebalance).
@@ -76,7 +76,7 @@ pub struct ManagerStats {
     pub purged: u64,
     /// Commands refused with [`CommandError::Overloaded`] by the manager:
     /// beyond [`Config::max_commands_in_flight`](crate::Config::max_commands_in_flight), or beyond
-    /// [`Config::max_queued_per_user`](crate::Config::max_queued_per_user) held for a passivating entity.
+    /// [`Config::max_queued_per_entity`](crate::Config::max_queued_per_entity) held for a passivating entity.
     pub commands_refused: u64,
 }
 
@@ -84,7 +84,7 @@ impl ManagerStats {
     /// Both counts together: a manager's stats are the sum of its shards'.
     pub(crate) fn add(self, other: Self) -> Self {
         Self {
-            resident_users: self.resident_users + other.resident_users,
+            resident_entities: self.resident_entities + other.resident_entities,
             activations: self.activations + other.activations,
             passivations: self.passivations + other.passivations,
             idle_passivations: self.idle_passivations + other.idle_passivations,

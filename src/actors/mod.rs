@@ -10,13 +10,11 @@ mod messages;
 mod placement;
 mod protocol;
 mod shard;
-mod users;
 
 pub use entity_actor::{EntityActor, Execute};
-pub use handle::{Entities, UserStates};
+pub use handle::Entities;
 pub use manager::EntityManager;
 pub use messages::{EntityCommand, GetManagerStats, ManagerStats, PurgeIdle};
-pub use users::{UserCommand, UserStateActor, UserStateManager};
 
 use actix::dev::channel;
 use actix::{Actor, Addr, ArbiterHandle, Context};

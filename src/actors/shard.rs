@@ -49,7 +49,7 @@ use delivery::{Batch, Delivery, Held, One};
 /// when it has stopped (its last write committed), the held-back commands go
 /// to a new actor, which restores the committed state first. No command is
 /// lost, bounced with a mailbox error, or applied twice. At most
-/// [`Config::max_queued_per_user`](crate::Config::max_queued_per_user)
+/// [`Config::max_queued_per_entity`](crate::Config::max_queued_per_entity)
 /// commands are held per entity, the bound of a live actor's queue: beyond
 /// it the shard refuses them at once with
 /// [`CommandError::Overloaded`](crate::CommandError::Overloaded).
@@ -73,7 +73,7 @@ pub(crate) struct Shard<E: DurableEntity> {
     /// A logical clock: one tick per command, to find the least recently used entities.
     ticks: u32,
     /// Entities with an actor that is not passivating, across all shards:
-    /// what [`Config::max_resident_users`](crate::Config::max_resident_users) bounds.
+    /// what [`Config::max_resident`](crate::Config::max_resident) bounds.
     active: Arc<AtomicUsize>,
     /// The retention purge under way and the commands it holds back.
     retention: retention::Retention<E>,
@@ -104,7 +104,7 @@ impl<E: DurableEntity> Child<E> {
 /// nothing for it.
 struct Passivating<E: DurableEntity> {
     /// Commands for the successor, at most
-    /// [`Config::max_queued_per_user`](crate::Config::max_queued_per_user).
+    /// [`Config::max_queued_per_entity`](crate::Config::max_queued_per_entity).
     held: Vec<Held<E>>,
     cause: PassivationCause,
 }
@@ -114,7 +114,7 @@ struct Passivating<E: DurableEntity> {
 enum PassivationCause {
     /// It was idle and asked for it.
     Idle,
-    /// [`Config::max_resident_users`](crate::Config::max_resident_users) was reached and it was least recently used.
+    /// [`Config::max_resident`](crate::Config::max_resident) was reached and it was least recently used.
     Evicted,
     /// The ingest that fed it lost its source partition to another node,
     /// which must find the state as committed.
@@ -138,7 +138,7 @@ impl<E: DurableEntity> Shard<E> {
     /// shard's own address when it starts.
     pub(crate) fn new(shared: Arc<Shared<E>>, placement: Placement, counters: &ShardCounters) -> Self {
         let ShardCounters { in_flight, active } = counters.clone();
-        let children = HashMap::with_capacity(placement.share_of(shared.config.max_resident_users).min(MAX_RESERVED));
+        let children = HashMap::with_capacity(placement.share_of(shared.config.max_resident).min(MAX_RESERVED));
         Self {
             shared,
             placement,
@@ -191,12 +191,12 @@ impl<E: DurableEntity> Shard<E> {
     /// Passivates least recently used entities of this shard, other than
     /// `started` (the one whose activation brought this about), once all
     /// shards together hold more than
-    /// [`Config::max_resident_users`](crate::Config::max_resident_users):
+    /// [`Config::max_resident`](crate::Config::max_resident):
     /// the excess and a hundredth of the limit more, so the scan is paid once
     /// per many activations. A shard with nothing to evict leaves the excess
     /// to the next activation.
     fn evict_least_recently_used(&mut self, started: &E::Key) {
-        let limit = self.shared.config.max_resident_users;
+        let limit = self.shared.config.max_resident;
         if self.active.load(Ordering::Relaxed) <= limit {
             return;
         }
@@ -231,8 +231,8 @@ impl<E: DurableEntity> Shard<E> {
         self.stats.activations += 1;
         metrics::counter!("persist_durable_activations_total", "entity" => E::ENTITY_TYPE).increment(1);
         // Each shard adds its own: the gauge is the sum of all shards'.
-        metrics::gauge!("persist_durable_resident_users", "entity" => E::ENTITY_TYPE).increment(1);
-        let actor = EntityActor::with_shared(key.clone(), self.shared.clone(), self.next_incarnation);
+        metrics::gauge!("persist_durable_resident_entities", "entity" => E::ENTITY_TYPE).increment(1);
+        let actor = EntityActor::under_shard(key.clone(), self.shared.clone(), self.next_incarnation);
         let addr = start_unbounded(actor, None);
         Child {
             addr: addr.downgrade(),
@@ -263,7 +263,7 @@ impl<E: DurableEntity> Actor for Shard<E> {
     }
 }
 
-/// The commands in `held`: what counts against [`Config::max_queued_per_user`](crate::Config::max_queued_per_user).
+/// The commands in `held`: what counts against [`Config::max_queued_per_entity`](crate::Config::max_queued_per_entity).
 fn held_commands<E: DurableEntity>(held: &[Held<E>]) -> usize {
     held.iter().map(Held::len).sum()
 }
@@ -347,7 +347,7 @@ impl<E: DurableEntity> Shard<E> {
                 addr
             }
         };
-        let max_held = self.shared.config.max_queued_per_user;
+        let max_held = self.shared.config.max_queued_per_entity;
         let Some(passivating) = self.passivating.get_mut(&key) else {
             return delivery.forward(addr.upgrade());
         };
@@ -413,7 +413,7 @@ impl<E: DurableEntity> Shard<E> {
                 held
             }
         };
-        metrics::gauge!("persist_durable_resident_users", "entity" => E::ENTITY_TYPE).decrement(1);
+        metrics::gauge!("persist_durable_resident_entities", "entity" => E::ENTITY_TYPE).decrement(1);
         debug!(key = %key, held = held.len(), "entity actor stopped");
         if held.is_empty() {
             return;
@@ -439,7 +439,7 @@ impl<E: DurableEntity> Handler<GetManagerStats> for Shard<E> {
 
     fn handle(&mut self, _: GetManagerStats, _ctx: &mut Self::Context) -> Self::Result {
         MessageResult(ManagerStats {
-            resident_users: self.children.len(),
+            resident_entities: self.children.len(),
             ..self.stats
         })
     }

@@ -6,6 +6,11 @@ use serde::{Deserialize, Serialize};
 use super::UserState;
 use crate::entity::{validate, EntityKey, IdField, InvalidInput};
 
+/// The fields of a user's ids, as errors name them.
+pub(crate) const MALL_ID: IdField = IdField::Named("mall id");
+pub(crate) const USER_ID: IdField = IdField::Named("user id");
+const PRODUCT_ID: IdField = IdField::Named("product id");
+
 /// Identifies one shop user: a mall id plus a user id, both validated.
 ///
 /// The pair is the identity, not a joined string: `("a-b", "c")` and
@@ -39,8 +44,8 @@ impl UserKey {
     /// Validates both ids: non-empty, at most [`MAX_ID_BYTES`](crate::MAX_ID_BYTES) bytes, no control characters.
     pub fn new(mall_id: impl Into<String>, user_id: impl Into<String>) -> Result<Self, InvalidInput> {
         let (mall_id, user_id) = (mall_id.into(), user_id.into());
-        validate(IdField::MallId, &mall_id)?;
-        validate(IdField::UserId, &user_id)?;
+        validate(MALL_ID, &mall_id)?;
+        validate(USER_ID, &user_id)?;
         Ok(Self(Arc::new(Ids { mall_id, user_id })))
     }
 
@@ -107,7 +112,7 @@ impl ProductId {
     /// Validates the id: non-empty, at most [`MAX_ID_BYTES`](crate::MAX_ID_BYTES) bytes, no control characters.
     pub fn new(id: impl Into<String>) -> Result<Self, InvalidInput> {
         let id = id.into();
-        validate(IdField::ProductId, &id)?;
+        validate(PRODUCT_ID, &id)?;
         Ok(Self(id))
     }
 
@@ -151,20 +156,9 @@ mod tests {
 
     #[test]
     fn rejects_empty_ids_naming_the_field() {
-        assert_eq!(
-            UserKey::new("", "u"),
-            Err(InvalidInput::EmptyId { field: IdField::MallId })
-        );
-        assert_eq!(
-            UserKey::new("m", ""),
-            Err(InvalidInput::EmptyId { field: IdField::UserId })
-        );
-        assert_eq!(
-            ProductId::new(""),
-            Err(InvalidInput::EmptyId {
-                field: IdField::ProductId
-            })
-        );
+        assert_eq!(UserKey::new("", "u"), Err(InvalidInput::EmptyId { field: MALL_ID }));
+        assert_eq!(UserKey::new("m", ""), Err(InvalidInput::EmptyId { field: USER_ID }));
+        assert_eq!(ProductId::new(""), Err(InvalidInput::EmptyId { field: PRODUCT_ID }));
     }
 
     #[test]
@@ -175,7 +169,7 @@ mod tests {
         assert_eq!(
             UserKey::new(over, "u"),
             Err(InvalidInput::IdTooLong {
-                field: IdField::MallId,
+                field: MALL_ID,
                 len: MAX_ID_BYTES + 1,
                 max: MAX_ID_BYTES
             })
@@ -187,7 +181,7 @@ mod tests {
         assert_eq!(
             UserKey::new("m", "us\ner"),
             Err(InvalidInput::ControlCharacter {
-                field: IdField::UserId,
+                field: USER_ID,
                 position: 2
             })
         );

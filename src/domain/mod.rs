@@ -5,7 +5,7 @@
 
 pub mod cart;
 mod command;
-mod key;
+pub(crate) mod key;
 mod state;
 
 pub use command::{Command, Event};

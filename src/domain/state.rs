@@ -4,7 +4,6 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{Command, Event, ProductId, UserKey};
-use crate::config::Config;
 use crate::entity::DurableEntity;
 
 /// The latest known state of one user.
@@ -47,10 +46,6 @@ impl DurableEntity for UserState {
 
     fn is_delete(command: &Command) -> bool {
         matches!(command, Command::DeleteUser)
-    }
-
-    fn settings(config: &Config) -> StatePolicy {
-        StatePolicy::default().with_recent_products_limit(config.recent_products_limit)
     }
 }
 

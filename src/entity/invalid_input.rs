@@ -4,25 +4,18 @@ use std::fmt;
 
 /// Which id an [`InvalidInput`] is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IdField {
-    /// The mall id of a [`UserKey`](crate::UserKey).
-    MallId,
-    /// The user id of a [`UserKey`](crate::UserKey).
-    UserId,
-    /// The product id of a [`ViewProduct`](crate::Command::ViewProduct).
-    ProductId,
-    /// The id of an [`Event`](crate::Event).
+    /// The id of an [`EntityEvent`](crate::EntityEvent).
     EventId,
-    /// An id of another entity's key, named by its [`validate_id`](crate::validate_id) call.
+    /// An id of an entity's key or command, named by its
+    /// [`validate_id`](crate::validate_id) call ("mall id", "cart id").
     Named(&'static str),
 }
 
 impl fmt::Display for IdField {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
-            IdField::MallId => "mall id",
-            IdField::UserId => "user id",
-            IdField::ProductId => "product id",
             IdField::EventId => "event id",
             IdField::Named(name) => name,
         })

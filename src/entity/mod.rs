@@ -29,8 +29,6 @@ pub use source::SourceOffsets;
 pub(crate) use source::{AppliedOffsets, RecordOrigin};
 pub(crate) use transition::{Durable, Step};
 
-use crate::config::Config;
-
 /// One type of durable entity: its state (this type), its key, its commands
 /// and the pure transition between states.
 ///
@@ -165,12 +163,6 @@ pub trait DurableEntity:
     fn command_name(command: &Self::Command) -> &'static str {
         let _ = command;
         "command"
-    }
-
-    /// The settings a manager started with `config` uses; the default settings unless overridden.
-    fn settings(config: &Config) -> Self::Settings {
-        let _ = config;
-        Self::Settings::default()
     }
 }
 

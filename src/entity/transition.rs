@@ -35,6 +35,7 @@ pub(crate) enum Step<E: DurableEntity> {
 }
 
 impl<E: DurableEntity> Durable<E> {
+    #[cfg(test)]
     pub(crate) fn new(state: E, event_ids: Vec<EventId>) -> Self {
         Self {
             state,
@@ -45,14 +46,14 @@ impl<E: DurableEntity> Durable<E> {
         }
     }
 
-    pub(crate) fn from_stored(state: E, machinery: crate::store::Machinery) -> Self {
-        Self {
-            state,
-            event_ids: machinery.recent_event_ids,
-            erased_at: machinery.erased_at,
-            tombstone: machinery.deleted,
-            source_offsets: AppliedOffsets::from_map(machinery.source_offsets),
-        }
+    /// This state is the revision that deleted the entity.
+    pub(crate) fn is_tombstone(&self) -> bool {
+        self.tombstone
+    }
+
+    /// When the entity was last deleted, if ever.
+    pub(crate) fn erased_at(&self) -> Option<DateTime<Utc>> {
+        self.erased_at
     }
 
     /// Applies `event`, received at `now` (from `origin` when ingested),

@@ -28,12 +28,19 @@
 //! ```
 
 mod config;
+mod consume;
+mod dead_letter;
 mod decode;
+mod deliver;
 mod error;
+mod handle;
 mod ingest;
+mod positions;
 mod progress;
+mod rebalance;
+mod state;
 
 pub use config::{IngestConfig, StartAt};
 pub use decode::{IngestRecord, JsonRecords, RecordDecoder};
 pub use error::IngestError;
-pub use ingest::{IngestStats, KafkaIngest};
+pub use handle::{IngestStats, KafkaIngest};

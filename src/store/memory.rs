@@ -1,26 +1,46 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
-use super::{StateStore, StoreStats, StoredRow, WriteRow};
+use super::capability::{ChangeLog, Maintenance, Offsets, StateStore};
+use super::payload::TOMBSTONE;
+use super::rows::{ChangeRow, StoreStats, StoredRow, WriteRow};
 use crate::entity::{PersistenceId, Revision};
 use crate::error::StoreError;
 
 /// A store in process memory, for unit tests of actor logic.
 ///
-/// It keeps the same revision rules as the database stores, and can be told
-/// to fail like a database that is down. Nothing survives the process.
+/// It keeps the same revision rules as the database stores, a change feed
+/// when made with [`with_change_feed`](Self::with_change_feed), and can be
+/// told to fail like a database that is down. Nothing survives the process.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    rows: Mutex<HashMap<PersistenceId, StoredRow>>,
-    /// When each row was last written (`db_timestamp`), for retention.
-    written_at: Mutex<HashMap<PersistenceId, chrono::DateTime<chrono::Utc>>>,
-    /// Named reader positions (`load_offset` / `save_offset`).
-    offsets: Mutex<HashMap<String, u64>>,
+    tables: Mutex<Tables>,
+    /// Record every committed revision in the feed.
+    feed: bool,
     unavailable: AtomicBool,
-    stats: Mutex<StoreStats>,
+}
+
+/// Everything the store holds, under one lock: a write and its feed rows
+/// are one step, as in a database transaction.
+#[derive(Debug, Default)]
+struct Tables {
+    rows: HashMap<PersistenceId, Row>,
+    /// Named reader positions (`load_offset` / `save_offset`).
+    offsets: HashMap<String, u64>,
+    /// The change feed, in position order (position = index + 1).
+    changes: Vec<ChangeRow>,
+    stats: StoreStats,
+}
+
+#[derive(Debug)]
+struct Row {
+    stored: StoredRow,
+    /// `db_timestamp`: when the row was last written, for retention.
+    written_at: DateTime<Utc>,
 }
 
 /// What the memory store fails with while it is told to.
@@ -29,9 +49,19 @@ pub struct MemoryStore {
 struct ToldToFail;
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store without a change feed.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store that records every committed revision in its change
+    /// feed, as a database store opened with
+    /// [`StoreConfig::with_change_feed`](crate::StoreConfig::with_change_feed).
+    pub fn with_change_feed() -> Self {
+        Self {
+            feed: true,
+            ..Self::default()
+        }
     }
 
     /// Makes every later load and write fail with [`StoreError::Unavailable`]
@@ -40,105 +70,140 @@ impl MemoryStore {
         self.unavailable.store(unavailable, Ordering::SeqCst);
     }
 
-    fn check_available(&self) -> Result<(), StoreError> {
+    /// The tables, once the store is available.
+    fn tables(&self) -> Result<MutexGuard<'_, Tables>, StoreError> {
         if self.unavailable.load(Ordering::SeqCst) {
-            Err(StoreError::unavailable(ToldToFail))
-        } else {
-            Ok(())
+            return Err(StoreError::unavailable(ToldToFail));
         }
-    }
-
-    fn record(&self, update: impl FnOnce(&mut StoreStats)) {
-        update(&mut self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
-    }
-
-    fn rows(&self) -> std::sync::MutexGuard<'_, HashMap<PersistenceId, StoredRow>> {
-        self.rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        Ok(self.tables.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
     }
 }
 
-super::typed_access!(MemoryStore);
+impl Tables {
+    fn record_change(&mut self, key: &PersistenceId, revision: Revision, schema_version: u32, payload: &[u8]) {
+        let position = self.changes.len() as u64 + 1;
+        self.changes.push(ChangeRow {
+            position,
+            key: key.clone(),
+            revision,
+            schema_version,
+            payload: payload.to_vec(),
+            committed_at: Utc::now(),
+        });
+    }
+}
 
 #[async_trait]
 impl StateStore for MemoryStore {
     async fn load_row(&self, key: &PersistenceId) -> Result<Option<StoredRow>, StoreError> {
-        self.check_available()?;
-        self.record(|stats| {
-            stats.load_statements += 1;
-            stats.users_loaded += 1;
-        });
-        Ok(self.rows().get(key).cloned())
+        let mut tables = self.tables()?;
+        tables.stats.load_statements += 1;
+        tables.stats.entities_loaded += 1;
+        Ok(tables.rows.get(key).map(|row| row.stored.clone()))
     }
 
     async fn write_row(&self, write: WriteRow) -> Result<Revision, StoreError> {
         write.check()?;
-        self.check_available()?;
-        let mut rows = self.rows();
-        let stored = rows.get(&write.key).map_or(Revision::NONE, |row| row.revision);
-        self.record(|stats| stats.write_statements += 1);
+        let mut tables = self.tables()?;
+        tables.stats.write_statements += 1;
+        let stored = tables
+            .rows
+            .get(&write.key)
+            .map_or(Revision::NONE, |row| row.stored.revision);
         if stored != write.expected {
-            self.record(|stats| stats.conflicts += 1);
+            tables.stats.conflicts += 1;
             return Err(StoreError::Conflict {
                 key: write.key,
                 expected: write.expected,
             });
         }
-        self.record(|stats| stats.rows_written += 1);
-        let payload = write.payloads.into_iter().last().unwrap_or_default();
-        lock(&self.written_at).insert(write.key.clone(), chrono::Utc::now());
-        rows.insert(
-            write.key,
-            StoredRow {
+        tables.stats.rows_written += 1;
+        if self.feed {
+            for (revision, payload) in write.changes() {
+                tables.record_change(&write.key, revision, write.schema_version, payload);
+            }
+        }
+        let row = Row {
+            stored: StoredRow {
                 revision: write.revision,
                 schema_version: write.schema_version,
-                payload,
+                payload: write.last_payload().to_vec(),
             },
-        );
+            written_at: Utc::now(),
+        };
+        tables.rows.insert(write.key, row);
         Ok(write.revision)
     }
 
+    fn keeps_change_feed(&self) -> bool {
+        self.feed
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
-        self.check_available()
-    }
-
-    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
-        self.check_available()?;
-        Ok(self
-            .offsets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(consumer)
-            .copied())
-    }
-
-    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
-        self.check_available()?;
-        self.offsets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(consumer.to_owned(), position);
-        Ok(())
+        self.tables().map(drop)
     }
 
     fn stats(&self) -> StoreStats {
-        *self.stats.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.tables
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .stats
+    }
+}
+
+#[async_trait]
+impl Offsets for MemoryStore {
+    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.tables()?.offsets.get(consumer).copied())
     }
 
+    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
+        self.tables()?.offsets.insert(consumer.to_owned(), position);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ChangeLog for MemoryStore {
+    async fn read_change_rows(
+        &self,
+        entity_type: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangeRow>, StoreError> {
+        if !self.feed {
+            return Err(StoreError::NoChangeFeed);
+        }
+        let tables = self.tables()?;
+        let start = usize::try_from(after).unwrap_or(usize::MAX).min(tables.changes.len());
+        Ok(tables.changes[start..]
+            .iter()
+            .filter(|change| change.key.entity_type() == entity_type)
+            .take(limit.max(1))
+            .cloned()
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Maintenance for MemoryStore {
     async fn purge_candidates(
         &self,
         entity_type: &str,
-        written_before: chrono::DateTime<chrono::Utc>,
+        written_before: DateTime<Utc>,
         after: Option<&PersistenceId>,
         limit: usize,
     ) -> Result<Vec<(PersistenceId, Revision)>, StoreError> {
-        self.check_available()?;
-        let rows = self.rows();
-        let written_at = lock(&self.written_at);
-        let mut found: Vec<(PersistenceId, Revision)> = rows
+        let tables = self.tables()?;
+        let mut found: Vec<(PersistenceId, Revision)> = tables
+            .rows
             .iter()
-            .filter(|(id, _)| id.entity_type() == entity_type && after.is_none_or(|after| *id > after))
-            .filter(|(id, _)| written_at.get(*id).is_some_and(|at| *at < written_before))
-            .map(|(id, row)| (id.clone(), row.revision))
+            .filter(|(id, row)| {
+                id.entity_type() == entity_type
+                    && after.is_none_or(|after| *id > after)
+                    && row.written_at < written_before
+            })
+            .map(|(id, row)| (id.clone(), row.stored.revision))
             .collect();
         found.sort_unstable();
         found.truncate(limit.max(1));
@@ -148,18 +213,20 @@ impl StateStore for MemoryStore {
     async fn purge_rows(
         &self,
         rows: Vec<(PersistenceId, Revision)>,
-        written_before: chrono::DateTime<chrono::Utc>,
+        written_before: DateTime<Utc>,
     ) -> Result<Vec<PersistenceId>, StoreError> {
-        self.check_available()?;
-        let mut stored = self.rows();
-        let mut written_at = lock(&self.written_at);
+        let mut tables = self.tables()?;
         let mut purged = Vec::new();
         for (id, revision) in rows {
-            let still_idle = stored.get(&id).is_some_and(|row| row.revision == revision)
-                && written_at.get(&id).is_some_and(|at| *at < written_before);
+            let still_idle = tables
+                .rows
+                .get(&id)
+                .is_some_and(|row| row.stored.revision == revision && row.written_at < written_before);
             if still_idle {
-                stored.remove(&id);
-                written_at.remove(&id);
+                tables.rows.remove(&id);
+                if self.feed {
+                    tables.record_change(&id, revision.next(), 1, TOMBSTONE);
+                }
                 purged.push(id);
             }
         }
@@ -168,8 +235,8 @@ impl StateStore for MemoryStore {
     }
 
     async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError> {
-        self.check_available()?;
-        Ok(self.rows().keys().filter(|id| id.entity_type() == entity_type).count() as u64)
+        let tables = self.tables()?;
+        Ok(tables.rows.keys().filter(|id| id.entity_type() == entity_type).count() as u64)
     }
 
     async fn entity_ids(
@@ -178,9 +245,9 @@ impl StateStore for MemoryStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<PersistenceId>, StoreError> {
-        self.check_available()?;
-        let mut ids: Vec<PersistenceId> = self
-            .rows()
+        let tables = self.tables()?;
+        let mut ids: Vec<PersistenceId> = tables
+            .rows
             .keys()
             .filter(|id| id.entity_type() == entity_type && after.is_none_or(|after| id.as_str() > after))
             .cloned()
@@ -189,8 +256,4 @@ impl StateStore for MemoryStore {
         ids.truncate(limit.max(1));
         Ok(ids)
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

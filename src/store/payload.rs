@@ -11,8 +11,13 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::entity::{Durable, DurableEntity, EventId, PersistenceId, SourceOffsets};
+use crate::entity::{AppliedOffsets, Durable, DurableEntity, EventId, PersistenceId, SourceOffsets};
 use crate::error::{CorruptRow, StoreError};
+
+/// The change feed's record of a purged entity: a tombstone, the payload of a
+/// deletion with no state and no remembered event ids. The feed reads it as
+/// [`ChangeKind::Deleted`](crate::ChangeKind::Deleted) with the default state.
+pub(crate) const TOMBSTONE: &[u8] = br#"{"deleted":true}"#;
 
 #[derive(Serialize)]
 struct Envelope<'a, E> {
@@ -31,15 +36,28 @@ struct Envelope<'a, E> {
 
 /// The machinery's fields of a stored payload.
 #[derive(Deserialize)]
-pub(crate) struct Machinery {
+struct Machinery {
     #[serde(default)]
-    pub(crate) recent_event_ids: Vec<EventId>,
+    recent_event_ids: Vec<EventId>,
     #[serde(default)]
-    pub(crate) deleted: bool,
+    deleted: bool,
     #[serde(default)]
-    pub(crate) erased_at: Option<DateTime<Utc>>,
+    erased_at: Option<DateTime<Utc>>,
     #[serde(default)]
-    pub(crate) source_offsets: SourceOffsets,
+    source_offsets: SourceOffsets,
+}
+
+impl Machinery {
+    /// The entity as stored: `state` with the machinery's fields beside it.
+    fn with_state<E>(self, state: E) -> Durable<E> {
+        Durable {
+            state,
+            event_ids: self.recent_event_ids,
+            erased_at: self.erased_at,
+            tombstone: self.deleted,
+            source_offsets: AppliedOffsets::from_map(self.source_offsets),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -51,22 +69,38 @@ struct Decoded<E> {
 }
 
 pub(crate) fn encode<E: DurableEntity>(key: &PersistenceId, durable: &Durable<E>) -> Result<Vec<u8>, StoreError> {
-    let envelope = Envelope {
-        state: (!durable.tombstone).then_some(&durable.state),
-        recent_event_ids: &durable.event_ids,
-        deleted: durable.tombstone,
-        erased_at: durable.erased_at,
-        source_offsets: durable.source_offsets.as_map(),
-    };
-    serde_json::to_vec(&envelope).map_err(|e| StoreError::Encode {
+    to_json(
+        key,
+        &Envelope {
+            state: (!durable.tombstone).then_some(&durable.state),
+            recent_event_ids: &durable.event_ids,
+            deleted: durable.tombstone,
+            erased_at: durable.erased_at,
+            source_offsets: durable.source_offsets.as_map(),
+        },
+    )
+}
+
+/// A state with no machinery fields: what `StateStoreExt::write` stores.
+pub(crate) fn encode_state<E: DurableEntity>(key: &PersistenceId, state: &E) -> Result<Vec<u8>, StoreError> {
+    let no_offsets = SourceOffsets::new();
+    to_json(
+        key,
+        &Envelope {
+            state: Some(state),
+            recent_event_ids: &[],
+            deleted: false,
+            erased_at: None,
+            source_offsets: &no_offsets,
+        },
+    )
+}
+
+fn to_json<E: DurableEntity>(key: &PersistenceId, envelope: &Envelope<'_, E>) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(envelope).map_err(|e| StoreError::Encode {
         key: key.clone(),
         source: Arc::new(e),
     })
-}
-
-/// A state with no machinery fields: what `StateStore::write` stores.
-pub(crate) fn encode_state<E: DurableEntity>(key: &PersistenceId, state: &E) -> Result<Vec<u8>, StoreError> {
-    encode(key, &Durable::new(state.clone(), Vec::new()))
 }
 
 /// A payload stored at `schema_version`: at the entity's own version it is
@@ -77,11 +111,11 @@ pub(crate) fn decode<E: DurableEntity>(payload: &[u8], schema_version: u32) -> R
         return upgrade(payload, schema_version);
     }
     match serde_json::from_slice::<Decoded<E>>(payload) {
-        Ok(Decoded { state, machinery }) => Ok(Durable::from_stored(state, machinery)),
+        Ok(Decoded { state, machinery }) => Ok(machinery.with_state(state)),
         // A tombstone holds no state, which an entity without serde defaults
         // cannot read from nothing.
         Err(error) => match serde_json::from_slice::<Machinery>(payload) {
-            Ok(machinery) if machinery.deleted => Ok(Durable::from_stored(E::default(), machinery)),
+            Ok(machinery) if machinery.deleted => Ok(machinery.with_state(E::default())),
             _ => Err(CorruptRow::Payload(Arc::new(error))),
         },
     }
@@ -112,14 +146,14 @@ fn upgrade<E: DurableEntity>(payload: &[u8], stored: u32) -> Result<Durable<E>, 
     let Split { machinery, state } = serde_json::from_slice(payload).map_err(|e| CorruptRow::Payload(Arc::new(e)))?;
     if machinery.deleted {
         // A tombstone holds no state to upgrade.
-        return Ok(Durable::from_stored(E::default(), machinery));
+        return Ok(machinery.with_state(E::default()));
     }
     let mut state = serde_json::Value::Object(state);
     for from in stored..E::SCHEMA_VERSION {
         state = E::upgrade(from, state).map_err(|reason| CorruptRow::Upgrade { from, reason })?;
     }
     let state = serde_json::from_value(state).map_err(|e| CorruptRow::Payload(Arc::new(e)))?;
-    Ok(Durable::from_stored(state, machinery))
+    Ok(machinery.with_state(state))
 }
 
 #[cfg(test)]

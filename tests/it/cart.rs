@@ -48,7 +48,7 @@ async fn stored_revision(store: &SharedStore, cart: &CartId) -> Option<Revision>
 /// Lets the actors on this thread run until the manager reports `resident` carts.
 async fn until_resident(carts: &Entities<Cart>, resident: usize) {
     for _ in 0..1_000 {
-        if carts.stats().await.unwrap().resident_users == resident {
+        if carts.stats().await.unwrap().resident_entities == resident {
             return;
         }
         tokio::task::yield_now().await;
@@ -242,7 +242,7 @@ async fn an_idle_cart_is_passivated_after_30_minutes_and_restored_with_its_state
 
     tokio::time::advance(29 * MINUTE).await;
     assert_eq!(
-        carts.stats().await.unwrap().resident_users,
+        carts.stats().await.unwrap().resident_entities,
         1,
         "still resident after 29 idle minutes"
     );
@@ -255,7 +255,7 @@ async fn an_idle_cart_is_passivated_after_30_minutes_and_restored_with_its_state
     assert_eq!(restored.last_checkout, Some(t0()));
     let stats = carts.stats().await.unwrap();
     assert_eq!(
-        (stats.resident_users, stats.activations),
+        (stats.resident_entities, stats.activations),
         (1, 2),
         "restored by a new actor"
     );

@@ -7,8 +7,8 @@ use std::time::Duration;
 use crate::common::{key, test_store_config, view, Backend, TestDb};
 use actix::Actor;
 use persist_durable::{
-    ChangeFeed, Command, Config, CorruptRow, EntityKey, Revision, SharedStore, SkipRefused, StateChange, StoreError,
-    UserCommand, UserKey, UserState, UserStateManager,
+    ChangeFeed, Command, Config, CorruptRow, EntityKey, Revision, SharedStore, SkipRefused, StoreError, UserCommand,
+    UserKey, UserState, UserStateChange, UserStateManager,
 };
 use rstest::rstest;
 
@@ -16,7 +16,7 @@ async fn feed_store(db: &TestDb) -> SharedStore {
     db.connect_with(test_store_config().with_change_feed(true)).await
 }
 
-async fn read_all(store: &SharedStore) -> Vec<StateChange> {
+async fn read_all(store: &SharedStore) -> Vec<UserStateChange> {
     let mut feed = ChangeFeed::from_position(store.clone(), 0).with_batch_size(64);
     let mut all = Vec::new();
     loop {
@@ -30,7 +30,7 @@ async fn read_all(store: &SharedStore) -> Vec<StateChange> {
 
 /// Positions are 1, 2, 3, ... with none missing or repeated, and each user's
 /// revisions are 1, 2, 3, ... in position order.
-fn assert_gapless_and_ordered(changes: &[StateChange]) {
+fn assert_gapless_and_ordered(changes: &[UserStateChange]) {
     let positions: Vec<u64> = changes.iter().map(|c| c.position).collect();
     let expected: Vec<u64> = (1..=changes.len() as u64).collect();
     assert_eq!(positions, expected, "positions are gapless and in order");
@@ -248,7 +248,7 @@ async fn three_changes(store: &SharedStore) -> Vec<UserKey> {
     users
 }
 
-fn positions(changes: &[StateChange]) -> Vec<u64> {
+fn positions(changes: &[UserStateChange]) -> Vec<u64> {
     changes.iter().map(|c| c.position).collect()
 }
 

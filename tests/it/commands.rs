@@ -4,8 +4,8 @@ use crate::common::{key, t0, view, Backend, TestDb};
 use actix::Actor;
 use chrono::Duration;
 use persist_durable::{
-    Command, CommandError, Config, ManualClock, ProductId, Revision, UserCommand, UserKey, UserState, UserStateActor,
-    UserStateManager,
+    Command, CommandError, Config, ManualClock, ProductId, Revision, StatePolicy, UserCommand, UserKey, UserState,
+    UserStateActor, UserStateManager,
 };
 use rstest::rstest;
 
@@ -164,8 +164,8 @@ async fn get_user_state_answers_the_committed_state_without_writing(
 #[actix::test]
 async fn the_recent_products_limit_is_configurable(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
     let Some(db) = TestDb::open(backend).await else { return };
-    let config = Config::default().with_recent_products_limit(5);
-    let manager = UserStateManager::new(db.connect().await, config).start();
+    let policy = StatePolicy::default().with_recent_products_limit(5);
+    let manager = UserStateManager::with_settings(db.connect().await, Config::default(), policy).start();
     let user = key("mall001", "user001");
 
     let mut last = UserState::default();

@@ -198,12 +198,12 @@ async fn a_delete_racing_with_passivation_is_committed_and_survives_the_restore(
     // Passivated again, then restored from the tombstone.
     tokio::time::advance(35 * MINUTE).await;
     for _ in 0..1_000 {
-        if users.stats().await.unwrap().resident_users == 0 {
+        if users.stats().await.unwrap().resident_entities == 0 {
             break;
         }
         tokio::task::yield_now().await;
     }
-    assert_eq!(users.stats().await.unwrap().resident_users, 0);
+    assert_eq!(users.stats().await.unwrap().resident_entities, 0);
     assert_eq!(
         users.send(user, Command::GetUserState).await.unwrap(),
         UserState::default()

@@ -6,8 +6,8 @@ use std::time::Duration;
 use crate::common::{key, test_store_config, view, Backend, TestDb};
 use actix::Actor;
 use persist_durable::{
-    Command, CommandError, Config, ProductId, Revision, StateStore, StoreError, UserCommand, UserKey, UserState,
-    UserStateManager,
+    Command, CommandError, Config, ProductId, Revision, StateStore, StateStoreExt, StoreError, UserCommand, UserKey,
+    UserState, UserStateManager,
 };
 use rstest::rstest;
 
@@ -130,7 +130,7 @@ async fn users_activated_together_are_restored_in_bulk(#[values(Backend::Sqlite,
     }
 
     let stats = store.stats();
-    assert_eq!(stats.users_loaded, 300, "{stats:?}");
+    assert_eq!(stats.entities_loaded, 300, "{stats:?}");
     assert!(
         stats.load_statements <= 30,
         "at least ten users per restore query on average: {stats:?}"

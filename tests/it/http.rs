@@ -254,7 +254,7 @@ async fn an_overloaded_library_is_a_503() {
         Config::default()
             .with_arbiters(0)
             .with_max_commands_in_flight(1)
-            .with_max_queued_per_user(1)
+            .with_max_queued_per_entity(1)
     );
     let path = "/malls/mall001/users/user001/commands";
 

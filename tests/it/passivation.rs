@@ -33,7 +33,7 @@ async fn until_stopped(actor: &Addr<UserStateActor>) {
 /// Lets the actors on this thread run until the manager reports `resident` users.
 async fn until_resident(manager: &Addr<UserStateManager>, resident: usize) {
     for _ in 0..1_000 {
-        if manager.send(GetManagerStats).await.unwrap().resident_users == resident {
+        if manager.send(GetManagerStats).await.unwrap().resident_entities == resident {
             return;
         }
         tokio::task::yield_now().await;
@@ -128,7 +128,7 @@ async fn the_manager_forgets_a_passivated_user_and_restores_it_on_the_next_comma
         .unwrap();
 
     tokio::time::advance(29 * MINUTE).await;
-    assert_eq!(manager.send(GetManagerStats).await.unwrap().resident_users, 1);
+    assert_eq!(manager.send(GetManagerStats).await.unwrap().resident_entities, 1);
     tokio::time::advance(6 * MINUTE).await;
     until_resident(&manager, 0).await;
     assert_eq!(manager.send(GetManagerStats).await.unwrap().passivations, 1);
@@ -140,7 +140,7 @@ async fn the_manager_forgets_a_passivated_user_and_restores_it_on_the_next_comma
         .unwrap();
     assert_eq!(after, before);
     let stats = manager.send(GetManagerStats).await.unwrap();
-    assert_eq!((stats.resident_users, stats.activations), (1, 2));
+    assert_eq!((stats.resident_entities, stats.activations), (1, 2));
 }
 
 #[rstest]
@@ -271,7 +271,7 @@ async fn a_user_passivated_twice_keeps_its_state(#[values(Backend::Sqlite)] back
 #[actix::test]
 async fn commands_held_while_a_user_passivates_beyond_its_queue_limit_are_refused_by_the_manager() {
     let store: SharedStore = std::sync::Arc::new(MemoryStore::new());
-    let config = on_this_runtime().with_max_resident_users(1).with_max_queued_per_user(3);
+    let config = on_this_runtime().with_max_resident(1).with_max_queued_per_entity(3);
     let manager = UserStateManager::new(store.clone(), config).start();
     let (evicted, other) = (key("mall001", "evicted"), key("mall001", "other"));
     manager
@@ -312,7 +312,7 @@ async fn commands_held_while_a_user_passivates_beyond_its_queue_limit_are_refuse
 async fn idle_passivations_and_evictions_are_counted_separately() {
     tokio::time::pause();
     let store: SharedStore = std::sync::Arc::new(MemoryStore::new());
-    let manager = UserStateManager::new(store, on_this_runtime().with_max_resident_users(1)).start();
+    let manager = UserStateManager::new(store, on_this_runtime().with_max_resident(1)).start();
     let (first, second) = (key("mall001", "first"), key("mall001", "second"));
 
     manager

@@ -8,8 +8,8 @@ use crate::common::{key, t0, test_store_config, view, Backend, TestDb};
 use actix::Actor;
 use chrono::Duration as Minutes;
 use persist_durable::{
-    Command, CommandError, Config, Event, EventId, GetManagerStats, ManualClock, Revision, UserCommand, UserKey,
-    UserStateManager,
+    Command, CommandError, Config, Event, EventId, GetManagerStats, ManualClock, Revision, StateStoreExt, UserCommand,
+    UserKey, UserStateManager,
 };
 use rstest::rstest;
 
@@ -103,7 +103,7 @@ async fn a_late_event_never_moves_recorded_times_backwards(#[values(Backend::Sql
 #[actix::test]
 async fn commands_beyond_a_users_queue_bound_are_refused_and_the_rest_committed_once() {
     let store = std::sync::Arc::new(persist_durable::MemoryStore::new());
-    let config = Config::default().with_arbiters(0).with_max_queued_per_user(5);
+    let config = Config::default().with_arbiters(0).with_max_queued_per_entity(5);
     let manager = UserStateManager::new(store.clone(), config).start();
     let user = key("mall001", "busy");
 
@@ -163,7 +163,7 @@ async fn past_the_resident_limit_the_least_recently_used_users_are_passivated_ke
 ) {
     let Some(db) = TestDb::open(backend).await else { return };
     let store = db.connect().await;
-    let config = Config::default().with_arbiters(0).with_max_resident_users(10);
+    let config = Config::default().with_arbiters(0).with_max_resident(10);
     let manager = UserStateManager::new(store.clone(), config).start();
     let users: Vec<UserKey> = (0..30).map(|i| key("mall001", &format!("user{i}"))).collect();
 
@@ -177,14 +177,14 @@ async fn past_the_resident_limit_the_least_recently_used_users_are_passivated_ke
     // Let the evicted actors finish stopping.
     let mut stats = manager.send(GetManagerStats).await.unwrap();
     for _ in 0..1_000 {
-        if stats.resident_users <= 11 {
+        if stats.resident_entities <= 11 {
             break;
         }
         tokio::task::yield_now().await;
         stats = manager.send(GetManagerStats).await.unwrap();
     }
 
-    assert!(stats.resident_users <= 11, "{stats:?}");
+    assert!(stats.resident_entities <= 11, "{stats:?}");
     assert_eq!(stats.evictions, 20, "exactly the excess, no cascade: {stats:?}");
     for user in &users {
         let state = manager

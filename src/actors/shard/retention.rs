@@ -27,6 +27,7 @@ use super::delivery::{Delivery, Held};
 use super::{held_commands, Shard};
 use crate::entity::{DurableEntity, PersistenceId, Revision};
 use crate::error::StoreError;
+use crate::store::ext::{purge_counted, written_before};
 
 type PurgeReply = oneshot::Sender<Result<u64, StoreError>>;
 
@@ -92,7 +93,7 @@ impl<E: DurableEntity> Shard<E> {
     /// Holds a command for an entity whose row the delete in flight may
     /// remove, within the same bound as a passivating entity's.
     pub(super) fn hold_during_purge<D: Delivery<E>>(&mut self, key: E::Key, delivery: D) {
-        let max_held = self.shared.config.max_queued_per_user;
+        let max_held = self.shared.config.max_queued_per_entity;
         let len = delivery.len();
         match self.retention.purging.get_mut(&key) {
             Some(held) if held_commands(held) + len <= max_held => held.push(delivery.held()),
@@ -124,7 +125,7 @@ impl<E: DurableEntity> Shard<E> {
     }
 
     fn start_purge(&mut self, retention: std::time::Duration, replies: Vec<PurgeReply>, ctx: &mut Context<Self>) {
-        let Some(written_before) = crate::store::admin::written_before(retention) else {
+        let Some(written_before) = written_before(retention) else {
             // Nothing can be that old.
             for reply in replies {
                 let _ = reply.send(Ok(0));
@@ -197,7 +198,7 @@ impl<E: DurableEntity> Shard<E> {
         }
         let store = self.shared.store.clone();
         ctx.spawn(
-            async move { store.purge_counted::<E>(rows, written_before).await }
+            async move { purge_counted::<E, _>(store.as_ref(), rows, written_before).await }
                 .into_actor(self)
                 .map(move |purged, manager, ctx| {
                     manager.release_purging();

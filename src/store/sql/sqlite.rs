@@ -13,13 +13,18 @@ use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
-use super::group_commit::{FeedRow, GroupCommit, RowWrite, SqlBackend};
-use super::row::StateRow;
-use super::runtime::DbRuntime;
-use super::schema::sqlite::{durable_state, feed_offsets, state_changes};
-use super::{StoreConfig, JSON_SERIALIZER_ID};
-use crate::error::CorruptRow;
-use crate::error::StoreError;
+use chrono::{DateTime, Utc};
+
+use super::backend::{self as port, FeedRow, RowWrite, Sealed, SqlBackend, StateRow};
+use super::SqlStore;
+use crate::entity::{PersistenceId, Revision};
+use crate::error::{CorruptRow, StoreError};
+use crate::store::config::StoreConfig;
+use crate::store::payload::TOMBSTONE;
+use crate::store::rows::{good_prefix, ChangeRow};
+use crate::store::runtime::DbRuntime;
+use crate::store::schema::sqlite::{durable_state, feed_offsets, state_changes};
+use crate::store::JSON_SERIALIZER_ID;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
@@ -65,7 +70,7 @@ struct SqliteChange {
 /// ```
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// use persist_durable::{Revision, SharedStore, SqliteStore, UserKey, UserState};
+/// use persist_durable::{Revision, SharedStore, SqliteStore, StateStoreExt, UserKey, UserState};
 /// let dir = tempfile::tempdir()?;
 /// let store: SharedStore = std::sync::Arc::new(SqliteStore::open(dir.path().join("user-state.db")).await?);
 /// let key = UserKey::new("mall001", "user001")?;
@@ -73,17 +78,17 @@ struct SqliteChange {
 /// assert_eq!(store.load(&key).await?.unwrap().revision, Revision(1));
 /// # Ok(()) }
 /// ```
-pub struct SqliteStore {
-    group_commit: GroupCommit,
+pub type SqliteStore = SqlStore<SqliteBackend>;
+
+/// The statements of SQLite behind a [`SqliteStore`].
+pub struct SqliteBackend {
+    pool: Pool<SqliteAsync>,
+    feed: bool,
 }
 
-impl std::fmt::Debug for SqliteStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore").finish_non_exhaustive()
-    }
-}
+impl Sealed for SqliteBackend {}
 
-impl SqliteStore {
+impl SqlStore<SqliteBackend> {
     /// Opens (creating if needed) the database file at `path` with
     /// [`StoreConfig::default`], and applies pending migrations.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
@@ -106,11 +111,7 @@ impl SqliteStore {
             .to_str()
             .ok_or_else(|| StoreError::InvalidConfig("the SQLite path is not valid UTF-8".into()))?
             .to_owned();
-        let runtime = Arc::new(DbRuntime::new(
-            "sqlite",
-            config.worker_threads,
-            config.operation_timeout,
-        )?);
+        let runtime = DbRuntime::new("sqlite", config.worker_threads, config.operation_timeout)?;
         let migrate_path = path.clone();
         let busy_ms = config.sqlite_busy_timeout.as_millis();
         runtime
@@ -138,8 +139,11 @@ impl SqliteStore {
             path,
             manager_config,
         ))?;
-        let group_commit = GroupCommit::start(Arc::new(SqliteBackend { pool }), runtime, &config);
-        Ok(Self { group_commit })
+        let backend = SqliteBackend {
+            pool,
+            feed: config.change_feed,
+        };
+        Ok(Self::start(backend, runtime, &config))
     }
 }
 
@@ -160,13 +164,6 @@ fn migrate(path: &str, busy_ms: u128) -> Result<(), StoreError> {
         .map_err(|e| StoreError::Migration(Arc::from(e)))
 }
 
-super::delegate_to_group_commit!(SqliteStore);
-super::typed_access!(SqliteStore);
-
-struct SqliteBackend {
-    pool: Pool<SqliteAsync>,
-}
-
 impl SqliteBackend {
     /// One page of an entity type's ids and revisions in persistence id
     /// order after `after`, with `written_before` (as the `TEXT` timestamps
@@ -177,15 +174,15 @@ impl SqliteBackend {
         entity_type: String,
         written_before: Option<String>,
         after: Option<String>,
-        limit: i64,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
+        limit: usize,
+    ) -> Result<Vec<(PersistenceId, Revision)>, StoreError> {
         let mut conn = self.checkout().await?;
-        let rows = conn
+        let rows: Vec<(String, i64)> = conn
             .spawn_blocking(move |conn| {
                 let mut query = durable_state::table
                     .filter(durable_state::entity_type.eq(entity_type))
                     .order(durable_state::persistence_id)
-                    .limit(limit)
+                    .limit(port::limit(limit))
                     .select((durable_state::persistence_id, durable_state::revision))
                     .into_boxed();
                 if let Some(written_before) = written_before {
@@ -197,7 +194,9 @@ impl SqliteBackend {
                 query.load(conn)
             })
             .await?;
-        Ok(rows)
+        rows.into_iter()
+            .map(|(id, revision)| port::stored_key(id, revision))
+            .collect()
     }
 
     async fn checkout(&self) -> Result<Object<SqliteAsync>, StoreError> {
@@ -210,7 +209,7 @@ impl SqliteBackend {
 /// AUTOINCREMENT positions follow commit order.
 fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult<bool> {
     let entity_type = row.entity_type().to_owned();
-    let id = row.persistence_id.as_str();
+    let id = row.key.as_str();
     let written = if row.expected == 0 {
         diesel::insert_into(durable_state::table)
             .values((
@@ -260,6 +259,8 @@ fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult
 
 #[async_trait]
 impl SqlBackend for SqliteBackend {
+    const STORE_NAME: &'static str = "SqliteStore";
+
     async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<bool>, StoreError> {
         let mut conn = self.checkout().await?;
         let rows = rows.to_vec();
@@ -277,7 +278,8 @@ impl SqlBackend for SqliteBackend {
         Ok(written)
     }
 
-    async fn load_rows(&self, persistence_ids: Vec<String>) -> Result<HashMap<String, StateRow>, StoreError> {
+    async fn load_rows(&self, keys: &[&PersistenceId]) -> Result<HashMap<String, StateRow>, StoreError> {
+        let persistence_ids: Vec<String> = keys.iter().map(|key| key.as_str().to_owned()).collect();
         let mut conn = self.checkout().await?;
         let rows = conn
             .spawn_blocking(move |conn| {
@@ -312,7 +314,8 @@ impl SqlBackend for SqliteBackend {
         Ok(())
     }
 
-    async fn read_changes(&self, entity_type: String, after: i64, limit: i64) -> Result<Vec<FeedRow>, StoreError> {
+    async fn read_changes(&self, entity_type: String, after: u64, limit: usize) -> Result<Vec<ChangeRow>, StoreError> {
+        let (after, limit) = (port::bigint(after)?, port::limit(limit));
         let mut conn = self.checkout().await?;
         let rows: Vec<SqliteChange> = conn
             .spawn_blocking(move |conn| {
@@ -332,30 +335,31 @@ impl SqlBackend for SqliteBackend {
                     .load(conn)
             })
             .await?;
-        // Up to the first row whose timestamp does not parse: see `good_prefix`.
-        super::good_prefix(rows.into_iter().map(|r| {
+        // Up to the first row that does not decode: see `good_prefix`.
+        good_prefix(rows.into_iter().map(|r| {
             let committed_at = chrono::DateTime::parse_from_rfc3339(&r.committed_at)
                 .map_err(|e| StoreError::CorruptChange {
                     position: u64::try_from(r.position).unwrap_or(0),
-                    key: crate::PersistenceId::parse(&r.persistence_id)
-                        .unwrap_or_else(|| crate::PersistenceId::new("?", &r.persistence_id)),
+                    key: PersistenceId::parse(&r.persistence_id)
+                        .unwrap_or_else(|| PersistenceId::new("?", &r.persistence_id)),
                     source: CorruptRow::Timestamp(e),
                 })?
                 .with_timezone(&chrono::Utc);
-            Ok(FeedRow {
+            FeedRow {
                 position: r.position,
                 persistence_id: r.persistence_id,
                 revision: r.revision,
                 committed_at,
                 state_schema_version: r.state_schema_version,
                 state_payload: r.state_payload,
-            })
+            }
+            .decode()
         }))
     }
 
-    async fn load_offset(&self, consumer: String) -> Result<Option<i64>, StoreError> {
+    async fn load_offset(&self, consumer: String) -> Result<Option<u64>, StoreError> {
         let mut conn = self.checkout().await?;
-        let position = conn
+        let position: Option<i64> = conn
             .spawn_blocking(move |conn| {
                 feed_offsets::table
                     .filter(feed_offsets::consumer.eq(consumer))
@@ -364,10 +368,11 @@ impl SqlBackend for SqliteBackend {
                     .optional()
             })
             .await?;
-        Ok(position)
+        Ok(position.map(port::count))
     }
 
-    async fn save_offset(&self, consumer: String, position: i64) -> Result<(), StoreError> {
+    async fn save_offset(&self, consumer: String, position: u64) -> Result<(), StoreError> {
+        let position = port::bigint(position)?;
         let mut conn = self.checkout().await?;
         conn.spawn_blocking(move |conn| {
             diesel::insert_into(feed_offsets::table)
@@ -391,20 +396,25 @@ impl SqlBackend for SqliteBackend {
     async fn purge_candidates(
         &self,
         entity_type: String,
-        written_before: chrono::DateTime<chrono::Utc>,
-        after: Option<String>,
-        limit: i64,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
+        written_before: DateTime<Utc>,
+        after: Option<PersistenceId>,
+        limit: usize,
+    ) -> Result<Vec<(PersistenceId, Revision)>, StoreError> {
+        let after = after.map(|id| id.as_str().to_owned());
         self.page(entity_type, Some(iso_8601_millis(written_before)), after, limit)
             .await
     }
 
     async fn purge_rows(
         &self,
-        rows: Vec<(crate::PersistenceId, i64)>,
-        written_before: chrono::DateTime<chrono::Utc>,
-        tombstone: Option<&'static [u8]>,
-    ) -> Result<Vec<String>, StoreError> {
+        rows: Vec<(PersistenceId, Revision)>,
+        written_before: DateTime<Utc>,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        let bound = rows
+            .iter()
+            .map(|(id, revision)| Ok((id.clone(), port::bigint(revision.0)?)))
+            .collect::<Result<Vec<(PersistenceId, i64)>, StoreError>>()?;
+        let feed = self.feed;
         let mut conn = self.checkout().await?;
         let written_before = iso_8601_millis(written_before);
         // One immediate transaction: the checks and the deletes see no other
@@ -413,7 +423,7 @@ impl SqlBackend for SqliteBackend {
             .spawn_blocking(move |conn| {
                 conn.immediate_transaction(|conn| {
                     let mut purged = Vec::new();
-                    for (id, revision) in &rows {
+                    for (id, revision) in bound {
                         let deleted = diesel::delete(
                             durable_state::table
                                 .filter(durable_state::persistence_id.eq(id.as_str()))
@@ -424,18 +434,18 @@ impl SqlBackend for SqliteBackend {
                         if deleted != 1 {
                             continue;
                         }
-                        if let Some(payload) = tombstone {
+                        if feed {
                             diesel::insert_into(state_changes::table)
                                 .values((
                                     state_changes::entity_type.eq(id.entity_type()),
                                     state_changes::persistence_id.eq(id.as_str()),
                                     state_changes::revision.eq(revision + 1),
                                     state_changes::committed_at.eq(strftime(ISO_8601_MILLIS, "now")),
-                                    state_changes::state_payload.eq(payload),
+                                    state_changes::state_payload.eq(TOMBSTONE),
                                 ))
                                 .execute(conn)?;
                         }
-                        purged.push(id.as_str().to_owned());
+                        purged.push(id);
                     }
                     diesel::QueryResult::Ok(purged)
                 })
@@ -444,9 +454,9 @@ impl SqlBackend for SqliteBackend {
         Ok(purged)
     }
 
-    async fn count_entities(&self, entity_type: String) -> Result<i64, StoreError> {
+    async fn count_entities(&self, entity_type: String) -> Result<u64, StoreError> {
         let mut conn = self.checkout().await?;
-        let count = conn
+        let count: i64 = conn
             .spawn_blocking(move |conn| {
                 durable_state::table
                     .filter(durable_state::entity_type.eq(entity_type))
@@ -454,16 +464,17 @@ impl SqlBackend for SqliteBackend {
                     .get_result(conn)
             })
             .await?;
-        Ok(count)
+        Ok(port::count(count))
     }
 
     async fn entity_ids(
         &self,
         entity_type: String,
         after: Option<String>,
-        limit: i64,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
-        self.page(entity_type, None, after, limit).await
+        limit: usize,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        let page = self.page(entity_type, None, after, limit).await?;
+        Ok(page.into_iter().map(|(id, _)| id).collect())
     }
 }
 
@@ -478,7 +489,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::{Revision, UserKey, UserState};
+    use crate::store::ext::StateStoreExt;
+    use crate::{UserKey, UserState};
 
     /// A restore batch larger than one load statement's chunk of ids is
     /// still one batch, and finds every stored row.
@@ -503,9 +515,9 @@ mod tests {
             written.unwrap();
         }
 
-        let before = store.group_commit.stats();
+        let before = crate::store::StateStore::stats(&store);
         let loaded = futures_util::future::join_all(users.iter().map(|user| store.load(user))).await;
-        let stats = store.group_commit.stats();
+        let stats = crate::store::StateStore::stats(&store);
         assert_eq!(stats.load_statements - before.load_statements, 1, "{stats:?}");
         let found: Vec<bool> = loaded.into_iter().map(|row| row.unwrap().is_some()).collect();
         let expected: Vec<bool> = (0..users.len()).map(|i| i < stored.len()).collect();

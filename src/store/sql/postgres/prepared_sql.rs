@@ -162,7 +162,10 @@ mod tests {
     /// must introduce their parameters in that order.
     #[test]
     fn the_write_statements_introduce_their_parameters_in_order() {
-        for sql in [super::super::WRITE_ROWS_SQL, super::super::WRITE_ROWS_WITH_FEED_SQL] {
+        for sql in [
+            super::super::statements::WRITE_ROWS_SQL,
+            super::super::statements::WRITE_ROWS_WITH_FEED_SQL,
+        ] {
             let mut introduced = 0;
             for piece in pieces(sql) {
                 if let Piece::Parameter(n) = piece {

@@ -1,0 +1,157 @@
+//! The consumer thread's loop: polling, back-pressure, decoding each record
+//! and queueing it in its entity's lane.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use tracing::{info, warn};
+
+use super::decode::IngestRecord;
+use super::ingest::{Counters, Ingest, IngestContext};
+use super::state::{Lane, Partition, Pending, RawRecord, State};
+use crate::entity::{DurableEntity, RecordOrigin};
+
+impl<E: DurableEntity> Ingest<E> {
+    /// The consumer thread's loop, until a stop is asked for.
+    pub(super) fn consume(self: &Arc<Self>, consumer: &BaseConsumer<IngestContext<E>>) {
+        let mut paused = false;
+        let mut last_save = Instant::now();
+        while !self.stopping.load(Ordering::Relaxed) {
+            paused = self.apply_back_pressure(consumer, paused);
+            match consumer.poll(Duration::from_millis(100)) {
+                None => {}
+                Some(Ok(message)) => self.receive(&message),
+                Some(Err(error)) => warn!(%error, "Kafka consumer error"),
+            }
+            if last_save.elapsed() >= self.config.position_save_interval {
+                self.save_positions(consumer);
+                last_save = Instant::now();
+            }
+        }
+    }
+
+    /// Pauses every assigned partition while too many records are
+    /// unsettled, and resumes them below the low-water mark.
+    pub(super) fn apply_back_pressure(&self, consumer: &BaseConsumer<IngestContext<E>>, paused: bool) -> bool {
+        let unsettled = self.lock().unsettled;
+        let over = unsettled >= self.config.max_unsettled;
+        if !(over || paused && unsettled <= self.config.resume_below) {
+            return paused;
+        }
+        let Ok(assignment) = consumer.assignment() else {
+            return paused;
+        };
+        if over {
+            // Again each time: partitions assigned since are not paused yet.
+            if let Err(error) = consumer.pause(&assignment) {
+                warn!(%error, "could not pause the partitions");
+            }
+            if !paused {
+                Counters::add(&self.counters.pauses, 1);
+                metrics::counter!("persist_durable_ingest_pauses_total", "entity" => E::ENTITY_TYPE).increment(1);
+                info!(unsettled, "pausing consumption: too many records in flight");
+            }
+            return true;
+        }
+        if let Err(error) = consumer.resume(&assignment) {
+            warn!(%error, "could not resume the partitions");
+            return true;
+        }
+        info!(unsettled, "resuming consumption");
+        false
+    }
+
+    /// Decodes a record and queues it for its entity, or dead-letters it.
+    pub(super) fn receive(self: &Arc<Self>, message: &rdkafka::message::BorrowedMessage<'_>) {
+        let record = IngestRecord::from_message(message);
+        let decoded = self.decoder.decode(&record);
+        // Copied only if it may become a dead letter: without a topic for
+        // them, a refused record is logged and skipped.
+        let raw = match self.dead_letters {
+            Some(_) => RawRecord {
+                key: record.key.map(<[u8]>::to_vec),
+                payload: record.payload.map(<[u8]>::to_vec),
+            },
+            None => RawRecord {
+                key: None,
+                payload: None,
+            },
+        };
+        let partition: Partition = (Arc::from(record.topic), record.partition);
+        let mut state = self.lock();
+        let Some(owned) = state.owned.get_mut(&partition) else {
+            // Fetched before its partition was revoked: its next owner reads it.
+            return;
+        };
+        Counters::add(&self.counters.received, 1);
+        owned.progress.received(record.offset);
+        let (epoch, label) = (owned.epoch, owned.label.clone());
+        let origin = RecordOrigin {
+            partition: label,
+            offset: record.offset,
+        };
+        match decoded {
+            Ok((key, event)) => {
+                // Counted in flight when its batch leaves.
+                owned.served.insert(key.clone());
+                state.unsettled += 1;
+                let lane = state.lanes.entry(key.clone()).or_insert_with(|| Lane {
+                    waiting: VecDeque::new(),
+                    busy: false,
+                });
+                lane.waiting.push_back(Pending {
+                    partition,
+                    epoch,
+                    event,
+                    origin,
+                    raw,
+                });
+                self.dispatch(&mut state, key);
+            }
+            Err(invalid) => {
+                owned.in_flight += 1;
+                state.unsettled += 1;
+                drop(state);
+                warn!(topic = record.topic, partition = record.partition, offset = record.offset, error = %invalid,
+                    "record cannot be decoded; dead-lettering it");
+                let this = self.clone();
+                let reason = invalid.to_string();
+                self.runtime.spawn(async move {
+                    this.dead_letter(&partition, origin.offset, &raw, &reason).await;
+                    this.settle(&[(partition, epoch, origin.offset)], true);
+                });
+            }
+        }
+    }
+
+    /// Sends `key`'s next batch if none is in flight. Called under the lock.
+    pub(super) fn dispatch(self: &Arc<Self>, state: &mut State<E>, key: E::Key) {
+        let Some(lane) = state.lanes.get_mut(&key) else {
+            return;
+        };
+        if lane.busy {
+            return;
+        }
+        if lane.waiting.is_empty() {
+            state.lanes.remove(&key);
+            return;
+        }
+        let take = lane.waiting.len().min(self.config.max_batch_per_entity);
+        let batch: Vec<Pending<E>> = lane.waiting.drain(..take).collect();
+        lane.busy = true;
+        for pending in &batch {
+            if let Some(owned) = state
+                .owned
+                .get_mut(&pending.partition)
+                .filter(|o| o.epoch == pending.epoch)
+            {
+                owned.in_flight += 1;
+            }
+        }
+        let this = self.clone();
+        self.runtime.spawn(async move { this.deliver(key, batch).await });
+    }
+}

@@ -1,0 +1,133 @@
+//! The store seam: what a store does, one trait per capability.
+//!
+//! [`StateStore`] keeps rows: the one capability every actor needs. The
+//! others are traits of their own, so code that needs one names it and a
+//! store without it does not compile there: [`Offsets`] for an ingest's
+//! positions and a feed consumer's offsets, [`ChangeLog`] for the change
+//! feed, [`Maintenance`] for purges and admin reads. [`Store`] is all of them
+//! together: what the crate's stores are, and what a manager runs on
+//! ([`SharedStore`](super::SharedStore)). Typed conveniences (`load::<K>`,
+//! `purge_idle::<E>`, ...) are on the extension traits
+//! [`StateStoreExt`](super::StateStoreExt) and
+//! [`MaintenanceExt`](super::MaintenanceExt), for every store.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::rows::{ChangeRow, StoreStats, StoredRow, WriteRow};
+use crate::entity::{PersistenceId, Revision};
+use crate::error::StoreError;
+
+/// Durable storage of entity states with revision-checked writes, for any
+/// entity type: rows of bytes keyed by persistence id.
+///
+/// Implementations must make [`write_row`](Self::write_row) atomic and
+/// conditional: it succeeds only if the stored revision is still the
+/// expected one.
+#[async_trait]
+pub trait StateStore: Send + Sync + fmt::Debug + 'static {
+    /// The committed row, or `None` for an entity never written.
+    async fn load_row(&self, key: &PersistenceId) -> Result<Option<StoredRow>, StoreError>;
+
+    /// Writes `write` if the stored revision is `write.expected`; otherwise
+    /// fails with [`StoreError::Conflict`] and changes nothing.
+    async fn write_row(&self, write: WriteRow) -> Result<Revision, StoreError>;
+
+    /// Whether writes record the change feed, and so need every revision's
+    /// payload (without it, the last suffices).
+    fn keeps_change_feed(&self) -> bool;
+
+    /// Checks that the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// What the store has done since it was opened.
+    fn stats(&self) -> StoreStats;
+}
+
+/// Named positions: a change-feed consumer's offset, a Kafka ingest's
+/// position per partition (`kafka/<group>/<topic>/<partition>`).
+#[async_trait]
+pub trait Offsets: StateStore {
+    /// The position `consumer` saved last, if any.
+    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError>;
+
+    /// Saves the position `consumer` has processed up to: for a change-feed
+    /// follower the last position handled, for an ingest the next offset to read.
+    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError>;
+}
+
+/// The change feed: every committed revision, in commit order. See
+/// [`EntityFeed`](crate::EntityFeed).
+#[async_trait]
+pub trait ChangeLog: Offsets {
+    /// Up to `limit` committed changes of `entity_type` after feed position
+    /// `after` (0: from the start), in position order.
+    ///
+    /// A row that cannot be decoded ends the changes returned; when it is
+    /// the first after `after`, the read fails with
+    /// [`StoreError::CorruptChange`] naming its position. Never skip it. A
+    /// store opened without the feed fails with [`StoreError::NoChangeFeed`].
+    async fn read_change_rows(&self, entity_type: &str, after: u64, limit: usize)
+        -> Result<Vec<ChangeRow>, StoreError>;
+}
+
+/// Retention and admin reads: finding and purging idle rows, counting and
+/// listing the entities of a type, without an actor.
+#[async_trait]
+pub trait Maintenance: StateStore {
+    /// Up to `limit` rows of `entity_type` last written before
+    /// `written_before` (by the database's `db_timestamp`), with their
+    /// revisions, in persistence id order after `after` (`None`: from the
+    /// first): what a purge may remove. Pass the last id returned as `after`
+    /// for the next chunk; fewer than `limit` means there are no more.
+    async fn purge_candidates(
+        &self,
+        entity_type: &str,
+        written_before: DateTime<Utc>,
+        after: Option<&PersistenceId>,
+        limit: usize,
+    ) -> Result<Vec<(PersistenceId, Revision)>, StoreError>;
+
+    /// Deletes each of `rows` whose stored revision is still the one given
+    /// and that was still last written before `written_before`, both checked
+    /// in the deleting statement itself, so a row written meanwhile (by any
+    /// node) is kept. Returns the ids deleted. With the change feed on, the
+    /// same transaction records each deletion in the feed: the next revision,
+    /// as a tombstone ([`ChangeKind::Deleted`](crate::ChangeKind::Deleted)).
+    ///
+    /// The store knows nothing of actors: removing an entity that is
+    /// resident somewhere leaves that actor with a state the store no longer
+    /// holds. An [`EntityManager`](crate::EntityManager) with retention on
+    /// skips its own resident entities.
+    async fn purge_rows(
+        &self,
+        rows: Vec<(PersistenceId, Revision)>,
+        written_before: DateTime<Utc>,
+    ) -> Result<Vec<PersistenceId>, StoreError>;
+
+    /// How many entities of `entity_type` the store holds (rows, tombstones
+    /// of deleted entities included), read without starting any actor.
+    async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError>;
+
+    /// Up to `limit` persistence ids of `entity_type`, in the database's
+    /// order of persistence ids, after the one whose
+    /// [`as_str`](PersistenceId::as_str) is `after` (`None`: from the
+    /// first): pass the last id returned to get the next page. The order is
+    /// stable, so paging visits every entity that exists throughout exactly
+    /// once; fewer than `limit` ids means the end.
+    async fn entity_ids(
+        &self,
+        entity_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<PersistenceId>, StoreError>;
+}
+
+/// Every capability at once: what the crate's stores are, and what a
+/// manager runs on (its retention purges, an ingest on it stores positions,
+/// a feed reads from it). Implemented for every type that has them all.
+pub trait Store: ChangeLog + Maintenance {}
+
+impl<S: ChangeLog + Maintenance + ?Sized> Store for S {}

@@ -1,0 +1,156 @@
+//! What passes through the store seam: rows of bytes as the stores keep
+//! them, and the typed state a load gives back.
+
+use chrono::{DateTime, Utc};
+
+use crate::entity::{Durable, DurableEntity, EventId, PersistenceId, Revision, SourceOffsets};
+use crate::error::StoreError;
+
+/// An entity's state as committed, with its revision and what the machinery
+/// remembers beside it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoredState<E> {
+    /// The committed revision.
+    pub revision: Revision,
+    /// The committed state.
+    pub state: E,
+    /// Ids of the most recently applied events, oldest first.
+    pub recent_event_ids: Vec<EventId>,
+    /// When the entity was last deleted, if ever: events that happened
+    /// before it are not applied.
+    pub erased_at: Option<DateTime<Utc>>,
+    /// This revision is the entity's deletion (its state is the default).
+    pub deleted: bool,
+    /// Per source partition (`topic/partition`), the offset of the last
+    /// ingested record applied to this entity, written with the state.
+    pub source_offsets: SourceOffsets,
+}
+
+impl<E: DurableEntity> StoredState<E> {
+    /// What an entity never seen before has: the default state at [`Revision::NONE`].
+    pub fn initial() -> Self {
+        Self::from_durable(Revision::NONE, Durable::default())
+    }
+
+    pub(crate) fn from_durable(revision: Revision, durable: Durable<E>) -> Self {
+        Self {
+            revision,
+            deleted: durable.is_tombstone(),
+            erased_at: durable.erased_at(),
+            state: durable.state,
+            recent_event_ids: durable.event_ids,
+            source_offsets: durable.source_offsets.into_map(),
+        }
+    }
+}
+
+/// A stored row as the store holds it: entity-agnostic bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRow {
+    /// The committed revision (at least 1).
+    pub revision: Revision,
+    /// The schema version the state was written at (`state_schema_version`):
+    /// the writing entity's [`DurableEntity::SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// The encoded state.
+    pub payload: Vec<u8>,
+}
+
+/// One revision-checked write of one row, as the store takes it.
+#[derive(Debug, Clone)]
+pub struct WriteRow {
+    /// The row.
+    pub key: PersistenceId,
+    /// `state_ser_manifest`: what the payloads are.
+    pub manifest: &'static str,
+    /// The revision the row must have ([`Revision::NONE`]: no row yet).
+    pub expected: Revision,
+    /// The revision written; above `expected`.
+    pub revision: Revision,
+    /// `state_schema_version` of the payloads: the entity's
+    /// [`DurableEntity::SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// The encoded states of the last `payloads.len()` revisions up to
+    /// `revision`, oldest first: the row keeps the last, the change feed
+    /// (when the store keeps one) gets each. Without a feed, the last alone
+    /// suffices.
+    pub payloads: Vec<Vec<u8>>,
+}
+
+impl WriteRow {
+    /// Refuses writes that cannot be right, before they reach a batch where
+    /// they would fail everyone's statement.
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        let revisions = self.revision.0.saturating_sub(self.expected.0);
+        if revisions == 0 || self.payloads.is_empty() || self.payloads.len() as u64 > revisions {
+            return Err(StoreError::InvalidWrite {
+                key: self.key.clone(),
+                expected: self.expected,
+                revision: self.revision,
+                states: self.payloads.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Every revision this write commits with its payload, oldest first: the
+    /// last `payloads.len()` revisions up to [`revision`](Self::revision).
+    pub(crate) fn changes(&self) -> impl Iterator<Item = (Revision, &[u8])> {
+        let first = self.revision.0 + 1 - self.payloads.len() as u64;
+        (first..).map(Revision).zip(self.payloads.iter().map(Vec::as_slice))
+    }
+
+    /// The state the row keeps: the last payload.
+    pub(crate) fn last_payload(&self) -> &[u8] {
+        self.payloads.last().map_or(&[], Vec::as_slice)
+    }
+}
+
+/// A change feed entry as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRow {
+    /// Where the change stands in the feed of all entity types: in commit order.
+    pub position: u64,
+    /// The entity.
+    pub key: PersistenceId,
+    /// The revision committed.
+    pub revision: Revision,
+    /// The schema version the state was written at.
+    pub schema_version: u32,
+    /// The encoded state at that revision.
+    pub payload: Vec<u8>,
+    /// When the writing transaction ran, by the database's clock.
+    pub committed_at: DateTime<Utc>,
+}
+
+/// Counters of a store: how well group commit and bulk restore are batching.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Write statements (batches) executed.
+    pub write_statements: u64,
+    /// Rows those statements wrote (conflicts excluded).
+    pub rows_written: u64,
+    /// Rows refused because their revision had moved on.
+    pub conflicts: u64,
+    /// Load statements (batches) executed.
+    pub load_statements: u64,
+    /// Entities those statements looked up.
+    pub entities_loaded: u64,
+}
+
+/// The rows before the first that failed to decode; the failure itself when
+/// it is the first. A change feed read thus delivers every change before a
+/// corrupt one and then stops at it, never passing over it.
+pub(crate) fn good_prefix<T>(rows: impl IntoIterator<Item = Result<T, StoreError>>) -> Result<Vec<T>, StoreError> {
+    let mut good = Vec::new();
+    for row in rows {
+        match row {
+            Ok(row) => good.push(row),
+            Err(error) if good.is_empty() => return Err(error),
+            Err(_) => break,
+        }
+    }
+    Ok(good)
+}

@@ -1,0 +1,258 @@
+//! The port between the SQL store and a database: [`SqlBackend`], the
+//! statements of one database, and the forms rows take where SQL binds and
+//! reads them. Revisions, positions and sizes are the crate's own types up
+//! to here, and become `BIGINT`s and `INTEGER`s only in this module.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::entity::{InvalidInput, PersistenceId, Revision};
+use crate::error::{CorruptRow, StoreError};
+use crate::store::rows::{ChangeRow, StoredRow, WriteRow};
+use crate::store::JSON_SERIALIZER_ID;
+
+mod sealed {
+    pub trait Sealed {}
+}
+pub(crate) use sealed::Sealed;
+
+/// The statements of one database (PostgreSQL or SQLite) behind a
+/// [`SqlStore`](super::SqlStore); implemented by the crate's backends only.
+///
+/// The SQL store batches writes and loads over it (group commit) and runs
+/// every call on its own runtime; a backend only executes statements.
+#[async_trait]
+pub trait SqlBackend: Sealed + Send + Sync + 'static {
+    /// The store's name, as its `Debug` shows it (`PostgresStore`).
+    const STORE_NAME: &'static str;
+
+    /// Writes every row whose stored revision is its expected one,
+    /// atomically per row; returns, in input order, whether each row was
+    /// written. Persistence ids in one call are unique.
+    ///
+    /// An error means nothing was committed, except
+    /// [`StoreError::OutcomeUnknown`]: the statement was sent and no answer
+    /// came back. The wait for a connection is bounded apart from the
+    /// statement, so a slow pool never turns into an unknown outcome.
+    async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<bool>, StoreError>;
+
+    /// The stored rows among `keys`, keyed by persistence id.
+    async fn load_rows(&self, keys: &[&PersistenceId]) -> Result<HashMap<String, StateRow>, StoreError>;
+
+    /// Checks that the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// See [`ChangeLog::read_change_rows`](crate::ChangeLog::read_change_rows).
+    async fn read_changes(&self, entity_type: String, after: u64, limit: usize) -> Result<Vec<ChangeRow>, StoreError>;
+
+    /// See [`Offsets::load_offset`](crate::Offsets::load_offset).
+    async fn load_offset(&self, consumer: String) -> Result<Option<u64>, StoreError>;
+
+    /// See [`Offsets::save_offset`](crate::Offsets::save_offset).
+    async fn save_offset(&self, consumer: String, position: u64) -> Result<(), StoreError>;
+
+    /// See [`Maintenance::purge_candidates`](crate::Maintenance::purge_candidates).
+    async fn purge_candidates(
+        &self,
+        entity_type: String,
+        written_before: DateTime<Utc>,
+        after: Option<PersistenceId>,
+        limit: usize,
+    ) -> Result<Vec<(PersistenceId, Revision)>, StoreError>;
+
+    /// See [`Maintenance::purge_rows`](crate::Maintenance::purge_rows);
+    /// `rows` are in byte order of persistence ids and unique.
+    async fn purge_rows(
+        &self,
+        rows: Vec<(PersistenceId, Revision)>,
+        written_before: DateTime<Utc>,
+    ) -> Result<Vec<PersistenceId>, StoreError>;
+
+    /// See [`Maintenance::count_entities`](crate::Maintenance::count_entities).
+    async fn count_entities(&self, entity_type: String) -> Result<u64, StoreError>;
+
+    /// See [`Maintenance::entity_ids`](crate::Maintenance::entity_ids).
+    async fn entity_ids(
+        &self,
+        entity_type: String,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<PersistenceId>, StoreError>;
+}
+
+/// One row of a write batch, with every value already checked to fit its
+/// column: binding it cannot fail, so one row's values never fail a batch.
+#[derive(Debug, Clone)]
+pub struct RowWrite {
+    pub(crate) key: PersistenceId,
+    pub(crate) manifest: &'static str,
+    /// The revision the row must have (0: the row must not exist).
+    pub(crate) expected: i64,
+    pub(crate) revision: i64,
+    /// `state_schema_version` of the row and of each of its changes.
+    pub(crate) schema_version: i32,
+    pub(crate) payload: Vec<u8>,
+    /// For the change feed, when it is on: every revision this write
+    /// commits, in order, with its state (the last is `revision`, `payload`).
+    pub(crate) changes: Vec<(i64, Vec<u8>)>,
+}
+
+impl RowWrite {
+    /// The bound form of `write`, taking its payloads: the row's state, and
+    /// with the feed on every revision's.
+    pub(crate) fn bind(mut write: WriteRow, feed: bool) -> Result<Self, StoreError> {
+        let expected = bigint(write.expected.0)?;
+        let revision = bigint(write.revision.0)?;
+        let schema_version = integer(write.schema_version)?;
+        let changes = if feed {
+            write
+                .changes()
+                .map(|(r, payload)| (r.0 as i64, payload.to_vec()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let payload = write.payloads.pop().unwrap_or_default();
+        Ok(Self {
+            key: write.key,
+            manifest: write.manifest,
+            expected,
+            revision,
+            schema_version,
+            payload,
+            changes,
+        })
+    }
+
+    pub(crate) fn entity_type(&self) -> &str {
+        self.key.entity_type()
+    }
+}
+
+/// The columns a load reads, in the order the backends select them:
+/// `(persistence_id, revision, state_ser_id, state_schema_version, state_payload)`.
+#[derive(Debug, Clone, diesel::Queryable)]
+pub struct StateRow {
+    pub(crate) persistence_id: String,
+    pub(crate) revision: i64,
+    pub(crate) state_ser_id: i32,
+    pub(crate) state_schema_version: i32,
+    pub(crate) state_payload: Vec<u8>,
+}
+
+impl StateRow {
+    /// Checks what the store itself can check of a row, failing with
+    /// [`StoreError::Corrupt`] (naming the entity) for anything this version
+    /// cannot read.
+    pub(crate) fn decode(self, key: &PersistenceId) -> Result<StoredRow, StoreError> {
+        let revision = stored_revision(self.revision);
+        let corrupt = |source: CorruptRow| StoreError::Corrupt {
+            key: key.clone(),
+            revision,
+            source,
+        };
+        let revision = revision.ok_or_else(|| corrupt(CorruptRow::Revision))?;
+        if self.state_ser_id != JSON_SERIALIZER_ID {
+            return Err(corrupt(CorruptRow::SerializerId(self.state_ser_id)));
+        }
+        let schema_version = schema_version(self.state_schema_version).map_err(corrupt)?;
+        Ok(StoredRow {
+            revision,
+            schema_version,
+            payload: self.state_payload,
+        })
+    }
+}
+
+/// A change feed row as a backend read it.
+pub(crate) struct FeedRow {
+    pub(crate) position: i64,
+    pub(crate) persistence_id: String,
+    pub(crate) revision: i64,
+    pub(crate) committed_at: DateTime<Utc>,
+    pub(crate) state_schema_version: i32,
+    pub(crate) state_payload: Vec<u8>,
+}
+
+impl FeedRow {
+    pub(crate) fn decode(self) -> Result<ChangeRow, StoreError> {
+        // Read after a position of at least 0, so never negative.
+        let position = u64::try_from(self.position).unwrap_or(0);
+        let key = parse_id(&self.persistence_id).map_err(|source| StoreError::CorruptChange {
+            position,
+            key: PersistenceId::new("?", &self.persistence_id),
+            source,
+        })?;
+        let corrupt = |source: CorruptRow| StoreError::CorruptChange {
+            position,
+            key: key.clone(),
+            source,
+        };
+        let revision = stored_revision(self.revision).ok_or_else(|| corrupt(CorruptRow::Revision))?;
+        let schema_version = schema_version(self.state_schema_version).map_err(corrupt)?;
+        Ok(ChangeRow {
+            position,
+            key,
+            revision,
+            schema_version,
+            payload: self.state_payload,
+            committed_at: self.committed_at,
+        })
+    }
+}
+
+/// A stored row's `(persistence_id, revision)`, which this crate always
+/// writes as `<entity type>|<entity id>` and a revision of at least 1.
+pub(crate) fn stored_key(id: String, revision: i64) -> Result<(PersistenceId, Revision), StoreError> {
+    let corrupt = |key: PersistenceId, source| StoreError::Corrupt {
+        key,
+        revision: stored_revision(revision),
+        source,
+    };
+    let key = parse_id(&id).map_err(|source| corrupt(PersistenceId::new("?", &id), source))?;
+    match stored_revision(revision) {
+        Some(revision) => Ok((key, revision)),
+        None => Err(corrupt(key, CorruptRow::Revision)),
+    }
+}
+
+fn parse_id(id: &str) -> Result<PersistenceId, CorruptRow> {
+    PersistenceId::parse(id).ok_or_else(|| {
+        CorruptRow::Key(InvalidInput::MalformedKey {
+            entity_id: id.to_owned(),
+            reason: "no `|` after the entity type",
+        })
+    })
+}
+
+/// A stored revision, which is at least 1.
+fn stored_revision(stored: i64) -> Option<Revision> {
+    u64::try_from(stored).ok().filter(|&r| r > 0).map(Revision)
+}
+
+/// A stored `state_schema_version`, which is never negative.
+fn schema_version(stored: i32) -> Result<u32, CorruptRow> {
+    u32::try_from(stored).map_err(|_| CorruptRow::SchemaVersion(stored))
+}
+
+/// A schema version as the `INTEGER` column holds it.
+fn integer(version: u32) -> Result<i32, StoreError> {
+    i32::try_from(version).map_err(|_| StoreError::OutOfRange(version.into()))
+}
+
+/// A revision or position as a `BIGINT` column holds it.
+pub(crate) fn bigint(value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::OutOfRange(value))
+}
+
+/// A count or limit as a `BIGINT` bind: at least 1, saturating.
+pub(crate) fn limit(value: usize) -> i64 {
+    i64::try_from(value.max(1)).unwrap_or(i64::MAX)
+}
+
+/// A count read from the database, which is never negative.
+pub(crate) fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}

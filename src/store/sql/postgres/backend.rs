@@ -1,0 +1,236 @@
+//! The PostgreSQL statements behind the SQL store.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use diesel::dsl::now;
+use diesel::sql_types::{Array, BigInt, Binary, Integer, Text};
+use diesel::upsert::excluded;
+use diesel::{ExpressionMethods, IntoSql, OptionalExtension, QueryDsl};
+use diesel_async::RunQueryDsl;
+
+use super::prepared_sql::PreparedSql;
+use super::statements::{PURGE_ROWS_SQL, PURGE_ROWS_WITH_FEED_SQL, WRITE_ROWS_SQL, WRITE_ROWS_WITH_FEED_SQL};
+use super::{sent_write_error, NoAnswer, PostgresBackend, Written};
+use crate::entity::{PersistenceId, Revision};
+use crate::error::StoreError;
+use crate::store::payload::TOMBSTONE;
+use crate::store::rows::{good_prefix, ChangeRow};
+use crate::store::schema::postgres::{durable_state, feed_offsets, state_changes};
+use crate::store::sql::backend::{self as port, FeedRow, RowWrite, SqlBackend, StateRow};
+use crate::store::JSON_SERIALIZER_ID;
+
+/// A change feed row, as `read_changes` selects it.
+#[derive(diesel::Queryable)]
+struct PgChange {
+    position: i64,
+    persistence_id: String,
+    revision: i64,
+    committed_at: chrono::DateTime<chrono::Utc>,
+    state_schema_version: i32,
+    state_payload: Vec<u8>,
+}
+
+#[async_trait]
+impl SqlBackend for PostgresBackend {
+    const STORE_NAME: &'static str = "PostgresStore";
+
+    async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<bool>, StoreError> {
+        // Bounded by the pool's wait timeout, apart from the statement:
+        // nothing is sent until a connection is had.
+        let mut conn = self.checkout().await?;
+        // Every array is bound borrowed from the rows: no per-row copies.
+        let ids: Vec<&str> = rows.iter().map(|row| row.key.as_str()).collect();
+        let write = PreparedSql::new(if self.feed {
+            WRITE_ROWS_WITH_FEED_SQL
+        } else {
+            WRITE_ROWS_SQL
+        })
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<BigInt>, _>(rows.iter().map(|row| row.expected).collect::<Vec<_>>())
+        .bind::<Array<BigInt>, _>(rows.iter().map(|row| row.revision).collect::<Vec<_>>())
+        .bind::<Array<Binary>, _>(rows.iter().map(|row| row.payload.as_slice()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(rows.iter().map(|row| row.entity_type()).collect::<Vec<_>>())
+        .bind::<Array<Text>, _>(rows.iter().map(|row| row.manifest).collect::<Vec<_>>())
+        .bind::<Array<Integer>, _>(rows.iter().map(|row| row.schema_version).collect::<Vec<_>>())
+        .bind::<Integer, _>(JSON_SERIALIZER_ID);
+        let write = if self.feed {
+            let changes = || {
+                rows.iter()
+                    .flat_map(|row| row.changes.iter().map(move |change| (row, change)))
+            };
+            write
+                .bind::<Array<Text>, _>(changes().map(|(row, _)| row.key.as_str()).collect::<Vec<_>>())
+                .bind::<Array<Text>, _>(changes().map(|(row, _)| row.entity_type()).collect::<Vec<_>>())
+                .bind::<Array<BigInt>, _>(changes().map(|(_, (revision, _))| *revision).collect::<Vec<_>>())
+                .bind::<Array<Binary>, _>(
+                    changes()
+                        .map(|(_, (_, payload))| payload.as_slice())
+                        .collect::<Vec<_>>(),
+                )
+        } else {
+            write
+        };
+        let written: Vec<Written> = match tokio::time::timeout(self.no_answer_after, write.load(&mut conn)).await {
+            Ok(answer) => answer.map_err(sent_write_error)?,
+            Err(_) => return Err(StoreError::OutcomeUnknown(Arc::new(NoAnswer(self.no_answer_after)))),
+        };
+        let written: std::collections::HashSet<String> = written.into_iter().map(|w| w.persistence_id).collect();
+        Ok(ids.iter().map(|id| written.contains(*id)).collect())
+    }
+
+    async fn load_rows(&self, keys: &[&PersistenceId]) -> Result<HashMap<String, StateRow>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let ids: Vec<&str> = keys.iter().map(|key| key.as_str()).collect();
+        // `eq_any` of a `Vec` is `= ANY($1)` on PostgreSQL: one array bind,
+        // one round trip for the whole batch.
+        let rows: Vec<StateRow> = durable_state::table
+            .filter(durable_state::persistence_id.eq_any(ids))
+            .select((
+                durable_state::persistence_id,
+                durable_state::revision,
+                durable_state::state_ser_id,
+                durable_state::state_schema_version,
+                durable_state::state_payload,
+            ))
+            .load(&mut conn)
+            .await?;
+        Ok(rows.into_iter().map(|row| (row.persistence_id.clone(), row)).collect())
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        diesel::select(1.into_sql::<Integer>())
+            .execute(&mut self.checkout().await?)
+            .await?;
+        Ok(())
+    }
+
+    async fn read_changes(&self, entity_type: String, after: u64, limit: usize) -> Result<Vec<ChangeRow>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let rows: Vec<PgChange> = state_changes::table
+            .filter(state_changes::entity_type.eq(entity_type))
+            .filter(state_changes::position.gt(port::bigint(after)?))
+            .order(state_changes::position)
+            .limit(port::limit(limit))
+            .select((
+                state_changes::position,
+                state_changes::persistence_id,
+                state_changes::revision,
+                state_changes::committed_at,
+                state_changes::state_schema_version,
+                state_changes::state_payload,
+            ))
+            .load(&mut conn)
+            .await?;
+        good_prefix(rows.into_iter().map(|r| {
+            FeedRow {
+                position: r.position,
+                persistence_id: r.persistence_id,
+                revision: r.revision,
+                committed_at: r.committed_at,
+                state_schema_version: r.state_schema_version,
+                state_payload: r.state_payload,
+            }
+            .decode()
+        }))
+    }
+
+    async fn load_offset(&self, consumer: String) -> Result<Option<u64>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let position: Option<i64> = feed_offsets::table
+            .filter(feed_offsets::consumer.eq(consumer))
+            .select(feed_offsets::position)
+            .get_result(&mut conn)
+            .await
+            .optional()?;
+        Ok(position.map(port::count))
+    }
+
+    async fn save_offset(&self, consumer: String, position: u64) -> Result<(), StoreError> {
+        let position = port::bigint(position)?;
+        let mut conn = self.checkout().await?;
+        // `now` is the server's CURRENT_TIMESTAMP (the same as `now()`).
+        diesel::insert_into(feed_offsets::table)
+            .values((
+                feed_offsets::consumer.eq(consumer),
+                feed_offsets::position.eq(position),
+                feed_offsets::updated_at.eq(now),
+            ))
+            .on_conflict(feed_offsets::consumer)
+            .do_update()
+            .set((
+                feed_offsets::position.eq(excluded(feed_offsets::position)),
+                feed_offsets::updated_at.eq(now),
+            ))
+            .execute(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn purge_candidates(
+        &self,
+        entity_type: String,
+        written_before: DateTime<Utc>,
+        after: Option<PersistenceId>,
+        limit: usize,
+    ) -> Result<Vec<(PersistenceId, Revision)>, StoreError> {
+        let after = after.map(|id| id.as_str().to_owned());
+        self.page(entity_type, Some(written_before), after, limit).await
+    }
+
+    async fn purge_rows(
+        &self,
+        rows: Vec<(PersistenceId, Revision)>,
+        written_before: DateTime<Utc>,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+        let revisions = rows
+            .iter()
+            .map(|(_, revision)| port::bigint(revision.0))
+            .collect::<Result<Vec<i64>, _>>()?;
+        let purge = diesel::sql_query(if self.feed {
+            PURGE_ROWS_WITH_FEED_SQL
+        } else {
+            PURGE_ROWS_SQL
+        })
+        .into_boxed()
+        .bind::<Array<Text>, _>(&ids)
+        .bind::<Array<BigInt>, _>(&revisions)
+        .bind::<diesel::sql_types::Timestamptz, _>(written_before);
+        let purge = if self.feed {
+            purge.bind::<Binary, _>(TOMBSTONE)
+        } else {
+            purge
+        };
+        let purged: Vec<Written> = purge.load(&mut conn).await?;
+        let purged: HashSet<String> = purged.into_iter().map(|row| row.persistence_id).collect();
+        Ok(rows
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| purged.contains(id.as_str()))
+            .collect())
+    }
+
+    async fn count_entities(&self, entity_type: String) -> Result<u64, StoreError> {
+        let mut conn = self.checkout().await?;
+        let count: i64 = durable_state::table
+            .filter(durable_state::entity_type.eq(entity_type))
+            .count()
+            .get_result(&mut conn)
+            .await?;
+        Ok(port::count(count))
+    }
+
+    async fn entity_ids(
+        &self,
+        entity_type: String,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        let page = self.page(entity_type, None, after, limit).await?;
+        Ok(page.into_iter().map(|(id, _)| id).collect())
+    }
+}

@@ -1,0 +1,323 @@
+//! The production backend: PostgreSQL through diesel-async's pure-Rust
+//! driver and a deadpool connection pool. Its set-up is here, its raw SQL in
+//! `statements`, its statements behind the SQL store in `backend`.
+
+use std::sync::Arc;
+
+use diesel::sql_types::Text;
+use diesel::{ExpressionMethods, QueryDsl, QueryableByName};
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+mod backend;
+mod prepared_sql;
+mod statements;
+
+use super::backend::{self as port, Sealed};
+use super::SqlStore;
+use crate::entity::PersistenceId;
+use crate::error::StoreError;
+use crate::store::config::StoreConfig;
+use crate::store::runtime::DbRuntime;
+use crate::store::schema::postgres::durable_state;
+#[cfg(test)]
+use crate::store::JSON_SERIALIZER_ID;
+
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// Serialises concurrent migrations from several processes (an arbitrary, fixed key).
+const MIGRATION_LOCK_KEY: i64 = 0x7065_7273_6973_7400;
+
+/// The production store: PostgreSQL through diesel-async's pure-Rust driver
+/// and a deadpool connection pool, with group commit.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), persist_durable::StoreError> {
+/// let store = persist_durable::PostgresStore::connect("postgres://postgres:postgres@localhost/persist_durable").await?;
+/// # Ok(()) }
+/// ```
+pub type PostgresStore = SqlStore<PostgresBackend>;
+
+/// The statements of PostgreSQL behind a [`PostgresStore`].
+pub struct PostgresBackend {
+    pool: Pool<AsyncPgConnection>,
+    feed: bool,
+    /// How long a sent write may go unanswered before its outcome is
+    /// reported unknown: twice the server's statement timeout, so the
+    /// server always decides first when it can.
+    no_answer_after: std::time::Duration,
+}
+
+impl Sealed for PostgresBackend {}
+
+impl SqlStore<PostgresBackend> {
+    /// Connects with [`StoreConfig::default`] and applies pending migrations.
+    pub async fn connect(database_url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(database_url, StoreConfig::default()).await
+    }
+
+    /// Connects with `config` and applies pending migrations.
+    pub async fn connect_with(database_url: &str, config: StoreConfig) -> Result<Self, StoreError> {
+        config.validate()?;
+        let runtime = DbRuntime::new("postgres", config.worker_threads, config.operation_timeout)?;
+        let url = database_url.to_owned();
+        let limit = config.connect_timeout * 4;
+        runtime
+            .run_unbounded(async move {
+                tokio::time::timeout(limit, migrate(url))
+                    .await
+                    .unwrap_or(Err(StoreError::Timeout(limit)))
+            })
+            .await?;
+        let backend = PostgresBackend {
+            pool: connection_pool(database_url, &config)?,
+            feed: config.change_feed,
+            no_answer_after: config.operation_timeout * 2,
+        };
+        Ok(Self::start(backend, runtime, &config))
+    }
+}
+
+/// The store's connections, each set up as the statements rely on.
+///
+/// - The server enforces the operation timeout, so that a write the client
+///   gave up on is rolled back rather than committed later; the feed's
+///   commit-ordered positions rely on READ COMMITTED.
+/// - Every execution is planned for its own parameters
+///   (`plan_cache_mode = force_custom_plan`). diesel keeps the DSL's
+///   statements prepared, and after five executions PostgreSQL may switch a
+///   prepared statement to a generic plan chosen from the table's size at
+///   that moment and keep it for the life of the connection: restores on a
+///   table that was empty or just truncated were seen sequentially scanning
+///   it long after it held a hundred thousand rows. Parsing stays cached; a
+///   key lookup plans in microseconds.
+fn connection_pool(database_url: &str, config: &StoreConfig) -> Result<Pool<AsyncPgConnection>, StoreError> {
+    let limit_ms = config.operation_timeout.as_millis().max(1);
+    let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
+    manager_config.custom_setup = Box::new(move |url| {
+        let url = url.to_owned();
+        Box::pin(async move {
+            let mut conn = AsyncPgConnection::establish(&url).await?;
+            conn.batch_execute(&format!(
+                "SET statement_timeout = {limit_ms}; SET lock_timeout = {limit_ms}; \
+                 SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+                 SET plan_cache_mode = force_custom_plan;"
+            ))
+            .await
+            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            Ok(conn)
+        })
+    });
+    config.build_pool(AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+        database_url,
+        manager_config,
+    ))
+}
+
+async fn migrate(url: String) -> Result<(), StoreError> {
+    let mut conn = AsyncPgConnection::establish(&url)
+        .await
+        .map_err(StoreError::unavailable)?;
+    conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
+        .await?;
+    let mut harness = AsyncMigrationHarness::new(conn);
+    let applied = harness
+        .run_pending_migrations(MIGRATIONS)
+        .map(drop)
+        .map_err(|e| StoreError::Migration(Arc::from(e)));
+    let mut conn = harness.into_inner();
+    conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
+        .await?;
+    applied
+}
+
+impl PostgresBackend {
+    /// One page of an entity type's ids and revisions in persistence id
+    /// order after `after`, with `written_before` only rows last written
+    /// before it: served by the `(entity_type, persistence_id)` index.
+    async fn page(
+        &self,
+        entity_type: String,
+        written_before: Option<chrono::DateTime<chrono::Utc>>,
+        after: Option<String>,
+        limit: usize,
+    ) -> Result<Vec<(PersistenceId, crate::Revision)>, StoreError> {
+        let mut conn = self.checkout().await?;
+        let mut query = durable_state::table
+            .filter(durable_state::entity_type.eq(entity_type))
+            .order(durable_state::persistence_id)
+            .limit(port::limit(limit))
+            .select((durable_state::persistence_id, durable_state::revision))
+            .into_boxed();
+        if let Some(written_before) = written_before {
+            query = query.filter(durable_state::db_timestamp.lt(written_before));
+        }
+        if let Some(after) = after {
+            query = query.filter(durable_state::persistence_id.gt(after));
+        }
+        let rows: Vec<(String, i64)> = query.load(&mut conn).await?;
+        rows.into_iter()
+            .map(|(id, revision)| port::stored_key(id, revision))
+            .collect()
+    }
+
+    async fn checkout(&self) -> Result<Object<AsyncPgConnection>, StoreError> {
+        self.pool.get().await.map_err(StoreError::unavailable)
+    }
+}
+
+/// A write sent to the server that got no answer in time.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer from the database within {0:?} of sending the write")]
+struct NoAnswer(std::time::Duration);
+
+/// Classifies the failure of a write statement that was sent. An error the
+/// server reported (it has a SQLSTATE) means the statement rolled back; one
+/// without (the connection broke) leaves the outcome unknown.
+fn sent_write_error(error: diesel::result::Error) -> StoreError {
+    use diesel::result::{DatabaseErrorKind, Error};
+    match error {
+        Error::DatabaseError(DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection, _) => {
+            StoreError::OutcomeUnknown(Arc::new(error))
+        }
+        Error::DatabaseError(..) => error.into(),
+        // The statement ran, its answer could not be read.
+        other => StoreError::OutcomeUnknown(Arc::new(other)),
+    }
+}
+
+#[derive(QueryableByName)]
+struct Written {
+    #[diesel(sql_type = Text)]
+    persistence_id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::statements::WRITE_ROWS_SQL;
+    use super::*;
+    use crate::store::sql::backend::{RowWrite, SqlBackend};
+
+    /// `DATABASE_URL` with every connection's `search_path` set to a schema
+    /// of its own, created here (dropped by the caller); `None`, loudly, when
+    /// there is no PostgreSQL to use outside CI.
+    async fn scratch_schema(name: &str) -> Option<(String, AsyncPgConnection)> {
+        let url = match std::env::var("DATABASE_URL") {
+            Ok(url) if url.starts_with("postgres") => url,
+            _ if std::env::var_os("CI").is_some() => panic!("PostgreSQL is required in CI: set DATABASE_URL"),
+            _ => {
+                eprintln!("\n*** SKIPPED a PostgreSQL test: DATABASE_URL is not set. ***\n");
+                return None;
+            }
+        };
+        let schema = format!("{name}_{}", std::process::id());
+        let mut admin = AsyncPgConnection::establish(&url).await.expect("DATABASE_URL connects");
+        admin
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema};"
+            ))
+            .await
+            .unwrap();
+        let separator = if url.contains('?') { '&' } else { '?' };
+        Some((format!("{url}{separator}options=-csearch_path%3D{schema}"), admin))
+    }
+
+    use diesel::sql_types::BigInt;
+
+    #[derive(QueryableByName, Debug)]
+    struct PlanCounts {
+        #[diesel(sql_type = BigInt)]
+        generic_plans: i64,
+        #[diesel(sql_type = BigInt)]
+        custom_plans: i64,
+    }
+
+    /// Restores and writes are parsed once per connection and planned for
+    /// each batch. A generic plan is made once, from the table's size at that
+    /// moment, and kept by the connection: on an empty table it can be a
+    /// sequential scan that restores then run long after the table has grown.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn statements_stay_prepared_and_are_planned_for_each_batch() {
+        let Some((url, mut admin)) = scratch_schema("plans").await else {
+            return;
+        };
+        migrate(url.clone()).await.unwrap();
+        let config = StoreConfig::default().with_pool_size(1);
+        let backend = PostgresBackend {
+            pool: connection_pool(&url, &config).unwrap(),
+            feed: false,
+            no_answer_after: config.operation_timeout,
+        };
+        // More executions than PostgreSQL's five custom plans before it
+        // considers a generic one, on the empty table.
+        for batch in 0..10 {
+            let ids: Vec<_> = (0..5)
+                .map(|i| crate::PersistenceId::new("UserState", &format!("m-u{batch}x{i}")))
+                .collect();
+            assert!(backend
+                .load_rows(&ids.iter().collect::<Vec<_>>())
+                .await
+                .unwrap()
+                .is_empty());
+        }
+        for revision in 1..=7 {
+            let row = RowWrite {
+                key: crate::PersistenceId::new("UserState", "m-u"),
+                manifest: "UserState/v1",
+                expected: revision - 1,
+                revision,
+                schema_version: 1,
+                payload: b"{}".to_vec(),
+                changes: Vec::new(),
+            };
+            assert_eq!(backend.write_rows(&[row]).await.unwrap(), [true]);
+        }
+        let plans = |pattern: &'static str| {
+            let backend = &backend;
+            async move {
+                diesel::sql_query(
+                    "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+                     WHERE statement LIKE $1 AND statement NOT LIKE '%pg_prepared_statements%'",
+                )
+                .bind::<Text, _>(pattern)
+                .load::<PlanCounts>(&mut backend.checkout().await.unwrap())
+                .await
+                .unwrap()
+            }
+        };
+        let (restores, writes) = (plans("%= ANY%").await, plans("WITH input AS%").await);
+        admin
+            .batch_execute(&format!("DROP SCHEMA plans_{} CASCADE", std::process::id()))
+            .await
+            .unwrap();
+        assert_eq!(
+            restores.len(),
+            1,
+            "the restore statement is kept prepared: {restores:?}"
+        );
+        assert_eq!(restores[0].generic_plans, 0, "{restores:?}");
+        assert_eq!(restores[0].custom_plans, 10, "{restores:?}");
+        assert_eq!(writes.len(), 1, "the write statement is kept prepared: {writes:?}");
+        assert_eq!(writes[0].generic_plans, 0, "{writes:?}");
+        assert_eq!(writes[0].custom_plans, 7, "{writes:?}");
+    }
+
+    fn words(sql: &str) -> String {
+        sql.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    /// BENCHMARKS.md compares the library with pgbench running this statement:
+    /// the two must not drift apart.
+    #[test]
+    fn the_ceiling_script_runs_the_librarys_write_statement() {
+        let script = include_str!("../../../../scripts/pg-ceiling.sh");
+        let from_inserted = &WRITE_ROWS_SQL[WRITE_ROWS_SQL.find("), inserted AS (").unwrap()..];
+        let with_constants = from_inserted.replace("$8", &JSON_SERIALIZER_ID.to_string());
+        assert!(
+            words(script).contains(&words(&with_constants)),
+            "scripts/pg-ceiling.sh no longer runs the library's write statement"
+        );
+    }
+}

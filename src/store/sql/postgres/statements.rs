@@ -1,0 +1,181 @@
+//! The raw SQL of the PostgreSQL backend, with the proof that its locks
+//! cannot deadlock.
+
+// The two write statements below are the only raw SQL queries of this
+// backend (besides session commands: the `SET`s of a new connection and the
+// migration lock); every other statement is written with diesel's query DSL
+// against `schema::postgres`. The DSL cannot express them: they read the batch from
+// `unnest` of array binds (one bind per column, so a batch of any size is one
+// statement with a fixed text, prepared once) and chain data-modifying CTEs
+// (`INSERT ... ON CONFLICT DO NOTHING RETURNING`, `UPDATE ... FROM ...
+// RETURNING`, then the `feed_head` update and the feed insert, which number
+// the changes after the rows actually written) whose results the final
+// SELECT returns. diesel 2.3 has no `WITH`, no set-returning function as a
+// FROM source, no `UPDATE ... FROM`, and cannot use an `INSERT`/`UPDATE ...
+// RETURNING` as a subquery. tests/raw_statements.rs runs both on a fresh
+// database: new rows, a row at its expected revision and two conflicts in
+// one batch, with the feed's rows checked.
+// The retention purge's two statements (`PURGE_ROWS_SQL`,
+// `PURGE_ROWS_WITH_FEED_SQL`, after the writes) are raw SQL for the same
+// reasons: `unnest` of (id, revision) pairs, a locking CTE, `DELETE ...
+// USING ... RETURNING` feeding the `feed_head` update and the feed insert.
+
+/// The revision-checked writes of a batch, shared by both write statements.
+///
+/// Lock order: two statements that take row locks in opposite orders can
+/// deadlock, and an `UPDATE ... FROM` takes its locks in an order its plan
+/// picks (a nested loop over `input` in the batch's order, a hash join that
+/// probes with a scan of `durable_state` in the table's physical order), so
+/// sorting the batch is not enough. The statement works in three phases, each
+/// in persistence id order whatever the plan (`COLLATE "C"`: byte order, the
+/// order the batch is already sorted in, so the sorts are one pass):
+/// 1. `inserted` inserts the new rows in order. It can wait only for another
+///    transaction's uncommitted insert or update of the same id.
+/// 2. `locked` locks the rows to update: `FOR UPDATE` with `ORDER BY` puts
+///    the LockRows node above the Sort, so rows are locked one by one in
+///    order, whatever the join below. It first reads `inserted` to the end
+///    (the `count(*)`, evaluated below the Sort), so every insert is done
+///    before the first lock. A row at another revision is not returned.
+/// 3. `updated` updates only rows that `locked` returned, whose locks this
+///    transaction already holds, so it waits for nobody (it may update a row
+///    before `locked` has locked the next). It finds each by the `ctid` of
+///    the version `locked` locked, a TID scan instead of a second index
+///    lookup: a locked, live row version keeps its `ctid` until this
+///    transaction ends. With the feed, `head` takes the
+///    `feed_head` lock after all of this, and its holder waits for nobody.
+///
+/// No cycle of waits is possible. Place a waiting statement at (phase, id):
+/// one waiting in phase 1 at `k` waits for a transaction that inserted `k`
+/// (so it is in phase 1 past `k`, or later) or updated it (phase 2 or
+/// later); one waiting in phase 2 at `k` waits for a holder of `k`'s row
+/// lock (in phase 2 past `k`, or later; an uncommitted insert is invisible to
+/// `locked`, which never waits for it). Every wait is for a statement
+/// strictly further along, so waits cannot go round in a circle. Each write
+/// statement is its own transaction, and no other statement of this backend
+/// locks rows of `durable_state` but the purge ([`purge_ctes`]), which takes
+/// its locks as phase 2 does and `feed_head`'s after them.
+/// tests/deadlock.rs runs two stores whose plans took the old statement's
+/// locks in opposite orders.
+macro_rules! write_ctes {
+    () => {
+        "\
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::integer[])
+        AS t(persistence_id, expected, revision, payload, entity_type, manifest, schema_version)
+), inserted AS (
+    INSERT INTO durable_state
+        (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload,
+         state_schema_version)
+    SELECT persistence_id, entity_type, revision, now(), $8, manifest, payload, schema_version
+    FROM input WHERE expected = 0
+    ORDER BY persistence_id COLLATE \"C\"
+    ON CONFLICT (persistence_id) DO NOTHING
+    RETURNING persistence_id
+), locked AS (
+    SELECT d.ctid AS row_id, i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version
+    FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
+    WHERE i.expected <> 0 AND (SELECT count(*) FROM inserted) >= 0
+    ORDER BY d.persistence_id COLLATE \"C\"
+    FOR UPDATE OF d
+), updated AS (
+    UPDATE durable_state AS d
+    SET revision = l.revision, db_timestamp = now(), state_ser_id = $8, state_ser_manifest = l.manifest,
+        state_payload = l.payload, state_schema_version = l.schema_version
+    FROM locked AS l
+    WHERE d.ctid = l.row_id AND d.revision = l.expected
+    RETURNING d.persistence_id
+)"
+    };
+}
+
+/// Raw SQL (see above): the batched, revision-checked write without the feed.
+pub(super) const WRITE_ROWS_SQL: &str = concat!(
+    write_ctes!(),
+    "
+SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated"
+);
+
+/// Raw SQL (see above): the same write, plus one change feed row per committed revision
+/// (binds 9 to 12: persistence ids, entity types, revisions, payloads; each
+/// change has its row's schema version).
+/// Positions come from `feed_head`, whose row lock is held until commit: feed
+/// writers commit one after another, so positions appear gapless and in
+/// commit order, and a rolled-back statement rolls its positions back.
+pub(super) const WRITE_ROWS_WITH_FEED_SQL: &str = concat!(
+    write_ctes!(),
+    ", written AS (
+    SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated
+), changes AS (
+    SELECT c.persistence_id, c.entity_type, c.revision, c.payload, i.schema_version, c.ord
+    FROM unnest($9::text[], $10::text[], $11::bigint[], $12::bytea[])
+        WITH ORDINALITY AS c(persistence_id, entity_type, revision, payload, ord)
+    JOIN input AS i ON i.persistence_id = c.persistence_id
+    WHERE c.persistence_id IN (SELECT persistence_id FROM written)
+), head AS (
+    UPDATE feed_head SET position = position + (SELECT count(*) FROM changes) WHERE id = 1
+    RETURNING position - (SELECT count(*) FROM changes) AS base
+), feed AS (
+    INSERT INTO state_changes
+        (position, entity_type, persistence_id, revision, committed_at, state_payload, state_schema_version)
+    SELECT head.base + row_number() OVER (ORDER BY changes.ord), changes.entity_type, changes.persistence_id,
+           changes.revision, now(), changes.payload, changes.schema_version
+    FROM changes CROSS JOIN head
+)
+SELECT persistence_id FROM written"
+);
+
+/// The retention purge's deletes, shared by both purge statements (raw SQL:
+/// see above). Binds: `$1` persistence ids (unique), `$2` the revision each
+/// was found at, `$3` the cutoff. A row is deleted only if it still has that
+/// revision and was still last written before the cutoff, so a row written
+/// meanwhile by any node is kept.
+///
+/// `locked` locks the rows one by one in persistence id order, the order of
+/// a write's phase 2 (see [`write_ctes`]), so a purge and writes never wait
+/// for each other in a circle; `MATERIALIZED` keeps the locking step, and its
+/// order, a step of its own whatever the planner does. A row a concurrent
+/// write changed is re-checked once its lock is had (READ COMMITTED reads
+/// the newest version then) and, at another revision, not returned.
+macro_rules! purge_ctes {
+    () => {
+        "\
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[]) AS t(persistence_id, revision)
+), locked AS MATERIALIZED (
+    SELECT d.persistence_id, d.revision
+    FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.revision
+    WHERE d.db_timestamp < $3
+    ORDER BY d.persistence_id COLLATE \"C\"
+    FOR UPDATE OF d
+), purged AS (
+    DELETE FROM durable_state AS d USING locked AS l
+    WHERE d.persistence_id = l.persistence_id AND d.revision = l.revision AND d.db_timestamp < $3
+    RETURNING d.persistence_id, d.entity_type, d.revision
+)"
+    };
+}
+
+/// Raw SQL (see above): the retention purge without the feed.
+pub(super) const PURGE_ROWS_SQL: &str = concat!(
+    purge_ctes!(),
+    "
+SELECT persistence_id FROM purged"
+);
+
+/// Raw SQL (see above): the purge, plus one feed row per purged entity: the
+/// next revision, with the tombstone payload `$4`, so a consumer sees the
+/// entity deleted. Positions come from `feed_head`, as for writes: gapless
+/// and in commit order.
+pub(super) const PURGE_ROWS_WITH_FEED_SQL: &str = concat!(
+    purge_ctes!(),
+    ", head AS (
+    UPDATE feed_head SET position = position + (SELECT count(*) FROM purged) WHERE id = 1
+    RETURNING position - (SELECT count(*) FROM purged) AS base
+), feed AS (
+    INSERT INTO state_changes (position, entity_type, persistence_id, revision, committed_at, state_payload)
+    SELECT head.base + row_number() OVER (ORDER BY purged.persistence_id COLLATE \"C\"), purged.entity_type,
+           purged.persistence_id, purged.revision + 1, now(), $4
+    FROM purged CROSS JOIN head
+)
+SELECT persistence_id FROM purged"
+);

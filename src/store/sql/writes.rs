@@ -1,0 +1,111 @@
+//! The write path of group commit: a batch of revision-checked writes
+//! becomes one statement, and a row the database refuses is isolated so
+//! that only its own write fails.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use super::backend::{RowWrite, SqlBackend};
+use super::batch::Request;
+use super::group_commit::{count_by_entity, Counters};
+use crate::entity::{PersistenceId, Revision};
+use crate::error::StoreError;
+use crate::store::rows::WriteRow;
+
+pub(super) struct WriteRequest {
+    pub(super) write: WriteRow,
+    pub(super) reply: oneshot::Sender<Result<Revision, StoreError>>,
+}
+
+impl Request for WriteRequest {
+    /// One row per entity per statement: a second write for the same entity
+    /// (only possible from two actors of one entity) waits for the next batch.
+    fn exclusive_key(&self) -> Option<&PersistenceId> {
+        Some(&self.write.key)
+    }
+}
+
+pub(super) async fn execute_writes<B: SqlBackend>(
+    backend: Arc<B>,
+    mut batch: Vec<WriteRequest>,
+    feed: bool,
+    counters: Arc<Counters>,
+) {
+    // Byte order of persistence ids, the order in which PostgreSQL's write
+    // statement inserts and locks rows (see its `locked` step): with every
+    // statement taking its locks in one global order, concurrent batches
+    // from several nodes cannot deadlock, whatever the query plan.
+    batch.sort_unstable_by(|a, b| a.write.key.cmp(&b.write.key));
+    let mut rows = Vec::with_capacity(batch.len());
+    let mut accepted = Vec::with_capacity(batch.len());
+    for WriteRequest { write, reply } in batch {
+        let (key, expected, revision) = (write.key.clone(), write.expected, write.revision);
+        match RowWrite::bind(write, feed) {
+            Ok(row) => {
+                rows.push(row);
+                accepted.push((key, expected, revision, reply));
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    metrics::histogram!("persist_durable_batch_rows").record(rows.len() as f64);
+    let started = std::time::Instant::now();
+    let outcomes = write_isolating(backend.as_ref(), &rows, &counters).await;
+    metrics::histogram!("persist_durable_persist_seconds").record(started.elapsed().as_secs_f64());
+    let rows_written = outcomes.iter().filter(|outcome| matches!(outcome, Ok(true))).count();
+    let conflicts = outcomes.iter().filter(|outcome| matches!(outcome, Ok(false))).count();
+    Counters::add(&counters.rows_written, rows_written);
+    Counters::add(&counters.conflicts, conflicts);
+    if conflicts > 0 {
+        let conflicted = rows
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, outcome)| matches!(outcome, Ok(false)));
+        count_by_entity(
+            "persist_durable_conflicts_total",
+            conflicted.map(|(row, _)| row.entity_type()),
+        );
+    }
+    for ((key, expected, revision, reply), outcome) in accepted.into_iter().zip(outcomes) {
+        let result = match outcome {
+            Ok(true) => Ok(revision),
+            Ok(false) => Err(StoreError::Conflict { key, expected }),
+            Err(error) => Err(error),
+        };
+        let _ = reply.send(result);
+    }
+}
+
+type Outcomes<'a> = Pin<Box<dyn Future<Output = Vec<Result<bool, StoreError>>> + Send + 'a>>;
+
+/// Writes `rows` in one statement; if the database refuses the statement
+/// because of a row in it (a constraint, a trigger, a value out of range),
+/// writes each half on its own, down to the refused row alone, so that every
+/// other row still commits and only the culprit gets the error. Failures of
+/// the database itself (down, timed out, outcome unknown) fail every row at
+/// once: trying halves would only wait longer.
+fn write_isolating<'a, B: SqlBackend>(backend: &'a B, rows: &'a [RowWrite], counters: &'a Counters) -> Outcomes<'a> {
+    Box::pin(async move {
+        Counters::add(&counters.write_statements, 1);
+        match backend.write_rows(rows).await {
+            Ok(written) => written.into_iter().map(Ok).collect(),
+            Err(error) if rows.len() > 1 && error.is_row_refusal() => {
+                debug!(rows = rows.len(), %error, "the database refused a batch; writing its halves apart");
+                let (left, right) = rows.split_at(rows.len() / 2);
+                let mut outcomes = write_isolating(backend, left, counters).await;
+                outcomes.extend(write_isolating(backend, right, counters).await);
+                outcomes
+            }
+            Err(error) => vec![Err(error); rows.len()],
+        }
+    })
+}
