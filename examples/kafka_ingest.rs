@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use persist_durable::kafka::{IngestConfig, JsonRecords, KafkaIngest};
-use persist_durable::{Config, PostgresStore, SharedStore, SqliteStore, UserKey, UserStates};
+use persist_durable::{Config, PostgresStore, SharedStore, SqliteStore, StateStoreExt, UserKey, UserStates};
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 

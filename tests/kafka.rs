@@ -23,7 +23,8 @@ use chrono::{DateTime, Utc};
 use common::{test_store_config, Backend, TestDb};
 use persist_durable::kafka::{IngestConfig, IngestError, JsonRecords, KafkaIngest, StartAt};
 use persist_durable::{
-    validate_id, Config, DurableEntity, Entities, EntityKey, InvalidInput, PostgresStore, SharedStore, StoreError,
+    validate_id, Config, DurableEntity, Entities, EntityKey, InvalidInput, PostgresStore, SharedStore, StateStoreExt,
+    StoreError,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};

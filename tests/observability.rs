@@ -9,7 +9,9 @@ use actix::Actor;
 use common::metrics_snapshotter as snapshotter;
 use common::{key, view, Backend, TestDb};
 use metrics_util::debugging::DebugValue;
-use persist_durable::{Command, Config, MemoryStore, Revision, UserCommand, UserState, UserStateManager};
+use persist_durable::{
+    Command, Config, MemoryStore, Revision, StateStoreExt, UserCommand, UserState, UserStateManager,
+};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};

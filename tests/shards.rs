@@ -10,8 +10,8 @@ use std::time::Duration;
 use actix::Actor;
 use common::{age, key, view, Backend, TestDb};
 use persist_durable::{
-    Command, CommandError, Config, GetManagerStats, ProductId, PurgeIdle, Revision, SharedStore, UserCommand, UserKey,
-    UserState, UserStateManager, UserStates,
+    Command, CommandError, Config, GetManagerStats, ProductId, PurgeIdle, Revision, SharedStore, StateStoreExt,
+    UserCommand, UserKey, UserState, UserStateManager, UserStates,
 };
 use rstest::rstest;
 

@@ -9,7 +9,7 @@ use crate::common::{t0, Backend, TestDb};
 use persist_durable::cart::{Cart, CartCommand, CartError, CartId};
 use persist_durable::{
     CommandError, Config, Entities, EntityEvent, EventId, IdField, InvalidInput, ManualClock, Revision, SharedStore,
-    MAX_ID_BYTES,
+    StateStoreExt, MAX_ID_BYTES,
 };
 use rstest::rstest;
 

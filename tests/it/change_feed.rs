@@ -7,8 +7,8 @@ use std::time::Duration;
 use crate::common::{key, test_store_config, view, Backend, TestDb};
 use actix::Actor;
 use persist_durable::{
-    ChangeFeed, Command, Config, CorruptRow, EntityKey, Revision, SharedStore, SkipRefused, StoreError, UserCommand,
-    UserKey, UserState, UserStateChange, UserStateManager,
+    ChangeFeed, Command, Config, CorruptRow, EntityKey, Revision, SharedStore, SkipRefused, StateStoreExt, StoreError,
+    UserCommand, UserKey, UserState, UserStateChange, UserStateManager,
 };
 use rstest::rstest;
 

@@ -4,8 +4,8 @@ use crate::common::{key, t0, view, Backend, TestDb};
 use actix::Actor;
 use chrono::Duration;
 use persist_durable::{
-    Command, CommandError, Config, ManualClock, ProductId, Revision, StatePolicy, UserCommand, UserKey, UserState,
-    UserStateActor, UserStateManager,
+    Command, CommandError, Config, ManualClock, ProductId, Revision, StatePolicy, StateStoreExt, UserCommand, UserKey,
+    UserState, UserStateActor, UserStateManager,
 };
 use rstest::rstest;
 

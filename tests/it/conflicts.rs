@@ -4,8 +4,8 @@
 use crate::common::{key, view, Backend, TestDb};
 use actix::Actor;
 use persist_durable::{
-    Command, CommandError, Config, ProductId, Revision, StoreError, UserCommand, UserState, UserStateActor,
-    UserStateManager,
+    Command, CommandError, Config, ProductId, Revision, StateStoreExt, StoreError, UserCommand, UserState,
+    UserStateActor, UserStateManager,
 };
 use rstest::rstest;
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use crate::common::{key, test_store_config, Backend, TestDb};
 use futures_util::future::join_all;
-use persist_durable::{Revision, SharedStore, StoreConfig, StoreError, UserKey, UserState};
+use persist_durable::{Revision, SharedStore, StateStoreExt, StoreConfig, StoreError, UserKey, UserState};
 
 const USERS: usize = 2_000;
 const ROUNDS: usize = 40;

@@ -7,8 +7,8 @@ use std::time::Duration;
 use crate::common::{key, test_store_config, view, Backend, TestDb};
 use chrono::TimeZone;
 use persist_durable::{
-    ChangeFeed, ChangeKind, Command, Config, Event, EventId, ManualClock, ProductId, Revision, SharedStore, StoreError,
-    UserKey, UserState, UserStates,
+    ChangeFeed, ChangeKind, Command, Config, Event, EventId, ManualClock, ProductId, Revision, SharedStore,
+    StateStoreExt, StoreError, UserKey, UserState, UserStates,
 };
 use rstest::rstest;
 

@@ -7,7 +7,7 @@ use crate::common::{key, test_store_config, view, Backend, TestDb};
 use persist_durable::cart::{Cart, CartCommand, CartId};
 use persist_durable::{
     ChangeFeed, Command, Config, DurableEntity, Entities, EntityFeed, EntityKey, Revision, SharedStore, StateChange,
-    UserKey, UserState, UserStates,
+    StateStoreExt, UserKey, UserState, UserStates,
 };
 use rstest::rstest;
 

@@ -4,8 +4,8 @@
 use crate::common::{Backend, TestDb};
 use actix::Actor;
 use persist_durable::{
-    Command, Config, EntityKey, Event, EventId, InvalidInput, ProductId, UserCommand, UserKey, UserStateManager,
-    MAX_ID_BYTES,
+    Command, Config, EntityKey, Event, EventId, InvalidInput, ProductId, StateStoreExt, UserCommand, UserKey,
+    UserStateManager, MAX_ID_BYTES,
 };
 use proptest::prelude::*;
 use rstest::rstest;

@@ -5,7 +5,7 @@ use crate::common::{key, Backend, TestDb};
 use actix::Actor;
 use actix_web::http::StatusCode;
 use actix_web::{test, web, App};
-use persist_durable::{http, Config, Revision, SharedStore, UserState, UserStateManager};
+use persist_durable::{http, Config, Revision, SharedStore, StateStoreExt, UserState, UserStateManager};
 use rstest::rstest;
 use serde_json::{json, Value};
 

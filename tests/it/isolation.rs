@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::common::{key, test_store_config, Backend, TestDb};
-use persist_durable::{Command, CommandError, Config, EntityKey, Revision, UserKey, UserStates};
+use persist_durable::{Command, CommandError, Config, EntityKey, Revision, StateStoreExt, UserKey, UserStates};
 use rstest::rstest;
 
 /// Where the database refuses the culprit's row.

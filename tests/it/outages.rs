@@ -5,7 +5,8 @@
 use crate::common::{key, view, Backend, TestDb};
 use actix::Actor;
 use persist_durable::{
-    Command, CommandError, Config, GetManagerStats, MemoryStore, ProductId, Revision, UserCommand, UserStateManager,
+    Command, CommandError, Config, GetManagerStats, MemoryStore, ProductId, Revision, StateStoreExt, UserCommand,
+    UserStateManager,
 };
 use rstest::rstest;
 use std::sync::Arc;

@@ -9,7 +9,9 @@ use crate::common::{key, test_store_config, Backend, TestDb};
 use diesel::sql_types::Integer;
 use diesel::QueryableByName;
 use diesel_async::{AsyncConnection, AsyncPgConnection};
-use persist_durable::{Command, CommandError, Config, Revision, StoreConfig, StoreError, UserKey, UserStates};
+use persist_durable::{
+    Command, CommandError, Config, Revision, StateStoreExt, StoreConfig, StoreError, UserKey, UserStates,
+};
 
 /// Every row write on `durable_state` takes `seconds` in a trigger.
 fn slow_writes_sql(seconds: f64) -> String {

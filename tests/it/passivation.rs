@@ -7,7 +7,7 @@ use crate::common::{key, t0, view, Backend, TestDb};
 use actix::{Actor, Addr};
 use persist_durable::{
     Command, CommandError, Config, GetManagerStats, ManualClock, MemoryStore, ProductId, Revision, SharedStore,
-    UserCommand, UserState, UserStateActor, UserStateManager,
+    StateStoreExt, UserCommand, UserState, UserStateActor, UserStateManager,
 };
 use rstest::rstest;
 

@@ -13,7 +13,7 @@ use crate::common::{key, test_store_config, Backend, TestDb};
 use chrono::Utc;
 use persist_durable::cart::{Cart, CartId};
 use persist_durable::{
-    ChangeFeed, EntityFeed, EntityKey, ProductId, Revision, SharedStore, StoreError, UserKey, UserState,
+    ChangeFeed, EntityFeed, EntityKey, ProductId, Revision, SharedStore, StateStoreExt, StoreError, UserKey, UserState,
 };
 use rstest::rstest;
 

@@ -11,7 +11,8 @@ use crate::common::{t0, Backend, TestDb};
 use chrono::{DateTime, Utc};
 use persist_durable::{
     CommandError, Config, CorruptRow, DurableEntity, Entities, EntityEvent, EntityFeed, EntityKey, EventId,
-    InvalidInput, MemoryStore, Revision, SharedStore, StoreError, UserKey, UserState, UserStates, WriteRow,
+    InvalidInput, MemoryStore, Revision, SharedStore, StateStoreExt, StoreError, UserKey, UserState, UserStates,
+    WriteRow,
 };
 use rstest::rstest;
 use serde::{Deserialize, Serialize};

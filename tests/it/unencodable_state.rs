@@ -9,7 +9,8 @@ use std::convert::Infallible;
 use crate::common::{test_store_config, Backend, TestDb};
 use chrono::{DateTime, Utc};
 use persist_durable::{
-    CommandError, Config, DurableEntity, Entities, EntityFeed, EntityKey, InvalidInput, Revision, StoreError,
+    CommandError, Config, DurableEntity, Entities, EntityFeed, EntityKey, InvalidInput, Revision, StateStoreExt,
+    StoreError,
 };
 use rstest::rstest;
 use serde::{Deserialize, Serialize};

@@ -6,8 +6,8 @@
 use crate::common::{key, t0, test_store_config, view, Backend, TestDb};
 use chrono::{DateTime, Duration, Utc};
 use persist_durable::{
-    ChangeFeed, Command, Config, Event, EventId, ManualClock, ProductId, Revision, SharedStore, UserKey, UserState,
-    UserStates,
+    ChangeFeed, Command, Config, Event, EventId, ManualClock, ProductId, Revision, SharedStore, StateStoreExt, UserKey,
+    UserState, UserStates,
 };
 use rstest::rstest;
 use serde_json::json;

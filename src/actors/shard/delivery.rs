@@ -148,7 +148,7 @@ mod tests {
     use crate::domain::{Command, ProductId, UserKey, UserState};
     use crate::entity::{EntityEvent, RecordOrigin};
     use crate::error::CommandError;
-    use crate::store::{MemoryStore, SharedStore};
+    use crate::store::{MemoryStore, SharedStore, StateStoreExt};
     use crate::Config;
     use actix::Actor;
 

@@ -18,11 +18,10 @@ mod sealed {
 }
 pub(crate) use sealed::Sealed;
 
-/// The statements of one database (PostgreSQL or SQLite) behind a
-/// [`SqlStore`](super::SqlStore); implemented by the crate's backends only.
-///
-/// The SQL store batches writes and loads over it (group commit) and runs
-/// every call on its own runtime; a backend only executes statements.
+/// The batch statements of one database (PostgreSQL or SQLite) behind a
+/// [`SqlStore`](super::SqlStore): what group commit sends. Implemented by the
+/// crate's backends only; each also implements the other capabilities for
+/// its own store.
 #[async_trait]
 pub trait SqlBackend: Sealed + Send + Sync + 'static {
     /// The store's name, as its `Debug` shows it (`PostgresStore`).
@@ -43,43 +42,6 @@ pub trait SqlBackend: Sealed + Send + Sync + 'static {
 
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
-
-    /// See [`ChangeLog::read_change_rows`](crate::ChangeLog::read_change_rows).
-    async fn read_changes(&self, entity_type: String, after: u64, limit: usize) -> Result<Vec<ChangeRow>, StoreError>;
-
-    /// See [`Offsets::load_offset`](crate::Offsets::load_offset).
-    async fn load_offset(&self, consumer: String) -> Result<Option<u64>, StoreError>;
-
-    /// See [`Offsets::save_offset`](crate::Offsets::save_offset).
-    async fn save_offset(&self, consumer: String, position: u64) -> Result<(), StoreError>;
-
-    /// See [`Maintenance::purge_candidates`](crate::Maintenance::purge_candidates).
-    async fn purge_candidates(
-        &self,
-        entity_type: String,
-        written_before: DateTime<Utc>,
-        after: Option<PersistenceId>,
-        limit: usize,
-    ) -> Result<Vec<(PersistenceId, Revision)>, StoreError>;
-
-    /// See [`Maintenance::purge_rows`](crate::Maintenance::purge_rows);
-    /// `rows` are in byte order of persistence ids and unique.
-    async fn purge_rows(
-        &self,
-        rows: Vec<(PersistenceId, Revision)>,
-        written_before: DateTime<Utc>,
-    ) -> Result<Vec<PersistenceId>, StoreError>;
-
-    /// See [`Maintenance::count_entities`](crate::Maintenance::count_entities).
-    async fn count_entities(&self, entity_type: String) -> Result<u64, StoreError>;
-
-    /// See [`Maintenance::entity_ids`](crate::Maintenance::entity_ids).
-    async fn entity_ids(
-        &self,
-        entity_type: String,
-        after: Option<String>,
-        limit: usize,
-    ) -> Result<Vec<PersistenceId>, StoreError>;
 }
 
 /// One row of a write batch, with every value already checked to fit its

@@ -2,7 +2,9 @@
 //! database, generic over the database's statements ([`SqlBackend`]), with
 //! group commit as the layer its writes and loads go through.
 //!
-//! - [`SqlStore`] (this file): the store traits, implemented once;
+//! - [`SqlStore`] (this file): the rows ([`StateStore`]), implemented once
+//!   over group commit; each database implements the other capabilities
+//!   for its own store, with its own statements;
 //! - `group_commit`, `batch`, `writes`, `loads`: the batching layer, split by
 //!   role as tower splits its buffer into service, worker and message;
 //! - `backend`: the port to a database, and where values become columns;
@@ -19,7 +21,6 @@ use std::future::Future;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
 
 mod backend;
 mod batch;
@@ -34,9 +35,9 @@ mod writes;
 pub use backend::SqlBackend;
 
 use self::group_commit::GroupCommit;
-use super::capability::{ChangeLog, Maintenance, Offsets, StateStore};
+use super::capability::StateStore;
 use super::config::StoreConfig;
-use super::rows::{ChangeRow, StoreStats, StoredRow, WriteRow};
+use super::rows::{StoreStats, StoredRow, WriteRow};
 use super::runtime::DbRuntime;
 use crate::entity::{PersistenceId, Revision};
 use crate::error::StoreError;
@@ -82,6 +83,15 @@ impl<B: SqlBackend> SqlStore<B> {
     {
         self.runtime.run(statement(self.backend.clone()))
     }
+
+    /// Refuses to read a change feed this store does not write.
+    fn require_feed(&self) -> Result<(), StoreError> {
+        if self.feed {
+            Ok(())
+        } else {
+            Err(StoreError::NoChangeFeed)
+        }
+    }
 }
 
 #[async_trait]
@@ -107,85 +117,10 @@ impl<B: SqlBackend> StateStore for SqlStore<B> {
     }
 }
 
-#[async_trait]
-impl<B: SqlBackend> Offsets for SqlStore<B> {
-    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
-        let consumer = consumer.to_owned();
-        self.run(|backend| async move { backend.load_offset(consumer).await })
-            .await
-    }
-
-    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
-        let consumer = consumer.to_owned();
-        self.run(move |backend| async move { backend.save_offset(consumer, position).await })
-            .await
-    }
-}
-
-#[async_trait]
-impl<B: SqlBackend> ChangeLog for SqlStore<B> {
-    async fn read_change_rows(
-        &self,
-        entity_type: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<ChangeRow>, StoreError> {
-        if !self.feed {
-            return Err(StoreError::NoChangeFeed);
-        }
-        let entity_type = entity_type.to_owned();
-        self.run(move |backend| async move { backend.read_changes(entity_type, after, limit).await })
-            .await
-    }
-}
-
-#[async_trait]
-impl<B: SqlBackend> Maintenance for SqlStore<B> {
-    async fn purge_candidates(
-        &self,
-        entity_type: &str,
-        written_before: DateTime<Utc>,
-        after: Option<&PersistenceId>,
-        limit: usize,
-    ) -> Result<Vec<(PersistenceId, Revision)>, StoreError> {
-        let (entity_type, after) = (entity_type.to_owned(), after.cloned());
-        self.run(move |backend| async move {
-            backend
-                .purge_candidates(entity_type, written_before, after, limit)
-                .await
-        })
-        .await
-    }
-
-    async fn purge_rows(
-        &self,
-        mut rows: Vec<(PersistenceId, Revision)>,
-        written_before: DateTime<Utc>,
-    ) -> Result<Vec<PersistenceId>, StoreError> {
-        // Byte order, unique: the order every statement of the store locks rows in.
-        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        rows.dedup_by(|a, b| a.0 == b.0);
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.run(move |backend| async move { backend.purge_rows(rows, written_before).await })
-            .await
-    }
-
-    async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError> {
-        let entity_type = entity_type.to_owned();
-        self.run(|backend| async move { backend.count_entities(entity_type).await })
-            .await
-    }
-
-    async fn entity_ids(
-        &self,
-        entity_type: &str,
-        after: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<PersistenceId>, StoreError> {
-        let (entity_type, after) = (entity_type.to_owned(), after.map(str::to_owned));
-        self.run(move |backend| async move { backend.entity_ids(entity_type, after, limit).await })
-            .await
-    }
+/// `rows` in byte order of persistence ids, each once: the order every
+/// statement of the store locks rows in.
+fn sorted_unique(mut rows: Vec<(PersistenceId, Revision)>) -> Vec<(PersistenceId, Revision)> {
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    rows.dedup_by(|a, b| a.0 == b.0);
+    rows
 }

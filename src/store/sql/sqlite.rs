@@ -16,7 +16,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use chrono::{DateTime, Utc};
 
 use super::backend::{self as port, FeedRow, RowWrite, Sealed, SqlBackend, StateRow};
-use super::SqlStore;
+use super::{sorted_unique, SqlStore};
 use crate::entity::{PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
 use crate::store::config::StoreConfig;
@@ -25,6 +25,7 @@ use crate::store::rows::{good_prefix, ChangeRow};
 use crate::store::runtime::DbRuntime;
 use crate::store::schema::sqlite::{durable_state, feed_offsets, state_changes};
 use crate::store::JSON_SERIALIZER_ID;
+use crate::store::{ChangeLog, Maintenance, Offsets};
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
@@ -49,7 +50,7 @@ const ISO_8601_MILLIS: &str = "%Y-%m-%dT%H:%M:%fZ";
 /// parameters.
 const LOAD_CHUNK: usize = 512;
 
-/// A change feed row, as `read_changes` selects it.
+/// A change feed row, as `read_change_rows` selects it.
 #[derive(diesel::Queryable)]
 struct SqliteChange {
     position: i64,
@@ -58,6 +59,29 @@ struct SqliteChange {
     committed_at: String,
     state_schema_version: i32,
     state_payload: Vec<u8>,
+}
+
+impl SqliteChange {
+    /// The change, once its `TEXT` timestamp parses.
+    fn decode(self) -> Result<ChangeRow, StoreError> {
+        let committed_at = DateTime::parse_from_rfc3339(&self.committed_at)
+            .map_err(|e| StoreError::CorruptChange {
+                position: u64::try_from(self.position).unwrap_or(0),
+                key: PersistenceId::parse(&self.persistence_id)
+                    .unwrap_or_else(|| PersistenceId::new("?", &self.persistence_id)),
+                source: CorruptRow::Timestamp(e),
+            })?
+            .with_timezone(&Utc);
+        FeedRow {
+            position: self.position,
+            persistence_id: self.persistence_id,
+            revision: self.revision,
+            committed_at,
+            state_schema_version: self.state_schema_version,
+            state_payload: self.state_payload,
+        }
+        .decode()
+    }
 }
 
 /// The embedded default: a SQLite file, no server needed.
@@ -202,6 +226,15 @@ impl SqliteBackend {
     async fn checkout(&self) -> Result<Object<SqliteAsync>, StoreError> {
         self.pool.get().await.map_err(StoreError::unavailable)
     }
+
+    /// Runs `statement` on a connection of the pool, on a blocking thread.
+    async fn blocking<T, F>(&self, statement: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut SqliteConnection) -> diesel::QueryResult<T> + Send + 'static,
+    {
+        Ok(self.checkout().await?.spawn_blocking(statement).await?)
+    }
 }
 
 /// Writes one row if its revision is the expected one, and then its changes
@@ -313,95 +346,101 @@ impl SqlBackend for SqliteBackend {
             .await?;
         Ok(())
     }
+}
 
-    async fn read_changes(&self, entity_type: String, after: u64, limit: usize) -> Result<Vec<ChangeRow>, StoreError> {
-        let (after, limit) = (port::bigint(after)?, port::limit(limit));
-        let mut conn = self.checkout().await?;
-        let rows: Vec<SqliteChange> = conn
-            .spawn_blocking(move |conn| {
-                state_changes::table
-                    .filter(state_changes::entity_type.eq(entity_type))
-                    .filter(state_changes::position.gt(after))
-                    .order(state_changes::position)
-                    .limit(limit)
-                    .select((
-                        state_changes::position,
-                        state_changes::persistence_id,
-                        state_changes::revision,
-                        state_changes::committed_at,
-                        state_changes::state_schema_version,
-                        state_changes::state_payload,
-                    ))
-                    .load(conn)
-            })
-            .await?;
-        // Up to the first row that does not decode: see `good_prefix`.
-        good_prefix(rows.into_iter().map(|r| {
-            let committed_at = chrono::DateTime::parse_from_rfc3339(&r.committed_at)
-                .map_err(|e| StoreError::CorruptChange {
-                    position: u64::try_from(r.position).unwrap_or(0),
-                    key: PersistenceId::parse(&r.persistence_id)
-                        .unwrap_or_else(|| PersistenceId::new("?", &r.persistence_id)),
-                    source: CorruptRow::Timestamp(e),
-                })?
-                .with_timezone(&chrono::Utc);
-            FeedRow {
-                position: r.position,
-                persistence_id: r.persistence_id,
-                revision: r.revision,
-                committed_at,
-                state_schema_version: r.state_schema_version,
-                state_payload: r.state_payload,
-            }
-            .decode()
-        }))
-    }
-
-    async fn load_offset(&self, consumer: String) -> Result<Option<u64>, StoreError> {
-        let mut conn = self.checkout().await?;
-        let position: Option<i64> = conn
-            .spawn_blocking(move |conn| {
-                feed_offsets::table
-                    .filter(feed_offsets::consumer.eq(consumer))
-                    .select(feed_offsets::position)
-                    .get_result(conn)
-                    .optional()
-            })
-            .await?;
-        Ok(position.map(port::count))
-    }
-
-    async fn save_offset(&self, consumer: String, position: u64) -> Result<(), StoreError> {
-        let position = port::bigint(position)?;
-        let mut conn = self.checkout().await?;
-        conn.spawn_blocking(move |conn| {
-            diesel::insert_into(feed_offsets::table)
-                .values((
-                    feed_offsets::consumer.eq(consumer),
-                    feed_offsets::position.eq(position),
-                    feed_offsets::updated_at.eq(strftime(ISO_8601_MILLIS, "now")),
-                ))
-                .on_conflict(feed_offsets::consumer)
-                .do_update()
-                .set((
-                    feed_offsets::position.eq(excluded(feed_offsets::position)),
-                    feed_offsets::updated_at.eq(excluded(feed_offsets::updated_at)),
-                ))
-                .execute(conn)
+#[async_trait]
+impl Offsets for SqliteStore {
+    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
+        let consumer = consumer.to_owned();
+        self.run(|backend| async move {
+            let position: Option<i64> = backend
+                .blocking(move |conn| {
+                    feed_offsets::table
+                        .filter(feed_offsets::consumer.eq(consumer))
+                        .select(feed_offsets::position)
+                        .get_result(conn)
+                        .optional()
+                })
+                .await?;
+            Ok(position.map(port::count))
         })
-        .await?;
-        Ok(())
+        .await
     }
 
+    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
+        let (consumer, position) = (consumer.to_owned(), port::bigint(position)?);
+        self.run(move |backend| async move {
+            backend
+                .blocking(move |conn| {
+                    diesel::insert_into(feed_offsets::table)
+                        .values((
+                            feed_offsets::consumer.eq(consumer),
+                            feed_offsets::position.eq(position),
+                            feed_offsets::updated_at.eq(strftime(ISO_8601_MILLIS, "now")),
+                        ))
+                        .on_conflict(feed_offsets::consumer)
+                        .do_update()
+                        .set((
+                            feed_offsets::position.eq(excluded(feed_offsets::position)),
+                            feed_offsets::updated_at.eq(excluded(feed_offsets::updated_at)),
+                        ))
+                        .execute(conn)
+                })
+                .await
+                .map(drop)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ChangeLog for SqliteStore {
+    async fn read_change_rows(
+        &self,
+        entity_type: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangeRow>, StoreError> {
+        self.require_feed()?;
+        let (entity_type, after, limit) = (entity_type.to_owned(), port::bigint(after)?, port::limit(limit));
+        self.run(move |backend| async move {
+            let rows: Vec<SqliteChange> = backend
+                .blocking(move |conn| {
+                    state_changes::table
+                        .filter(state_changes::entity_type.eq(entity_type))
+                        .filter(state_changes::position.gt(after))
+                        .order(state_changes::position)
+                        .limit(limit)
+                        .select((
+                            state_changes::position,
+                            state_changes::persistence_id,
+                            state_changes::revision,
+                            state_changes::committed_at,
+                            state_changes::state_schema_version,
+                            state_changes::state_payload,
+                        ))
+                        .load(conn)
+                })
+                .await?;
+            // Up to the first row that does not decode: see `good_prefix`.
+            good_prefix(rows.into_iter().map(SqliteChange::decode))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Maintenance for SqliteStore {
     async fn purge_candidates(
         &self,
-        entity_type: String,
+        entity_type: &str,
         written_before: DateTime<Utc>,
-        after: Option<PersistenceId>,
+        after: Option<&PersistenceId>,
         limit: usize,
     ) -> Result<Vec<(PersistenceId, Revision)>, StoreError> {
-        let after = after.map(|id| id.as_str().to_owned());
-        self.page(entity_type, Some(iso_8601_millis(written_before)), after, limit)
+        let (entity_type, after) = (entity_type.to_owned(), after.map(|id| id.as_str().to_owned()));
+        let written_before = iso_8601_millis(written_before);
+        self.run(move |backend| async move { backend.page(entity_type, Some(written_before), after, limit).await })
             .await
     }
 
@@ -410,71 +449,79 @@ impl SqlBackend for SqliteBackend {
         rows: Vec<(PersistenceId, Revision)>,
         written_before: DateTime<Utc>,
     ) -> Result<Vec<PersistenceId>, StoreError> {
-        let bound = rows
-            .iter()
-            .map(|(id, revision)| Ok((id.clone(), port::bigint(revision.0)?)))
+        let bound = sorted_unique(rows)
+            .into_iter()
+            .map(|(id, revision)| Ok((id, port::bigint(revision.0)?)))
             .collect::<Result<Vec<(PersistenceId, i64)>, StoreError>>()?;
-        let feed = self.feed;
-        let mut conn = self.checkout().await?;
         let written_before = iso_8601_millis(written_before);
-        // One immediate transaction: the checks and the deletes see no other
-        // writer, and the feed's AUTOINCREMENT positions follow commit order.
-        let purged = conn
-            .spawn_blocking(move |conn| {
-                conn.immediate_transaction(|conn| {
-                    let mut purged = Vec::new();
-                    for (id, revision) in bound {
-                        let deleted = diesel::delete(
-                            durable_state::table
-                                .filter(durable_state::persistence_id.eq(id.as_str()))
-                                .filter(durable_state::revision.eq(revision))
-                                .filter(durable_state::db_timestamp.lt(&written_before)),
-                        )
-                        .execute(conn)?;
-                        if deleted != 1 {
-                            continue;
+        self.run(move |backend| async move {
+            let feed = backend.feed;
+            // One immediate transaction: the checks and the deletes see no other
+            // writer, and the feed's AUTOINCREMENT positions follow commit order.
+            backend
+                .blocking(move |conn| {
+                    conn.immediate_transaction(|conn| {
+                        let mut purged = Vec::new();
+                        for (id, revision) in bound {
+                            let deleted = diesel::delete(
+                                durable_state::table
+                                    .filter(durable_state::persistence_id.eq(id.as_str()))
+                                    .filter(durable_state::revision.eq(revision))
+                                    .filter(durable_state::db_timestamp.lt(&written_before)),
+                            )
+                            .execute(conn)?;
+                            if deleted != 1 {
+                                continue;
+                            }
+                            if feed {
+                                diesel::insert_into(state_changes::table)
+                                    .values((
+                                        state_changes::entity_type.eq(id.entity_type()),
+                                        state_changes::persistence_id.eq(id.as_str()),
+                                        state_changes::revision.eq(revision + 1),
+                                        state_changes::committed_at.eq(strftime(ISO_8601_MILLIS, "now")),
+                                        state_changes::state_payload.eq(TOMBSTONE),
+                                    ))
+                                    .execute(conn)?;
+                            }
+                            purged.push(id);
                         }
-                        if feed {
-                            diesel::insert_into(state_changes::table)
-                                .values((
-                                    state_changes::entity_type.eq(id.entity_type()),
-                                    state_changes::persistence_id.eq(id.as_str()),
-                                    state_changes::revision.eq(revision + 1),
-                                    state_changes::committed_at.eq(strftime(ISO_8601_MILLIS, "now")),
-                                    state_changes::state_payload.eq(TOMBSTONE),
-                                ))
-                                .execute(conn)?;
-                        }
-                        purged.push(id);
-                    }
-                    diesel::QueryResult::Ok(purged)
+                        diesel::QueryResult::Ok(purged)
+                    })
                 })
-            })
-            .await?;
-        Ok(purged)
+                .await
+        })
+        .await
     }
 
-    async fn count_entities(&self, entity_type: String) -> Result<u64, StoreError> {
-        let mut conn = self.checkout().await?;
-        let count: i64 = conn
-            .spawn_blocking(move |conn| {
-                durable_state::table
-                    .filter(durable_state::entity_type.eq(entity_type))
-                    .count()
-                    .get_result(conn)
-            })
-            .await?;
-        Ok(port::count(count))
+    async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError> {
+        let entity_type = entity_type.to_owned();
+        self.run(|backend| async move {
+            let count: i64 = backend
+                .blocking(move |conn| {
+                    durable_state::table
+                        .filter(durable_state::entity_type.eq(entity_type))
+                        .count()
+                        .get_result(conn)
+                })
+                .await?;
+            Ok(port::count(count))
+        })
+        .await
     }
 
     async fn entity_ids(
         &self,
-        entity_type: String,
-        after: Option<String>,
+        entity_type: &str,
+        after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<PersistenceId>, StoreError> {
-        let page = self.page(entity_type, None, after, limit).await?;
-        Ok(page.into_iter().map(|(id, _)| id).collect())
+        let (entity_type, after) = (entity_type.to_owned(), after.map(str::to_owned));
+        self.run(move |backend| async move {
+            let page = backend.page(entity_type, None, after, limit).await?;
+            Ok(page.into_iter().map(|(id, _)| id).collect())
+        })
+        .await
     }
 }
 

@@ -1,4 +1,5 @@
-//! The PostgreSQL statements behind the SQL store.
+//! The PostgreSQL statements: the batches group commit sends, and every
+//! other capability of a [`PostgresStore`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -13,14 +14,16 @@ use diesel_async::RunQueryDsl;
 
 use super::prepared_sql::PreparedSql;
 use super::statements::{PURGE_ROWS_SQL, PURGE_ROWS_WITH_FEED_SQL, WRITE_ROWS_SQL, WRITE_ROWS_WITH_FEED_SQL};
-use super::{sent_write_error, NoAnswer, PostgresBackend, Written};
+use super::{sent_write_error, NoAnswer, PostgresBackend, PostgresStore, Written};
 use crate::entity::{PersistenceId, Revision};
 use crate::error::StoreError;
 use crate::store::payload::TOMBSTONE;
 use crate::store::rows::{good_prefix, ChangeRow};
 use crate::store::schema::postgres::{durable_state, feed_offsets, state_changes};
 use crate::store::sql::backend::{self as port, FeedRow, RowWrite, SqlBackend, StateRow};
+use crate::store::sql::sorted_unique;
 use crate::store::JSON_SERIALIZER_ID;
+use crate::store::{ChangeLog, Maintenance, Offsets};
 
 /// A change feed row, as `read_changes` selects it.
 #[derive(diesel::Queryable)]
@@ -106,78 +109,102 @@ impl SqlBackend for PostgresBackend {
             .await?;
         Ok(())
     }
+}
 
-    async fn read_changes(&self, entity_type: String, after: u64, limit: usize) -> Result<Vec<ChangeRow>, StoreError> {
-        let mut conn = self.checkout().await?;
-        let rows: Vec<PgChange> = state_changes::table
-            .filter(state_changes::entity_type.eq(entity_type))
-            .filter(state_changes::position.gt(port::bigint(after)?))
-            .order(state_changes::position)
-            .limit(port::limit(limit))
-            .select((
-                state_changes::position,
-                state_changes::persistence_id,
-                state_changes::revision,
-                state_changes::committed_at,
-                state_changes::state_schema_version,
-                state_changes::state_payload,
-            ))
-            .load(&mut conn)
-            .await?;
-        good_prefix(rows.into_iter().map(|r| {
-            FeedRow {
-                position: r.position,
-                persistence_id: r.persistence_id,
-                revision: r.revision,
-                committed_at: r.committed_at,
-                state_schema_version: r.state_schema_version,
-                state_payload: r.state_payload,
-            }
-            .decode()
-        }))
+#[async_trait]
+impl Offsets for PostgresStore {
+    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
+        let consumer = consumer.to_owned();
+        self.run(|backend| async move {
+            let position: Option<i64> = feed_offsets::table
+                .filter(feed_offsets::consumer.eq(consumer))
+                .select(feed_offsets::position)
+                .get_result(&mut backend.checkout().await?)
+                .await
+                .optional()?;
+            Ok(position.map(port::count))
+        })
+        .await
     }
 
-    async fn load_offset(&self, consumer: String) -> Result<Option<u64>, StoreError> {
-        let mut conn = self.checkout().await?;
-        let position: Option<i64> = feed_offsets::table
-            .filter(feed_offsets::consumer.eq(consumer))
-            .select(feed_offsets::position)
-            .get_result(&mut conn)
-            .await
-            .optional()?;
-        Ok(position.map(port::count))
+    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
+        let (consumer, position) = (consumer.to_owned(), port::bigint(position)?);
+        self.run(move |backend| async move {
+            // `now` is the server's CURRENT_TIMESTAMP (the same as `now()`).
+            diesel::insert_into(feed_offsets::table)
+                .values((
+                    feed_offsets::consumer.eq(consumer),
+                    feed_offsets::position.eq(position),
+                    feed_offsets::updated_at.eq(now),
+                ))
+                .on_conflict(feed_offsets::consumer)
+                .do_update()
+                .set((
+                    feed_offsets::position.eq(excluded(feed_offsets::position)),
+                    feed_offsets::updated_at.eq(now),
+                ))
+                .execute(&mut backend.checkout().await?)
+                .await?;
+            Ok(())
+        })
+        .await
     }
+}
 
-    async fn save_offset(&self, consumer: String, position: u64) -> Result<(), StoreError> {
-        let position = port::bigint(position)?;
-        let mut conn = self.checkout().await?;
-        // `now` is the server's CURRENT_TIMESTAMP (the same as `now()`).
-        diesel::insert_into(feed_offsets::table)
-            .values((
-                feed_offsets::consumer.eq(consumer),
-                feed_offsets::position.eq(position),
-                feed_offsets::updated_at.eq(now),
-            ))
-            .on_conflict(feed_offsets::consumer)
-            .do_update()
-            .set((
-                feed_offsets::position.eq(excluded(feed_offsets::position)),
-                feed_offsets::updated_at.eq(now),
-            ))
-            .execute(&mut conn)
-            .await?;
-        Ok(())
+#[async_trait]
+impl ChangeLog for PostgresStore {
+    async fn read_change_rows(
+        &self,
+        entity_type: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangeRow>, StoreError> {
+        self.require_feed()?;
+        let (entity_type, after) = (entity_type.to_owned(), port::bigint(after)?);
+        self.run(move |backend| async move {
+            let rows: Vec<PgChange> = state_changes::table
+                .filter(state_changes::entity_type.eq(entity_type))
+                .filter(state_changes::position.gt(after))
+                .order(state_changes::position)
+                .limit(port::limit(limit))
+                .select((
+                    state_changes::position,
+                    state_changes::persistence_id,
+                    state_changes::revision,
+                    state_changes::committed_at,
+                    state_changes::state_schema_version,
+                    state_changes::state_payload,
+                ))
+                .load(&mut backend.checkout().await?)
+                .await?;
+            good_prefix(rows.into_iter().map(|r| {
+                FeedRow {
+                    position: r.position,
+                    persistence_id: r.persistence_id,
+                    revision: r.revision,
+                    committed_at: r.committed_at,
+                    state_schema_version: r.state_schema_version,
+                    state_payload: r.state_payload,
+                }
+                .decode()
+            }))
+        })
+        .await
     }
+}
 
+#[async_trait]
+impl Maintenance for PostgresStore {
     async fn purge_candidates(
         &self,
-        entity_type: String,
+        entity_type: &str,
         written_before: DateTime<Utc>,
-        after: Option<PersistenceId>,
+        after: Option<&PersistenceId>,
         limit: usize,
     ) -> Result<Vec<(PersistenceId, Revision)>, StoreError> {
-        let after = after.map(|id| id.as_str().to_owned());
-        self.page(entity_type, Some(written_before), after, limit).await
+        let (entity_type, after) = (entity_type.to_owned(), after.map(|id| id.as_str().to_owned()));
+        self.run(move |backend| async move { backend.page(entity_type, Some(written_before), after, limit).await })
+            .await
     }
 
     async fn purge_rows(
@@ -185,52 +212,65 @@ impl SqlBackend for PostgresBackend {
         rows: Vec<(PersistenceId, Revision)>,
         written_before: DateTime<Utc>,
     ) -> Result<Vec<PersistenceId>, StoreError> {
-        let mut conn = self.checkout().await?;
-        let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+        let rows = sorted_unique(rows);
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
         let revisions = rows
             .iter()
             .map(|(_, revision)| port::bigint(revision.0))
             .collect::<Result<Vec<i64>, _>>()?;
-        let purge = diesel::sql_query(if self.feed {
-            PURGE_ROWS_WITH_FEED_SQL
-        } else {
-            PURGE_ROWS_SQL
+        self.run(move |backend| async move {
+            let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+            let purge = diesel::sql_query(if backend.feed {
+                PURGE_ROWS_WITH_FEED_SQL
+            } else {
+                PURGE_ROWS_SQL
+            })
+            .into_boxed()
+            .bind::<Array<Text>, _>(&ids)
+            .bind::<Array<BigInt>, _>(&revisions)
+            .bind::<diesel::sql_types::Timestamptz, _>(written_before);
+            let purge = if backend.feed {
+                purge.bind::<Binary, _>(TOMBSTONE)
+            } else {
+                purge
+            };
+            let purged: Vec<Written> = purge.load(&mut backend.checkout().await?).await?;
+            let purged: HashSet<String> = purged.into_iter().map(|row| row.persistence_id).collect();
+            Ok(rows
+                .into_iter()
+                .map(|(id, _)| id)
+                .filter(|id| purged.contains(id.as_str()))
+                .collect())
         })
-        .into_boxed()
-        .bind::<Array<Text>, _>(&ids)
-        .bind::<Array<BigInt>, _>(&revisions)
-        .bind::<diesel::sql_types::Timestamptz, _>(written_before);
-        let purge = if self.feed {
-            purge.bind::<Binary, _>(TOMBSTONE)
-        } else {
-            purge
-        };
-        let purged: Vec<Written> = purge.load(&mut conn).await?;
-        let purged: HashSet<String> = purged.into_iter().map(|row| row.persistence_id).collect();
-        Ok(rows
-            .into_iter()
-            .map(|(id, _)| id)
-            .filter(|id| purged.contains(id.as_str()))
-            .collect())
+        .await
     }
 
-    async fn count_entities(&self, entity_type: String) -> Result<u64, StoreError> {
-        let mut conn = self.checkout().await?;
-        let count: i64 = durable_state::table
-            .filter(durable_state::entity_type.eq(entity_type))
-            .count()
-            .get_result(&mut conn)
-            .await?;
-        Ok(port::count(count))
+    async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError> {
+        let entity_type = entity_type.to_owned();
+        self.run(|backend| async move {
+            let count: i64 = durable_state::table
+                .filter(durable_state::entity_type.eq(entity_type))
+                .count()
+                .get_result(&mut backend.checkout().await?)
+                .await?;
+            Ok(port::count(count))
+        })
+        .await
     }
 
     async fn entity_ids(
         &self,
-        entity_type: String,
-        after: Option<String>,
+        entity_type: &str,
+        after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<PersistenceId>, StoreError> {
-        let page = self.page(entity_type, None, after, limit).await?;
-        Ok(page.into_iter().map(|(id, _)| id).collect())
+        let (entity_type, after) = (entity_type.to_owned(), after.map(str::to_owned));
+        self.run(move |backend| async move {
+            let page = backend.page(entity_type, None, after, limit).await?;
+            Ok(page.into_iter().map(|(id, _)| id).collect())
+        })
+        .await
     }
 }
