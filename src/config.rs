@@ -25,6 +25,14 @@ pub struct Config {
     pub clock: Arc<dyn Clock>,
     /// How many applied event ids each entity remembers, to recognise redelivery.
     pub event_id_memory: usize,
+    /// Whether this process is the only one writing these entities (one
+    /// service on its embedded SQLite, say): then an answer that needs no
+    /// write (a read, a redelivery, a no-op) comes from the state in memory.
+    /// Off by default: each such answer is first checked against the stored
+    /// revision (batched like restores), so that several nodes on one
+    /// database never answer from a state older than the store holds. See
+    /// [`with_exclusive_writer`](Self::with_exclusive_writer).
+    pub exclusive_writer: bool,
     /// How often a write that lost a revision conflict is reloaded and
     /// applied again before its commands fail with
     /// [`CommandError::Conflict`](crate::CommandError::Conflict).
@@ -62,6 +70,7 @@ impl Default for Config {
             idle_check_interval: Duration::from_secs(5 * 60),
             clock: Arc::new(SystemClock),
             event_id_memory: 32,
+            exclusive_writer: false,
             conflict_retries: 3,
             max_queued_per_entity: 1_000,
             max_commands_in_flight: 100_000,
@@ -96,6 +105,18 @@ impl Config {
     /// Sets [`event_id_memory`](Self::event_id_memory).
     pub fn with_event_id_memory(mut self, count: usize) -> Self {
         self.event_id_memory = count;
+        self
+    }
+
+    /// Declares this process the only writer of its entities: reads and
+    /// no-ops are answered from memory, without a round trip to the store.
+    /// The fast single-node choice. If a second process writes the same
+    /// entities anyway, nothing is overwritten (writes stay revision-checked),
+    /// but this one may answer reads and no-ops from a state older than the
+    /// store holds, and keep serving a deleted entity's data until its next
+    /// write or passivation.
+    pub fn with_exclusive_writer(mut self) -> Self {
+        self.exclusive_writer = true;
         self
     }
 

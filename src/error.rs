@@ -112,6 +112,15 @@ pub enum StoreError {
     /// (`BIGINT`), or a schema version beyond `INTEGER`'s.
     #[error("{0} exceeds the range of its database column")]
     OutOfRange(u64),
+    /// Code run for the store panicked: an entity's serde or `upgrade`
+    /// while a state was encoded or decoded, or a store's own code.
+    #[error("a panic while {during}: {message}")]
+    Panicked {
+        /// What was being done.
+        during: &'static str,
+        /// What the panic said.
+        message: String,
+    },
 }
 
 impl From<diesel::result::Error> for StoreError {
@@ -282,6 +291,54 @@ pub enum CommandError<E: DurableEntity> {
         #[source]
         reason: E::Rejection,
     },
+    /// The entity's stored state was written by a newer release of the
+    /// application, at a schema version this code does not know: a rolling
+    /// deploy or a rollback is under way. Nothing was changed; retry once
+    /// this node runs the newer release.
+    #[error("the stored state of {key} is at schema version {stored}, newer than this release's {known}; retry later")]
+    NewerSchema {
+        /// The entity.
+        key: E::Key,
+        /// The row's `state_schema_version`.
+        stored: u32,
+        /// This release's [`SCHEMA_VERSION`](crate::DurableEntity::SCHEMA_VERSION).
+        known: u32,
+    },
+    /// The state after the command cannot be stored: it does not encode
+    /// (its serde refused it), or a revision or schema version exceeds its
+    /// database column, or the write was malformed. Nothing of this command
+    /// was committed (commands before it were); sending it again fails again.
+    #[error("the state of {key} after the command cannot be stored: {source}")]
+    Unstorable {
+        /// The entity.
+        key: E::Key,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// The entity's own code panicked on this command (its `apply`, its
+    /// serde, its `upgrade`), or the store did. Nothing of the command was
+    /// committed; the entity restarts from its stored state for the next
+    /// one, and other entities never notice. Sending it again is likely to
+    /// panic again.
+    #[error("the command for {key} panicked: {message}")]
+    Panicked {
+        /// The entity.
+        key: E::Key,
+        /// What the panic said.
+        message: String,
+    },
+    /// The key does not encode to an entity id that reads back as it (an
+    /// empty id, one too long or with a control character): refused before
+    /// anything reached the store.
+    #[error("the key {key} is not a valid entity id: {source}")]
+    InvalidKey {
+        /// The key.
+        key: E::Key,
+        /// What is wrong with its id.
+        #[source]
+        source: InvalidInput,
+    },
 }
 
 impl<E: DurableEntity> CommandError<E> {
@@ -292,13 +349,33 @@ impl<E: DurableEntity> CommandError<E> {
                 key: key.clone(),
                 expected,
             },
+            StoreError::Corrupt {
+                source: CorruptRow::NewerSchema { stored, known },
+                ..
+            } => CommandError::NewerSchema {
+                key: key.clone(),
+                stored,
+                known,
+            },
             corrupt @ StoreError::Corrupt { .. } => CommandError::CorruptState {
                 key: key.clone(),
                 source: corrupt,
             },
-            unknown @ StoreError::OutcomeUnknown(_) => CommandError::OutcomeUnknown {
+            // Sent (or running) when it failed: it may have committed.
+            unknown @ (StoreError::OutcomeUnknown(_) | StoreError::TaskFailed(_)) => CommandError::OutcomeUnknown {
                 key: key.clone(),
                 source: unknown,
+            },
+            // No retry can cure these.
+            unstorable @ (StoreError::Encode { .. } | StoreError::InvalidWrite { .. } | StoreError::OutOfRange(_)) => {
+                CommandError::Unstorable {
+                    key: key.clone(),
+                    source: unstorable,
+                }
+            }
+            StoreError::Panicked { during, message } => CommandError::Panicked {
+                key: key.clone(),
+                message: format!("{message} (while {during})"),
             },
             other => CommandError::StoreUnavailable {
                 key: key.clone(),
@@ -316,11 +393,18 @@ impl<E: DurableEntity> CommandError<E> {
             | CommandError::OutcomeUnknown { key, .. }
             | CommandError::Overloaded { key, .. }
             | CommandError::NotDelivered { key, .. }
-            | CommandError::Rejected { key, .. } => key,
+            | CommandError::Rejected { key, .. }
+            | CommandError::NewerSchema { key, .. }
+            | CommandError::Unstorable { key, .. }
+            | CommandError::Panicked { key, .. }
+            | CommandError::InvalidKey { key, .. } => key,
         }
     }
 
-    /// A short, stable name of the failure, for metrics and logs.
+    /// A short, stable name of the failure, for metrics, logs and the HTTP
+    /// body's `kind`: `conflict`, `corrupt_state`, `store_unavailable`,
+    /// `outcome_unknown`, `overloaded`, `not_delivered`, `rejected`,
+    /// `newer_schema`, `unstorable`, `panicked`, `invalid_key`.
     pub fn kind(&self) -> &'static str {
         match self {
             CommandError::Conflict { .. } => "conflict",
@@ -330,11 +414,26 @@ impl<E: DurableEntity> CommandError<E> {
             CommandError::Overloaded { .. } => "overloaded",
             CommandError::NotDelivered { .. } => "not_delivered",
             CommandError::Rejected { .. } => "rejected",
+            CommandError::NewerSchema { .. } => "newer_schema",
+            CommandError::Unstorable { .. } => "unstorable",
+            CommandError::Panicked { .. } => "panicked",
+            CommandError::InvalidKey { .. } => "invalid_key",
         }
     }
 
-    /// Whether sending the same command again may succeed.
+    /// Whether sending the same command again may succeed: true for a
+    /// conflict, an unavailable or overloaded store, an undelivered command,
+    /// a newer schema and an unknown outcome (with the same event id); false
+    /// for a corrupt row, a domain refusal, an unstorable state, a panic and
+    /// an invalid key, which fail the same way again.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, CommandError::CorruptState { .. } | CommandError::Rejected { .. })
+        !matches!(
+            self,
+            CommandError::CorruptState { .. }
+                | CommandError::Rejected { .. }
+                | CommandError::Unstorable { .. }
+                | CommandError::Panicked { .. }
+                | CommandError::InvalidKey { .. }
+        )
     }
 }

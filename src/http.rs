@@ -216,7 +216,12 @@ impl ResponseError for ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Command(UserCommandError::Conflict { .. }) => StatusCode::CONFLICT,
-            ApiError::Command(UserCommandError::CorruptState { .. }) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Command(
+                UserCommandError::CorruptState { .. }
+                | UserCommandError::Unstorable { .. }
+                | UserCommandError::Panicked { .. },
+            ) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Command(UserCommandError::InvalidKey { .. }) => StatusCode::BAD_REQUEST,
             // The write may have committed: not "unavailable", and no Retry-After.
             ApiError::Command(UserCommandError::OutcomeUnknown { .. }) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Command(UserCommandError::Rejected { .. }) => StatusCode::UNPROCESSABLE_ENTITY,

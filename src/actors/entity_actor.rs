@@ -1,18 +1,21 @@
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use actix::prelude::*;
-use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::protocol::{ChildEvent, FromChild, Passivate, ReplyTo};
+use super::round::{self, panic_message, Next, Queued, Rules, Write};
 use crate::config::Config;
-use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, PersistenceId, RecordOrigin, Revision, Step};
+use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, RecordOrigin, Revision};
 use crate::error::{CommandError, StoreError};
-use crate::store::ext::{load_durable, write_encoded};
-use crate::store::payload::encode as encode_durable;
+use crate::store::ext::write_encoded;
 use crate::store::SharedStore;
+
+pub(crate) use super::round::Answer;
 
 /// A command (with its event's id and time) for the entity of an
 /// [`EntityActor`]; answered with the state after it.
@@ -22,9 +25,6 @@ pub struct Execute<E: DurableEntity>(pub EntityEvent<E::Command>);
 impl<E: DurableEntity> Message for Execute<E> {
     type Result = Result<E, CommandError<E>>;
 }
-
-/// What a command is answered with: the state after it, or why not.
-pub(crate) type Answer<E> = Result<E, CommandError<E>>;
 
 /// A command from the entity's shard, with the caller's reply: the actor
 /// answers the caller directly.
@@ -126,7 +126,7 @@ enum Phase<E: DurableEntity> {
     /// What the store holds, at its revision: commands apply to it.
     Ready(Revision, Durable<E>),
     /// A write is in flight; once it commits, the state is reloaded first
-    /// when `reload_after` (a command was refused on a state that may be stale).
+    /// when `reload_after` (a command after it panicked).
     Writing { reload_after: bool },
 }
 
@@ -160,23 +160,6 @@ pub(crate) struct Shared<E: DurableEntity> {
     /// The actor's shard, known only by what it receives; `None` for stand-alone actors.
     pub(crate) manager: Option<Recipient<FromChild<E::Key>>>,
 }
-
-struct Queued<E: DurableEntity> {
-    event: EntityEvent<E::Command>,
-    /// Where an ingested record came from.
-    origin: Option<RecordOrigin>,
-    received_at: DateTime<Utc>,
-    reply: ReplyTo<Answer<E>>,
-    /// Writes of this event lost to a conflict so far.
-    conflicts: u32,
-    /// Applied to a state loaded for it: a refusal now is final.
-    on_fresh_state: bool,
-    /// The command's span: the entity, the command, and the revision written.
-    span: tracing::Span,
-}
-
-/// A write in flight: each event with the state it is answered with.
-type Written<E> = Vec<(Queued<E>, E)>;
 
 impl<E: DurableEntity> EntityActor<E> {
     /// A stand-alone actor for `key` with the entity's default settings;
@@ -231,9 +214,9 @@ impl<E: DurableEntity> EntityActor<E> {
     fn pump(&mut self, ctx: &mut Context<Self>) {
         if !self.queue.is_empty() {
             match std::mem::replace(&mut self.phase, Phase::Unloaded) {
-                Phase::Unloaded => self.restore(ctx),
+                Phase::Unloaded => self.restore(None, ctx),
                 // May answer everything at once (reads, redeliveries) and stay idle.
-                Phase::Ready(revision, durable) => self.write_queued(revision, durable, ctx),
+                Phase::Ready(revision, durable) => self.run_round(revision, durable, ctx),
                 busy => self.phase = busy,
             }
         }
@@ -247,22 +230,36 @@ impl<E: DurableEntity> EntityActor<E> {
         ctx.stop();
     }
 
-    fn restore(&mut self, ctx: &mut Context<Self>) {
+    /// Loads the stored state. With `known`, the state this actor holds: kept
+    /// (not decoded again) if the store is still at its revision.
+    fn restore(&mut self, known: Option<(Revision, Durable<E>)>, ctx: &mut Context<Self>) {
         self.phase = Phase::Restoring;
+        // The commands queued now meet what the store holds after they arrived.
+        for queued in &mut self.queue {
+            queued.awaiting_load = true;
+        }
         let (store, key) = (self.shared.store.clone(), self.key.persistence_id());
+        let load = async move {
+            let row = store.load_row(&key).await?;
+            match (row, known) {
+                (Some(row), Some((revision, durable))) if row.revision == revision => Ok(Some((revision, durable))),
+                (None, Some((Revision::NONE, durable))) => Ok(Some((Revision::NONE, durable))),
+                (Some(row), _) => decode::<E>(&key, row).map(Some),
+                (None, _) => Ok(None),
+            }
+        };
         ctx.spawn(
-            async move { load_durable::<E, _>(store.as_ref(), &key).await }
+            caught(load, "loading a state")
                 .into_actor(self)
-                .map(|restored, actor, ctx| {
+                .map(move |restored, actor, ctx| {
                     // Idle time counts from the end of work, not its start.
                     actor.last_active = Instant::now();
                     match restored {
                         Ok(stored) => {
                             let (revision, durable) = stored.unwrap_or_default();
                             actor.phase = Phase::Ready(revision, durable);
-                            // What is queued now meets the stored state.
                             for queued in &mut actor.queue {
-                                queued.on_fresh_state = true;
+                                queued.fresh |= std::mem::take(&mut queued.awaiting_load);
                             }
                         }
                         Err(error) => {
@@ -278,91 +275,60 @@ impl<E: DurableEntity> EntityActor<E> {
         );
     }
 
-    fn write_queued(&mut self, expected: Revision, mut current: Durable<E>, ctx: &mut Context<Self>) {
-        // The states this write commits: with a change feed every one (the
-        // feed gets each), else only the last, which the row keeps.
-        let every_change = self.shared.store.keeps_change_feed();
-        // Encoded as they are made, so no state is copied for the write; the
-        // persistence id only once something changes (not for reads).
-        let mut payloads: Result<Vec<Vec<u8>>, StoreError> = Ok(Vec::new());
-        let mut persistence_id = None;
-        let mut revision = expected;
-        let mut written: Written<E> = Vec::with_capacity(self.queue.len());
-        // A refusal on a state that may be stale: reload, then decide again.
-        let mut reload = false;
-        let mut queue = std::mem::take(&mut self.queue).into_iter();
-        while let Some(queued) = queue.next() {
-            let step = current.step(
-                &queued.event,
-                queued.origin.as_ref(),
-                queued.received_at,
-                &self.shared.settings,
-                self.shared.config.event_id_memory,
+    /// Runs the queue over the state stored at `expected`, answers what it
+    /// can, and writes, checks or reloads as the round decides.
+    fn run_round(&mut self, expected: Revision, current: Durable<E>, ctx: &mut Context<Self>) {
+        let rules = Rules {
+            key: &self.key,
+            settings: &self.shared.settings,
+            event_id_memory: self.shared.config.event_id_memory,
+            every_change: self.shared.store.keeps_change_feed(),
+            exclusive: self.shared.config.exclusive_writer,
+        };
+        let round = round::run(&rules, expected, current, std::mem::take(&mut self.queue));
+        for (queued, answer) in round.answered {
+            queued.answer(answer);
+        }
+        self.queue = round.rest;
+        match round.next {
+            Next::Stay(revision, durable) => self.phase = Phase::Ready(revision, durable),
+            Next::Check(revision, durable) => self.restore(Some((revision, durable)), ctx),
+            Next::Reload => self.restore(None, ctx),
+            Next::Write(write) => self.write(write, ctx),
+        }
+    }
+
+    fn write(&mut self, write: Write<E>, ctx: &mut Context<Self>) {
+        let Write {
+            expected,
+            revision,
+            state,
+            payloads,
+            waiting,
+            reload_after,
+        } = write;
+        self.phase = Phase::Writing { reload_after };
+        let (store, key) = (self.shared.store.clone(), self.key.persistence_id());
+        let write = async move {
+            let written = caught(
+                write_encoded::<E, _>(store.as_ref(), key, expected, revision, payloads),
+                "writing a state",
             );
-            match step {
-                // A read or a redelivered event before any change: answer now.
-                Step::Unchanged if revision == expected => {
-                    queued.answer(Ok(current.state.clone()));
-                }
-                // Otherwise it is answered once the changes before it commit.
-                Step::Unchanged => written.push((queued, current.state.clone())),
-                // Refused on a state that may be stale (another node may have
-                // written since it was loaded): reload, then decide again.
-                Step::Rejected(_) if !queued.on_fresh_state => {
-                    reload = true;
-                    self.queue.push(queued);
-                    self.queue.extend(queue);
-                    break;
-                }
-                // Refused on the stored state: answered at once, it changes nothing.
-                Step::Rejected(reason) => {
-                    queued.answer(Err(CommandError::Rejected {
-                        key: self.key.clone(),
-                        reason,
-                    }));
-                }
-                Step::Changed(next) => {
-                    current = next;
-                    revision.0 += 1;
-                    if every_change {
-                        let key = persistence_id.get_or_insert_with(|| self.key.persistence_id());
-                        push_encoded(&mut payloads, key, &current);
-                    }
-                    queued.span.record("revision", revision.0);
-                    written.push((queued, current.state.clone()));
-                }
-            }
-        }
-        if revision == expected {
-            if reload {
-                self.restore(ctx);
-            } else {
-                self.phase = Phase::Ready(expected, current);
-            }
-            return;
-        }
-        let key = persistence_id.unwrap_or_else(|| self.key.persistence_id());
-        if !every_change {
-            push_encoded(&mut payloads, &key, &current);
-        }
-        self.phase = Phase::Writing { reload_after: reload };
-        let store = self.shared.store.clone();
-        ctx.spawn(
-            async move {
-                let result = write_encoded::<E, _>(store.as_ref(), key, expected, revision, payloads?).await;
-                result.map(|revision| (revision, current))
-            }
-            .into_actor(self)
-            .map(move |result, actor, ctx| {
-                actor.last_active = Instant::now();
-                actor.settle(result, written);
-                actor.pump(ctx);
-            }),
-        );
+            // A store that panicked mid-write may have committed.
+            written.await.map_err(|error| match error {
+                panicked @ StoreError::Panicked { .. } => StoreError::OutcomeUnknown(Arc::new(panicked)),
+                other => other,
+            })
+        };
+        ctx.spawn(write.into_actor(self).map(move |result, actor, ctx| {
+            actor.last_active = Instant::now();
+            actor.settle(result.map(|revision| (revision, state)), waiting);
+            actor.pump(ctx);
+        }));
     }
 
     /// Answers the events of a finished write, or queues them again after a conflict.
-    fn settle(&mut self, result: Result<(Revision, Durable<E>), StoreError>, written: Written<E>) {
+    fn settle(&mut self, result: Result<(Revision, Durable<E>), StoreError>, written: Vec<(Queued<E>, Answer<E>)>) {
         let reload_after = matches!(self.phase, Phase::Writing { reload_after: true });
         let error = match result {
             Ok((revision, durable)) => {
@@ -373,8 +339,8 @@ impl<E: DurableEntity> EntityActor<E> {
                 } else {
                     Phase::Ready(revision, durable)
                 };
-                for (queued, state) in written {
-                    queued.answer(Ok(state));
+                for (queued, answer) in written {
+                    queued.answer(answer);
                 }
                 return;
             }
@@ -513,43 +479,42 @@ impl<E: DurableEntity> EntityActor<E> {
             received_at: self.shared.config.clock.now(),
             reply,
             conflicts: 0,
-            on_fresh_state: false,
+            awaiting_load: false,
+            fresh: false,
+            encode_alone: false,
             span,
         });
     }
 }
 
-impl<E: DurableEntity> Queued<E> {
-    /// Answers the command, counted by its outcome.
-    fn answer(self, answer: Answer<E>) {
-        let outcome = answer.as_ref().map_or_else(CommandError::kind, |_| "ok");
-        metrics::counter!(
-            "persist_durable_commands_total",
-            "entity" => E::ENTITY_TYPE,
-            "command" => E::command_name(&self.event.command),
-            "outcome" => outcome
-        )
-        .increment(1);
-        // Within the command's span, so that a subscriber printing events
-        // (the fmt one at `debug`) shows each command with its entity, key,
-        // revision and outcome.
-        self.span.in_scope(|| debug!(outcome, "answered"));
-        self.reply.send(answer);
-    }
+/// A stored row decoded into the actor's form; a row that does not decode
+/// fails with [`StoreError::Corrupt`] naming it.
+fn decode<E: DurableEntity>(
+    key: &crate::entity::PersistenceId,
+    row: crate::store::StoredRow,
+) -> Result<(Revision, Durable<E>), StoreError> {
+    crate::store::payload::decode::<E>(&row.payload, row.schema_version)
+        .map(|durable| (row.revision, durable))
+        .map_err(|source| StoreError::Corrupt {
+            key: key.clone(),
+            revision: Some(row.revision),
+            source,
+        })
 }
 
-/// Appends `durable` encoded, unless an earlier state already failed to encode.
-fn push_encoded<E: DurableEntity>(
-    payloads: &mut Result<Vec<Vec<u8>>, StoreError>,
-    key: &PersistenceId,
-    durable: &Durable<E>,
-) {
-    if let Ok(encoded) = payloads {
-        match encode_durable(key, durable) {
-            Ok(payload) => encoded.push(payload),
-            Err(error) => *payloads = Err(error),
-        }
-    }
+/// `work` with a panic in it (a store's code, an entity's serde or
+/// `upgrade`) caught as an error: a panic must never unwind through the
+/// actor, whose context would then be dropped mid-poll.
+async fn caught<T>(
+    work: impl std::future::Future<Output = Result<T, StoreError>>,
+    during: &'static str,
+) -> Result<T, StoreError> {
+    AssertUnwindSafe(work).catch_unwind().await.unwrap_or_else(|panic| {
+        Err(StoreError::Panicked {
+            during,
+            message: panic_message(&panic),
+        })
+    })
 }
 
 /// What a caller hears when the entity's actor stopped before answering
@@ -594,8 +559,10 @@ impl<E: DurableEntity> Actor for EntityActor<E> {
         }
     }
 
+    /// The state is restored when the first command is queued, not here: a
+    /// restore that starts after a command arrived is what lets the actor
+    /// answer it from the restored state without asking the store again.
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.restore(ctx);
         ctx.run_interval(self.shared.config.idle_check_interval, Self::check_idle);
     }
 

@@ -9,6 +9,7 @@ mod manager;
 mod messages;
 mod placement;
 mod protocol;
+mod round;
 mod shard;
 
 pub use entity_actor::{EntityActor, Execute};

@@ -1,0 +1,278 @@
+//! One round over an entity's queue, decided without I/O: which commands
+//! are answered at once, which state is written and which answers wait for
+//! that write, and what must happen before the rest. The actor only moves
+//! what a round decides to the store and to the callers.
+//!
+//! The rules a round keeps:
+//! - a command is answered only from a state the store is known to hold:
+//!   one its write committed, or one loaded after it arrived (with
+//!   [`Config::exclusive_writer`](crate::Config::exclusive_writer), any
+//!   answer without a write comes from memory);
+//! - an answer without a write of its own (a read, a redelivery, a no-op, a
+//!   refusal) waits for the changes queued before it to commit;
+//! - a panic in the entity's code, or a state that cannot be encoded, fails
+//!   that one command; the commands before it still commit.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use chrono::{DateTime, Utc};
+use tracing::debug;
+
+use super::protocol::ReplyTo;
+use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, PersistenceId, RecordOrigin, Revision, Step};
+use crate::error::{CommandError, StoreError};
+use crate::store::payload::encode as encode_durable;
+
+/// What a command is answered with: the state after it, or why not.
+pub(crate) type Answer<E> = Result<E, CommandError<E>>;
+
+/// A command in an entity's queue.
+pub(crate) struct Queued<E: DurableEntity> {
+    pub(crate) event: EntityEvent<E::Command>,
+    /// Where an ingested record came from.
+    pub(crate) origin: Option<RecordOrigin>,
+    pub(crate) received_at: DateTime<Utc>,
+    pub(crate) reply: ReplyTo<Answer<E>>,
+    /// Writes of this event lost to a conflict so far.
+    pub(crate) conflicts: u32,
+    /// It was queued when the load in flight started.
+    pub(crate) awaiting_load: bool,
+    /// A load that started after it arrived has completed: the state it
+    /// meets is at least what the store held when it arrived.
+    pub(crate) fresh: bool,
+    /// Encode the state after it on its own, to find which command made a
+    /// state that cannot be encoded.
+    pub(crate) encode_alone: bool,
+    /// The command's span: the entity, the command, and the revision written.
+    pub(crate) span: tracing::Span,
+}
+
+impl<E: DurableEntity> Queued<E> {
+    /// Answers the command, counted by its outcome.
+    pub(crate) fn answer(self, answer: Answer<E>) {
+        let outcome = answer.as_ref().map_or_else(CommandError::kind, |_| "ok");
+        metrics::counter!(
+            "persist_durable_commands_total",
+            "entity" => E::ENTITY_TYPE,
+            "command" => E::command_name(&self.event.command),
+            "outcome" => outcome
+        )
+        .increment(1);
+        // Within the command's span, so that a subscriber printing events
+        // (the fmt one at `debug`) shows each command with its entity, key,
+        // revision and outcome.
+        self.span.in_scope(|| debug!(outcome, "answered"));
+        self.reply.send(answer);
+    }
+}
+
+/// What a round needs to know besides the queue and the state.
+pub(crate) struct Rules<'a, E: DurableEntity> {
+    pub(crate) key: &'a E::Key,
+    pub(crate) settings: &'a E::Settings,
+    pub(crate) event_id_memory: usize,
+    /// The store keeps a change feed, which gets every state.
+    pub(crate) every_change: bool,
+    /// No other process writes these entities: answers without a write may
+    /// come from memory.
+    pub(crate) exclusive: bool,
+}
+
+/// What a round decided.
+pub(crate) struct Round<E: DurableEntity> {
+    /// To answer now.
+    pub(crate) answered: Vec<(Queued<E>, Answer<E>)>,
+    /// Back to the front of the queue, in order, for a later round.
+    pub(crate) rest: Vec<Queued<E>>,
+    /// What becomes of the state.
+    pub(crate) next: Next<E>,
+}
+
+/// What becomes of the state after a round.
+pub(crate) enum Next<E: DurableEntity> {
+    /// Nothing to write: the state stays.
+    Stay(Revision, Durable<E>),
+    /// Nothing to write, but the rest needs the stored state first: read the
+    /// row, and keep this state if it is still the stored revision.
+    Check(Revision, Durable<E>),
+    /// The state in memory cannot be trusted (the entity's code panicked, or
+    /// a state did not encode): load it again before the rest.
+    Reload,
+    /// Commit this write.
+    Write(Write<E>),
+}
+
+/// A write a round decided.
+pub(crate) struct Write<E: DurableEntity> {
+    pub(crate) expected: Revision,
+    pub(crate) revision: Revision,
+    pub(crate) state: Durable<E>,
+    /// With a feed every revision's encoded state, else the last alone.
+    pub(crate) payloads: Vec<Vec<u8>>,
+    /// Answered once the write commits.
+    pub(crate) waiting: Vec<(Queued<E>, Answer<E>)>,
+    /// Load the state again once committed (a later command panicked).
+    pub(crate) reload_after: bool,
+}
+
+/// Runs `queue` over the state stored at `expected`.
+pub(crate) fn run<E: DurableEntity>(
+    rules: &Rules<'_, E>,
+    expected: Revision,
+    mut current: Durable<E>,
+    queue: Vec<Queued<E>>,
+) -> Round<E> {
+    let mut answered = Vec::new();
+    let mut waiting: Vec<(Queued<E>, Answer<E>)> = Vec::new();
+    let mut payloads: Vec<Vec<u8>> = Vec::new();
+    // The revision the last payload is of, without a feed (the row needs
+    // only the last state).
+    let mut encoded_revision = expected;
+    let mut persistence_id: Option<PersistenceId> = None;
+    let mut revision = expected;
+    let mut stopped = Stop::No;
+    let mut queue = queue.into_iter();
+    while let Some(queued) = queue.next() {
+        let step = catch_unwind(AssertUnwindSafe(|| {
+            current.step(
+                &queued.event,
+                queued.origin.as_ref(),
+                queued.received_at,
+                rules.settings,
+                rules.event_id_memory,
+            )
+        }));
+        let unchanged = match step {
+            Err(panic) => {
+                answered.push((queued, Err(panicked(rules.key, panic))));
+                stopped = Stop::Panicked;
+                break;
+            }
+            Ok(Step::Changed(next)) => {
+                let key = persistence_id.get_or_insert_with(|| EntityKey::persistence_id(rules.key));
+                if rules.every_change || queued.encode_alone {
+                    match encode(key, &next) {
+                        Ok(payload) => {
+                            if !rules.every_change {
+                                payloads.clear();
+                            }
+                            payloads.push(payload);
+                            encoded_revision = revision.next();
+                        }
+                        Err(error) => {
+                            // Its state is never committed; those after it
+                            // apply to the state before it.
+                            answered.push((queued, Err(CommandError::from_store(rules.key, error))));
+                            continue;
+                        }
+                    }
+                }
+                current = next;
+                revision = revision.next();
+                queued.span.record("revision", revision.0);
+                let state = current.state.clone();
+                waiting.push((queued, Ok(state)));
+                continue;
+            }
+            Ok(Step::Unchanged) => Ok(current.state.clone()),
+            Ok(Step::Rejected(reason)) => Err(CommandError::Rejected {
+                key: rules.key.clone(),
+                reason,
+            }),
+        };
+        let is_read = unchanged.is_ok();
+        if revision != expected {
+            // Answered once the changes before it are committed.
+            waiting.push((queued, unchanged));
+        } else if queued.fresh || (rules.exclusive && is_read) {
+            answered.push((queued, unchanged));
+        } else {
+            // Decided on a state the store may have moved past: read it first.
+            let mut rest = vec![queued];
+            rest.extend(queue);
+            return Round {
+                answered,
+                rest,
+                next: Next::Check(expected, current),
+            };
+        }
+    }
+    let rest: Vec<Queued<E>> = queue.collect();
+    if revision == expected {
+        let next = match stopped {
+            Stop::Panicked => Next::Reload,
+            Stop::No => Next::Stay(expected, current),
+        };
+        return Round { answered, rest, next };
+    }
+    if !rules.every_change && encoded_revision != revision {
+        let key = persistence_id.get_or_insert_with(|| EntityKey::persistence_id(rules.key));
+        match encode(key, &current) {
+            Ok(payload) => payloads = vec![payload],
+            Err(_) => {
+                // Some command of the round made a state that cannot be
+                // encoded, and only the last was: go again from the stored
+                // state, encoding each, so only that command fails.
+                let mut again: Vec<Queued<E>> = waiting
+                    .into_iter()
+                    .map(|(mut queued, _)| {
+                        queued.encode_alone = true;
+                        queued
+                    })
+                    .collect();
+                again.extend(rest);
+                return Round {
+                    answered,
+                    rest: again,
+                    next: Next::Reload,
+                };
+            }
+        }
+    }
+    Round {
+        answered,
+        rest,
+        next: Next::Write(Write {
+            expected,
+            revision,
+            state: current,
+            payloads,
+            waiting,
+            reload_after: matches!(stopped, Stop::Panicked),
+        }),
+    }
+}
+
+/// Why a round ended before the queue did.
+enum Stop {
+    No,
+    /// The entity's code panicked on a command.
+    Panicked,
+}
+
+/// `durable` encoded for its row, with a panic of the state's serde caught.
+fn encode<E: DurableEntity>(key: &PersistenceId, durable: &Durable<E>) -> Result<Vec<u8>, StoreError> {
+    catch_unwind(AssertUnwindSafe(|| encode_durable(key, durable))).unwrap_or_else(|panic| {
+        Err(StoreError::Panicked {
+            during: "encoding a state",
+            message: panic_message(&panic),
+        })
+    })
+}
+
+/// The error a command whose transition panicked is answered with.
+fn panicked<E: DurableEntity>(key: &E::Key, panic: Box<dyn std::any::Any + Send>) -> CommandError<E> {
+    CommandError::Panicked {
+        key: key.clone(),
+        message: panic_message(&panic),
+    }
+}
+
+/// What a panic said, if it said it in text.
+pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
+        (Some(text), _) => (*text).to_owned(),
+        (_, Some(text)) => text.clone(),
+        _ => "a panic without a message".to_owned(),
+    }
+}
