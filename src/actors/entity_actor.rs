@@ -1,11 +1,11 @@
-use std::panic::AssertUnwindSafe;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use actix::prelude::*;
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, error, warn};
 
 use super::protocol::{ChildEvent, FromChild, Passivate, ReplyTo};
 use super::round::{self, panic_message, Next, Queued, Rules, Write};
@@ -251,7 +251,7 @@ impl<E: DurableEntity> EntityActor<E> {
         ctx.spawn(
             caught(load, "loading a state")
                 .into_actor(self)
-                .map(move |restored, actor, ctx| {
+                .map(move |restored, actor, ctx| actor.contained(ctx, |actor, ctx| {
                     // Idle time counts from the end of work, not its start.
                     actor.last_active = Instant::now();
                     match restored {
@@ -271,7 +271,7 @@ impl<E: DurableEntity> EntityActor<E> {
                         }
                     }
                     actor.pump(ctx);
-                }),
+                })),
         );
     }
 
@@ -321,10 +321,31 @@ impl<E: DurableEntity> EntityActor<E> {
             })
         };
         ctx.spawn(write.into_actor(self).map(move |result, actor, ctx| {
-            actor.last_active = Instant::now();
-            actor.settle(result.map(|revision| (revision, state)), waiting);
-            actor.pump(ctx);
+            actor.contained(ctx, |actor, ctx| {
+                actor.last_active = Instant::now();
+                actor.settle(result.map(|revision| (revision, state)), waiting);
+                actor.pump(ctx);
+            })
         }));
+    }
+
+    /// Runs `work` on the actor; a panic in it (the entity's code outside
+    /// what a round catches, such as its commands' names) stops the actor
+    /// cleanly, failing what is queued, instead of unwinding through its
+    /// context: the shard then starts the entity again from its stored state.
+    fn contained(&mut self, ctx: &mut Context<Self>, work: impl FnOnce(&mut Self, &mut Context<Self>)) {
+        let Err(panic) = catch_unwind(AssertUnwindSafe(|| work(self, ctx))) else {
+            return;
+        };
+        let message = panic_message(&panic);
+        error!(key = %self.key, panic = %message, "an entity actor panicked; stopping it");
+        for queued in self.queue.drain(..) {
+            queued.reply.send(Err(CommandError::Panicked {
+                key: self.key.clone(),
+                message: message.clone(),
+            }));
+        }
+        self.stop_self(ctx);
     }
 
     /// Answers the events of a finished write, or queues them again after a conflict.
@@ -563,7 +584,9 @@ impl<E: DurableEntity> Actor for EntityActor<E> {
     /// restore that starts after a command arrived is what lets the actor
     /// answer it from the restored state without asking the store again.
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.shared.config.idle_check_interval, Self::check_idle);
+        ctx.run_interval(self.shared.config.idle_check_interval, |actor, ctx| {
+            actor.contained(ctx, Self::check_idle)
+        });
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -584,7 +607,7 @@ impl<E: DurableEntity> Handler<Execute<E>> for EntityActor<E> {
 
     fn handle(&mut self, Execute(event): Execute<E>, ctx: &mut Self::Context) -> Self::Result {
         let (sender, answer) = oneshot::channel();
-        self.accept(event, ReplyTo::new(sender, None), ctx);
+        self.contained(ctx, |actor, ctx| actor.accept(event, ReplyTo::new(sender, None), ctx));
         let key = self.key.clone();
         Box::pin(async move { answer.await.unwrap_or_else(|_| Err(stopped_before_answering(&key))) })
     }
@@ -594,7 +617,7 @@ impl<E: DurableEntity> Handler<Deliver<E>> for EntityActor<E> {
     type Result = ();
 
     fn handle(&mut self, Deliver { event, reply }: Deliver<E>, ctx: &mut Self::Context) {
-        self.accept(event, reply, ctx);
+        self.contained(ctx, |actor, ctx| actor.accept(event, reply, ctx));
     }
 }
 
@@ -606,7 +629,7 @@ impl<E: DurableEntity> Handler<Passivate> for EntityActor<E> {
         if self.lifecycle != Lifecycle::Stopping {
             self.lifecycle = Lifecycle::Draining;
         }
-        self.pump(ctx);
+        self.contained(ctx, Self::pump);
     }
 }
 
@@ -614,6 +637,6 @@ impl<E: DurableEntity> Handler<ExecuteRecords<E>> for EntityActor<E> {
     type Result = ();
 
     fn handle(&mut self, ExecuteRecords { records, reply }: ExecuteRecords<E>, ctx: &mut Self::Context) {
-        self.accept_records(records, reply, ctx);
+        self.contained(ctx, |actor, ctx| actor.accept_records(records, reply, ctx));
     }
 }

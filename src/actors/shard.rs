@@ -9,7 +9,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use actix::WeakAddr;
 use tokio::sync::oneshot;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::entity_actor::{Answer, EntityActor, Shared};
 use super::messages::{EntityRecords, GetManagerStats, HandOver, ManagerStats};
@@ -176,9 +176,12 @@ impl<E: DurableEntity> Shard<E> {
             held: Vec::new(),
             cause,
         };
+        let alive = child.addr();
         self.passivating.insert(key.clone(), passivating);
-        if let Some(addr) = child.addr() {
-            addr.do_send(Passivate);
+        match alive {
+            Some(addr) => addr.do_send(Passivate),
+            // Gone already: it will never report having stopped.
+            None => self.child_stopped(key.clone()),
         }
         match cause {
             PassivationCause::Idle => self.stats.idle_passivations += 1,
@@ -347,9 +350,20 @@ impl<E: DurableEntity> Shard<E> {
                 addr
             }
         };
+        let Some(alive) = addr.upgrade() else {
+            // It stopped without saying so (it never does, unless its task
+            // died): as if it had, with this delivery for its successor.
+            warn!(key = %key, "an entity actor is gone without having stopped; starting it again");
+            self.child_stopped(key.clone());
+            // A successor may have started already, with commands held for it.
+            return match self.children.get(&key).and_then(Child::addr) {
+                Some(successor) => delivery.forward(Some(successor)),
+                None => self.start_with(key, vec![delivery.held()]),
+            };
+        };
         let max_held = self.shared.config.max_queued_per_entity;
         let Some(passivating) = self.passivating.get_mut(&key) else {
-            return delivery.forward(addr.upgrade());
+            return delivery.forward(Some(alive));
         };
         // The same bound as a live actor's queue: refused here, not by the successor.
         if held_commands(&passivating.held) + len > max_held {
@@ -418,12 +432,12 @@ impl<E: DurableEntity> Shard<E> {
         if held.is_empty() {
             return;
         }
-        self.start_with_held(key, held);
+        self.start_with(key, held);
     }
 
     /// Starts a new actor for `key` (which restores what the store holds) and
     /// hands it the commands held for it, in order.
-    fn start_with_held(&mut self, key: E::Key, held: Vec<Held<E>>) {
+    fn start_with(&mut self, key: E::Key, held: Vec<Held<E>>) {
         let successor = self.spawn_child(&key);
         for delivery in held {
             // Counted in flight already, by the handler's future waiting on its reply.

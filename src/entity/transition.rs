@@ -12,7 +12,7 @@ pub(crate) struct Durable<E> {
     /// Ids of the most recently applied events, oldest first. Kept through
     /// a delete: a redelivered pre-delete event stays recognised.
     pub(crate) event_ids: Vec<EventId>,
-    /// When the entity was last deleted: an event that happened at or before
+    /// When the entity was last deleted: an event whose own time is before
     /// it (a late pre-delete event) is acknowledged and not applied, so it
     /// cannot bring erased data back.
     pub(crate) erased_at: Option<DateTime<Utc>>,
@@ -74,12 +74,21 @@ impl<E: DurableEntity> Durable<E> {
                 return Step::Unchanged;
             }
         }
-        let at = event.event_time.unwrap_or(now);
-        if self.erased_at.is_some_and(|erased_at| at <= erased_at) {
+        // What comes after a delete is ordered by arrival, not by clocks:
+        // only an event that carries its own time, strictly before the
+        // erasure, is late. Ingest records carry their record's time.
+        let late = event
+            .event_time
+            .zip(self.erased_at)
+            .is_some_and(|(happened, erased_at)| happened < erased_at);
+        if late {
             return Step::Unchanged;
         }
+        let at = event.event_time.unwrap_or(now);
         let (state, tombstone, erased_at) = if E::is_delete(&event.command) {
-            (E::default(), true, Some(at))
+            // Erased no later than it was applied: a delete dated in the
+            // future must not make the events after it look late.
+            (E::default(), true, Some(at.min(now)))
         } else {
             match self.state.apply(&event.command, at, settings) {
                 Ok(Some(state)) => (state, false, self.erased_at),

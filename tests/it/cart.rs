@@ -377,6 +377,40 @@ async fn a_refusal_is_decided_on_the_stored_cart_not_on_a_stale_copy(
     assert_eq!(stored_revision(&store, &cart).await, Some(Revision(2)));
 }
 
+/// A refusal waits for the commands queued before it: decided on a state
+/// that never committed, it used to be answered `EmptyCart` while the stored
+/// cart still held the item.
+#[rstest]
+#[actix::test]
+async fn a_refusal_is_answered_only_once_the_commands_before_it_have_committed(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let (carts, store) = start_carts(&db, Config::default()).await;
+    let cart = cart_id("cart-1");
+    carts.send(cart.clone(), add("a", 1)).await.unwrap();
+
+    db.make_unavailable();
+    let (removed, checkout) = tokio::join!(
+        carts.send(cart.clone(), remove("a")),
+        carts.send(cart.clone(), CartCommand::Checkout),
+    );
+    db.make_available();
+
+    assert!(removed.is_err(), "the removal was not committed: {removed:?}");
+    assert!(
+        !matches!(checkout, Err(CommandError::Rejected { .. })),
+        "not refused on a state that never existed: {checkout:?}"
+    );
+    assert!(checkout.unwrap_err().is_retryable());
+    let stored = store.load(&cart).await.unwrap().unwrap();
+    assert_eq!(stored.state.items, items(&[("a", 1)]), "the stored cart still holds it");
+    assert_eq!(
+        carts.send(cart.clone(), CartCommand::Checkout).await.unwrap().checkouts,
+        1
+    );
+}
+
 #[rstest]
 #[actix::test]
 async fn two_managers_adding_to_one_cart_concurrently_lose_no_unit(

@@ -173,6 +173,62 @@ async fn a_redelivered_or_late_event_from_before_the_delete_is_not_applied(
     assert_eq!(products(&fresh), ["new"]);
 }
 
+/// A command after a delete is ordered by its arrival, never by comparing
+/// two clocks: each of these was answered `Ok` and dropped before.
+#[rstest]
+#[actix::test]
+async fn a_command_after_a_delete_is_applied_whatever_the_clocks_say(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let noon = chrono::Utc.with_ymd_and_hms(2026, 11, 21, 12, 0, 0).unwrap();
+    let a = UserStates::start(db.connect().await, Config::default().with_clock(ManualClock::new(noon)));
+    // Node b's clock is an hour behind node a's.
+    let behind = ManualClock::new(noon - chrono::Duration::hours(1));
+    let b = UserStates::start(db.connect().await, Config::default().with_clock(behind));
+    let store = db.connect().await;
+
+    // Without an event time, on a node whose clock is behind.
+    let user = key("mall001", "clock-behind");
+    a.send(user.clone(), Command::DeleteUser).await.unwrap();
+    let login = b.send(user.clone(), Command::UserLogin).await.unwrap();
+    assert!(login.last_login.is_some(), "applied: {login:?}");
+    assert_eq!(revision(&store, &user).await, Some(Revision(2)));
+
+    // In the same millisecond as the delete (Kafka's record timestamps).
+    let user = key("mall001", "same-millisecond");
+    let at = noon + chrono::Duration::milliseconds(7);
+    a.send(user.clone(), Event::from(Command::DeleteUser).at(at))
+        .await
+        .unwrap();
+    let login = a
+        .send(user.clone(), Event::from(Command::UserLogin).at(at))
+        .await
+        .unwrap();
+    assert_eq!(login.last_login, Some(at));
+
+    // JSON times at second precision: the same second as the delete.
+    let user = key("mall001", "same-second");
+    let delete = Event::from_json(r#"{"type": "delete_user", "event_time": "2026-11-21T12:00:00Z"}"#).unwrap();
+    let view =
+        Event::from_json(r#"{"type": "view_product", "product_id": "p1", "event_time": "2026-11-21T12:00:00Z"}"#)
+            .unwrap();
+    a.send(user.clone(), delete).await.unwrap();
+    assert_eq!(products(&a.send(user.clone(), view).await.unwrap()), ["p1"]);
+
+    // A delete dated in the future does not make what follows look late.
+    let user = key("mall001", "future-delete");
+    let future = Event::from(Command::DeleteUser).at(noon + chrono::Duration::days(1));
+    a.send(user.clone(), future).await.unwrap();
+    let now = a
+        .send(user.clone(), Event::from(crate::common::view("p2")).at(noon))
+        .await
+        .unwrap();
+    assert_eq!(products(&now), ["p2"]);
+    let untimed = a.send(user.clone(), crate::common::view("p3")).await.unwrap();
+    assert_eq!(products(&untimed), ["p3", "p2"]);
+}
+
 #[rstest]
 #[actix::test]
 async fn a_delete_racing_with_passivation_is_committed_and_survives_the_restore(

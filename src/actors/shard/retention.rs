@@ -228,7 +228,7 @@ impl<E: DurableEntity> Shard<E> {
         let purging = std::mem::take(&mut self.retention.purging);
         for (key, held) in purging {
             if !held.is_empty() {
-                self.start_with_held(key, held);
+                self.start_with(key, held);
             }
         }
     }

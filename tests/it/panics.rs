@@ -1,0 +1,306 @@
+//! A panic is contained to its command: the entity's `apply` panicking, its
+//! store panicking in a load, or its code panicking outside a transition,
+//! fails that command with a typed error, commits nothing of it, and the
+//! entity goes on from its stored state; other entities never notice, under
+//! the resident limit and across passivation too.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use crate::common::{Backend, TestDb};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use persist_durable::{
+    ChangeLog, ChangeRow, CommandError, Config, DurableEntity, Entities, EntityKey, InvalidInput, Maintenance,
+    MemoryStore, Offsets, PersistenceId, Revision, SharedStore, StateStore, StateStoreExt, StoreError, StoreStats,
+    StoredRow, WriteRow,
+};
+use rstest::rstest;
+use serde::{Deserialize, Serialize};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct FragileId(String);
+
+impl std::fmt::Display for FragileId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl EntityKey for FragileId {
+    type Entity = Fragile;
+    fn entity_id(&self) -> String {
+        self.0.clone()
+    }
+    fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
+        persist_durable::validate_id("fragile id", id).map(|()| FragileId(id.to_owned()))
+    }
+}
+
+fn id(name: &str) -> FragileId {
+    FragileId::from_entity_id(name).unwrap()
+}
+
+/// A counter whose transition panics on `Explode`, and whose command name
+/// panics on `Unnameable` (outside the transition).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Fragile {
+    value: i64,
+}
+
+#[derive(Debug, Clone)]
+enum FragileCommand {
+    Add(i64),
+    Explode,
+    Unnameable,
+    Get,
+}
+
+impl DurableEntity for Fragile {
+    const ENTITY_TYPE: &'static str = "Fragile";
+    const MANIFEST: &'static str = "Fragile/v1";
+    type Key = FragileId;
+    type Command = FragileCommand;
+    type Settings = ();
+    type Rejection = Infallible;
+
+    fn apply(&self, command: &FragileCommand, _at: DateTime<Utc>, _: &()) -> Result<Option<Self>, Infallible> {
+        match command {
+            FragileCommand::Add(n) => Ok(Some(Fragile { value: self.value + n })),
+            FragileCommand::Explode => panic!("the transition exploded"),
+            FragileCommand::Unnameable | FragileCommand::Get => Ok(None),
+        }
+    }
+
+    fn command_name(command: &FragileCommand) -> &'static str {
+        match command {
+            FragileCommand::Unnameable => panic!("no name for this command"),
+            _ => "fragile",
+        }
+    }
+}
+
+fn is_panicked(answer: &Result<Fragile, CommandError<Fragile>>) -> bool {
+    matches!(answer, Err(error @ CommandError::Panicked { message, .. })
+        if message.contains("exploded") && !error.is_retryable())
+}
+
+#[rstest]
+#[actix::test]
+async fn a_transition_that_panics_fails_its_command_alone_and_the_entity_goes_on(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = db.connect().await;
+    let fragiles = Entities::<Fragile>::start(store.clone(), Config::default());
+    fragiles.send(id("a"), FragileCommand::Add(1)).await.unwrap();
+
+    let exploded = fragiles.send(id("a"), FragileCommand::Explode).await;
+
+    assert!(is_panicked(&exploded), "{exploded:?}");
+    let stored = store.load(&id("a")).await.unwrap().unwrap();
+    assert_eq!(
+        (stored.revision, stored.state.value),
+        (Revision(1), 1),
+        "nothing of it committed"
+    );
+    let after = fragiles.send(id("a"), FragileCommand::Add(2)).await.unwrap();
+    assert_eq!(after.value, 3, "the entity goes on from its stored state");
+    assert_eq!(fragiles.send(id("b"), FragileCommand::Add(5)).await.unwrap().value, 5);
+}
+
+#[rstest]
+#[actix::test]
+async fn commands_queued_with_one_that_panics_commit_around_it(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = db.connect().await;
+    let fragiles = Entities::<Fragile>::start(store.clone(), Config::default());
+
+    // Queued together while the new entity restores: one round.
+    let (before, exploded, after) = tokio::join!(
+        fragiles.send(id("a"), FragileCommand::Add(1)),
+        fragiles.send(id("a"), FragileCommand::Explode),
+        fragiles.send(id("a"), FragileCommand::Add(10)),
+    );
+
+    assert_eq!(before.unwrap().value, 1);
+    assert!(is_panicked(&exploded), "{exploded:?}");
+    assert_eq!(after.unwrap().value, 11);
+    let stored = store.load(&id("a")).await.unwrap().unwrap();
+    assert_eq!((stored.revision, stored.state.value), (Revision(2), 11));
+}
+
+#[actix::test]
+async fn a_panicked_entity_is_evicted_and_restored_like_any_other() {
+    let store: SharedStore = std::sync::Arc::new(MemoryStore::new());
+    let config = Config::default().with_arbiters(0).with_max_resident(1);
+    let fragiles = Entities::<Fragile>::start(store.clone(), config);
+    fragiles.send(id("a"), FragileCommand::Add(1)).await.unwrap();
+    assert!(is_panicked(&fragiles.send(id("a"), FragileCommand::Explode).await));
+
+    // Another entity takes the only resident place, then "a" comes back.
+    fragiles.send(id("b"), FragileCommand::Add(1)).await.unwrap();
+    let again = fragiles.send(id("a"), FragileCommand::Add(1)).await.unwrap();
+
+    assert_eq!(again.value, 2);
+    assert!(fragiles.stats().await.unwrap().evictions >= 1);
+}
+
+#[actix::test]
+async fn a_panicked_entity_passivates_when_idle_and_restores_on_the_next_command() {
+    tokio::time::pause();
+    let store: SharedStore = std::sync::Arc::new(MemoryStore::new());
+    let fragiles = Entities::<Fragile>::start(store.clone(), Config::default().with_arbiters(0));
+    fragiles.send(id("a"), FragileCommand::Add(4)).await.unwrap();
+    assert!(is_panicked(&fragiles.send(id("a"), FragileCommand::Explode).await));
+
+    tokio::time::advance(35 * MINUTE).await;
+    let mut resident = fragiles.stats().await.unwrap().resident_entities;
+    for _ in 0..1_000 {
+        if resident == 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        resident = fragiles.stats().await.unwrap().resident_entities;
+    }
+
+    assert_eq!(resident, 0, "passivated");
+    assert_eq!(fragiles.send(id("a"), FragileCommand::Get).await.unwrap().value, 4);
+}
+
+#[actix::test]
+async fn a_panic_outside_the_transition_stops_the_actor_and_the_next_command_starts_it_again() {
+    let store: SharedStore = std::sync::Arc::new(MemoryStore::new());
+    let fragiles = Entities::<Fragile>::start(store.clone(), Config::default().with_arbiters(0));
+    fragiles.send(id("a"), FragileCommand::Add(3)).await.unwrap();
+
+    let unnamed = fragiles.send(id("a"), FragileCommand::Unnameable).await;
+
+    assert!(unnamed.is_err(), "{unnamed:?}");
+    let next = fragiles.send(id("a"), FragileCommand::Add(1)).await.unwrap();
+    assert_eq!(next.value, 4, "a new actor restored the stored state");
+}
+
+/// A store that panics whenever it loads the entity `bad`.
+#[derive(Debug, Default)]
+struct PanickingStore {
+    inner: MemoryStore,
+}
+
+impl PanickingStore {
+    fn check(key: &PersistenceId) {
+        if key.entity_id() == "bad" {
+            panic!("the store's driver panicked");
+        }
+    }
+}
+
+#[async_trait]
+impl StateStore for PanickingStore {
+    async fn load_row(&self, key: &PersistenceId) -> Result<Option<StoredRow>, StoreError> {
+        Self::check(key);
+        self.inner.load_row(key).await
+    }
+
+    async fn write_row(&self, write: WriteRow) -> Result<Revision, StoreError> {
+        self.inner.write_row(write).await
+    }
+
+    fn keeps_change_feed(&self) -> bool {
+        false
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
+    }
+
+    fn stats(&self) -> StoreStats {
+        self.inner.stats()
+    }
+}
+
+#[async_trait]
+impl Offsets for PanickingStore {
+    async fn load_offset(&self, consumer: &str) -> Result<Option<u64>, StoreError> {
+        self.inner.load_offset(consumer).await
+    }
+
+    async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
+        self.inner.save_offset(consumer, position).await
+    }
+}
+
+#[async_trait]
+impl ChangeLog for PanickingStore {
+    async fn read_change_rows(
+        &self,
+        entity_type: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<ChangeRow>, StoreError> {
+        self.inner.read_change_rows(entity_type, after, limit).await
+    }
+}
+
+#[async_trait]
+impl Maintenance for PanickingStore {
+    async fn purge_candidates(
+        &self,
+        entity_type: &str,
+        written_before: DateTime<Utc>,
+        after: Option<&PersistenceId>,
+        limit: usize,
+    ) -> Result<Vec<(PersistenceId, Revision)>, StoreError> {
+        self.inner
+            .purge_candidates(entity_type, written_before, after, limit)
+            .await
+    }
+
+    async fn purge_rows(
+        &self,
+        rows: Vec<(PersistenceId, Revision)>,
+        written_before: DateTime<Utc>,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        self.inner.purge_rows(rows, written_before).await
+    }
+
+    async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError> {
+        self.inner.count_entities(entity_type).await
+    }
+
+    async fn entity_ids(
+        &self,
+        entity_type: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        self.inner.entity_ids(entity_type, after, limit).await
+    }
+}
+
+/// Before it was contained, this panic unwound through the actor, whose
+/// context actix then polled once more while it was dropped: a second panic
+/// there aborted the whole test process.
+#[actix::test]
+async fn a_store_that_panics_in_a_load_fails_that_entitys_command_and_aborts_nothing() {
+    let store: SharedStore = std::sync::Arc::new(PanickingStore::default());
+    let fragiles = Entities::<Fragile>::start(store, Config::default().with_arbiters(0));
+
+    let first = fragiles.send(id("bad"), FragileCommand::Add(1)).await;
+    let second = fragiles.send(id("bad"), FragileCommand::Add(1)).await;
+
+    for answer in [&first, &second] {
+        assert!(
+            matches!(answer, Err(CommandError::Panicked { message, .. }) if message.contains("driver panicked")),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(
+        fragiles.send(id("good"), FragileCommand::Add(2)).await.unwrap().value,
+        2
+    );
+}
