@@ -112,6 +112,16 @@ pub enum StoreError {
     /// (`BIGINT`), or a schema version beyond `INTEGER`'s.
     #[error("{0} exceeds the range of its database column")]
     OutOfRange(u64),
+    /// The key does not encode to an entity id that reads back as it; nothing
+    /// reached the database.
+    #[error("the key {key} does not read back from its entity id")]
+    InvalidKey {
+        /// The persistence id the key encodes to.
+        key: PersistenceId,
+        /// What decoding its entity id said.
+        #[source]
+        source: InvalidInput,
+    },
     /// Code run for the store panicked: an entity's serde or `upgrade`
     /// while a state was encoded or decoded, or a store's own code.
     #[error("a panic while {during}: {message}")]
@@ -131,40 +141,30 @@ impl From<diesel::result::Error> for StoreError {
 
 impl StoreError {
     /// Whether the database refused a statement because of what one of its
-    /// rows holds (a constraint, a trigger, a value out of range), as opposed
-    /// to being unavailable, slow or out of resources: only then can writing
-    /// the rows apart let the others commit.
+    /// rows holds, as the driver classifies it: a unique, foreign key, not
+    /// null, check, restrict or exclusion violation. Only then can writing
+    /// the rows apart let the others commit. Anything else (down, slow, out
+    /// of resources, or an error the driver leaves unclassified) is the
+    /// database's, never guessed from its message, whose language depends on
+    /// the server's `lc_messages`. A trigger that refuses a row says so with
+    /// a constraint violation (PostgreSQL: `USING ERRCODE = 'check_violation'`).
     pub(crate) fn is_row_refusal(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error};
-        /// Messages of failures that are the database's, not a row's.
-        const TRANSIENT: [&str; 12] = [
-            "statement timeout",
-            "lock timeout",
-            "deadlock detected",
-            "could not serialize",
-            "canceling statement",
-            "terminating connection",
-            "the database system is",
-            "too many connections",
-            "out of memory",
-            "database is locked",
-            "disk I/O error",
-            "database or disk is full",
-        ];
-        match self {
-            StoreError::Query(error) => match error.as_ref() {
+        matches!(
+            self,
+            StoreError::Query(error) if matches!(
+                error.as_ref(),
                 Error::DatabaseError(
-                    DatabaseErrorKind::UnableToSendCommand
-                    | DatabaseErrorKind::ClosedConnection
-                    | DatabaseErrorKind::SerializationFailure
-                    | DatabaseErrorKind::ReadOnlyTransaction,
+                    DatabaseErrorKind::UniqueViolation
+                        | DatabaseErrorKind::ForeignKeyViolation
+                        | DatabaseErrorKind::NotNullViolation
+                        | DatabaseErrorKind::CheckViolation
+                        | DatabaseErrorKind::RestrictViolation
+                        | DatabaseErrorKind::ExclusionViolation,
                     _,
-                ) => false,
-                Error::DatabaseError(_, info) => !TRANSIENT.iter().any(|t| info.message().contains(t)),
-                _ => false,
-            },
-            _ => false,
-        }
+                )
+            )
+        )
     }
 
     pub(crate) fn unavailable(error: impl std::error::Error + Send + Sync + 'static) -> Self {
@@ -373,6 +373,14 @@ impl<E: DurableEntity> CommandError<E> {
                     source: unstorable,
                 }
             }
+            StoreError::InvalidKey { source, .. } => CommandError::InvalidKey {
+                key: key.clone(),
+                source,
+            },
+            refused if refused.is_row_refusal() => CommandError::Unstorable {
+                key: key.clone(),
+                source: refused,
+            },
             StoreError::Panicked { during, message } => CommandError::Panicked {
                 key: key.clone(),
                 message: format!("{message} (while {during})"),
@@ -435,5 +443,42 @@ impl<E: DurableEntity> CommandError<E> {
                 | CommandError::Panicked { .. }
                 | CommandError::InvalidKey { .. }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{UserKey, UserState};
+
+    /// A database task that panicked or was cancelled may have committed.
+    #[tokio::test]
+    async fn a_failed_database_task_is_an_unknown_outcome_not_an_unavailable_store() {
+        let failed = tokio::spawn(async { panic!("the task died") }).await.unwrap_err();
+        let key = UserKey::new("m", "u").unwrap();
+
+        let error = CommandError::<UserState>::from_store(&key, StoreError::TaskFailed(Arc::new(failed)));
+
+        assert!(matches!(error, CommandError::OutcomeUnknown { .. }), "{error:?}");
+        assert!(error.is_retryable());
+    }
+
+    #[test]
+    fn failures_no_retry_can_cure_are_not_retryable() {
+        let key = UserKey::new("m", "u").unwrap();
+        let id = PersistenceId::new("UserState", "m-u");
+        for unstorable in [
+            StoreError::OutOfRange(u64::MAX),
+            StoreError::InvalidWrite {
+                key: id.clone(),
+                expected: Revision(2),
+                revision: Revision(1),
+                states: 1,
+            },
+        ] {
+            let error = CommandError::<UserState>::from_store(&key, unstorable);
+            assert!(matches!(error, CommandError::Unstorable { .. }), "{error:?}");
+            assert!(!error.is_retryable());
+        }
     }
 }

@@ -12,7 +12,7 @@ use super::round::{self, panic_message, Next, Queued, Rules, Write};
 use crate::config::Config;
 use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, RecordOrigin, Revision};
 use crate::error::{CommandError, StoreError};
-use crate::store::ext::write_encoded;
+use crate::store::ext::{checked, write_encoded};
 use crate::store::SharedStore;
 
 pub(crate) use super::round::Answer;
@@ -233,6 +233,16 @@ impl<E: DurableEntity> EntityActor<E> {
     /// Loads the stored state. With `known`, the state this actor holds: kept
     /// (not decoded again) if the store is still at its revision.
     fn restore(&mut self, known: Option<(Revision, Durable<E>)>, ctx: &mut Context<Self>) {
+        if known.is_none() {
+            if let Err(error) = checked(&self.key) {
+                // Nothing of this entity may reach the store: a row it could
+                // not read back would stop every reader of its type.
+                for queued in self.queue.drain(..) {
+                    queued.answer(Err(CommandError::from_store(&self.key, error.clone())));
+                }
+                return;
+            }
+        }
         self.phase = Phase::Restoring;
         // The commands queued now meet what the store holds after they arrived.
         for queued in &mut self.queue {

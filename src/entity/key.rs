@@ -35,6 +35,22 @@ pub fn validate_id(field: &'static str, value: &str) -> Result<(), InvalidInput>
     validate(IdField::Named(field), value)
 }
 
+/// `key`'s persistence id, once its entity id reads back as `key`: what every
+/// key must do for its row, its feed rows and its place in `entity_keys` to
+/// be read again. A key type whose constructor skips validation is refused
+/// here, before anything reaches the store.
+pub(crate) fn checked_persistence_id<K: EntityKey>(key: &K) -> Result<PersistenceId, InvalidInput> {
+    let id = key.entity_id();
+    match K::from_entity_id(&id) {
+        Ok(decoded) if decoded == *key => Ok(key.persistence_id()),
+        Ok(_) => Err(InvalidInput::MalformedKey {
+            entity_id: id,
+            reason: "it decodes to another key: the encoding is not injective",
+        }),
+        Err(invalid) => Err(invalid),
+    }
+}
+
 /// The row key of one entity: `<entity type>|<entity id>`, Pekko's form.
 ///
 /// Errors of the store name the entity by it. It compares equal to the typed

@@ -22,7 +22,7 @@ use serde::Serialize;
 
 pub use event::{decode_json, EntityEvent, EventId};
 pub use invalid_input::{IdField, InvalidInput};
-pub(crate) use key::validate;
+pub(crate) use key::{checked_persistence_id, validate};
 pub use key::{validate_id, PersistenceId, MAX_ID_BYTES};
 pub use revision::Revision;
 pub use source::SourceOffsets;

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use super::capability::{Maintenance, StateStore};
 use super::payload;
 use super::rows::{StoredState, WriteRow};
-use crate::entity::{Durable, DurableEntity, EntityKey, PersistenceId, Revision};
+use crate::entity::{checked_persistence_id, Durable, DurableEntity, EntityKey, PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
 
 /// Typed loads and writes, for every [`StateStore`].
@@ -44,7 +44,7 @@ pub trait StateStoreExt: StateStore {
         revision: Revision,
         state: &K::Entity,
     ) -> Result<Revision, StoreError> {
-        let key = key.persistence_id();
+        let key = checked(key)?;
         let payload = payload::encode_state(&key, state)?;
         write_encoded::<K::Entity, _>(self, key, expected, revision, vec![payload]).await
     }
@@ -59,7 +59,7 @@ pub trait StateStoreExt: StateStore {
         expected: Revision,
         states: &[K::Entity],
     ) -> Result<Revision, StoreError> {
-        let key = key.persistence_id();
+        let key = checked(key)?;
         let revision = Revision(expected.0 + states.len() as u64);
         // Without a feed only the row's state, the last, is needed.
         let skipped = if self.keeps_change_feed() {
@@ -150,6 +150,15 @@ pub trait MaintenanceExt: Maintenance {
 }
 
 impl<S: Maintenance + ?Sized> MaintenanceExt for S {}
+
+/// `key`'s persistence id, refused with [`StoreError::InvalidKey`] unless its
+/// entity id reads back as `key`.
+pub(crate) fn checked<K: EntityKey>(key: &K) -> Result<PersistenceId, StoreError> {
+    checked_persistence_id(key).map_err(|source| StoreError::InvalidKey {
+        key: key.persistence_id(),
+        source,
+    })
+}
 
 /// The entity's committed revision and state as the actors hold them, or
 /// `None` for an entity never written.

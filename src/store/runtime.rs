@@ -59,6 +59,35 @@ impl DbRuntime {
         }
     }
 
+    /// Runs a statement that may commit (a purge, a position save) on the
+    /// store's runtime. It is never answered "failed" while it may still
+    /// commit: the database bounds it (PostgreSQL's `statement_timeout`,
+    /// SQLite's busy timeout), and the client gives up only after `bound`,
+    /// which callers make longer than the wait for a connection plus twice
+    /// the statement's own bound, and then says the outcome is unknown.
+    pub(crate) fn run_write<T, F>(
+        &self,
+        bound: Duration,
+        work: F,
+    ) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        let spawned = self.runtime.as_ref().map(|runtime| runtime.spawn(work));
+        async move {
+            let Some(handle) = spawned else {
+                return Err(StoreError::Stopped);
+            };
+            match tokio::time::timeout(bound, handle).await {
+                Ok(Ok(done)) => done,
+                Ok(Err(failed)) => Err(StoreError::TaskFailed(Arc::new(failed))),
+                // The task goes on; whether it commits is not known here.
+                Err(_) => Err(StoreError::OutcomeUnknown(Arc::new(NoAnswer(bound)))),
+            }
+        }
+    }
+
     /// Starts a long-running task (a batch collector) on the store's runtime.
     pub(crate) fn spawn<F>(&self, task: F)
     where
@@ -92,3 +121,8 @@ impl Drop for DbRuntime {
         }
     }
 }
+
+/// A statement that may commit got no answer within its bound.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer within {0:?}: the statement may still commit")]
+pub(crate) struct NoAnswer(pub(crate) Duration);

@@ -17,6 +17,9 @@ enum Refused {
     Feed,
 }
 
+/// A trigger refusing the culprit's row with a constraint violation, as the
+/// store tells one row's refusal from the database's own failures: by what
+/// the driver classifies, never by the message's words.
 fn refuse_sql(backend: Backend, refused: Refused, persistence_id: &str) -> String {
     let table = match refused {
         Refused::State => "durable_state",
@@ -25,17 +28,31 @@ fn refuse_sql(backend: Backend, refused: Refused, persistence_id: &str) -> Strin
     match backend {
         Backend::Postgres => format!(
             "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN \
-               IF NEW.persistence_id = '{persistence_id}' THEN RAISE EXCEPTION 'refused by policy'; END IF; \
+               IF NEW.persistence_id = '{persistence_id}' THEN \
+                 RAISE EXCEPTION 'refused by policy' USING ERRCODE = 'check_violation'; END IF; \
                RETURN NEW; END $$ LANGUAGE plpgsql; \
              CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION refuse();"
         ),
+        // SQLite's RAISE reports no constraint kind: the trigger trips a CHECK.
         Backend::Sqlite => format!(
-            "CREATE TRIGGER refuse_insert BEFORE INSERT ON {table} WHEN NEW.persistence_id = '{persistence_id}' \
-               BEGIN SELECT RAISE(ABORT, 'refused by policy'); END; \
+            "CREATE TABLE refusals (allowed INTEGER CHECK (allowed > 0)); \
+             CREATE TRIGGER refuse_insert BEFORE INSERT ON {table} WHEN NEW.persistence_id = '{persistence_id}' \
+               BEGIN INSERT INTO refusals VALUES (0); END; \
              CREATE TRIGGER refuse_update BEFORE UPDATE ON {table} WHEN NEW.persistence_id = '{persistence_id}' \
-               BEGIN SELECT RAISE(ABORT, 'refused by policy'); END;"
+               BEGIN INSERT INTO refusals VALUES (0); END;"
         ),
     }
+}
+
+/// A trigger failing the culprit's row with an error the driver does not
+/// classify (`RAISE EXCEPTION`'s P0001), in words that are not English.
+fn fail_unclassified_sql(persistence_id: &str) -> String {
+    format!(
+        "CREATE FUNCTION fail() RETURNS trigger AS $$ BEGIN \
+           IF NEW.persistence_id = '{persistence_id}' THEN RAISE EXCEPTION 'Zeitüberschreitung der Anweisung'; END IF; \
+           RETURN NEW; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER fail BEFORE INSERT OR UPDATE ON durable_state FOR EACH ROW EXECUTE FUNCTION fail();"
+    )
 }
 
 #[rstest]
@@ -73,7 +90,7 @@ async fn a_row_the_database_refuses_fails_only_its_own_command(
         assert_eq!(stored.unwrap().unwrap().revision, Revision(1), "{user}");
     }
     assert!(
-        matches!(culprits_answer, Err(CommandError::StoreUnavailable { key, .. }) if key == &culprit),
+        matches!(culprits_answer, Err(error @ CommandError::Unstorable { key, .. }) if key == &culprit && !error.is_retryable()),
         "{culprits_answer:?}"
     );
     assert!(
@@ -95,5 +112,47 @@ async fn a_row_the_database_refuses_fails_only_its_own_command(
             healthy.len(),
             "one change per healthy user, none for the culprit"
         );
+    }
+}
+
+/// Before, any error whose message held none of twelve English phrases was
+/// taken for a row's refusal: on a server with another `lc_messages` a timed
+/// out batch of 512 rows was split into 1,023 statements. Now an error the
+/// driver does not classify as a constraint is never split.
+#[actix::test]
+async fn an_error_the_driver_does_not_classify_fails_the_batch_without_splitting_it() {
+    let Some(db) = TestDb::open(Backend::Postgres).await else {
+        return;
+    };
+    let config = test_store_config().with_max_batch_wait(Duration::from_millis(200));
+    let store = db.connect_with(config).await;
+    let culprit = key("mall", "culprit");
+    db.execute(&fail_unclassified_sql(culprit.persistence_id().as_str()));
+    let users = UserStates::start(store.clone(), Config::default());
+    let everyone: Vec<UserKey> = (0..40)
+        .map(|i| key("mall", &format!("user{i:02}")))
+        .chain([culprit])
+        .collect();
+    for restored in
+        futures_util::future::join_all(everyone.iter().map(|u| users.send(u.clone(), Command::GetUserState))).await
+    {
+        restored.unwrap();
+    }
+    let statements_before = store.stats().write_statements;
+
+    let answers =
+        futures_util::future::join_all(everyone.iter().map(|u| users.send(u.clone(), Command::UserLogin))).await;
+
+    assert_eq!(
+        store.stats().write_statements - statements_before,
+        1,
+        "one statement, not split"
+    );
+    for (user, answer) in everyone.iter().zip(&answers) {
+        assert!(
+            matches!(answer, Err(CommandError::StoreUnavailable { .. })),
+            "{user}: the database's failure fails the batch: {answer:?}"
+        );
+        assert!(store.load(user).await.unwrap().is_none(), "{user}: nothing committed");
     }
 }

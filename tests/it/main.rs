@@ -17,6 +17,7 @@ mod group_commit;
 mod hostile_input;
 mod http;
 mod isolation;
+mod keys;
 mod outages;
 mod outcomes;
 mod panics;

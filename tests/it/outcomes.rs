@@ -192,3 +192,77 @@ async fn a_sqlite_write_that_found_the_database_locked_is_not_committed_after_it
     assert!(retried.last_login.is_some());
     assert_eq!(store.load(&user).await.unwrap().unwrap().revision, Revision(1));
 }
+
+/// Every statement on `table` of `events` takes `seconds` in a trigger.
+fn slow_statements_sql(table: &str, events: &str, seconds: f64) -> String {
+    format!(
+        "CREATE FUNCTION slow_{table}() RETURNS trigger AS $$ BEGIN PERFORM pg_sleep({seconds}); \
+           RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END; END $$ LANGUAGE plpgsql; \
+         CREATE TRIGGER slow_{table} BEFORE {events} ON {table} FOR EACH ROW EXECUTE FUNCTION slow_{table}();"
+    )
+}
+
+/// One connection and 0.8 s statements, as for the writes above: the second
+/// of two purges (of two entity types) waits 0.8 s for the connection, then
+/// runs 0.8 s. Before, the client's timeout of 1 s counted the wait too: it
+/// answered `Timeout` ("failed") and the delete committed right after.
+#[actix::test]
+async fn a_purge_waiting_for_a_pooled_connection_is_answered_only_once_decided() {
+    use persist_durable::cart::{Cart, CartId};
+    use persist_durable::{MaintenanceExt, UserState};
+    let Some(db) = TestDb::open(Backend::Postgres).await else {
+        return;
+    };
+    let config = test_store_config()
+        .with_pool_size(1)
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_operation_timeout(Duration::from_secs(1));
+    let store = db.connect_with(config).await;
+    let (user, cart) = (key("mall", "idle"), CartId::new("idle").unwrap());
+    store
+        .write(&user, Revision::NONE, Revision(1), &UserState::default())
+        .await
+        .unwrap();
+    store
+        .write(&cart, Revision::NONE, Revision(1), &Cart::default())
+        .await
+        .unwrap();
+    crate::common::age(&db, std::slice::from_ref(&user));
+    crate::common::age(&db, std::slice::from_ref(&cart));
+    db.execute(&slow_statements_sql("durable_state", "DELETE", 0.8));
+
+    let (users, carts) = tokio::join!(
+        store.purge_idle::<UserState>(Duration::from_secs(60), 1),
+        store.purge_idle::<Cart>(Duration::from_secs(60), 1),
+    );
+
+    for (answer, left) in [
+        (users, store.count::<UserState>().await.unwrap()),
+        (carts, store.count::<Cart>().await.unwrap()),
+    ] {
+        match answer {
+            Ok(purged) => assert_eq!((purged, left), (1, 0)),
+            Err(error) => panic!("answered {error:?}, and {} left", left),
+        }
+    }
+}
+
+/// The same for a Kafka ingest's or a feed consumer's position save.
+#[actix::test]
+async fn a_position_save_waiting_for_a_pooled_connection_is_answered_only_once_decided() {
+    let Some(db) = TestDb::open(Backend::Postgres).await else {
+        return;
+    };
+    let config = test_store_config()
+        .with_pool_size(1)
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_operation_timeout(Duration::from_secs(1));
+    let store = db.connect_with(config).await;
+    db.execute(&slow_statements_sql("feed_offsets", "INSERT OR UPDATE", 0.8));
+
+    let (first, second) = tokio::join!(store.save_offset("first", 7), store.save_offset("second", 9));
+
+    assert!(first.is_ok() && second.is_ok(), "{first:?} {second:?}");
+    assert_eq!(store.load_offset("first").await.unwrap(), Some(7));
+    assert_eq!(store.load_offset("second").await.unwrap(), Some(9));
+}

@@ -55,10 +55,11 @@ impl GroupCommit {
             wait: config.max_batch_wait,
         };
         let (write_backend, write_counters, feed) = (backend.clone(), counters.clone(), config.change_feed);
+        let split_for = config.operation_timeout;
         runtime.spawn(collect(
             write_requests,
             batching(config.max_write_batches_in_flight),
-            move |batch| execute_writes(write_backend.clone(), batch, feed, write_counters.clone()),
+            move |batch| execute_writes(write_backend.clone(), batch, feed, split_for, write_counters.clone()),
         ));
         let (load_counters, timeout) = (counters.clone(), config.operation_timeout);
         // Bounded restores in flight: a restart with many active entities
@@ -88,10 +89,15 @@ impl GroupCommit {
     pub(super) async fn write_row(&self, write: WriteRow) -> Result<Revision, StoreError> {
         write.check()?;
         let (reply, answer) = oneshot::channel();
+        // Refused before it was queued: nothing was sent.
         self.writes
             .send(WriteRequest { write, reply })
             .map_err(|_| StoreError::Stopped)?;
-        answer.await.map_err(|_| StoreError::Stopped)?
+        // Queued, then dropped unanswered (the store shut down, or its
+        // executor died): the statement may have been sent and committed.
+        answer
+            .await
+            .map_err(|_| StoreError::OutcomeUnknown(Arc::new(Unanswered)))?
     }
 
     pub(super) fn stats(&self) -> StoreStats {
@@ -106,6 +112,11 @@ impl GroupCommit {
     }
 }
 
+/// A write queued for a statement that ended without answering it.
+#[derive(Debug, thiserror::Error)]
+#[error("the store stopped, or its statement failed, without answering a write queued for it")]
+struct Unanswered;
+
 /// Adds one to the counter `name` per item of `entity_types`, labelled
 /// `entity` like the actors' metrics: one call per entity type of a batch,
 /// not per row (a statement may carry entities of several types).
@@ -119,5 +130,58 @@ pub(super) fn count_by_entity<'a>(name: &'static str, entity_types: impl Iterato
     }
     for (entity, count) in counts {
         metrics::counter!(name, "entity" => entity.to_owned()).increment(count);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::store::sql::backend::{RowWrite, Sealed, StateRow};
+
+    /// A backend whose write statement dies mid-flight.
+    struct DyingBackend;
+
+    impl Sealed for DyingBackend {}
+
+    #[async_trait]
+    impl SqlBackend for DyingBackend {
+        const STORE_NAME: &'static str = "DyingStore";
+
+        async fn write_rows(&self, _rows: &[RowWrite]) -> Result<Vec<bool>, StoreError> {
+            panic!("the driver died mid-statement")
+        }
+
+        async fn load_rows(&self, _keys: &[&PersistenceId]) -> Result<HashMap<String, StateRow>, StoreError> {
+            Ok(HashMap::new())
+        }
+
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    /// Before, the dropped reply read as `Stopped`, which a command's sender
+    /// hears as "not committed": but the statement had been sent.
+    #[tokio::test]
+    async fn a_queued_write_whose_statement_ends_without_an_answer_has_an_unknown_outcome() {
+        let runtime = DbRuntime::new("test", 1, Duration::from_secs(1)).unwrap();
+        let group_commit = GroupCommit::start(Arc::new(DyingBackend), &runtime, &StoreConfig::default());
+        let write = WriteRow {
+            key: PersistenceId::new("UserState", "m-u"),
+            manifest: "UserState/v1",
+            expected: Revision::NONE,
+            revision: Revision(1),
+            schema_version: 1,
+            payloads: vec![b"{}".to_vec()],
+        };
+
+        let answer = group_commit.write_row(write).await;
+
+        assert!(matches!(answer, Err(StoreError::OutcomeUnknown(_))), "{answer:?}");
     }
 }

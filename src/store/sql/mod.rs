@@ -49,6 +49,10 @@ pub struct SqlStore<B: SqlBackend> {
     backend: Arc<B>,
     /// Whether writes record the change feed; reading an unwritten feed is refused.
     feed: bool,
+    /// How long a statement that may commit is waited for before its
+    /// outcome is reported unknown: the wait for a connection and twice the
+    /// operation timeout, so the database always decides first when it can.
+    write_bound: std::time::Duration,
     // Declared last: the collectors run on it.
     runtime: DbRuntime,
 }
@@ -69,6 +73,7 @@ impl<B: SqlBackend> SqlStore<B> {
             group_commit: GroupCommit::start(backend.clone(), &runtime, config),
             backend,
             feed: config.change_feed,
+            write_bound: config.connect_timeout + config.operation_timeout * 2,
             runtime,
         }
     }
@@ -82,6 +87,19 @@ impl<B: SqlBackend> SqlStore<B> {
         Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
     {
         self.runtime.run(statement(self.backend.clone()))
+    }
+
+    /// Runs one statement that may commit on the store's runtime: never
+    /// answered "failed" while it may still commit, `OutcomeUnknown` past
+    /// its bound (see [`DbRuntime::run_write`]).
+    fn run_write<T, F, Fut>(&self, statement: F) -> impl Future<Output = Result<T, StoreError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<B>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>> + Send + 'static,
+    {
+        self.runtime
+            .run_write(self.write_bound, statement(self.backend.clone()))
     }
 
     /// Refuses to read a change feed this store does not write.

@@ -22,7 +22,7 @@ use crate::error::{CorruptRow, StoreError};
 use crate::store::config::StoreConfig;
 use crate::store::payload::TOMBSTONE;
 use crate::store::rows::{good_prefix, ChangeRow};
-use crate::store::runtime::DbRuntime;
+use crate::store::runtime::{DbRuntime, NoAnswer};
 use crate::store::schema::sqlite::{durable_state, feed_offsets, state_changes};
 use crate::store::JSON_SERIALIZER_ID;
 use crate::store::{ChangeLog, Maintenance, Offsets};
@@ -108,6 +108,9 @@ pub type SqliteStore = SqlStore<SqliteBackend>;
 pub struct SqliteBackend {
     pool: Pool<SqliteAsync>,
     feed: bool,
+    /// How long a sent write may go unanswered before its outcome is
+    /// reported unknown: twice the operation timeout.
+    no_answer_after: std::time::Duration,
 }
 
 impl Sealed for SqliteBackend {}
@@ -166,6 +169,7 @@ impl SqlStore<SqliteBackend> {
         let backend = SqliteBackend {
             pool,
             feed: config.change_feed,
+            no_answer_after: config.operation_timeout * 2,
         };
         Ok(Self::start(backend, runtime, &config))
     }
@@ -297,18 +301,25 @@ impl SqlBackend for SqliteBackend {
     async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<bool>, StoreError> {
         let mut conn = self.checkout().await?;
         let rows = rows.to_vec();
-        // One immediate transaction for the batch: one commit, one fsync. Not
-        // bounded by a client-side timeout: a blocking SQLite call cannot be
-        // cancelled, so an answer given before it ends could be contradicted
-        // by a commit after it. The busy timeout, at most the operation
-        // timeout (StoreConfig::validate), bounds the wait for a lock instead,
-        // and an error from SQLite means the transaction rolled back.
-        let written = conn
-            .spawn_blocking(move |conn| {
+        // One immediate transaction for the batch: one commit, one fsync.
+        // The busy timeout, at most the operation timeout
+        // (StoreConfig::validate), bounds the wait for a lock, and an error
+        // from SQLite means the transaction rolled back. A blocking SQLite
+        // call cannot be cancelled (nor its future dropped: diesel-async's
+        // cancel guard would block), so it runs in a task of its own that
+        // goes on to the end; past twice the operation timeout (a disk that
+        // stalls), the answer is that the outcome is unknown.
+        let transaction = tokio::spawn(async move {
+            conn.spawn_blocking(move |conn| {
                 conn.immediate_transaction(|conn| rows.iter().map(|row| write_row(conn, row)).collect())
             })
-            .await?;
-        Ok(written)
+            .await
+        });
+        match tokio::time::timeout(self.no_answer_after, transaction).await {
+            Ok(Ok(written)) => Ok(written?),
+            Ok(Err(failed)) => Err(StoreError::OutcomeUnknown(Arc::new(failed))),
+            Err(_) => Err(StoreError::OutcomeUnknown(Arc::new(NoAnswer(self.no_answer_after)))),
+        }
     }
 
     async fn load_rows(&self, keys: &[&PersistenceId]) -> Result<HashMap<String, StateRow>, StoreError> {
@@ -369,7 +380,7 @@ impl Offsets for SqliteStore {
 
     async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
         let (consumer, position) = (consumer.to_owned(), port::bigint(position)?);
-        self.run(move |backend| async move {
+        self.run_write(move |backend| async move {
             backend
                 .blocking(move |conn| {
                     diesel::insert_into(feed_offsets::table)
@@ -454,7 +465,7 @@ impl Maintenance for SqliteStore {
             .map(|(id, revision)| Ok((id, port::bigint(revision.0)?)))
             .collect::<Result<Vec<(PersistenceId, i64)>, StoreError>>()?;
         let written_before = iso_8601_millis(written_before);
-        self.run(move |backend| async move {
+        self.run_write(move |backend| async move {
             let feed = backend.feed;
             // One immediate transaction: the checks and the deletes see no other
             // writer, and the feed's AUTOINCREMENT positions follow commit order.

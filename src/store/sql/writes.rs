@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use tracing::debug;
@@ -33,6 +34,7 @@ pub(super) async fn execute_writes<B: SqlBackend>(
     backend: Arc<B>,
     mut batch: Vec<WriteRequest>,
     feed: bool,
+    split_for: Duration,
     counters: Arc<Counters>,
 ) {
     // Byte order of persistence ids, the order in which PostgreSQL's write
@@ -58,8 +60,8 @@ pub(super) async fn execute_writes<B: SqlBackend>(
         return;
     }
     metrics::histogram!("persist_durable_batch_rows").record(rows.len() as f64);
-    let started = std::time::Instant::now();
-    let outcomes = write_isolating(backend.as_ref(), &rows, &counters).await;
+    let started = Instant::now();
+    let outcomes = write_isolating(backend.as_ref(), &rows, &counters, 0, started + split_for).await;
     metrics::histogram!("persist_durable_persist_seconds").record(started.elapsed().as_secs_f64());
     let rows_written = outcomes.iter().filter(|outcome| matches!(outcome, Ok(true))).count();
     let conflicts = outcomes.iter().filter(|outcome| matches!(outcome, Ok(false))).count();
@@ -87,22 +89,36 @@ pub(super) async fn execute_writes<B: SqlBackend>(
 
 type Outcomes<'a> = Pin<Box<dyn Future<Output = Vec<Result<bool, StoreError>>> + Send + 'a>>;
 
+/// How far a refused batch is split: down to single rows of a batch of 4,096,
+/// and no longer than this after the batch was first sent.
+const MAX_SPLIT_DEPTH: u32 = 12;
+
 /// Writes `rows` in one statement; if the database refuses the statement
-/// because of a row in it (a constraint, a trigger, a value out of range),
-/// writes each half on its own, down to the refused row alone, so that every
-/// other row still commits and only the culprit gets the error. Failures of
-/// the database itself (down, timed out, outcome unknown) fail every row at
-/// once: trying halves would only wait longer.
-fn write_isolating<'a, B: SqlBackend>(backend: &'a B, rows: &'a [RowWrite], counters: &'a Counters) -> Outcomes<'a> {
+/// because of a row in it (a constraint violation, as the driver classifies
+/// it), writes each half on its own, down to the refused row alone, so that
+/// every other row still commits and only the culprit gets the error.
+/// Failures of the database itself (down, timed out, outcome unknown, or
+/// unclassified) fail every row at once: trying halves would only wait
+/// longer. Splitting stops at [`MAX_SPLIT_DEPTH`] or once `until` has
+/// passed; the rows not yet written alone then share their statement's error.
+fn write_isolating<'a, B: SqlBackend>(
+    backend: &'a B,
+    rows: &'a [RowWrite],
+    counters: &'a Counters,
+    depth: u32,
+    until: Instant,
+) -> Outcomes<'a> {
     Box::pin(async move {
         Counters::add(&counters.write_statements, 1);
         match backend.write_rows(rows).await {
             Ok(written) => written.into_iter().map(Ok).collect(),
-            Err(error) if rows.len() > 1 && error.is_row_refusal() => {
-                debug!(rows = rows.len(), %error, "the database refused a batch; writing its halves apart");
+            Err(error)
+                if rows.len() > 1 && error.is_row_refusal() && depth < MAX_SPLIT_DEPTH && Instant::now() < until =>
+            {
+                debug!(rows = rows.len(), %error, "the database refused a row of a batch; writing its halves apart");
                 let (left, right) = rows.split_at(rows.len() / 2);
-                let mut outcomes = write_isolating(backend, left, counters).await;
-                outcomes.extend(write_isolating(backend, right, counters).await);
+                let mut outcomes = write_isolating(backend, left, counters, depth + 1, until).await;
+                outcomes.extend(write_isolating(backend, right, counters, depth + 1, until).await);
                 outcomes
             }
             Err(error) => vec![Err(error); rows.len()],

@@ -129,7 +129,7 @@ impl Offsets for PostgresStore {
 
     async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
         let (consumer, position) = (consumer.to_owned(), port::bigint(position)?);
-        self.run(move |backend| async move {
+        self.run_write(move |backend| async move {
             // `now` is the server's CURRENT_TIMESTAMP (the same as `now()`).
             diesel::insert_into(feed_offsets::table)
                 .values((
@@ -220,7 +220,7 @@ impl Maintenance for PostgresStore {
             .iter()
             .map(|(_, revision)| port::bigint(revision.0))
             .collect::<Result<Vec<i64>, _>>()?;
-        self.run(move |backend| async move {
+        self.run_write(move |backend| async move {
             let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
             let purge = diesel::sql_query(if backend.feed {
                 PURGE_ROWS_WITH_FEED_SQL
