@@ -61,6 +61,11 @@ pub struct Config {
     pub retention_check_interval: Duration,
     /// Rows a purge removes per statement at most.
     pub retention_chunk_size: usize,
+    /// How long the change feed keeps its changes, trimmed by this manager
+    /// every [`FeedRetention::every`]; `None`, the default: kept until
+    /// trimmed otherwise ([`ChangeLogExt::trim_feed`](crate::ChangeLogExt::trim_feed)).
+    /// The feed holds every entity type: one manager with it suffices.
+    pub feed_retention: Option<crate::FeedRetention>,
 }
 
 impl Default for Config {
@@ -79,6 +84,7 @@ impl Default for Config {
             retention: None,
             retention_check_interval: Duration::from_secs(60 * 60),
             retention_chunk_size: 500,
+            feed_retention: None,
         }
     }
 }
@@ -173,6 +179,12 @@ impl Config {
     /// Sets [`retention_check_interval`](Self::retention_check_interval); zero is raised to one millisecond.
     pub fn with_retention_check_interval(mut self, interval: Duration) -> Self {
         self.retention_check_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets [`feed_retention`](Self::feed_retention).
+    pub fn with_feed_retention(mut self, retention: Option<crate::FeedRetention>) -> Self {
+        self.feed_retention = retention;
         self
     }
 

@@ -55,6 +55,12 @@ pub enum ChangeKind {
     Updated,
     /// The entity was deleted: its data is gone, its state is the default.
     Deleted,
+    /// A change of an entity deleted (or purged) since: its data was erased
+    /// from the feed with the deletion, in the same statement; its position
+    /// and revision stay, so the feed is still gapless. A consumer that read
+    /// it before the deletion holds what it read: erasing that is the
+    /// consumer's business, on the `Deleted` change that follows.
+    Redacted,
 }
 
 impl<E: DurableEntity> StateChange<E> {
@@ -65,6 +71,16 @@ impl<E: DurableEntity> StateChange<E> {
             source,
         };
         let key = E::Key::from_entity_id(row.key.entity_id()).map_err(|e| corrupt(CorruptRow::Key(e)))?;
+        if row.payload == crate::store::payload::REDACTED {
+            return Ok(Self {
+                position: row.position,
+                key,
+                revision: row.revision,
+                state: E::default(),
+                committed_at: row.committed_at,
+                kind: ChangeKind::Redacted,
+            });
+        }
         let durable = crate::store::payload::decode::<E>(&row.payload, row.schema_version).map_err(corrupt)?;
         let kind = if durable.is_tombstone() {
             ChangeKind::Deleted
@@ -161,6 +177,11 @@ impl<E: DurableEntity> EntityFeed<E> {
     /// (the beginning if none).
     pub async fn resume(store: Arc<dyn ChangeLog>, consumer: impl Into<String>) -> Result<Self, StoreError> {
         let consumer = consumer.into();
+        if consumer.starts_with(crate::store::KAFKA_POSITIONS) {
+            return Err(StoreError::InvalidConfig(format!(
+                "the consumer name {consumer:?} is under kafka/, where the Kafka ingest keeps its partition positions"
+            )));
+        }
         let position = store.load_offset(&consumer).await?.unwrap_or(0);
         Ok(Self {
             consumer: Some(consumer),

@@ -83,8 +83,8 @@ pub use entity::{
 pub use error::{Cause, CommandError, CorruptRow, StoreError};
 pub use feed::{ChangeKind, EntityFeed, SkipRefused, StateChange};
 pub use store::{
-    ChangeLog, ChangeRow, Maintenance, MaintenanceExt, MemoryStore, Offsets, SharedStore, StateStore, StateStoreExt,
-    Store, StoreConfig, StoreStats, StoredRow, StoredState, WriteRow,
+    ChangeLog, ChangeLogExt, ChangeRow, FeedBounds, FeedRetention, Maintenance, MaintenanceExt, MemoryStore, Offsets,
+    SharedStore, StateStore, StateStoreExt, Store, StoreConfig, StoreStats, StoredRow, StoredState, WriteRow,
 };
 #[cfg(feature = "postgres")]
 pub use store::{PostgresBackend, PostgresStore};

@@ -302,6 +302,16 @@ async fn purged_entities_appear_in_the_feed_as_deleted_and_start_over_at_revisio
     for deletion in changes.iter().filter(|c| c.kind == ChangeKind::Deleted) {
         assert_eq!(deletion.state, UserState::default(), "a deletion carries no data");
     }
+    let before: Vec<ChangeKind> = changes
+        .iter()
+        .filter(|c| c.kind != ChangeKind::Deleted)
+        .map(|c| c.kind)
+        .collect();
+    assert_eq!(
+        before,
+        [ChangeKind::Redacted; 3],
+        "the purge erased the purged entities' earlier changes in its statement"
+    );
     assert!(
         read_feed::<Cart>(&store)
             .await
@@ -526,6 +536,19 @@ impl ChangeLog for GatedStore {
         limit: usize,
     ) -> Result<Vec<ChangeRow>, StoreError> {
         self.inner.read_change_rows(entity_type, after, limit).await
+    }
+
+    async fn feed_bounds(&self) -> Result<persist_durable::FeedBounds, StoreError> {
+        self.inner.feed_bounds().await
+    }
+
+    async fn trim_changes(
+        &self,
+        through: u64,
+        committed_before: Option<chrono::DateTime<chrono::Utc>>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        self.inner.trim_changes(through, committed_before, limit).await
     }
 }
 

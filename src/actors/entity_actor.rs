@@ -314,6 +314,7 @@ impl<E: DurableEntity> EntityActor<E> {
             revision,
             state,
             payloads,
+            erases,
             waiting,
             reload_after,
         } = write;
@@ -321,7 +322,7 @@ impl<E: DurableEntity> EntityActor<E> {
         let (store, key) = (self.shared.store.clone(), self.key.persistence_id());
         let write = async move {
             let written = caught(
-                write_encoded::<E, _>(store.as_ref(), key, expected, revision, payloads),
+                write_encoded::<E, _>(store.as_ref(), key, expected, revision, payloads, erases),
                 "writing a state",
             );
             // A store that panicked mid-write may have committed.

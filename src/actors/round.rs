@@ -21,7 +21,7 @@ use tracing::debug;
 use super::protocol::ReplyTo;
 use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, PersistenceId, RecordOrigin, Revision, Step};
 use crate::error::{CommandError, StoreError};
-use crate::store::payload::encode as encode_durable;
+use crate::store::payload::{encode as encode_durable, REDACTED};
 
 /// What a command is answered with: the state after it, or why not.
 pub(crate) type Answer<E> = Result<E, CommandError<E>>;
@@ -109,6 +109,8 @@ pub(crate) struct Write<E: DurableEntity> {
     pub(crate) state: Durable<E>,
     /// With a feed every revision's encoded state, else the last alone.
     pub(crate) payloads: Vec<Vec<u8>>,
+    /// It deletes the entity: the feed's earlier rows of it are redacted.
+    pub(crate) erases: bool,
     /// Answered once the write commits.
     pub(crate) waiting: Vec<(Queued<E>, Answer<E>)>,
     /// Load the state again once committed (a later command panicked).
@@ -131,6 +133,7 @@ pub(crate) fn run<E: DurableEntity>(
     let mut persistence_id: Option<PersistenceId> = None;
     let mut revision = expected;
     let mut stopped = Stop::No;
+    let mut erases = false;
     let mut queue = queue.into_iter();
     while let Some(queued) = queue.next() {
         let step = catch_unwind(AssertUnwindSafe(|| {
@@ -155,6 +158,9 @@ pub(crate) fn run<E: DurableEntity>(
                         Ok(payload) => {
                             if !rules.every_change {
                                 payloads.clear();
+                            } else if next.is_tombstone() {
+                                // The states before the delete never reach the feed.
+                                payloads.fill(REDACTED.to_vec());
                             }
                             payloads.push(payload);
                             encoded_revision = revision.next();
@@ -167,6 +173,7 @@ pub(crate) fn run<E: DurableEntity>(
                         }
                     }
                 }
+                erases |= next.is_tombstone();
                 current = next;
                 revision = revision.next();
                 queued.span.record("revision", revision.0);
@@ -237,6 +244,7 @@ pub(crate) fn run<E: DurableEntity>(
             revision,
             state: current,
             payloads,
+            erases,
             waiting,
             reload_after: matches!(stopped, Stop::Panicked),
         }),

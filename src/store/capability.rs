@@ -16,7 +16,7 @@ use std::fmt;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::rows::{ChangeRow, StoreStats, StoredRow, WriteRow};
+use super::rows::{ChangeRow, FeedBounds, StoreStats, StoredRow, WriteRow};
 use crate::entity::{PersistenceId, Revision};
 use crate::error::StoreError;
 
@@ -71,6 +71,22 @@ pub trait ChangeLog: Offsets {
     /// store opened without the feed fails with [`StoreError::NoChangeFeed`].
     async fn read_change_rows(&self, entity_type: &str, after: u64, limit: usize)
         -> Result<Vec<ChangeRow>, StoreError>;
+
+    /// Where the feed stands: its last position, and the lowest position a
+    /// consumer saved (every [`Offsets`] name but the Kafka ingest's, which
+    /// start with `kafka/`).
+    async fn feed_bounds(&self) -> Result<FeedBounds, StoreError>;
+
+    /// Removes up to `limit` changes at positions up to `through`, and with
+    /// `committed_before` only those committed before it, oldest first;
+    /// returns how many. What [`ChangeLogExt::trim_feed`](super::ChangeLogExt::trim_feed)
+    /// runs, chunk by chunk.
+    async fn trim_changes(
+        &self,
+        through: u64,
+        committed_before: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<u64, StoreError>;
 }
 
 /// Retention and admin reads: finding and purging idle rows, counting and

@@ -9,9 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::capability::{Maintenance, StateStore};
+use super::capability::{ChangeLog, Maintenance, StateStore};
 use super::payload;
-use super::rows::{StoredState, WriteRow};
+use super::rows::{FeedRetention, StoredState, WriteRow};
 use crate::entity::{checked_persistence_id, Durable, DurableEntity, EntityKey, PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
 
@@ -46,7 +46,7 @@ pub trait StateStoreExt: StateStore {
     ) -> Result<Revision, StoreError> {
         let key = checked(key)?;
         let payload = payload::encode_state(&key, state)?;
-        write_encoded::<K::Entity, _>(self, key, expected, revision, vec![payload]).await
+        write_encoded::<K::Entity, _>(self, key, expected, revision, vec![payload], false).await
     }
 
     /// Writes the states after each of several commands as revisions
@@ -71,11 +71,49 @@ pub trait StateStoreExt: StateStore {
             .iter()
             .map(|state| payload::encode_state(&key, state))
             .collect::<Result<Vec<_>, _>>()?;
-        write_encoded::<K::Entity, _>(self, key, expected, revision, payloads).await
+        write_encoded::<K::Entity, _>(self, key, expected, revision, payloads, false).await
     }
 }
 
 impl<S: StateStore + ?Sized> StateStoreExt for S {}
+
+/// Retention of the change feed, for every store with a [`ChangeLog`].
+#[async_trait]
+pub trait ChangeLogExt: ChangeLog {
+    /// Removes the changes `retention` lets go, in chunks, and returns how
+    /// many (also counted in `persist_durable_feed_trimmed_total`). Never
+    /// past the slowest consumer unless told
+    /// ([`FeedRetention::beyond_consumers`]); an error stops it, the chunks
+    /// before it stay removed.
+    async fn trim_feed(&self, retention: &FeedRetention) -> Result<u64, StoreError> {
+        let bounds = self.feed_bounds().await?;
+        let mut through = bounds.head.saturating_sub(retention.keep_last.unwrap_or(0));
+        if !retention.beyond_consumers {
+            if let Some(slowest) = bounds.slowest_consumer {
+                through = through.min(slowest);
+            }
+        }
+        let committed_before = match retention.keep_for {
+            Some(age) => match written_before(age) {
+                Some(before) => Some(before),
+                None => return Ok(0),
+            },
+            None => None,
+        };
+        let chunk = retention.chunk_size.max(1);
+        let mut trimmed = 0;
+        loop {
+            let removed = self.trim_changes(through, committed_before, chunk).await?;
+            trimmed += removed;
+            metrics::counter!("persist_durable_feed_trimmed_total").increment(removed);
+            if removed < chunk as u64 {
+                return Ok(trimmed);
+            }
+        }
+    }
+}
+
+impl<S: ChangeLog + ?Sized> ChangeLogExt for S {}
 
 /// Typed retention and admin reads, for every store with [`Maintenance`].
 #[async_trait]
@@ -186,6 +224,7 @@ pub(crate) async fn write_encoded<E: DurableEntity, S: StateStore + ?Sized>(
     expected: Revision,
     revision: Revision,
     payloads: Vec<Vec<u8>>,
+    erases: bool,
 ) -> Result<Revision, StoreError> {
     store
         .write_row(WriteRow {
@@ -195,6 +234,7 @@ pub(crate) async fn write_encoded<E: DurableEntity, S: StateStore + ?Sized>(
             revision,
             schema_version: E::SCHEMA_VERSION,
             payloads,
+            erases,
         })
         .await
 }

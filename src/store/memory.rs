@@ -6,8 +6,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::capability::{ChangeLog, Maintenance, Offsets, StateStore};
-use super::payload::TOMBSTONE;
-use super::rows::{ChangeRow, StoreStats, StoredRow, WriteRow};
+use super::payload::{REDACTED, TOMBSTONE};
+use super::rows::{ChangeRow, FeedBounds, StoreStats, StoredRow, WriteRow};
+use super::KAFKA_POSITIONS;
 use crate::entity::{PersistenceId, Revision};
 use crate::error::StoreError;
 
@@ -31,8 +32,10 @@ struct Tables {
     rows: HashMap<PersistenceId, Row>,
     /// Named reader positions (`load_offset` / `save_offset`).
     offsets: HashMap<String, u64>,
-    /// The change feed, in position order (position = index + 1).
+    /// The change feed, in position order.
     changes: Vec<ChangeRow>,
+    /// The last feed position given out.
+    head: u64,
     stats: StoreStats,
 }
 
@@ -80,8 +83,16 @@ impl MemoryStore {
 }
 
 impl Tables {
+    /// Erases the data of `key`'s changes so far, keeping their places.
+    fn redact(&mut self, key: &PersistenceId) {
+        for change in self.changes.iter_mut().filter(|change| change.key == *key) {
+            change.payload = REDACTED.to_vec();
+        }
+    }
+
     fn record_change(&mut self, key: &PersistenceId, revision: Revision, schema_version: u32, payload: &[u8]) {
-        let position = self.changes.len() as u64 + 1;
+        self.head += 1;
+        let position = self.head;
         self.changes.push(ChangeRow {
             position,
             key: key.clone(),
@@ -119,6 +130,9 @@ impl StateStore for MemoryStore {
         }
         tables.stats.rows_written += 1;
         if self.feed {
+            if write.erases {
+                tables.redact(&write.key);
+            }
             for (revision, payload) in write.changes() {
                 tables.record_change(&write.key, revision, write.schema_version, payload);
             }
@@ -175,13 +189,46 @@ impl ChangeLog for MemoryStore {
             return Err(StoreError::NoChangeFeed);
         }
         let tables = self.tables()?;
-        let start = usize::try_from(after).unwrap_or(usize::MAX).min(tables.changes.len());
+        let start = tables.changes.partition_point(|change| change.position <= after);
         Ok(tables.changes[start..]
             .iter()
             .filter(|change| change.key.entity_type() == entity_type)
             .take(limit.max(1))
             .cloned()
             .collect())
+    }
+
+    async fn feed_bounds(&self) -> Result<FeedBounds, StoreError> {
+        let tables = self.tables()?;
+        let slowest_consumer = tables
+            .offsets
+            .iter()
+            .filter(|(consumer, _)| !consumer.starts_with(KAFKA_POSITIONS))
+            .map(|(_, position)| *position)
+            .min();
+        Ok(FeedBounds {
+            head: tables.head,
+            slowest_consumer,
+        })
+    }
+
+    async fn trim_changes(
+        &self,
+        through: u64,
+        committed_before: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        let mut tables = self.tables()?;
+        let mut left = limit.max(1);
+        let before = tables.changes.len();
+        tables.changes.retain(|change| {
+            let trimmed = left > 0
+                && change.position <= through
+                && committed_before.is_none_or(|before| change.committed_at < before);
+            left -= usize::from(trimmed);
+            !trimmed
+        });
+        Ok((before - tables.changes.len()) as u64)
     }
 }
 
@@ -225,6 +272,7 @@ impl Maintenance for MemoryStore {
             if still_idle {
                 tables.rows.remove(&id);
                 if self.feed {
+                    tables.redact(&id);
                     tables.record_change(&id, revision.next(), 1, TOMBSTONE);
                 }
                 purged.push(id);

@@ -33,9 +33,9 @@ mod sql;
 
 pub use capability::{ChangeLog, Maintenance, Offsets, StateStore, Store};
 pub use config::StoreConfig;
-pub use ext::{MaintenanceExt, StateStoreExt};
+pub use ext::{ChangeLogExt, MaintenanceExt, StateStoreExt};
 pub use memory::MemoryStore;
-pub use rows::{ChangeRow, StoreStats, StoredRow, StoredState, WriteRow};
+pub use rows::{ChangeRow, FeedBounds, FeedRetention, StoreStats, StoredRow, StoredState, WriteRow};
 #[cfg(feature = "postgres")]
 pub use sql::postgres::{PostgresBackend, PostgresStore};
 #[cfg(feature = "sqlite")]
@@ -49,6 +49,10 @@ pub(crate) use rows::good_prefix;
 /// feed and the ingest hold it. Any of the crate's stores coerces to it:
 /// `let store: SharedStore = Arc::new(SqliteStore::open(path).await?)`.
 pub type SharedStore = Arc<dyn Store>;
+
+/// The start of the position names a Kafka ingest saves (partition offsets,
+/// not feed positions): every other name is a feed consumer's.
+pub(crate) const KAFKA_POSITIONS: &str = "kafka/";
 
 /// The serializer id of every row this crate writes: the payload is serde JSON.
 pub(crate) const JSON_SERIALIZER_ID: i32 = 1;

@@ -19,6 +19,11 @@ use crate::error::{CorruptRow, StoreError};
 /// [`ChangeKind::Deleted`](crate::ChangeKind::Deleted) with the default state.
 pub(crate) const TOMBSTONE: &[u8] = br#"{"deleted":true}"#;
 
+/// What a change feed row of an entity holds once the entity is deleted or
+/// purged: its data erased, its place in the feed kept. The feed reads it as
+/// [`ChangeKind::Redacted`](crate::ChangeKind::Redacted).
+pub(crate) const REDACTED: &[u8] = br#"{"redacted":true}"#;
+
 #[derive(Serialize)]
 struct Envelope<'a, E> {
     /// Absent from a tombstone: the erased entity's data is gone.

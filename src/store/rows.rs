@@ -76,6 +76,10 @@ pub struct WriteRow {
     /// (when the store keeps one) gets each. Without a feed, the last alone
     /// suffices.
     pub payloads: Vec<Vec<u8>>,
+    /// This write deletes the entity: the change feed's earlier rows of it
+    /// are redacted in the same statement (the caller redacts the earlier
+    /// payloads of this write itself).
+    pub erases: bool,
 }
 
 impl WriteRow {
@@ -122,6 +126,88 @@ pub struct ChangeRow {
     pub payload: Vec<u8>,
     /// When the writing transaction ran, by the database's clock.
     pub committed_at: DateTime<Utc>,
+}
+
+/// Where a change feed stands; see [`ChangeLog::feed_bounds`](super::ChangeLog::feed_bounds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FeedBounds {
+    /// The last position given out (0: none yet).
+    pub head: u64,
+    /// The lowest position a feed consumer saved, if any consumer did.
+    pub slowest_consumer: Option<u64>,
+}
+
+/// How long the change feed keeps its changes: trimmed by
+/// [`ChangeLogExt::trim_feed`](super::ChangeLogExt::trim_feed), and every
+/// [`every`](Self::every) by a manager started with
+/// [`Config::with_feed_retention`](crate::Config::with_feed_retention).
+///
+/// A change is removed once it is older than [`keep_for`](Self::keep_for)
+/// (if set) and more than [`keep_last`](Self::keep_last) positions behind
+/// the head (if set), and, unless [`beyond_consumers`](Self::beyond_consumers),
+/// only once every feed consumer has saved a position past it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FeedRetention {
+    /// Keep every change committed within this long.
+    pub keep_for: Option<std::time::Duration>,
+    /// Keep the last this many positions.
+    pub keep_last: Option<u64>,
+    /// Trim even what a consumer has not read yet.
+    pub beyond_consumers: bool,
+    /// Changes removed per statement at most.
+    pub chunk_size: usize,
+    /// How often a manager trims.
+    pub every: std::time::Duration,
+}
+
+impl FeedRetention {
+    /// Keeps the changes committed within `age`, and every change a
+    /// consumer has not read yet; trims hourly, 1,000 rows per statement.
+    pub fn keep_for(age: std::time::Duration) -> Self {
+        Self {
+            keep_for: Some(age),
+            ..Self::keep_last(0)
+        }
+    }
+
+    /// Keeps the last `positions` changes, and every change a consumer has
+    /// not read yet; trims hourly, 1,000 rows per statement.
+    pub fn keep_last(positions: u64) -> Self {
+        Self {
+            keep_for: None,
+            keep_last: Some(positions),
+            beyond_consumers: false,
+            chunk_size: 1_000,
+            every: std::time::Duration::from_secs(60 * 60),
+        }
+    }
+
+    /// Also keeps the last `positions` changes.
+    pub fn and_keep_last(mut self, positions: u64) -> Self {
+        self.keep_last = Some(positions);
+        self
+    }
+
+    /// Trims what consumers have not read yet too: for a consumer that was
+    /// abandoned, whose saved position would otherwise keep the feed forever.
+    pub fn beyond_consumers(mut self) -> Self {
+        self.beyond_consumers = true;
+        self
+    }
+
+    /// Sets [`chunk_size`](Self::chunk_size); at least 1.
+    pub fn with_chunk_size(mut self, rows: usize) -> Self {
+        self.chunk_size = rows.max(1);
+        self
+    }
+
+    /// Sets [`every`](Self::every); at least a millisecond.
+    pub fn every(mut self, interval: std::time::Duration) -> Self {
+        self.every = interval.max(std::time::Duration::from_millis(1));
+        self
+    }
 }
 
 /// Counters of a store: how well group commit and bulk restore are batching.

@@ -391,3 +391,109 @@ async fn a_feed_row_the_store_cannot_read_stops_the_feed_at_its_position_too(
     feed.skip_corrupt(2).unwrap();
     assert_eq!(positions(&feed.next_batch().await.unwrap()), [3]);
 }
+
+/// Ten changes of ten users, at positions 1 to 10.
+async fn ten_changes(store: &SharedStore) {
+    let users = persist_durable::UserStates::start(store.clone(), Config::default());
+    for i in 0..10 {
+        users.send(key("mall001", &format!("u{i}")), view("p1")).await.unwrap();
+    }
+}
+
+/// Before, the feed had no retention: `state_changes` grew without bound.
+#[rstest]
+#[actix::test]
+async fn the_feed_is_trimmed_by_position_in_chunks_never_past_the_slowest_consumer(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    use persist_durable::{ChangeLogExt, FeedRetention};
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = feed_store(&db).await;
+    ten_changes(&store).await;
+    let mut slow = ChangeFeed::resume(store.clone(), "slow-consumer")
+        .await
+        .unwrap()
+        .with_batch_size(4);
+    slow.next_batch().await.unwrap();
+    slow.commit().await.unwrap(); // at position 4
+
+    let kept_for_the_consumer = store
+        .trim_feed(&FeedRetention::keep_last(2).with_chunk_size(3))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        kept_for_the_consumer, 4,
+        "up to the slowest consumer's position, in chunks of 3"
+    );
+    assert_eq!(positions(&read_all(&store).await), (5..=10).collect::<Vec<_>>());
+    assert_eq!(
+        positions(&slow.next_batch().await.unwrap()),
+        [5, 6, 7, 8],
+        "the consumer misses nothing"
+    );
+
+    let past = store
+        .trim_feed(&FeedRetention::keep_last(2).beyond_consumers())
+        .await
+        .unwrap();
+    assert_eq!(past, 4, "told to, it trims past the consumer down to the last two");
+    assert_eq!(positions(&read_all(&store).await), [9, 10]);
+}
+
+#[rstest]
+#[actix::test]
+async fn the_feed_keeps_changes_younger_than_its_age(#[values(Backend::Sqlite, Backend::Postgres)] backend: Backend) {
+    use persist_durable::{ChangeLogExt, FeedRetention};
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = feed_store(&db).await;
+    ten_changes(&store).await;
+
+    let young = store
+        .trim_feed(&FeedRetention::keep_for(Duration::from_secs(3600)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await; // committed_at has millisecond precision
+    let old = store.trim_feed(&FeedRetention::keep_for(Duration::ZERO)).await.unwrap();
+
+    assert_eq!((young, old), (0, 10));
+    assert!(read_all(&store).await.is_empty());
+}
+
+#[actix::test]
+async fn a_manager_with_feed_retention_trims_the_feed_on_its_interval() {
+    use persist_durable::{FeedRetention, MemoryStore};
+    tokio::time::pause();
+    let store: SharedStore = std::sync::Arc::new(MemoryStore::with_change_feed());
+    ten_changes(&store).await;
+    let retention = FeedRetention::keep_last(3).every(Duration::from_secs(60));
+    let users = persist_durable::UserStates::start(
+        store.clone(),
+        Config::default().with_arbiters(0).with_feed_retention(Some(retention)),
+    );
+    users.send(key("mall001", "u10"), view("p1")).await.unwrap();
+    assert_eq!(read_all(&store).await.len(), 11);
+
+    tokio::time::advance(Duration::from_secs(61)).await;
+    let mut left = read_all(&store).await.len();
+    for _ in 0..100 {
+        if left == 3 {
+            break;
+        }
+        tokio::task::yield_now().await;
+        left = read_all(&store).await.len();
+    }
+
+    assert_eq!(positions(&read_all(&store).await), [9, 10, 11]);
+}
+
+#[actix::test]
+async fn a_feed_consumer_cannot_take_a_kafka_position_name() {
+    let store: SharedStore = std::sync::Arc::new(persist_durable::MemoryStore::with_change_feed());
+    let refused = ChangeFeed::resume(store, "kafka/group/topic/0").await;
+    assert!(
+        matches!(refused, Err(StoreError::InvalidConfig(_))),
+        "{:?}",
+        refused.err()
+    );
+}

@@ -80,12 +80,66 @@ async fn the_feed_records_the_deletion_as_its_own_kind_of_change_in_order(
     assert_eq!(
         seen,
         [
-            (1, ChangeKind::Updated, vec!["p1"]),
+            (1, ChangeKind::Redacted, vec![]),
             (2, ChangeKind::Deleted, vec![]),
             (3, ChangeKind::Updated, vec!["p2"]),
-        ]
+        ],
+        "the revision before the delete keeps its place, erased"
     );
     assert!(changes.windows(2).all(|w| w[0].position < w[1].position));
+}
+
+/// Before, the feed kept every erased revision's full payload forever.
+#[rstest]
+#[actix::test]
+async fn a_delete_erases_the_entitys_data_from_the_feed_in_the_same_statement(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = db.connect_with(test_store_config().with_change_feed(true)).await;
+    let users = UserStates::start(store.clone(), Config::default());
+    let (user, other) = (key("mall001", "erased"), key("mall001", "kept"));
+    users.send(user.clone(), view("secret-1")).await.unwrap();
+    users.send(other.clone(), view("other")).await.unwrap();
+    // Queued together while the entity is busy: one write, the delete in its middle.
+    let (before, deleted, after) = tokio::join!(
+        users.send(user.clone(), view("secret-2")),
+        users.send(user.clone(), Command::DeleteUser),
+        users.send(user.clone(), view("after")),
+    );
+    for answer in [before, deleted, after] {
+        answer.unwrap();
+    }
+
+    let changes = ChangeFeed::from_position(store.clone(), 0).next_batch().await.unwrap();
+
+    let of = |key: &UserKey| -> Vec<(ChangeKind, Vec<String>)> {
+        changes
+            .iter()
+            .filter(|c| c.key == *key)
+            .map(|c| (c.kind, products(&c.state).into_iter().map(str::to_owned).collect()))
+            .collect()
+    };
+    assert_eq!(
+        of(&user),
+        [
+            (ChangeKind::Redacted, vec![]),
+            (ChangeKind::Redacted, vec![]),
+            (ChangeKind::Deleted, vec![]),
+            (ChangeKind::Updated, vec!["after".to_owned()]),
+        ]
+    );
+    assert_eq!(
+        of(&other),
+        [(ChangeKind::Updated, vec!["other".to_owned()])],
+        "other entities keep theirs"
+    );
+    let rows = store.read_change_rows("UserState", 0, 100).await.unwrap();
+    assert!(
+        rows.iter()
+            .all(|row| !String::from_utf8_lossy(&row.payload).contains("secret")),
+        "no erased data in any stored feed row"
+    );
 }
 
 #[rstest]

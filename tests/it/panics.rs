@@ -244,6 +244,19 @@ impl ChangeLog for PanickingStore {
     ) -> Result<Vec<ChangeRow>, StoreError> {
         self.inner.read_change_rows(entity_type, after, limit).await
     }
+
+    async fn feed_bounds(&self) -> Result<persist_durable::FeedBounds, StoreError> {
+        self.inner.feed_bounds().await
+    }
+
+    async fn trim_changes(
+        &self,
+        through: u64,
+        committed_before: Option<chrono::DateTime<chrono::Utc>>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        self.inner.trim_changes(through, committed_before, limit).await
+    }
 }
 
 #[async_trait]

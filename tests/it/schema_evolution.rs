@@ -486,6 +486,7 @@ async fn the_memory_store_keeps_the_schema_version_of_each_row() {
     let store: SharedStore = memory.clone();
     let old = json!({"name": "Ada Lovelace", "recent_event_ids": ["e1"]});
     let write = |id: &str, version: u32, payload: &Value| WriteRow {
+        erases: false,
         key: person(id).persistence_id(),
         manifest: Person::MANIFEST,
         expected: Revision::NONE,

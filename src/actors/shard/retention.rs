@@ -28,6 +28,7 @@ use super::{held_commands, Shard};
 use crate::entity::{DurableEntity, PersistenceId, Revision};
 use crate::error::StoreError;
 use crate::store::ext::{purge_counted, written_before};
+use crate::store::ChangeLogExt;
 
 type PurgeReply = oneshot::Sender<Result<u64, StoreError>>;
 
@@ -53,6 +54,8 @@ pub(super) struct Retention<E: DurableEntity> {
     /// The keys whose rows the delete in flight may remove, each with the
     /// commands that arrived for it meanwhile.
     purging: std::collections::HashMap<E::Key, Vec<Held<E>>>,
+    /// A feed trim is running.
+    trimming: bool,
 }
 
 impl<E: DurableEntity> Default for Retention<E> {
@@ -61,6 +64,7 @@ impl<E: DurableEntity> Default for Retention<E> {
             run: None,
             next: Vec::new(),
             purging: std::collections::HashMap::new(),
+            trimming: false,
         }
     }
 }
@@ -76,13 +80,38 @@ impl<E: DurableEntity> Handler<PurgeIdle> for Shard<E> {
 }
 
 impl<E: DurableEntity> Shard<E> {
-    /// With retention on, purges every check interval.
+    /// With retention on, purges every check interval; with feed retention
+    /// on, the first shard trims the feed every its interval.
     pub(super) fn schedule_retention(&mut self, ctx: &mut Context<Self>) {
         if self.shared.config.retention.is_some() {
             ctx.run_interval(self.shared.config.retention_check_interval, |manager, ctx| {
                 manager.request_purge(None, ctx)
             });
         }
+        if let Some(feed_retention) = self.shared.config.feed_retention.filter(|_| self.placement.is_first()) {
+            ctx.run_interval(feed_retention.every, move |shard, ctx| {
+                shard.trim_feed(feed_retention, ctx)
+            });
+        }
+    }
+
+    /// Trims the change feed, unless the last trim is still running.
+    fn trim_feed(&mut self, retention: crate::FeedRetention, ctx: &mut Context<Self>) {
+        if std::mem::replace(&mut self.retention.trimming, true) {
+            return;
+        }
+        let store = self.shared.store.clone();
+        ctx.spawn(
+            async move { store.trim_feed(&retention).await }
+                .into_actor(self)
+                .map(|trimmed, shard, _| {
+                    shard.retention.trimming = false;
+                    match trimmed {
+                        Ok(trimmed) => debug!(trimmed, "change feed trimmed"),
+                        Err(error) => warn!(%error, "trimming the change feed failed; the next run goes on"),
+                    }
+                }),
+        );
     }
 
     /// Whether a command for `key` must wait for the delete in flight.

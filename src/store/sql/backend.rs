@@ -59,6 +59,8 @@ pub struct RowWrite {
     /// For the change feed, when it is on: every revision this write
     /// commits, in order, with its state (the last is `revision`, `payload`).
     pub(crate) changes: Vec<(i64, Vec<u8>)>,
+    /// It deletes the entity: its earlier feed rows are redacted.
+    pub(crate) erases: bool,
 }
 
 impl RowWrite {
@@ -78,6 +80,7 @@ impl RowWrite {
         };
         let payload = write.payloads.pop().unwrap_or_default();
         Ok(Self {
+            erases: write.erases,
             key: write.key,
             manifest: write.manifest,
             expected,

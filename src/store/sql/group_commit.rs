@@ -178,6 +178,7 @@ mod tests {
             revision: Revision(1),
             schema_version: 1,
             payloads: vec![b"{}".to_vec()],
+            erases: false,
         };
 
         let answer = group_commit.write_row(write).await;

@@ -4,9 +4,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use diesel::connection::SimpleConnection;
+use diesel::dsl::min;
 use diesel::sql_types::{Integer, Text};
 use diesel::upsert::excluded;
-use diesel::{Connection, ExpressionMethods, IntoSql, OptionalExtension, QueryDsl, RunQueryDsl, SqliteConnection};
+use diesel::{
+    Connection, ExpressionMethods, IntoSql, OptionalExtension, QueryDsl, RunQueryDsl, SqliteConnection,
+    TextExpressionMethods,
+};
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
@@ -20,12 +24,12 @@ use super::{sorted_unique, SqlStore};
 use crate::entity::{PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
 use crate::store::config::StoreConfig;
-use crate::store::payload::TOMBSTONE;
+use crate::store::payload::{REDACTED, TOMBSTONE};
 use crate::store::rows::{good_prefix, ChangeRow};
 use crate::store::runtime::{DbRuntime, NoAnswer};
 use crate::store::schema::sqlite::{durable_state, feed_offsets, state_changes};
 use crate::store::JSON_SERIALIZER_ID;
-use crate::store::{ChangeLog, Maintenance, Offsets};
+use crate::store::{ChangeLog, FeedBounds, Maintenance, Offsets, KAFKA_POSITIONS};
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
@@ -241,6 +245,14 @@ impl SqliteBackend {
     }
 }
 
+/// Erases the data of the feed's rows of `persistence_id` so far, keeping
+/// their places: what a delete or a purge does in its own transaction.
+fn redact(conn: &mut SqliteConnection, persistence_id: &str) -> diesel::QueryResult<usize> {
+    diesel::update(state_changes::table.filter(state_changes::persistence_id.eq(persistence_id)))
+        .set(state_changes::state_payload.eq(REDACTED))
+        .execute(conn)
+}
+
 /// Writes one row if its revision is the expected one, and then its changes
 /// to the feed: SQLite runs one writer at a time, so the feed's
 /// AUTOINCREMENT positions follow commit order.
@@ -278,6 +290,9 @@ fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult
     };
     if written != 1 {
         return Ok(false);
+    }
+    if row.erases && !row.changes.is_empty() {
+        redact(conn, id)?;
     }
     for (revision, payload) in &row.changes {
         diesel::insert_into(state_changes::table)
@@ -438,6 +453,69 @@ impl ChangeLog for SqliteStore {
         })
         .await
     }
+
+    async fn feed_bounds(&self) -> Result<FeedBounds, StoreError> {
+        self.require_feed()?;
+        self.run(|backend| async move {
+            let (head, slowest): (Option<i64>, Option<i64>) = backend
+                .blocking(|conn| {
+                    // AUTOINCREMENT's counter: the last position given out,
+                    // even once its row is trimmed.
+                    let head =
+                        diesel::sql_query("SELECT seq AS position FROM sqlite_sequence WHERE name = 'state_changes'")
+                            .get_result::<Head>(conn)
+                            .optional()?
+                            .map(|head| head.position);
+                    let slowest = feed_offsets::table
+                        .filter(feed_offsets::consumer.not_like(format!("{KAFKA_POSITIONS}%")))
+                        .select(min(feed_offsets::position))
+                        .get_result(conn)?;
+                    Ok((head, slowest))
+                })
+                .await?;
+            Ok(FeedBounds {
+                head: head.map_or(0, port::count),
+                slowest_consumer: slowest.map(port::count),
+            })
+        })
+        .await
+    }
+
+    async fn trim_changes(
+        &self,
+        through: u64,
+        committed_before: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        self.require_feed()?;
+        let (through, limit) = (port::bigint(through)?, port::limit(limit));
+        let before = committed_before.map(iso_8601_millis);
+        self.run_write(move |backend| async move {
+            backend
+                .blocking(move |conn| {
+                    let mut oldest = state_changes::table
+                        .filter(state_changes::position.le(through))
+                        .order(state_changes::position)
+                        .limit(limit)
+                        .select(state_changes::position)
+                        .into_boxed();
+                    if let Some(before) = before {
+                        oldest = oldest.filter(state_changes::committed_at.lt(before));
+                    }
+                    diesel::delete(state_changes::table.filter(state_changes::position.eq_any(oldest))).execute(conn)
+                })
+                .await
+                .map(|removed| removed as u64)
+        })
+        .await
+    }
+}
+
+/// `sqlite_sequence`'s counter of a table.
+#[derive(diesel::QueryableByName)]
+struct Head {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    position: i64,
 }
 
 #[async_trait]
@@ -485,6 +563,7 @@ impl Maintenance for SqliteStore {
                                 continue;
                             }
                             if feed {
+                                redact(conn, id.as_str())?;
                                 diesel::insert_into(state_changes::table)
                                     .values((
                                         state_changes::entity_type.eq(id.entity_type()),

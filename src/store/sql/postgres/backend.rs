@@ -6,10 +6,11 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use diesel::dsl::min;
 use diesel::dsl::now;
 use diesel::sql_types::{Array, BigInt, Binary, Integer, Text};
 use diesel::upsert::excluded;
-use diesel::{ExpressionMethods, IntoSql, OptionalExtension, QueryDsl};
+use diesel::{ExpressionMethods, IntoSql, OptionalExtension, QueryDsl, TextExpressionMethods};
 use diesel_async::RunQueryDsl;
 
 use super::prepared_sql::PreparedSql;
@@ -17,13 +18,14 @@ use super::statements::{PURGE_ROWS_SQL, PURGE_ROWS_WITH_FEED_SQL, WRITE_ROWS_SQL
 use super::{sent_write_error, NoAnswer, PostgresBackend, PostgresStore, Written};
 use crate::entity::{PersistenceId, Revision};
 use crate::error::StoreError;
-use crate::store::payload::TOMBSTONE;
+use crate::store::payload::{REDACTED, TOMBSTONE};
 use crate::store::rows::{good_prefix, ChangeRow};
-use crate::store::schema::postgres::{durable_state, feed_offsets, state_changes};
+use crate::store::schema::postgres::{durable_state, feed_head, feed_offsets, state_changes};
 use crate::store::sql::backend::{self as port, FeedRow, RowWrite, SqlBackend, StateRow};
 use crate::store::sql::sorted_unique;
 use crate::store::JSON_SERIALIZER_ID;
 use crate::store::{ChangeLog, Maintenance, Offsets};
+use crate::store::{FeedBounds, KAFKA_POSITIONS};
 
 /// A change feed row, as `read_changes` selects it.
 #[derive(diesel::Queryable)]
@@ -71,6 +73,13 @@ impl SqlBackend for PostgresBackend {
                 .bind::<Array<Binary>, _>(
                     changes()
                         .map(|(_, (_, payload))| payload.as_slice())
+                        .collect::<Vec<_>>(),
+                )
+                .bind::<Binary, _>(REDACTED)
+                .bind::<Array<Text>, _>(
+                    rows.iter()
+                        .filter(|row| row.erases)
+                        .map(|row| row.key.as_str())
                         .collect::<Vec<_>>(),
                 )
         } else {
@@ -191,6 +200,54 @@ impl ChangeLog for PostgresStore {
         })
         .await
     }
+
+    async fn feed_bounds(&self) -> Result<FeedBounds, StoreError> {
+        self.require_feed()?;
+        self.run(|backend| async move {
+            let mut conn = backend.checkout().await?;
+            let head: i64 = feed_head::table
+                .filter(feed_head::id.eq(1))
+                .select(feed_head::position)
+                .get_result(&mut conn)
+                .await?;
+            let slowest: Option<i64> = feed_offsets::table
+                .filter(feed_offsets::consumer.not_like(format!("{KAFKA_POSITIONS}%")))
+                .select(min(feed_offsets::position))
+                .get_result(&mut conn)
+                .await?;
+            Ok(FeedBounds {
+                head: port::count(head),
+                slowest_consumer: slowest.map(port::count),
+            })
+        })
+        .await
+    }
+
+    async fn trim_changes(
+        &self,
+        through: u64,
+        committed_before: Option<DateTime<Utc>>,
+        limit: usize,
+    ) -> Result<u64, StoreError> {
+        self.require_feed()?;
+        let through = port::bigint(through)?;
+        self.run_write(move |backend| async move {
+            let mut oldest = state_changes::table
+                .filter(state_changes::position.le(through))
+                .order(state_changes::position)
+                .limit(port::limit(limit))
+                .select(state_changes::position)
+                .into_boxed();
+            if let Some(before) = committed_before {
+                oldest = oldest.filter(state_changes::committed_at.lt(before));
+            }
+            let removed = diesel::delete(state_changes::table.filter(state_changes::position.eq_any(oldest)))
+                .execute(&mut backend.checkout().await?)
+                .await?;
+            Ok(removed as u64)
+        })
+        .await
+    }
 }
 
 #[async_trait]
@@ -232,7 +289,7 @@ impl Maintenance for PostgresStore {
             .bind::<Array<BigInt>, _>(&revisions)
             .bind::<diesel::sql_types::Timestamptz, _>(written_before);
             let purge = if backend.feed {
-                purge.bind::<Binary, _>(TOMBSTONE)
+                purge.bind::<Binary, _>(TOMBSTONE).bind::<Binary, _>(REDACTED)
             } else {
                 purge
             };

@@ -271,6 +271,7 @@ mod tests {
                 schema_version: 1,
                 payload: b"{}".to_vec(),
                 changes: Vec::new(),
+                erases: false,
             };
             assert_eq!(backend.write_rows(&[row]).await.unwrap(), [true]);
         }

@@ -97,7 +97,12 @@ SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated
 
 /// Raw SQL (see above): the same write, plus one change feed row per committed revision
 /// (binds 9 to 12: persistence ids, entity types, revisions, payloads; each
-/// change has its row's schema version).
+/// change has its row's schema version). A write that deletes its entity
+/// (bind 14: the ids of those) redacts the entity's earlier feed rows to the
+/// payload `$13`, in the same statement: the `UPDATE` sees the rows as they
+/// were before it, so not the ones `feed` inserts. Only the writer holding
+/// an entity's row lock (from `locked` or `inserted`) touches its feed rows,
+/// so these row locks add no wait that could close a circle.
 /// Positions come from `feed_head`, whose row lock is held until commit: feed
 /// writers commit one after another, so positions appear gapless and in
 /// commit order, and a rolled-back statement rolls its positions back.
@@ -120,6 +125,9 @@ pub(super) const WRITE_ROWS_WITH_FEED_SQL: &str = concat!(
     SELECT head.base + row_number() OVER (ORDER BY changes.ord), changes.entity_type, changes.persistence_id,
            changes.revision, now(), changes.payload, changes.schema_version
     FROM changes CROSS JOIN head
+), redacted AS (
+    UPDATE state_changes AS s SET state_payload = $13
+    WHERE s.persistence_id = ANY($14::text[]) AND s.persistence_id IN (SELECT persistence_id FROM written)
 )
 SELECT persistence_id FROM written"
 );
@@ -164,8 +172,9 @@ SELECT persistence_id FROM purged"
 
 /// Raw SQL (see above): the purge, plus one feed row per purged entity: the
 /// next revision, with the tombstone payload `$4`, so a consumer sees the
-/// entity deleted. Positions come from `feed_head`, as for writes: gapless
-/// and in commit order.
+/// entity deleted; its earlier feed rows are redacted to `$5` in the same
+/// statement. Positions come from `feed_head`, as for writes: gapless and in
+/// commit order.
 pub(super) const PURGE_ROWS_WITH_FEED_SQL: &str = concat!(
     purge_ctes!(),
     ", head AS (
@@ -176,6 +185,9 @@ pub(super) const PURGE_ROWS_WITH_FEED_SQL: &str = concat!(
     SELECT head.base + row_number() OVER (ORDER BY purged.persistence_id COLLATE \"C\"), purged.entity_type,
            purged.persistence_id, purged.revision + 1, now(), $4
     FROM purged CROSS JOIN head
+), redacted AS (
+    UPDATE state_changes AS s SET state_payload = $5
+    WHERE s.persistence_id IN (SELECT persistence_id FROM purged)
 )
 SELECT persistence_id FROM purged"
 );
