@@ -135,6 +135,24 @@ impl<B: SqlBackend> StateStore for SqlStore<B> {
     }
 }
 
+/// Applies `migrations` that are pending, one by one, logging each with the
+/// time it took: a long one on a large table shows how far the upgrade is.
+fn apply_migrations<DB: diesel::backend::Backend>(
+    harness: &mut impl diesel_migrations::MigrationHarness<DB>,
+    migrations: diesel_migrations::EmbeddedMigrations,
+) -> Result<(), StoreError> {
+    let failed = |e| StoreError::Migration(Arc::from(e));
+    let pending = harness.pending_migrations(migrations).map_err(failed)?;
+    for migration in pending {
+        let name = migration.name().to_string();
+        tracing::info!(migration = %name, "applying a schema migration");
+        let started = std::time::Instant::now();
+        harness.run_migration(&*migration).map_err(failed)?;
+        tracing::info!(migration = %name, took = ?started.elapsed(), "schema migration applied");
+    }
+    Ok(())
+}
+
 /// `rows` in byte order of persistence ids, each once: the order every
 /// statement of the store locks rows in.
 fn sorted_unique(mut rows: Vec<(PersistenceId, Revision)>) -> Vec<(PersistenceId, Revision)> {

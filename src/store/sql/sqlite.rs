@@ -15,7 +15,7 @@ use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, SimpleAsyncConnection};
-use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations};
 
 use chrono::{DateTime, Utc};
 
@@ -188,12 +188,10 @@ fn migrate(path: &str, busy_ms: u128) -> Result<(), StoreError> {
         .map_err(StoreError::unavailable)?;
     // Another process may apply the same migration between our check and our
     // write; the second attempt then finds nothing pending.
-    if conn.run_pending_migrations(MIGRATIONS).is_ok() {
+    if super::apply_migrations(&mut conn, MIGRATIONS).is_ok() {
         return Ok(());
     }
-    conn.run_pending_migrations(MIGRATIONS)
-        .map(drop)
-        .map_err(|e| StoreError::Migration(Arc::from(e)))
+    super::apply_migrations(&mut conn, MIGRATIONS)
 }
 
 impl SqliteBackend {

@@ -3,13 +3,14 @@
 //! `statements`, its statements behind the SQL store in `backend`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use diesel::sql_types::Text;
 use diesel::{ExpressionMethods, QueryDsl, QueryableByName};
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
-use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations};
 
 mod backend;
 mod prepared_sql;
@@ -63,14 +64,8 @@ impl SqlStore<PostgresBackend> {
         config.validate()?;
         let runtime = DbRuntime::new("postgres", config.worker_threads, config.operation_timeout)?;
         let url = database_url.to_owned();
-        let limit = config.connect_timeout * 4;
-        runtime
-            .run_unbounded(async move {
-                tokio::time::timeout(limit, migrate(url))
-                    .await
-                    .unwrap_or(Err(StoreError::Timeout(limit)))
-            })
-            .await?;
+        let connect_timeout = config.connect_timeout;
+        runtime.run_unbounded(migrate(url, connect_timeout)).await?;
         let backend = PostgresBackend {
             pool: connection_pool(database_url, &config)?,
             feed: config.change_feed,
@@ -116,17 +111,22 @@ fn connection_pool(database_url: &str, config: &StoreConfig) -> Result<Pool<Asyn
     ))
 }
 
-async fn migrate(url: String) -> Result<(), StoreError> {
-    let mut conn = AsyncPgConnection::establish(&url)
+/// Applies the pending migrations, one after another, each logged.
+///
+/// Only the connection is bounded in time: a migration that converts or
+/// indexes a large existing table may take minutes, and cutting it short
+/// would only roll it back to be tried again at the next start. Indexes on
+/// tables that may be large are built `CONCURRENTLY` (their migrations run
+/// outside a transaction), so writers go on meanwhile.
+async fn migrate(url: String, connect_timeout: Duration) -> Result<(), StoreError> {
+    let mut conn = tokio::time::timeout(connect_timeout, AsyncPgConnection::establish(&url))
         .await
+        .map_err(|_| StoreError::Timeout(connect_timeout))?
         .map_err(StoreError::unavailable)?;
     conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
         .await?;
     let mut harness = AsyncMigrationHarness::new(conn);
-    let applied = harness
-        .run_pending_migrations(MIGRATIONS)
-        .map(drop)
-        .map_err(|e| StoreError::Migration(Arc::from(e)));
+    let applied = super::apply_migrations(&mut harness, MIGRATIONS);
     let mut conn = harness.into_inner();
     conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
         .await?;
