@@ -243,7 +243,7 @@ mod tests {
         let Some((url, mut admin)) = scratch_schema("plans").await else {
             return;
         };
-        migrate(url.clone()).await.unwrap();
+        migrate(url.clone(), Duration::from_secs(5)).await.unwrap();
         let config = StoreConfig::default().with_pool_size(1);
         let backend = PostgresBackend {
             pool: connection_pool(&url, &config).unwrap(),
