@@ -145,64 +145,78 @@ pub(crate) fn run<E: DurableEntity>(
                 rules.event_id_memory,
             )
         }));
-        let unchanged = match step {
+        let (next, answer) = match step {
             Err(panic) => {
                 answered.push((queued, Err(panicked(rules.key, panic))));
                 stopped = Stop::Panicked;
                 break;
             }
-            Ok(Step::Changed(next)) => {
-                let key = persistence_id.get_or_insert_with(|| EntityKey::persistence_id(rules.key));
-                if rules.every_change || queued.encode_alone {
-                    match encode(key, &next) {
-                        Ok(payload) => {
-                            if !rules.every_change {
-                                payloads.clear();
-                            } else if next.is_tombstone() {
-                                // The states before the delete never reach the feed.
-                                payloads.fill(REDACTED.to_vec());
-                            }
-                            payloads.push(payload);
-                            encoded_revision = revision.next();
-                        }
-                        Err(error) => {
-                            // Its state is never committed; those after it
-                            // apply to the state before it.
-                            answered.push((queued, Err(CommandError::from_store(rules.key, error))));
-                            continue;
-                        }
-                    }
+            Ok(Step::Changed(next)) => (next, None),
+            // Written like a change (the offset is the machinery's), answered as what it was.
+            Ok(Step::Noted { next, rejection }) => {
+                let answer = match rejection {
+                    None => Ok(next.state.clone()),
+                    Some(reason) => Err(CommandError::Rejected {
+                        key: rules.key.clone(),
+                        reason,
+                    }),
+                };
+                (next, Some(answer))
+            }
+            Ok(unchanged) => {
+                let unchanged = match unchanged {
+                    Step::Rejected(reason) => Err(CommandError::Rejected {
+                        key: rules.key.clone(),
+                        reason,
+                    }),
+                    _ => Ok(current.state.clone()),
+                };
+                let is_read = unchanged.is_ok();
+                if revision != expected {
+                    // Answered once the changes before it are committed.
+                    waiting.push((queued, unchanged));
+                } else if queued.fresh || (rules.exclusive && is_read) {
+                    answered.push((queued, unchanged));
+                } else {
+                    // Decided on a state the store may have moved past: read it first.
+                    let mut rest = vec![queued];
+                    rest.extend(queue);
+                    return Round {
+                        answered,
+                        rest,
+                        next: Next::Check(expected, current),
+                    };
                 }
-                erases |= next.is_tombstone();
-                current = next;
-                revision = revision.next();
-                queued.span.record("revision", revision.0);
-                let state = current.state.clone();
-                waiting.push((queued, Ok(state)));
                 continue;
             }
-            Ok(Step::Unchanged) => Ok(current.state.clone()),
-            Ok(Step::Rejected(reason)) => Err(CommandError::Rejected {
-                key: rules.key.clone(),
-                reason,
-            }),
         };
-        let is_read = unchanged.is_ok();
-        if revision != expected {
-            // Answered once the changes before it are committed.
-            waiting.push((queued, unchanged));
-        } else if queued.fresh || (rules.exclusive && is_read) {
-            answered.push((queued, unchanged));
-        } else {
-            // Decided on a state the store may have moved past: read it first.
-            let mut rest = vec![queued];
-            rest.extend(queue);
-            return Round {
-                answered,
-                rest,
-                next: Next::Check(expected, current),
-            };
+        let key = persistence_id.get_or_insert_with(|| EntityKey::persistence_id(rules.key));
+        if rules.every_change || queued.encode_alone {
+            match encode(key, &next) {
+                Ok(payload) => {
+                    if !rules.every_change {
+                        payloads.clear();
+                    } else if next.is_tombstone() {
+                        // The states before the delete never reach the feed.
+                        payloads.fill(REDACTED.to_vec());
+                    }
+                    payloads.push(payload);
+                    encoded_revision = revision.next();
+                }
+                Err(error) => {
+                    // Its state is never committed; those after it apply
+                    // to the state before it.
+                    answered.push((queued, Err(CommandError::from_store(rules.key, error))));
+                    continue;
+                }
+            }
         }
+        erases |= next.is_tombstone();
+        current = next;
+        revision = revision.next();
+        queued.span.record("revision", revision.0);
+        let answer = answer.unwrap_or_else(|| Ok(current.state.clone()));
+        waiting.push((queued, answer));
     }
     let rest: Vec<Queued<E>> = queue.collect();
     if revision == expected {

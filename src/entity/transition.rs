@@ -32,6 +32,13 @@ pub(crate) enum Step<E: DurableEntity> {
     Changed(Durable<E>),
     /// The domain refused the command; nothing to write.
     Rejected(E::Rejection),
+    /// An ingested record that changed no state (a no-op, a late or
+    /// refused one): its offset is written with the state as it is, and it
+    /// is answered with the state, or `rejection`, once that commits.
+    Noted {
+        next: Durable<E>,
+        rejection: Option<E::Rejection>,
+    },
 }
 
 impl<E: DurableEntity> Durable<E> {
@@ -71,7 +78,7 @@ impl<E: DurableEntity> Durable<E> {
         }
         if let Some(id) = &event.event_id {
             if self.event_ids.contains(id) {
-                return Step::Unchanged;
+                return self.unchanged(origin, None);
             }
         }
         // What comes after a delete is ordered by arrival, not by clocks:
@@ -82,7 +89,7 @@ impl<E: DurableEntity> Durable<E> {
             .zip(self.erased_at)
             .is_some_and(|(happened, erased_at)| happened < erased_at);
         if late {
-            return Step::Unchanged;
+            return self.unchanged(origin, None);
         }
         let at = event.event_time.unwrap_or(now);
         let (state, tombstone, erased_at) = if E::is_delete(&event.command) {
@@ -92,8 +99,8 @@ impl<E: DurableEntity> Durable<E> {
         } else {
             match self.state.apply(&event.command, at, settings) {
                 Ok(Some(state)) => (state, false, self.erased_at),
-                Ok(None) => return Step::Unchanged,
-                Err(rejection) => return Step::Rejected(rejection),
+                Ok(None) => return self.unchanged(origin, None),
+                Err(rejection) => return self.unchanged(origin, Some(rejection)),
             }
         };
         let mut event_ids = self.event_ids.clone();
@@ -113,5 +120,20 @@ impl<E: DurableEntity> Durable<E> {
             tombstone,
             source_offsets,
         })
+    }
+
+    /// What an event that changes no state does: nothing, or for an
+    /// ingested record, its offset remembered with the state as it is (a
+    /// revision of the machinery alone), so that a redelivery of it is
+    /// recognised whatever its outcome was.
+    fn unchanged(&self, origin: Option<&RecordOrigin>, rejection: Option<E::Rejection>) -> Step<E> {
+        let Some(origin) = origin else {
+            return rejection.map_or(Step::Unchanged, Step::Rejected);
+        };
+        let mut next = self.clone();
+        // The deletion was the previous revision; this one only notes a record.
+        next.tombstone = false;
+        next.source_offsets.record(origin);
+        Step::Noted { next, rejection }
     }
 }

@@ -22,6 +22,8 @@ pub struct IngestConfig {
     pub(super) topics: Vec<String>,
     pub(super) dead_letter_topic: Option<String>,
     pub(super) max_unsettled: usize,
+    pub(super) max_unsettled_bytes: usize,
+    pub(super) max_served: usize,
     pub(super) resume_below: usize,
     pub(super) max_batch_per_entity: usize,
     pub(super) position_save_interval: Duration,
@@ -45,6 +47,8 @@ impl IngestConfig {
             topics: topics.into_iter().map(Into::into).collect(),
             dead_letter_topic: None,
             max_unsettled: 20_000,
+            max_unsettled_bytes: 64 * 1024 * 1024,
+            max_served: 100_000,
             resume_below: 10_000,
             max_batch_per_entity: 256,
             position_save_interval: Duration::from_secs(1),
@@ -70,6 +74,24 @@ impl IngestConfig {
     pub fn with_max_unsettled(mut self, max: usize, resume_below: usize) -> Self {
         self.max_unsettled = max.max(1);
         self.resume_below = resume_below.min(self.max_unsettled - 1);
+        self
+    }
+
+    /// Pauses consumption while the copies of unsettled records held for
+    /// dead-lettering (with a dead-letter topic) take more than `bytes`
+    /// (default 64 MiB); it resumes once they take half of it.
+    pub fn with_max_unsettled_bytes(mut self, bytes: usize) -> Self {
+        self.max_unsettled_bytes = bytes.max(1);
+        self
+    }
+
+    /// Remembers at most this many of the entities each partition's records
+    /// went to, to hand them over when the partition moves (default 100,000,
+    /// [`Config::max_resident`](crate::Config::max_resident)'s default: set it
+    /// to the manager's). An entity forgotten and still resident is not
+    /// handed over, which only costs the next owner a revision conflict.
+    pub fn with_max_served(mut self, entities: usize) -> Self {
+        self.max_served = entities.max(1);
         self
     }
 

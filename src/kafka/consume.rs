@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::decode::IngestRecord;
 use super::ingest::{Counters, Ingest, IngestContext};
-use super::state::{Lane, Partition, Pending, RawRecord, State};
+use super::state::{Lane, Mark, Partition, Pending, RawRecord, State};
 use crate::entity::{DurableEntity, RecordOrigin};
 
 impl<E: DurableEntity> Ingest<E> {
@@ -36,9 +36,14 @@ impl<E: DurableEntity> Ingest<E> {
     /// Pauses every assigned partition while too many records are
     /// unsettled, and resumes them below the low-water mark.
     pub(super) fn apply_back_pressure(&self, consumer: &BaseConsumer<IngestContext<E>>, paused: bool) -> bool {
-        let unsettled = self.lock().unsettled;
-        let over = unsettled >= self.config.max_unsettled;
-        if !(over || paused && unsettled <= self.config.resume_below) {
+        let (unsettled, bytes) = {
+            let state = self.lock();
+            (state.unsettled, state.unsettled_bytes)
+        };
+        let max_bytes = self.config.max_unsettled_bytes;
+        let over = unsettled >= self.config.max_unsettled || bytes >= max_bytes;
+        let below = unsettled <= self.config.resume_below && bytes <= max_bytes / 2;
+        if !(over || paused && below) {
             return paused;
         }
         let Ok(assignment) = consumer.assignment() else {
@@ -52,7 +57,7 @@ impl<E: DurableEntity> Ingest<E> {
             if !paused {
                 Counters::add(&self.counters.pauses, 1);
                 metrics::counter!("persist_durable_ingest_pauses_total", "entity" => E::ENTITY_TYPE).increment(1);
-                info!(unsettled, "pausing consumption: too many records in flight");
+                info!(unsettled, bytes, "pausing consumption: too many records in flight");
             }
             return true;
         }
@@ -60,7 +65,11 @@ impl<E: DurableEntity> Ingest<E> {
             warn!(%error, "could not resume the partitions");
             return true;
         }
-        info!(unsettled, "resuming consumption");
+        // Reading starts again: the first record of each must be the next one.
+        for owned in self.lock().owned.values_mut() {
+            owned.expect_next = owned.progress.next_offset();
+        }
+        info!(unsettled, bytes, "resuming consumption");
         false
     }
 
@@ -87,6 +96,19 @@ impl<E: DurableEntity> Ingest<E> {
             return;
         };
         Counters::add(&self.counters.received, 1);
+        if let Some(expected) = owned.expect_next.take().filter(|&expected| record.offset > expected) {
+            let skipped = (record.offset - expected) as u64;
+            Counters::add(&self.counters.offset_gaps, skipped);
+            metrics::counter!("persist_durable_ingest_offsets_skipped_total", "entity" => E::ENTITY_TYPE)
+                .increment(skipped);
+            warn!(
+                topic = record.topic,
+                partition = record.partition,
+                expected,
+                first = record.offset,
+                "the broker served a later record than the offset asked for; the offsets between were skipped"
+            );
+        }
         owned.progress.received(record.offset);
         let (epoch, label) = (owned.epoch, owned.label.clone());
         let origin = RecordOrigin {
@@ -96,8 +118,9 @@ impl<E: DurableEntity> Ingest<E> {
         match decoded {
             Ok((key, event)) => {
                 // Counted in flight when its batch leaves.
-                owned.served.insert(key.clone());
+                owned.served.insert(&key);
                 state.unsettled += 1;
+                state.unsettled_bytes += raw.len();
                 let lane = state.lanes.entry(key.clone()).or_insert_with(|| Lane {
                     waiting: VecDeque::new(),
                     busy: false,
@@ -114,14 +137,21 @@ impl<E: DurableEntity> Ingest<E> {
             Err(invalid) => {
                 owned.in_flight += 1;
                 state.unsettled += 1;
+                state.unsettled_bytes += raw.len();
                 drop(state);
                 warn!(topic = record.topic, partition = record.partition, offset = record.offset, error = %invalid,
                     "record cannot be decoded; dead-lettering it");
                 let this = self.clone();
                 let reason = invalid.to_string();
+                let mark = Mark {
+                    partition,
+                    epoch,
+                    offset: origin.offset,
+                    bytes: raw.len(),
+                };
                 self.runtime.spawn(async move {
-                    this.dead_letter(&partition, origin.offset, &raw, &reason).await;
-                    this.settle(&[(partition, epoch, origin.offset)], true);
+                    // It has no entity: retried on its own, blocking no other record.
+                    this.dead_letter_or_drop(mark, &raw, &reason).await;
                 });
             }
         }

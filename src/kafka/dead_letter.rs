@@ -8,16 +8,18 @@ use rdkafka::producer::FutureRecord;
 use tracing::{error, warn};
 
 use super::ingest::Ingest;
-use super::state::{Partition, RawRecord};
+use super::state::{Mark, RawRecord};
 use crate::entity::DurableEntity;
 
 impl<E: DurableEntity> Ingest<E> {
     /// Sends a copy of the record to the dead-letter topic, with why and
-    /// where it came from in headers; retried until the broker has it.
-    pub(super) async fn dead_letter(&self, partition: &Partition, offset: i64, raw: &RawRecord, reason: &str) {
+    /// where it came from in headers; retried until the broker has it, or
+    /// until its partition is no longer this member's (then false).
+    pub(super) async fn dead_letter(&self, mark: &Mark, raw: &RawRecord, reason: &str) -> bool {
+        let (partition, offset) = (&mark.partition, mark.offset);
         let (Some(producer), Some(topic)) = (&self.dead_letters, &self.config.dead_letter_topic) else {
             error!(topic = %partition.0, partition = partition.1, offset, reason, "record skipped: no dead-letter topic is set");
-            return;
+            return true;
         };
         let partition_text = partition.1.to_string();
         let offset_text = offset.to_string();
@@ -48,12 +50,17 @@ impl<E: DurableEntity> Ingest<E> {
                 record = record.payload(payload);
             }
             match producer.send(record, Duration::from_secs(5)).await {
-                Ok(_) => return,
+                Ok(_) => return true,
                 Err((error, _)) => {
                     warn!(%error, topic, retry_in = ?backoff, "could not write a dead letter; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.config.retry_backoff.1);
                 }
+            }
+            if !self.owns(mark) {
+                warn!(topic = %partition.0, partition = partition.1, offset,
+                    "its partition moved to another member: giving up the dead letter, the new owner reads the record");
+                return false;
             }
         }
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tracing::warn;
 
 use super::ingest::{Counters, Ingest};
-use super::state::{Partition, Pending};
+use super::state::{Mark, Pending, RawRecord};
 use crate::entity::DurableEntity;
 use crate::error::CommandError;
 
@@ -32,7 +32,7 @@ impl<E: DurableEntity> Ingest<E> {
             let mut retry_from = None;
             for (index, (pending, result)) in batch.iter().zip(results).enumerate() {
                 match result {
-                    Ok(_) => settled.push((pending.partition.clone(), pending.epoch, pending.origin.offset)),
+                    Ok(_) => settled.push(pending.mark()),
                     Err(error) if error.is_retryable() => {
                         retry_from = Some((index, error));
                         break;
@@ -43,17 +43,9 @@ impl<E: DurableEntity> Ingest<E> {
                         settled.clear();
                         warn!(key = %key, offset = pending.origin.offset, error = %refused,
                             "record refused; dead-lettering it");
-                        self.dead_letter(
-                            &pending.partition,
-                            pending.origin.offset,
-                            &pending.raw,
-                            &refused.to_string(),
-                        )
-                        .await;
-                        self.settle(
-                            &[(pending.partition.clone(), pending.epoch, pending.origin.offset)],
-                            true,
-                        );
+                        // Its entity's later records wait behind it meanwhile.
+                        self.dead_letter_or_drop(pending.mark(), &pending.raw, &refused.to_string())
+                            .await;
                     }
                 }
             }
@@ -86,25 +78,57 @@ impl<E: DurableEntity> Ingest<E> {
     /// next owner reads them again), as no longer in flight here.
     pub(super) fn drop_unowned(&self, batch: &mut Vec<Pending<E>>) {
         let mut state = self.lock();
-        let before = batch.len();
-        batch.retain(|p| state.owned.get(&p.partition).is_some_and(|o| o.epoch == p.epoch));
-        let dropped = before - batch.len();
+        let (mut dropped, mut bytes) = (0, 0);
+        batch.retain(|p| {
+            let owned = state.owned.get(&p.partition).is_some_and(|o| o.epoch == p.epoch);
+            if !owned {
+                dropped += 1;
+                bytes += p.raw.len();
+            }
+            owned
+        });
         if dropped > 0 {
             state.unsettled -= dropped;
+            state.unsettled_bytes -= bytes;
             self.settled.notify_all();
         }
     }
 
+    /// Dead-letters a record and settles it, or, if its partition moved to
+    /// another member before the dead letter was written, drops it as no
+    /// longer this member's (the new owner reads it again).
+    pub(super) async fn dead_letter_or_drop(&self, mark: Mark, raw: &RawRecord, reason: &str) {
+        if self.dead_letter(&mark, raw, reason).await {
+            self.settle(std::slice::from_ref(&mark), true);
+            return;
+        }
+        Counters::add(&self.counters.dead_letters_dropped, 1);
+        let mut state = self.lock();
+        state.unsettled -= 1;
+        state.unsettled_bytes -= mark.bytes;
+        drop(state);
+        self.settled.notify_all();
+    }
+
+    /// Whether this member still owns `mark`'s partition in the assignment it was read in.
+    pub(super) fn owns(&self, mark: &Mark) -> bool {
+        self.lock()
+            .owned
+            .get(&mark.partition)
+            .is_some_and(|owned| owned.epoch == mark.epoch)
+    }
+
     /// Marks records settled: applied, found applied, or dead-lettered.
-    pub(super) fn settle(&self, records: &[(Partition, u64, i64)], dead_lettered: bool) {
+    pub(super) fn settle(&self, records: &[Mark], dead_lettered: bool) {
         if records.is_empty() {
             return;
         }
         let mut state = self.lock();
-        for (partition, epoch, offset) in records {
+        for mark in records {
             state.unsettled -= 1;
-            if let Some(owned) = state.owned.get_mut(partition).filter(|o| o.epoch == *epoch) {
-                owned.progress.settled(*offset);
+            state.unsettled_bytes -= mark.bytes;
+            if let Some(owned) = state.owned.get_mut(&mark.partition).filter(|o| o.epoch == mark.epoch) {
+                owned.progress.settled(mark.offset);
                 owned.in_flight -= 1;
             }
         }

@@ -73,6 +73,20 @@ pub struct IngestStats {
     pub positions_saved: u64,
     /// Records received and not yet settled, now.
     pub unsettled: u64,
+    /// Offsets the broker skipped where reading started again (an
+    /// assignment, a resume after back-pressure): the first record came
+    /// later than the offset asked for. Kafka leaves such gaps for compacted
+    /// or expired records and transaction markers; a broker that serves a
+    /// fetch from a later batch than asked (tansu 0.6) shows here too. Each
+    /// gap is logged and counted in `persist_durable_ingest_offsets_skipped_total`.
+    pub offsets_skipped: u64,
+    /// Stored positions found outside what the broker holds at an
+    /// assignment (its records expired, or the topic was recreated): read
+    /// from the oldest record it holds instead, and logged.
+    pub positions_out_of_range: u64,
+    /// Records whose dead letter was given up because their partition moved
+    /// to another member first: the new owner reads them again.
+    pub dead_letters_dropped: u64,
 }
 
 impl KafkaIngest {
@@ -93,6 +107,17 @@ impl KafkaIngest {
         if cooperative {
             return Err(IngestError::InvalidConfig(
                 "the cooperative rebalance protocol is not supported: the ingest assigns partitions eagerly".into(),
+            ));
+        }
+        let consumer_protocol = config
+            .client_config
+            .iter()
+            .any(|(key, value)| key == "group.protocol" && value.trim().eq_ignore_ascii_case("consumer"));
+        if consumer_protocol {
+            return Err(IngestError::InvalidConfig(
+                "group.protocol=consumer (KIP-848) is not supported: the ingest assigns partitions eagerly in its \
+                 rebalance callback, which would stall partitions under it; use the classic protocol"
+                    .into(),
             ));
         }
         let runtime = tokio::runtime::Builder::new_multi_thread()

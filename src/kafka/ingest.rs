@@ -14,7 +14,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, TopicPartitionList};
 use tracing::error;
 
-use super::config::{IngestConfig, StartAt};
+use super::config::IngestConfig;
 use super::decode::RecordDecoder;
 use super::error::IngestError;
 use super::handle::IngestStats;
@@ -35,6 +35,8 @@ pub(super) struct Ingest<E: DurableEntity> {
     pub(super) settled: Condvar,
     pub(super) counters: Counters,
     pub(super) stopping: AtomicBool,
+    /// A periodic position save is running.
+    pub(super) saving: AtomicBool,
     pub(super) dead_letters: Option<FutureProducer>,
     /// Where deliveries, retries and dead-lettering run.
     pub(super) runtime: tokio::runtime::Handle,
@@ -52,6 +54,9 @@ pub(super) struct Counters {
     pub(super) pauses: AtomicU64,
     pub(super) handed_over: AtomicU64,
     pub(super) positions_saved: AtomicU64,
+    pub(super) offset_gaps: AtomicU64,
+    pub(super) dead_letters_dropped: AtomicU64,
+    pub(super) positions_out_of_range: AtomicU64,
 }
 
 impl Counters {
@@ -71,6 +76,9 @@ impl Counters {
             pauses: get(&self.pauses),
             entities_handed_over: get(&self.handed_over),
             positions_saved: get(&self.positions_saved),
+            offsets_skipped: get(&self.offset_gaps),
+            dead_letters_dropped: get(&self.dead_letters_dropped),
+            positions_out_of_range: get(&self.positions_out_of_range),
             unsettled,
             partitions_owned: 0,
         }
@@ -142,6 +150,7 @@ impl<E: DurableEntity> Ingest<E> {
             settled: Condvar::new(),
             counters: Counters::default(),
             stopping: AtomicBool::new(false),
+            saving: AtomicBool::new(false),
             dead_letters,
             runtime,
             config,
@@ -163,16 +172,17 @@ impl<E: DurableEntity> Ingest<E> {
         for (key, value) in &self.config.client_config {
             client.set(key, value);
         }
-        let reset = match self.config.start_at {
-            StartAt::Earliest => "earliest",
-            StartAt::Latest => "latest",
-        };
+        // Where a partition starts is set explicitly at each assignment
+        // (its stored position, or the start or end as StartAt says). This
+        // only decides what happens to a stored position the broker no
+        // longer has: read from the oldest record it still has, never skip
+        // to the end past records still there; the gap is counted.
         client
             .set("bootstrap.servers", &self.config.brokers)
             .set("group.id", &self.config.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", reset)
+            .set("auto.offset.reset", "earliest")
             .create_with_context(IngestContext(self.clone()))
             .map_err(IngestError::Kafka)
     }

@@ -35,6 +35,12 @@ impl Progress {
         self.unsettled.remove(&offset);
     }
 
+    /// The offset the next record read should have: after the highest
+    /// received, or where reading started.
+    pub(super) fn next_offset(&self) -> Option<i64> {
+        self.highest.map(|highest| highest + 1).or(self.start)
+    }
+
     /// The offset to resume reading at: every record received below it is
     /// settled. `None` until anything is known.
     pub(super) fn position(&self) -> Option<i64> {

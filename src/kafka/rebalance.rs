@@ -14,7 +14,11 @@ use super::config::StartAt;
 use super::ingest::{Counters, Ingest, IngestContext};
 use super::positions::StoredPosition;
 use super::progress::Progress;
-use super::state::{Owned, Partition};
+use super::state::{Owned, Partition, Served};
+
+/// The most entities one hand-over message names: a revocation of many
+/// entities does not become one huge message held by every shard at once.
+const HAND_OVER_CHUNK: usize = 1_000;
 use crate::entity::DurableEntity;
 
 impl<E: DurableEntity> Ingest<E> {
@@ -32,6 +36,31 @@ impl<E: DurableEntity> Ingest<E> {
         for (topic, partition) in &partitions {
             let stored = self.stored_position(topic, *partition);
             let mut start = stored.offset();
+            if let Some(position) = start {
+                // A position the broker no longer has (its records expired,
+                // or the topic was recreated) reads from the oldest record it
+                // has: never from the end, past records still there.
+                match consumer.fetch_watermarks(topic, *partition, Duration::from_secs(10)) {
+                    Ok((low, high)) if position < low || position > high => {
+                        Counters::add(&self.counters.positions_out_of_range, 1);
+                        metrics::counter!("persist_durable_ingest_positions_out_of_range_total", "entity" => E::ENTITY_TYPE)
+                            .increment(1);
+                        warn!(
+                            topic,
+                            partition,
+                            position,
+                            low,
+                            high,
+                            "the stored position is outside what the broker holds; reading from its oldest record"
+                        );
+                        start = Some(low);
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        warn!(%error, topic, partition, "could not check the stored position against the partition")
+                    }
+                }
+            }
             if stored == StoredPosition::None && self.config.start_at == StartAt::Latest {
                 // The end as an offset, stored at once: a member that takes
                 // the partition over before a record arrives must start here
@@ -64,8 +93,10 @@ impl<E: DurableEntity> Ingest<E> {
                 label: format!("{topic}/{partition}").into(),
                 progress: Progress::starting_at(start),
                 in_flight: 0,
-                served: HashSet::new(),
+                served: Served::new(self.config.max_served),
                 saved: start,
+                committed_to_kafka: start,
+                expect_next: start,
             };
             let key: Partition = (Arc::from(topic.as_str()), *partition);
             // Its entities stay here: nobody else wrote them meanwhile.
@@ -97,13 +128,19 @@ impl<E: DurableEntity> Ingest<E> {
             .collect();
         let mut state = self.lock();
         // Waiting records are not sent: the next owner reads them.
-        let mut dropped = 0;
+        let (mut dropped, mut dropped_bytes) = (0, 0);
         for lane in state.lanes.values_mut() {
-            let before = lane.waiting.len();
-            lane.waiting.retain(|p| !partitions.contains(&p.partition));
-            dropped += before - lane.waiting.len();
+            lane.waiting.retain(|p| {
+                let kept = !partitions.contains(&p.partition);
+                if !kept {
+                    dropped += 1;
+                    dropped_bytes += p.raw.len();
+                }
+                kept
+            });
         }
         state.unsettled -= dropped;
+        state.unsettled_bytes -= dropped_bytes;
         state.lanes.retain(|_, lane| lane.busy || !lane.waiting.is_empty());
         let deadline = Instant::now() + self.config.revocation_timeout;
         loop {
@@ -152,14 +189,18 @@ impl<E: DurableEntity> Ingest<E> {
         self.hand_over(handed_over);
     }
 
-    /// Passivates entities whose partition went to another member.
+    /// Passivates entities whose partition went to another member, in
+    /// messages of at most [`HAND_OVER_CHUNK`] entities.
     pub(super) fn hand_over(&self, keys: Vec<E::Key>) {
         if keys.is_empty() {
             return;
         }
         debug!(entities = keys.len(), "handing over entities");
         Counters::add(&self.counters.handed_over, keys.len() as u64);
-        self.entities.hand_over(keys);
+        let mut keys = keys.into_iter().peekable();
+        while keys.peek().is_some() {
+            self.entities.hand_over(keys.by_ref().take(HAND_OVER_CHUNK).collect());
+        }
     }
 
     /// Leaves the group: the revocation this causes lets in-flight records

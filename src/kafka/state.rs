@@ -18,9 +18,11 @@ pub(super) struct State<E: DurableEntity> {
     pub(super) lanes: HashMap<E::Key, Lane<E>>,
     /// Records received and not settled, over all partitions.
     pub(super) unsettled: usize,
+    /// The bytes of the record copies those hold for dead-lettering.
+    pub(super) unsettled_bytes: usize,
     /// Entities served from partitions revoked in the last rebalance: handed
     /// over at the next assignment unless their partition comes back.
-    pub(super) revoked: HashMap<Partition, HashSet<E::Key>>,
+    pub(super) revoked: HashMap<Partition, Served<E::Key>>,
     /// Numbers each assignment of a partition, so that a record of an
     /// earlier assignment never counts in a later one.
     pub(super) next_epoch: u64,
@@ -32,6 +34,7 @@ impl<E: DurableEntity> Default for State<E> {
             owned: HashMap::new(),
             lanes: HashMap::new(),
             unsettled: 0,
+            unsettled_bytes: 0,
             revoked: HashMap::new(),
             next_epoch: 0,
         }
@@ -46,10 +49,57 @@ pub(super) struct Owned<E: DurableEntity> {
     pub(super) progress: Progress,
     /// Records of it sent to entities (or to the dead-letter topic) and not settled.
     pub(super) in_flight: usize,
-    /// Entities its records went to.
-    pub(super) served: HashSet<E::Key>,
+    /// Entities its records went to, the most recent ones.
+    pub(super) served: Served<E::Key>,
     /// The position last stored.
     pub(super) saved: Option<i64>,
+    /// The position last committed to Kafka (for lag monitoring).
+    pub(super) committed_to_kafka: Option<i64>,
+    /// The offset the next record should have, checked once where reading
+    /// started again (an assignment, a resume): a later one is a gap.
+    pub(super) expect_next: Option<i64>,
+}
+
+/// The entities a partition's records went to, bounded: at most as many as
+/// could be resident, the oldest forgotten first. Handing an entity over is
+/// what keeps the next owner from a conflict with a stale actor here; one
+/// forgotten and still resident is caught by the revision check.
+pub(super) struct Served<K> {
+    keys: HashSet<K>,
+    order: VecDeque<K>,
+    capacity: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Served<K> {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            keys: HashSet::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    pub(super) fn insert(&mut self, key: &K) {
+        if self.keys.contains(key) {
+            return;
+        }
+        if self.keys.len() >= self.capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.keys.remove(&oldest);
+            }
+        }
+        self.keys.insert(key.clone());
+        self.order.push_back(key.clone());
+    }
+}
+
+impl<K> IntoIterator for Served<K> {
+    type Item = K;
+    type IntoIter = std::collections::vec_deque::IntoIter<K>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.order.into_iter()
+    }
 }
 
 /// One entity's records: waiting, and whether a batch is in flight.
@@ -71,4 +121,31 @@ pub(super) struct Pending<E: DurableEntity> {
 pub(super) struct RawRecord {
     pub(super) key: Option<Vec<u8>>,
     pub(super) payload: Option<Vec<u8>>,
+}
+
+impl RawRecord {
+    /// The bytes it holds.
+    pub(super) fn len(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len)
+    }
+}
+
+/// A record to settle: where it is, and the bytes its copy held.
+#[derive(Clone)]
+pub(super) struct Mark {
+    pub(super) partition: Partition,
+    pub(super) epoch: u64,
+    pub(super) offset: i64,
+    pub(super) bytes: usize,
+}
+
+impl<E: DurableEntity> Pending<E> {
+    pub(super) fn mark(&self) -> Mark {
+        Mark {
+            partition: self.partition.clone(),
+            epoch: self.epoch,
+            offset: self.origin.offset,
+            bytes: self.raw.len(),
+        }
+    }
 }
