@@ -109,6 +109,11 @@ struct Options {
     /// Worker threads of the store's runtime; default: the library's (StoreConfig::worker_threads).
     #[arg(long)]
     store_threads: Option<usize>,
+    /// Declare this process the only writer (Config::with_exclusive_writer):
+    /// reads and no-ops are answered from memory instead of checked against
+    /// the stored revision, to measure what that check costs.
+    #[arg(long)]
+    exclusive_writer: bool,
     /// Random seed, so runs can be repeated.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -186,9 +191,12 @@ async fn open_store(options: &Options, location: &str, backend: &str) -> Result<
 
 fn manager_config(options: &Options) -> Config {
     // Every user stays resident and nothing is refused: the load is the measure.
-    let config = Config::default()
+    let mut config = Config::default()
         .with_max_resident(options.users.max(1))
         .with_max_commands_in_flight(options.concurrency.max(1) * 2);
+    if options.exclusive_writer {
+        config = config.with_exclusive_writer();
+    }
     match options.arbiters {
         Some(arbiters) => config.with_arbiters(arbiters),
         None => config,
@@ -364,6 +372,8 @@ async fn run_actors(options: &Options, location: &str, backend: &str) -> Result<
     report["write_statements"] = json!(store_stats.write_statements);
     report["rows_written"] = json!(store_stats.rows_written);
     report["conflicts"] = json!(store_stats.conflicts);
+    report["load_statements"] = json!(store_stats.load_statements);
+    report["exclusive_writer"] = json!(options.exclusive_writer);
     Ok(report)
 }
 

@@ -172,6 +172,12 @@ impl StoreError {
     }
 }
 
+/// The entities' manager is no longer running: its actor system stopped, or
+/// [`Entities::stop`](crate::Entities::stop) was called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the entities' manager is not running")]
+pub struct ManagerStopped;
+
 /// What is wrong with a stored row, in a [`StoreError::Corrupt`] or a
 /// change-feed row, in a [`StoreError::CorruptChange`].
 #[derive(Debug, Clone, thiserror::Error)]

@@ -67,6 +67,8 @@ pub mod http;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 mod users;
 
 pub use actors::{
@@ -77,11 +79,13 @@ pub use config::Config;
 pub use domain::cart;
 pub use domain::{apply, apply_event, Command, Event, ProductId, StatePolicy, UserKey, UserState};
 pub use entity::{
-    decode_json, validate_id, DurableEntity, EntityEvent, EntityKey, EventId, IdField, InvalidInput, PersistenceId,
+    decode_json, validate_id, DurableEntity, EntityEvent, EntityKey, EventId, Id, IdField, InvalidInput, PersistenceId,
     Revision, SourceOffsets, MAX_ID_BYTES,
 };
-pub use error::{Cause, CommandError, CorruptRow, StoreError};
+pub use error::{Cause, CommandError, CorruptRow, ManagerStopped, StoreError};
 pub use feed::{ChangeKind, EntityFeed, SkipRefused, StateChange};
+#[cfg(all(feature = "postgres", feature = "sqlite"))]
+pub use store::{open, open_with};
 pub use store::{
     ChangeLog, ChangeLogExt, ChangeRow, FeedBounds, FeedRetention, Maintenance, MaintenanceExt, MemoryStore, Offsets,
     SharedStore, StateStore, StateStoreExt, Store, StoreConfig, StoreStats, StoredRow, StoredState, WriteRow,

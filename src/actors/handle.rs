@@ -4,10 +4,12 @@ use actix::Addr;
 
 use super::entity_actor::{Answer, Records};
 use super::manager::{EntityManager, Shards};
-use super::messages::{EntityCommand, EntityRecords, GetManagerStats, HandOver, ManagerStats};
+use super::messages::{
+    EntityCommand, EntityRecords, GetManagerStats, HandOver, ManagerStats, PurgeIdle, StopGracefully,
+};
 use crate::config::Config;
 use crate::entity::{DurableEntity, EntityEvent};
-use crate::error::{CommandError, StoreError};
+use crate::error::{CommandError, ManagerStopped, StoreError};
 use crate::store::SharedStore;
 
 /// A cloneable, typed handle to the entities of one type: one `?` per command.
@@ -85,11 +87,39 @@ impl<E: DurableEntity> Entities<E> {
         })
     }
 
-    /// The manager's counters.
-    pub async fn stats(&self) -> Result<ManagerStats, actix::MailboxError> {
+    /// The manager's counters, summed over its shards.
+    pub async fn stats(&self) -> Result<ManagerStats, ManagerStopped> {
         match &self.shards {
             Some(shards) => Ok(shards.stats().await),
-            None => self.manager.send(GetManagerStats).await,
+            None => self.manager.send(GetManagerStats).await.map_err(|_| ManagerStopped),
+        }
+    }
+
+    /// Purges now, as retention does periodically, the rows of `E` not
+    /// written for [`Config::retention`], skipping resident entities, and
+    /// returns how many were removed; see [`PurgeIdle`](crate::PurgeIdle).
+    /// Fails with [`StoreError::InvalidConfig`] when retention is off.
+    pub async fn purge_idle(&self) -> Result<u64, StoreError> {
+        match &self.shards {
+            Some(shards) => shards.purge_idle().await,
+            None => self.manager.send(PurgeIdle).await.map_err(|_| StoreError::Stopped)?,
+        }
+    }
+
+    /// Stops gracefully: every resident entity passivates once what is
+    /// queued at it is committed (and answered), and this returns once none
+    /// is left. A command sent from then on is answered
+    /// [`CommandError::NotDelivered`], not applied. Call it before the
+    /// process exits, so that no acknowledged command is cut short.
+    pub async fn stop(&self) -> Result<(), ManagerStopped> {
+        let drained = match &self.shards {
+            Some(shards) => shards.drain().await,
+            None => self.manager.send(StopGracefully).await.map_err(|_| ManagerStopped)?,
+        };
+        if drained {
+            Ok(())
+        } else {
+            Err(ManagerStopped)
         }
     }
 
@@ -116,6 +146,21 @@ impl<E: DurableEntity> Entities<E> {
             Some(shards) => shards.hand_over(keys),
             None => self.manager.do_send(HandOver(keys)),
         }
+    }
+
+    /// Whether `key` has an actor that is not passivating (false for a
+    /// handle made from an address).
+    pub(crate) async fn is_resident(&self, key: &E::Key) -> bool {
+        match &self.shards {
+            Some(shards) => shards.is_resident(key).await.unwrap_or(false),
+            None => false,
+        }
+    }
+
+    /// Notified of every committed write and every entity actor started or
+    /// stopped; `None` for a handle made from an address.
+    pub(crate) fn changes(&self) -> Option<&tokio::sync::Notify> {
+        self.shards.as_ref().map(|shards| &**shards.changes())
     }
 
     /// Checks that the store's database answers.

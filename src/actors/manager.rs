@@ -9,13 +9,15 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 
 use super::entity_actor::{stopped_before_answering, Answer, Records, Shared};
-use super::messages::{EntityCommand, EntityRecords, GetManagerStats, HandOver, ManagerStats, PurgeIdle};
+use super::messages::{
+    EntityCommand, EntityRecords, GetManagerStats, HandOver, ManagerStats, PurgeIdle, StopGracefully,
+};
 use super::placement::{Placement, Spread};
-use super::shard::{RouteCommand, Shard, ShardCounters};
+use super::shard::{Drain, IsResident, RouteCommand, Shard, ShardCounters};
 use super::start_unbounded;
 use crate::config::Config;
 use crate::entity::{DurableEntity, EntityEvent};
-use crate::error::StoreError;
+use crate::error::{ManagerStopped, StoreError};
 use crate::store::SharedStore;
 
 /// Routes each [`EntityCommand`] to its entity's
@@ -75,17 +77,14 @@ pub struct EntityManager<E: DurableEntity> {
 pub(crate) struct Shards<E: DurableEntity> {
     shards: Arc<[Addr<Shard<E>>]>,
     spread: Spread,
+    /// What the shards and their children tell of every change.
+    changes: Arc<tokio::sync::Notify>,
 }
 
 impl<E: DurableEntity> Shards<E> {
     /// The shard that owns `key`.
     pub(crate) fn of(&self, key: &E::Key) -> &Addr<Shard<E>> {
         &self.shards[self.spread.shard_of(key)]
-    }
-
-    /// Every shard.
-    pub(crate) fn all(&self) -> &[Addr<Shard<E>>] {
-        &self.shards
     }
 
     /// Queues `event` for `key` at its shard now, in order; the answer comes
@@ -128,6 +127,48 @@ impl<E: DurableEntity> Shards<E> {
         }
     }
 
+    /// Purges every shard's idle rows now (see [`PurgeIdle`]); the counts
+    /// summed, the first failure the answer.
+    pub(crate) async fn purge_idle(&self) -> Result<u64, StoreError> {
+        let requests: Vec<_> = self.shards.iter().map(|shard| shard.send(PurgeIdle)).collect();
+        let mut purged = 0;
+        for request in requests {
+            purged += request.await.map_err(|_| StoreError::Stopped)??;
+        }
+        Ok(purged)
+    }
+
+    /// Notified of every committed write and every entity actor started or stopped.
+    pub(crate) fn changes(&self) -> &Arc<tokio::sync::Notify> {
+        &self.changes
+    }
+
+    /// Whether `key` has an actor that is not passivating.
+    pub(crate) async fn is_resident(&self, key: &E::Key) -> Result<bool, ManagerStopped> {
+        self.of(key)
+            .send(IsResident(key.clone()))
+            .await
+            .map_err(|_| ManagerStopped)
+    }
+
+    /// Stops every shard gracefully (see [`Drain`]); true once all have.
+    pub(crate) async fn drain(&self) -> bool {
+        let drained: Vec<_> = self
+            .shards
+            .iter()
+            .map(|shard| {
+                let (reply, drained) = oneshot::channel();
+                shard.do_send(Drain(reply));
+                drained
+            })
+            .collect();
+        let mut all = true;
+        for shard in drained {
+            all &= shard.await.is_ok();
+        }
+        all
+    }
+
     /// The counters of all shards, summed; a shard that cannot answer counts nothing.
     pub(crate) async fn stats(&self) -> ManagerStats {
         // Each request is queued when made: the shards answer concurrently.
@@ -147,6 +188,7 @@ impl<E: DurableEntity> Clone for Shards<E> {
         Self {
             shards: self.shards.clone(),
             spread: self.spread.clone(),
+            changes: self.changes.clone(),
         }
     }
 }
@@ -192,12 +234,17 @@ impl<E: DurableEntity> EntityManager<E> {
                     config: self.config.clone(),
                     settings: E::Settings::clone(&self.settings),
                     manager: None,
+                    changes: counters.changes.clone(),
                 };
                 let shard = Shard::new(Arc::new(shared), Placement::new(index, spread.clone()), &counters);
                 start_unbounded(shard, self.arbiters.get(index).map(Arbiter::handle).as_ref())
             })
             .collect();
-        let shards = Shards { shards, spread };
+        let shards = Shards {
+            shards,
+            spread,
+            changes: counters.changes.clone(),
+        };
         self.shards = Some(shards.clone());
         shards
     }
@@ -259,6 +306,15 @@ impl<E: DurableEntity> Handler<GetManagerStats> for EntityManager<E> {
     }
 }
 
+impl<E: DurableEntity> Handler<StopGracefully> for EntityManager<E> {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, _: StopGracefully, _ctx: &mut Self::Context) -> Self::Result {
+        let shards = self.shards();
+        Box::pin(async move { shards.drain().await })
+    }
+}
+
 impl<E: DurableEntity> Handler<PurgeIdle> for EntityManager<E> {
     type Result = ResponseFuture<Result<u64, StoreError>>;
 
@@ -266,13 +322,6 @@ impl<E: DurableEntity> Handler<PurgeIdle> for EntityManager<E> {
     /// and the first failure is the answer.
     fn handle(&mut self, _: PurgeIdle, _ctx: &mut Self::Context) -> Self::Result {
         let shards = self.shards();
-        Box::pin(async move {
-            let requests: Vec<_> = shards.all().iter().map(|shard| shard.send(PurgeIdle)).collect();
-            let mut purged = 0;
-            for request in requests {
-                purged += request.await.map_err(|_| StoreError::Stopped)??;
-            }
-            Ok(purged)
-        })
+        Box::pin(async move { shards.purge_idle().await })
     }
 }

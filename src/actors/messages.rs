@@ -125,6 +125,14 @@ impl ManagerStats {
 #[rtype(result = "Result<u64, StoreError>")]
 pub struct PurgeIdle;
 
+/// Stops a manager's shards gracefully; see [`Entities::stop`](crate::Entities::stop).
+/// Answered true once every shard has stopped.
+pub(crate) struct StopGracefully;
+
+impl Message for StopGracefully {
+    type Result = bool;
+}
+
 /// Records of one source partition for one entity, from an ingest: queued
 /// at the entity together, answered one result per record.
 pub(crate) struct EntityRecords<E: DurableEntity> {

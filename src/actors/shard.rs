@@ -34,6 +34,8 @@ pub(crate) struct ShardCounters {
     pub(crate) in_flight: Arc<AtomicUsize>,
     /// Entities with an actor that is not passivating.
     pub(crate) active: Arc<AtomicUsize>,
+    /// Told of every committed write and every child started or stopped.
+    pub(crate) changes: Arc<tokio::sync::Notify>,
 }
 
 use delivery::{Batch, Delivery, Held, One};
@@ -77,6 +79,9 @@ pub(crate) struct Shard<E: DurableEntity> {
     active: Arc<AtomicUsize>,
     /// The retention purge under way and the commands it holds back.
     retention: retention::Retention<E>,
+    /// Stopping gracefully ([`Drain`]): who waits for the last child to
+    /// stop. Commands that arrive meanwhile are not delivered.
+    draining: Option<Vec<oneshot::Sender<()>>>,
 }
 
 /// A child in the shard's map: with its key, a 24-byte entry, most of what a
@@ -119,6 +124,8 @@ enum PassivationCause {
     /// The ingest that fed it lost its source partition to another node,
     /// which must find the state as committed.
     HandedOver,
+    /// Its manager stops gracefully.
+    Stopped,
 }
 
 impl PassivationCause {
@@ -128,6 +135,7 @@ impl PassivationCause {
             PassivationCause::Idle => "idle",
             PassivationCause::Evicted => "evicted",
             PassivationCause::HandedOver => "handed_over",
+            PassivationCause::Stopped => "stopped",
         }
     }
 }
@@ -137,7 +145,7 @@ impl<E: DurableEntity> Shard<E> {
     /// `in_flight` with the other shards; `shared` is completed with the
     /// shard's own address when it starts.
     pub(crate) fn new(shared: Arc<Shared<E>>, placement: Placement, counters: &ShardCounters) -> Self {
-        let ShardCounters { in_flight, active } = counters.clone();
+        let ShardCounters { in_flight, active, .. } = counters.clone();
         let children = HashMap::with_capacity(placement.share_of(shared.config.max_resident).min(MAX_RESERVED));
         Self {
             shared,
@@ -150,6 +158,7 @@ impl<E: DurableEntity> Shard<E> {
             ticks: 0,
             active,
             retention: retention::Retention::default(),
+            draining: None,
         }
     }
 
@@ -187,6 +196,7 @@ impl<E: DurableEntity> Shard<E> {
             PassivationCause::Idle => self.stats.idle_passivations += 1,
             PassivationCause::Evicted => self.stats.evictions += 1,
             PassivationCause::HandedOver => self.stats.handovers += 1,
+            PassivationCause::Stopped => {}
         }
         true
     }
@@ -259,6 +269,7 @@ impl<E: DurableEntity> Actor for Shard<E> {
                     config: self.shared.config.clone(),
                     settings: self.shared.settings.clone(),
                     manager,
+                    changes: self.shared.changes.clone(),
                 })
             }
         }
@@ -330,6 +341,10 @@ impl<E: DurableEntity> Shard<E> {
             return self.refuse(key, delivery, format!("{limit} commands are already in flight"));
         };
         let delivery = delivery.holding(slot);
+        if self.draining.is_some() {
+            // The caller hears `NotDelivered`: not applied.
+            return drop(delivery);
+        }
         self.ticks = self.ticks.wrapping_add(1);
         if self.is_being_purged(&key) {
             return self.hold_during_purge(key, delivery);
@@ -429,10 +444,26 @@ impl<E: DurableEntity> Shard<E> {
         };
         metrics::gauge!("persist_durable_resident_entities", "entity" => E::ENTITY_TYPE).decrement(1);
         debug!(key = %key, held = held.len(), "entity actor stopped");
+        self.shared.changes.notify_waiters();
+        if self.draining.is_some() {
+            // Held back, never queued at the actor: not applied, and heard as `NotDelivered`.
+            drop(held);
+            return self.answer_drained();
+        }
         if held.is_empty() {
             return;
         }
         self.start_with(key, held);
+    }
+
+    /// Answers those waiting for the drain once no child is left.
+    fn answer_drained(&mut self) {
+        if !self.children.is_empty() {
+            return;
+        }
+        for waiting in self.draining.iter_mut().flat_map(std::mem::take) {
+            let _ = waiting.send(());
+        }
     }
 
     /// Starts a new actor for `key` (which restores what the store holds) and
@@ -445,6 +476,43 @@ impl<E: DurableEntity> Shard<E> {
         }
         self.children.insert(key.clone(), successor);
         self.evict_least_recently_used(&key);
+    }
+}
+
+/// Whether an entity has an actor that is not passivating.
+pub(crate) struct IsResident<K>(pub(crate) K);
+
+impl<K: 'static> Message for IsResident<K> {
+    type Result = bool;
+}
+
+impl<E: DurableEntity> Handler<IsResident<E::Key>> for Shard<E> {
+    type Result = bool;
+
+    fn handle(&mut self, IsResident(key): IsResident<E::Key>, _ctx: &mut Self::Context) -> bool {
+        self.children.contains_key(&key) && !self.passivating.contains_key(&key)
+    }
+}
+
+/// Stops a shard gracefully: every child passivates once what is queued at
+/// it is committed, commands arriving from now on are not delivered, and
+/// the reply comes once no child is left.
+pub(crate) struct Drain(pub(crate) oneshot::Sender<()>);
+
+impl Message for Drain {
+    type Result = ();
+}
+
+impl<E: DurableEntity> Handler<Drain> for Shard<E> {
+    type Result = ();
+
+    fn handle(&mut self, Drain(reply): Drain, _ctx: &mut Self::Context) {
+        self.draining.get_or_insert_with(Vec::new).push(reply);
+        let keys: Vec<E::Key> = self.children.keys().cloned().collect();
+        for key in keys {
+            self.begin_passivation(&key, PassivationCause::Stopped);
+        }
+        self.answer_drained();
     }
 }
 

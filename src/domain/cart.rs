@@ -19,58 +19,14 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::entity::{decode_json, validate_id, DurableEntity, EntityKey, InvalidInput};
+use crate::entity::{decode_json, validate_id, DurableEntity, Id, InvalidInput};
 
-/// Identifies one cart.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct CartId(String);
-
-impl CartId {
-    /// Validates the id: non-empty, at most [`MAX_ID_BYTES`](crate::MAX_ID_BYTES) bytes, no control characters.
-    pub fn new(id: impl Into<String>) -> Result<Self, InvalidInput> {
-        let id = id.into();
-        validate_id("cart id", &id)?;
-        Ok(Self(id))
-    }
-}
-
-impl TryFrom<String> for CartId {
-    type Error = InvalidInput;
-
-    fn try_from(id: String) -> Result<Self, InvalidInput> {
-        Self::new(id)
-    }
-}
-
-impl From<CartId> for String {
-    fn from(id: CartId) -> Self {
-        id.0
-    }
-}
-
-impl fmt::Display for CartId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl EntityKey for CartId {
-    type Entity = Cart;
-
-    fn entity_id(&self) -> String {
-        self.0.clone()
-    }
-
-    fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
-        Self::new(id)
-    }
-}
+/// Identifies one cart: the ready string key, validated when made.
+pub type CartId = Id<Cart>;
 
 /// What can be done with a cart. In JSON, tagged by `type` in snake case:
 /// `{"type": "add_item", "sku": "p1", "quantity": 2}`.

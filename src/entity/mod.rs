@@ -7,6 +7,7 @@
 //! written once.
 
 mod event;
+mod id;
 mod invalid_input;
 mod key;
 mod revision;
@@ -21,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use event::{decode_json, EntityEvent, EventId};
+pub use id::Id;
 pub use invalid_input::{IdField, InvalidInput};
 pub(crate) use key::{checked_persistence_id, validate};
 pub use key::{validate_id, PersistenceId, MAX_ID_BYTES};

@@ -56,3 +56,37 @@ pub(crate) const KAFKA_POSITIONS: &str = "kafka/";
 
 /// The serializer id of every row this crate writes: the payload is serde JSON.
 pub(crate) const JSON_SERIALIZER_ID: i32 = 1;
+
+/// Opens the store at `location`: a `postgres://` or `postgresql://` URL
+/// connects to PostgreSQL ([`PostgresStore`]), anything else is a SQLite
+/// file path, with or without a `sqlite://` prefix ([`SqliteStore`]); with
+/// [`StoreConfig::default`], and pending migrations applied.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let location = std::env::var("DATABASE_URL").unwrap_or(dir.path().join("state.db").display().to_string());
+/// let store: persist_durable::SharedStore = persist_durable::open(&location).await?;
+/// # Ok(()) }
+/// ```
+#[cfg(all(feature = "postgres", feature = "sqlite"))]
+pub async fn open(location: &str) -> Result<SharedStore, crate::StoreError> {
+    open_with(location, StoreConfig::default()).await
+}
+
+/// [`open`] with `config`. For SQLite, a `config` with PostgreSQL's default
+/// pool size of 8 is given SQLite's 4.
+#[cfg(all(feature = "postgres", feature = "sqlite"))]
+pub async fn open_with(location: &str, config: StoreConfig) -> Result<SharedStore, crate::StoreError> {
+    if location.starts_with("postgres://") || location.starts_with("postgresql://") {
+        return Ok(Arc::new(PostgresStore::connect_with(location, config).await?));
+    }
+    let path = location.strip_prefix("sqlite://").unwrap_or(location);
+    let config = if config.pool_size == StoreConfig::default().pool_size {
+        config.with_pool_size(4)
+    } else {
+        config
+    };
+    Ok(Arc::new(SqliteStore::open_with(path, config).await?))
+}

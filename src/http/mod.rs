@@ -8,20 +8,9 @@
 //! | `DELETE /malls/{mall_id}/users/{user_id}` | erases the user (a tombstone is committed); answers the default state, also for a user never seen |
 //! | `GET /healthz` | 200 when the database answers, else 503 |
 //!
-//! Every error is answered with a JSON body `{"error": "<message>"}`:
-//!
-//! | status | when |
-//! | --- | --- |
-//! | 400 | bad input: a malformed path, body or command (an id that is empty, too long, holds a control character or is not UTF-8 once percent-decoded; bad JSON; a command over 16 KiB) |
-//! | 404 | no route at this path |
-//! | 405 | a route that does not take this method (with `Allow`) |
-//! | 409 | a conflict that could not be resolved |
-//! | 413 | a body over the size limit: actix-web's [`web::PayloadConfig`], 256 KiB unless the application sets its own |
-//! | 415 | a command body whose `Content-Type` is not JSON (`application/json`, with parameters or not, or any `application/*+json`); a request without a `Content-Type` is read as JSON |
-//! | 422 | a command the entity's domain refused |
-//! | 500 | a corrupt stored row |
-//! | 503 | with `Retry-After`: the database is down or the library is overloaded |
-//! | 504 | the outcome of a write is unknown: send the command again with the same event id |
+//! Every error is answered with a JSON body `{"error": ..., "kind": ...,
+//! "retryable": ...}`; [`ApiError`] has the table of statuses, and an
+//! application's own handlers, for any entity, return it with `?`.
 //!
 //! The 404 is the application's default service, which [`routes`] and
 //! [`configure`] set (an application that wants its own calls
@@ -76,16 +65,19 @@ use std::borrow::Cow;
 
 use actix::Addr;
 use actix_web::error::PayloadError;
-use actix_web::http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
-use actix_web::http::StatusCode;
-use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
+use actix_web::http::header::{CONTENT_TYPE, RETRY_AFTER};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse};
 use percent_encoding::percent_decode_str;
 use serde::Serialize;
 
 use crate::domain::key::{MALL_ID, USER_ID};
 use crate::domain::{Command, Event, UserKey, UserState};
 use crate::entity::InvalidInput;
-use crate::{SharedStore, UserCommandError, UserStateManager, UserStates};
+use crate::{SharedStore, UserStateManager, UserStates};
+
+mod error;
+
+pub use error::{ApiError, CommandFailure};
 
 /// The routes, serving `users`: `App::new().configure(http::routes(users))`.
 pub fn routes(users: UserStates) -> impl FnOnce(&mut web::ServiceConfig) {
@@ -166,85 +158,6 @@ pub struct StateResponse {
     /// The state's fields.
     #[serde(flatten)]
     pub state: UserState,
-}
-
-/// Why a request failed, as an HTTP answer.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// The path or the body was not valid: 400.
-    #[error(transparent)]
-    BadRequest(#[from] InvalidInput),
-    /// The command failed: the status depends on why.
-    #[error(transparent)]
-    Command(#[from] UserCommandError),
-    /// The routes cannot reach the user states: 503.
-    #[error("the user state manager is unavailable: {0}")]
-    Unavailable(String),
-    /// No route at this path: 404.
-    #[error("no route for {method} {path}")]
-    NotFound {
-        /// The request's method.
-        method: String,
-        /// The request's path.
-        path: String,
-    },
-    /// The route does not take this method: 405, with `Allow`.
-    #[error("{path} does not take {method}; it takes {allowed}")]
-    MethodNotAllowed {
-        /// The request's method.
-        method: String,
-        /// The request's path.
-        path: String,
-        /// The method the route takes.
-        allowed: &'static str,
-    },
-    /// The body is larger than the limit, [`web::PayloadConfig`]'s: 413.
-    #[error("the body is larger than the limit (web::PayloadConfig; 256 KiB by default)")]
-    PayloadTooLarge,
-    /// The command body's `Content-Type` is not JSON: 415.
-    #[error("a command body must be JSON (content-type application/json), not {0:?}")]
-    UnsupportedMediaType(String),
-}
-
-#[derive(Serialize)]
-struct ErrorBody {
-    error: String,
-}
-
-impl ResponseError for ApiError {
-    fn status_code(&self) -> StatusCode {
-        match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Command(UserCommandError::Conflict { .. }) => StatusCode::CONFLICT,
-            ApiError::Command(
-                UserCommandError::CorruptState { .. }
-                | UserCommandError::Unstorable { .. }
-                | UserCommandError::Panicked { .. },
-            ) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Command(UserCommandError::InvalidKey { .. }) => StatusCode::BAD_REQUEST,
-            // The write may have committed: not "unavailable", and no Retry-After.
-            ApiError::Command(UserCommandError::OutcomeUnknown { .. }) => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::Command(UserCommandError::Rejected { .. }) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Command(_) | ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        }
-    }
-
-    fn error_response(&self) -> HttpResponse {
-        let mut response = HttpResponse::build(self.status_code());
-        if self.status_code() == StatusCode::SERVICE_UNAVAILABLE {
-            response.insert_header((RETRY_AFTER, "1"));
-        }
-        if let ApiError::MethodNotAllowed { allowed, .. } = self {
-            response.insert_header((ALLOW, *allowed));
-        }
-        response.json(ErrorBody {
-            error: self.to_string(),
-        })
-    }
 }
 
 /// The handle the routes serve: given by [`routes`], or put together from
@@ -329,8 +242,6 @@ async fn healthz(request: HttpRequest) -> Result<HttpResponse, ApiError> {
         Ok(()) => Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))),
         Err(error) => Ok(HttpResponse::ServiceUnavailable()
             .insert_header((RETRY_AFTER, "1"))
-            .json(ErrorBody {
-                error: error.to_string(),
-            })),
+            .json(serde_json::json!({ "error": error.to_string(), "kind": "store_unavailable", "retryable": true }))),
     }
 }
