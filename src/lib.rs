@@ -102,9 +102,20 @@ pub use users::{
 };
 
 /// The types most programs need: `use persist_durable::prelude::*;`.
+///
+/// The store types and their extension traits (typed `load`, `write`,
+/// `count`, `purge_idle`, `trim_feed` on any store) are here, so a program
+/// needs no second import to open a store and read from it.
 pub mod prelude {
+    #[cfg(all(feature = "postgres", feature = "sqlite"))]
+    pub use crate::open;
+    #[cfg(feature = "postgres")]
+    pub use crate::PostgresStore;
+    #[cfg(feature = "sqlite")]
+    pub use crate::SqliteStore;
     pub use crate::{
-        Command, CommandError, Config, DurableEntity, Entities, EntityKey, MaintenanceExt, StateStoreExt, UserCommand,
-        UserKey, UserState, UserStateActor, UserStateManager, UserStates,
+        ChangeLogExt, Command, CommandError, Config, DurableEntity, Entities, EntityFeed, EntityKey, Id, InvalidInput,
+        MaintenanceExt, ManagerStopped, MemoryStore, Revision, SharedStore, StateStoreExt, StoreConfig, StoreError,
+        UserCommand, UserKey, UserState, UserStateActor, UserStateManager, UserStates,
     };
 }

@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod adoption;
 mod cart;
 mod change_feed;
 mod commands;
