@@ -119,3 +119,8 @@ pub mod prelude {
         UserCommand, UserKey, UserState, UserStateActor, UserStateManager, UserStates,
     };
 }
+
+/// The README's code blocks, compiled (and run) as doctests by `cargo test`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

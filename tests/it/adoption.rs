@@ -49,7 +49,12 @@ impl DurableEntity for Wishlist {
     type Settings = WishlistSettings;
     type Rejection = Full;
 
-    fn apply(&self, command: &WishlistCommand, _: DateTime<Utc>, settings: &WishlistSettings) -> Result<Option<Self>, Full> {
+    fn apply(
+        &self,
+        command: &WishlistCommand,
+        _: DateTime<Utc>,
+        settings: &WishlistSettings,
+    ) -> Result<Option<Self>, Full> {
         match command {
             WishlistCommand::Add(_) if self.items.len() >= settings.max_items => Err(Full(settings.max_items)),
             WishlistCommand::Add(item) => {
@@ -72,7 +77,10 @@ async fn the_testkit_passivates_an_idle_entity_and_restores_it_from_its_row() {
     let store = TestStore::sqlite().await.unwrap();
     let wishlists = TestEntities::<Wishlist>::start(&store);
     let anna = wishlist("anna");
-    wishlists.send(anna.clone(), WishlistCommand::Add("lamp".into())).await.unwrap();
+    wishlists
+        .send(anna.clone(), WishlistCommand::Add("lamp".into()))
+        .await
+        .unwrap();
     assert!(wishlists.is_resident(&anna).await);
 
     wishlists.advance(Duration::from_secs(29 * 60)).await;
@@ -95,7 +103,10 @@ async fn the_testkit_waits_for_the_change_feed_to_reach_a_position() {
     let store = TestStore::memory_with_feed();
     let wishlists = TestEntities::<Wishlist>::start(&store);
     for item in ["lamp", "rug", "vase"] {
-        wishlists.send(wishlist("anna"), WishlistCommand::Add(item.into())).await.unwrap();
+        wishlists
+            .send(wishlist("anna"), WishlistCommand::Add(item.into()))
+            .await
+            .unwrap();
     }
     store.until_feed_reaches(3).await;
 
@@ -122,10 +133,17 @@ async fn the_testkit_gives_a_postgres_test_a_fresh_database_of_its_own() {
     let second = TestStore::postgres(&url).await.unwrap();
     let anna = wishlist("anna");
     let wishlists = TestEntities::<Wishlist>::start(&first);
-    wishlists.send(anna.clone(), WishlistCommand::Add("lamp".into())).await.unwrap();
+    wishlists
+        .send(anna.clone(), WishlistCommand::Add("lamp".into()))
+        .await
+        .unwrap();
 
     assert_eq!(first.row(&anna).await.unwrap().unwrap().revision, Revision(1));
-    assert_eq!(second.row(&anna).await.unwrap(), None, "each test store is a database of its own");
+    assert_eq!(
+        second.row(&anna).await.unwrap(),
+        None,
+        "each test store is a database of its own"
+    );
 }
 
 #[test]
@@ -134,7 +152,10 @@ fn a_ready_id_refuses_bad_input_in_its_constructor() {
         let error = Id::<Wishlist>::new(bad).expect_err(bad);
         assert!(error.to_string().contains("wishlist id"), "{error}");
     }
-    assert!(serde_json::from_str::<Id<Wishlist>>("\"\"").is_err(), "nor does serde let one in");
+    assert!(
+        serde_json::from_str::<Id<Wishlist>>("\"\"").is_err(),
+        "nor does serde let one in"
+    );
     let id = Id::<Wishlist>::new("anna").unwrap();
     assert_eq!(id.as_str(), "anna");
     assert_eq!(id.persistence_id().as_str(), "Wishlist|anna");
@@ -147,7 +168,10 @@ async fn settings_given_at_start_reach_the_entitys_apply() {
     let wishlists = TestEntities::<Wishlist>::start_with(&store, Config::default(), settings);
     let anna = wishlist("anna");
     for item in ["lamp", "rug"] {
-        wishlists.send(anna.clone(), WishlistCommand::Add(item.into())).await.unwrap();
+        wishlists
+            .send(anna.clone(), WishlistCommand::Add(item.into()))
+            .await
+            .unwrap();
     }
     let refused = wishlists.send(anna.clone(), WishlistCommand::Add("vase".into())).await;
     assert!(
@@ -238,13 +262,22 @@ async fn an_applications_own_handler_answers_every_error_kind_with_its_status_an
     );
 
     let (status, body) = post("/wishlists/%09tab/items/rug").await;
-    assert_eq!((status, &body["kind"], &body["retryable"]), (400, &json!("bad_request"), &json!(false)));
+    assert_eq!(
+        (status, &body["kind"], &body["retryable"]),
+        (400, &json!("bad_request"), &json!(false))
+    );
     assert!(body["error"].as_str().unwrap().contains("wishlist id"), "{body}");
 
     let (status, body) = post("/wishlists/bob/items/explode").await;
-    assert_eq!((status, &body["kind"], &body["retryable"]), (500, &json!("panicked"), &json!(false)));
+    assert_eq!(
+        (status, &body["kind"], &body["retryable"]),
+        (500, &json!("panicked"), &json!(false))
+    );
 
     wishlists.stop().await.unwrap();
     let (status, body) = post("/wishlists/anna/items/vase").await;
-    assert_eq!((status, &body["kind"], &body["retryable"]), (503, &json!("not_delivered"), &json!(true)));
+    assert_eq!(
+        (status, &body["kind"], &body["retryable"]),
+        (503, &json!("not_delivered"), &json!(true))
+    );
 }
