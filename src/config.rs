@@ -62,7 +62,7 @@ pub struct Config {
     /// Rows a purge removes per statement at most.
     pub retention_chunk_size: usize,
     /// How long the change feed keeps its changes, trimmed by this manager
-    /// every [`FeedRetention::every`]; `None`, the default: kept until
+    /// every [`FeedRetention::every`](crate::FeedRetention::every); `None`, the default: kept until
     /// trimmed otherwise ([`ChangeLogExt::trim_feed`](crate::ChangeLogExt::trim_feed)).
     /// The feed holds every entity type: one manager with it suffices.
     pub feed_retention: Option<crate::FeedRetention>,

@@ -100,7 +100,7 @@ impl<E: DurableEntity> StateChange<E> {
 
 /// Follows the changes of one entity type from a position, and can save that
 /// position as a consumer's offset so that a restarted consumer goes on where
-/// it stopped, with no gap and no duplicate. For users it is [`ChangeFeed`].
+/// it stopped, with no gap and no duplicate. For users it is [`ChangeFeed`](crate::ChangeFeed).
 ///
 /// A change that cannot be decoded stops the feed, after every change before
 /// it has been returned: reads fail with [`StoreError::CorruptChange`] until

@@ -1,6 +1,6 @@
 //! Redelivered and late events, bounded resources and bounded waits. The
 //! process-level guarantees (kill -9, database outages, two nodes) are
-//! proven by `cargo run --example reliability`; see RELIABILITY.md.
+//! proven by `cargo run -p persist-durable-bench --bin reliability`; see RELIABILITY.md.
 
 use std::time::{Duration, Instant};
 

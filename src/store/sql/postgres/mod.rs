@@ -313,12 +313,12 @@ mod tests {
     /// the two must not drift apart.
     #[test]
     fn the_ceiling_script_runs_the_librarys_write_statement() {
-        let script = include_str!("../../../../scripts/pg-ceiling.sh");
+        let script = include_str!("../../../../bench/scripts/pg-ceiling.sh");
         let from_inserted = &WRITE_ROWS_SQL[WRITE_ROWS_SQL.find("), inserted AS (").unwrap()..];
         let with_constants = from_inserted.replace("$8", &JSON_SERIALIZER_ID.to_string());
         assert!(
             words(script).contains(&words(&with_constants)),
-            "scripts/pg-ceiling.sh no longer runs the library's write statement"
+            "bench/scripts/pg-ceiling.sh no longer runs the library's write statement"
         );
     }
 }

@@ -3,11 +3,11 @@
 //! by printing one JSON line with the results.
 //!
 //! ```text
-//! cargo run --release --example loadtest -- --help
-//! cargo run --release --example loadtest -- --database-url postgres://... --truncate
-//! cargo run --release --example loadtest -- --mode naive --database-url postgres://... --truncate
-//! cargo run --release --example loadtest -- --mode resident --users 1000000
-//! cargo run --release --example loadtest -- --mode restore --users 100000 --database-url postgres://...
+//! cargo run --release -p persist-durable-bench --bin loadtest -- --help
+//! cargo run --release -p persist-durable-bench --bin loadtest -- --database-url postgres://... --truncate
+//! cargo run --release -p persist-durable-bench --bin loadtest -- --mode naive --database-url postgres://... --truncate
+//! cargo run --release -p persist-durable-bench --bin loadtest -- --mode resident --users 1000000
+//! cargo run --release -p persist-durable-bench --bin loadtest -- --mode restore --users 100000 --database-url postgres://...
 //! ```
 //!
 //! Modes:
@@ -377,9 +377,9 @@ async fn run_actors(options: &Options, location: &str, backend: &str) -> Result<
     Ok(report)
 }
 
-#[path = "shared/cpu.rs"]
+#[path = "../shared/cpu.rs"]
 mod cpu;
-#[path = "shared/naive.rs"]
+#[path = "../shared/naive.rs"]
 mod naive;
 
 use cpu::{process_context_switches, process_cpu_seconds, thread_cpu_seconds};

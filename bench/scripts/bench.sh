@@ -2,26 +2,26 @@
 # Every figure of BENCHMARKS.md, in one run on one machine: the library
 # (actors), the naive service, PostgreSQL's own ceiling, latency at half the
 # actors' peak, resident memory per user and bulk restore. Writes
-# bench/results.jsonl (one JSON line per measurement) and bench/throughput.svg.
+# bench/results/results.jsonl (one JSON line per measurement) and bench/results/throughput.svg.
 #
-# Usage: scripts/bench.sh [DATABASE_URL]     (a database of its own: it is truncated)
+# Usage: bench/scripts/bench.sh [DATABASE_URL]     (a database of its own: it is truncated)
 #   env: COMMANDS (1000000), NAIVE_COMMANDS (100000), SWEEP ("16 64 256 1024")
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 url=${1:-${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/persist_durable_bench}}
 commands=${COMMANDS:-1000000}
 naive_commands=${NAIVE_COMMANDS:-100000}
 sweep=${SWEEP:-16 64 256 1024}
-out=bench/results.jsonl
+out=bench/results/results.jsonl
 mkdir -p bench
 : > "$out"
 
-cargo build --release --example loadtest
-loadtest() { ./target/release/examples/loadtest --database-url "$url" --truncate "$@" | tail -n 1 | tee -a "$out"; }
+cargo build --release -p persist-durable-bench --bin loadtest
+loadtest() { ./target/release/loadtest --database-url "$url" --truncate "$@" | tail -n 1 | tee -a "$out"; }
 field() { python3 -c "import json,sys; print(json.loads(sys.stdin.read())['$1'])"; }
 
 echo "== PostgreSQL's ceiling (pgbench)"
-scripts/pg-ceiling.sh "$url" | tail -n 1 | tee -a "$out"
+bench/scripts/pg-ceiling.sh "$url" | tail -n 1 | tee -a "$out"
 
 echo "== headline: uniform and skewed users"
 peak=$(loadtest --commands "$commands" | field commands_per_sec)
@@ -45,8 +45,8 @@ loadtest --commands $((commands / 2)) >/dev/null
 loadtest --commands $((commands / 2)) --change-feed >/dev/null
 
 echo "== footprint and restore"
-./target/release/examples/loadtest --mode resident --users 1000000 --concurrency 2048 | tail -n 1 | tee -a "$out"
+./target/release/loadtest --mode resident --users 1000000 --concurrency 2048 | tail -n 1 | tee -a "$out"
 loadtest --mode restore --users 100000 --concurrency 2048 >/dev/null
 
-python3 scripts/chart.py "$out" bench/throughput.svg
-echo "results: $out, chart: bench/throughput.svg"
+python3 bench/scripts/chart.py "$out" bench/results/throughput.svg
+echo "results: $out, chart: bench/results/throughput.svg"

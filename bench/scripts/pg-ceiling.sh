@@ -4,7 +4,7 @@
 # library batches. Ends with one JSON line:
 #   {"single_row_rows_per_sec": ..., "batched_rows_per_sec": ..., ...}
 #
-# Usage: scripts/pg-ceiling.sh [DATABASE_URL]
+# Usage: bench/scripts/pg-ceiling.sh [DATABASE_URL]
 #   env: DURATION (s, 10), ROWS (100000), BATCH (rows per statement, 100),
 #        SINGLE_CLIENTS (32), BATCH_CLIENTS (4)
 #
@@ -21,7 +21,7 @@ rows=${ROWS:-100000}
 batch=${BATCH:-100}
 single_clients=${SINGLE_CLIENTS:-32}
 batch_clients=${BATCH_CLIENTS:-4}
-here=$(cd "$(dirname "$0")/.." && pwd)
+here=$(cd "$(dirname "$0")/../.." && pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

@@ -5,25 +5,25 @@
 # offset commit), alternated, each round reading the same topic from the start
 # in a consumer group of its own into a fresh PostgreSQL database.
 #
-# Usage: scripts/bench-kafka.sh [ADMIN_DATABASE_URL]
+# Usage: bench/scripts/bench-kafka.sh [ADMIN_DATABASE_URL]
 #   env: RECORDS (100000), NAIVE_RECORDS (5000: the naive consumer reads the
 #        first ones only, or a round would take minutes), USERS (10000),
-#        ROUNDS (2), PORT (19192), OUT (bench/kafka.jsonl)
+#        ROUNDS (2), PORT (19192), OUT (bench/results/kafka.jsonl)
 # Needs tansu (cargo install tansu --locked --features dynostore).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 admin=${1:-${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}}
 records=${RECORDS:-100000}
 naive_records=${NAIVE_RECORDS:-5000}
 users=${USERS:-10000}
 rounds=${ROUNDS:-2}
 port=${PORT:-19192}
-out=${OUT:-bench/kafka.jsonl}
+out=${OUT:-bench/results/kafka.jsonl}
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 mkdir -p "$(dirname "$out")"
 : > "$out"
-cargo build --release --features kafka --example kafka_load
-load=./target/release/examples/kafka_load
+cargo build --release -p persist-durable-bench --features kafka --bin kafka_load
+load=./target/release/kafka_load
 
 tansu broker --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
   --storage-engine memory://tansu/ > /tmp/bench-tansu.log 2>&1 &

@@ -5,12 +5,12 @@
 //! applies the same pure transition, and writes it back.
 //!
 //! ```text
-//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench BIND_ADDR=127.0.0.1:8081 cargo run --release --example http_naive
+//! DATABASE_URL=postgres://postgres@127.0.0.1:5432/bench BIND_ADDR=127.0.0.1:8081 cargo run --release -p persist-durable-bench --bin http_naive
 //! ```
 //!
 //! `POOL_SIZE` (8, the library's default) sets the connection pool.
 
-#[path = "shared/naive.rs"]
+#[path = "../shared/naive.rs"]
 mod naive;
 
 use actix_web::{web, App, HttpResponse, HttpServer};

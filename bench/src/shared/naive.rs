@@ -1,7 +1,7 @@
 //! The service a team would write without actors: per command, one
 //! transaction that reads the user's row (`FOR UPDATE`), applies the same
 //! pure transition as the library, and writes it back. Shared by the load
-//! generator's naive mode and `examples/http_naive.rs`.
+//! generator's naive mode and `bench/src/bin/http_naive.rs`.
 
 use diesel::sql_types::{BigInt, Binary, Integer, Text};
 use diesel::OptionalExtension;

@@ -1,7 +1,7 @@
 """Draws the library against the naive service as users meet them, over HTTP (requests/s, by
 connections) and from Kafka (records/s), as grouped bars in one SVG; medians of the rounds.
 
-Usage: python3 scripts/chart-services.py bench/http.jsonl bench/kafka.jsonl bench/services.svg
+Usage: python3 bench/scripts/chart-services.py bench/results/http.jsonl bench/results/kafka.jsonl bench/results/services.svg
 Standard library only, so it runs wherever the benchmark does.
 """
 import json

@@ -1,5 +1,5 @@
 -- wrk: each request a product view of a random user among 100,000, with a
--- JSON body, as examples/http_service.rs and examples/http_naive.rs take it.
+-- JSON body, as examples/http_service.rs and bench/src/bin/http_naive.rs take it.
 local users = tonumber(os.getenv("USERS") or "100000")
 
 function init(args)

@@ -4,14 +4,14 @@
 # drift hits both equally. The spread between rounds of one binary is the
 # run-to-run noise the difference is held against.
 #
-# Usage: scripts/bench-compare.sh BEFORE_BINARY AFTER_BINARY [DATABASE_URL]
-#   env: ROUNDS (3), COMMANDS (300000), NAIVE_COMMANDS (30000), OUT (bench/compare.jsonl),
+# Usage: bench/scripts/bench-compare.sh BEFORE_BINARY AFTER_BINARY [DATABASE_URL]
+#   env: ROUNDS (3), COMMANDS (300000), NAIVE_COMMANDS (30000), OUT (bench/results/compare.jsonl),
 #        BEFORE_DATABASE_URL (DATABASE_URL): a database of its own for a commit
 #        whose schema differs (both are truncated)
-# Build the binaries with `cargo build --release --example loadtest` in a
+# Build the binaries with `cargo build --release -p persist-durable-bench --bin loadtest` in a
 # worktree of each commit (`git worktree add ../before <commit>`).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 before=$1
 after=$2
 url=${3:-${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/persist_durable_bench}}
@@ -19,7 +19,7 @@ rounds=${ROUNDS:-3}
 commands=${COMMANDS:-300000}
 naive_commands=${NAIVE_COMMANDS:-30000}
 before_url=${BEFORE_DATABASE_URL:-$url}
-out=${OUT:-bench/compare.jsonl}
+out=${OUT:-bench/results/compare.jsonl}
 mkdir -p "$(dirname "$out")"
 : > "$out"
 

@@ -1,6 +1,6 @@
-"""Draws commands/s against concurrency, actors and naive, from bench/results.jsonl as SVG.
+"""Draws commands/s against concurrency, actors and naive, from bench/results/results.jsonl as SVG.
 
-Usage: python3 scripts/chart.py bench/results.jsonl bench/throughput.svg
+Usage: python3 bench/scripts/chart.py bench/results/results.jsonl bench/results/throughput.svg
 Standard library only, so it runs wherever the benchmark does.
 """
 import json

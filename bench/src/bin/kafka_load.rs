@@ -12,11 +12,11 @@
 //! Each consuming mode reads the whole topic in a consumer group of its own
 //! (`--group`) into a fresh database, and prints one JSON line: records,
 //! seconds, records per second, and this process's CPU per record.
-//! `scripts/bench-kafka.sh` runs them alternately against one broker.
+//! `bench/scripts/bench-kafka.sh` runs them alternately against one broker.
 //!
 //! ```text
-//! cargo run --release --features kafka --example kafka_load -- --mode produce --records 200000
-//! cargo run --release --features kafka --example kafka_load -- --mode ingest --group run1 --database-url postgres://...
+//! cargo run --release -p persist-durable-bench --features kafka --bin kafka_load -- --mode produce --records 200000
+//! cargo run --release -p persist-durable-bench --features kafka --bin kafka_load -- --mode ingest --group run1 --database-url postgres://...
 //! ```
 
 use std::error::Error;
@@ -33,9 +33,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-#[path = "shared/cpu.rs"]
+#[path = "../shared/cpu.rs"]
 mod cpu;
-#[path = "shared/naive.rs"]
+#[path = "../shared/naive.rs"]
 mod naive;
 
 use cpu::process_cpu_seconds;
