@@ -22,10 +22,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use common::{test_store_config, Backend, TestDb};
 use persist_durable::kafka::{IngestConfig, IngestError, JsonRecords, KafkaIngest, StartAt};
-use persist_durable::{
-    validate_id, Config, DurableEntity, Entities, EntityKey, InvalidInput, PostgresStore, SharedStore, StateStoreExt,
-    StoreError,
-};
+use persist_durable::{Config, DurableEntity, Entities, Id, PostgresStore, SharedStore, StateStoreExt, StoreError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
@@ -35,24 +32,8 @@ use serde::{Deserialize, Serialize};
 // ---------------------------------------------------------------------------
 // The entity: a tally of applied sequence numbers.
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct TallyId(String);
-
-impl std::fmt::Display for TallyId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl EntityKey for TallyId {
-    type Entity = Tally;
-    fn entity_id(&self) -> String {
-        self.0.clone()
-    }
-    fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
-        validate_id("tally id", id).map(|()| TallyId(id.to_owned()))
-    }
-}
+/// The ready validated key.
+type TallyId = Id<Tally>;
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Tally {
@@ -90,7 +71,7 @@ impl DurableEntity for Tally {
 }
 
 fn tally(id: &str) -> TallyId {
-    TallyId(id.to_owned())
+    TallyId::new(id).unwrap()
 }
 
 // ---------------------------------------------------------------------------

@@ -11,36 +11,19 @@ use crate::common::{Backend, TestDb};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use persist_durable::{
-    ChangeLog, ChangeRow, CommandError, Config, DurableEntity, Entities, EntityKey, InvalidInput, Maintenance,
-    MemoryStore, Offsets, PersistenceId, Revision, SharedStore, StateStore, StateStoreExt, StoreError, StoreStats,
-    StoredRow, WriteRow,
+    ChangeLog, ChangeRow, CommandError, Config, DurableEntity, Entities, Id, Maintenance, MemoryStore, Offsets,
+    PersistenceId, Revision, SharedStore, StateStore, StateStoreExt, StoreError, StoreStats, StoredRow, WriteRow,
 };
 use rstest::rstest;
 use serde::{Deserialize, Serialize};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct FragileId(String);
-
-impl std::fmt::Display for FragileId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl EntityKey for FragileId {
-    type Entity = Fragile;
-    fn entity_id(&self) -> String {
-        self.0.clone()
-    }
-    fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
-        persist_durable::validate_id("fragile id", id).map(|()| FragileId(id.to_owned()))
-    }
-}
+/// The ready validated key: `FragileId::new("...")`.
+type FragileId = Id<Fragile>;
 
 fn id(name: &str) -> FragileId {
-    FragileId::from_entity_id(name).unwrap()
+    FragileId::new(name).unwrap()
 }
 
 /// A counter whose transition panics on `Explode`, and whose command name

@@ -10,38 +10,19 @@ use std::convert::Infallible;
 use crate::common::{t0, Backend, TestDb};
 use chrono::{DateTime, Utc};
 use persist_durable::{
-    CommandError, Config, CorruptRow, DurableEntity, Entities, EntityEvent, EntityFeed, EntityKey, EventId,
-    InvalidInput, MemoryStore, Revision, SharedStore, StateStoreExt, StoreError, UserKey, UserState, UserStates,
-    WriteRow,
+    CommandError, Config, CorruptRow, DurableEntity, Entities, EntityEvent, EntityFeed, EntityKey, EventId, Id,
+    MemoryStore, Revision, SharedStore, StateStoreExt, StoreError, UserKey, UserState, UserStates, WriteRow,
 };
 use rstest::rstest;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// A person's key: the entity id as it is.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct PersonId(String);
-
-impl std::fmt::Display for PersonId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl EntityKey for PersonId {
-    type Entity = Person;
-
-    fn entity_id(&self) -> String {
-        self.0.clone()
-    }
-
-    fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
-        persist_durable::validate_id("person id", id).map(|()| PersonId(id.to_owned()))
-    }
-}
+/// The ready validated key: `PersonId::new("...")`.
+type PersonId = Id<Person>;
 
 fn person(id: &str) -> PersonId {
-    PersonId::from_entity_id(id).unwrap()
+    PersonId::new(id).unwrap()
 }
 
 /// A person at schema version 3. Its stored shapes were:

@@ -9,32 +9,13 @@ use std::convert::Infallible;
 use crate::common::{test_store_config, Backend, TestDb};
 use chrono::{DateTime, Utc};
 use persist_durable::{
-    CommandError, Config, DurableEntity, Entities, EntityFeed, EntityKey, InvalidInput, Revision, StateStoreExt,
-    StoreError,
+    CommandError, Config, DurableEntity, Entities, EntityFeed, Id, Revision, StateStoreExt, StoreError,
 };
 use rstest::rstest;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-struct LedgerId(String);
-
-impl std::fmt::Display for LedgerId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl EntityKey for LedgerId {
-    type Entity = Ledger;
-
-    fn entity_id(&self) -> String {
-        self.0.clone()
-    }
-
-    fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
-        persist_durable::validate_id("ledger id", id).map(|()| LedgerId(id.to_owned()))
-    }
-}
+/// The ready validated key: `LedgerId::new("...")`.
+type LedgerId = Id<Ledger>;
 
 /// Entries keyed by a pair: JSON objects take string keys only, so a ledger
 /// with an entry cannot be encoded.
@@ -94,7 +75,7 @@ async fn a_state_that_cannot_be_encoded_fails_its_command_and_commits_nothing(
     let Some(db) = TestDb::open(backend).await else { return };
     let store = db.connect_with(test_store_config().with_change_feed(change_feed)).await;
     let ledgers = Entities::<Ledger>::start(store.clone(), Config::default());
-    let ledger = LedgerId("l1".into());
+    let ledger = LedgerId::new("l1").unwrap();
     ledgers.send(ledger.clone(), LedgerCommand::Count).await.unwrap();
 
     let refused = ledgers.send(ledger.clone(), LedgerCommand::AddEntry).await;
@@ -127,7 +108,7 @@ async fn only_the_command_whose_state_cannot_be_encoded_fails_and_those_sharing_
     let Some(db) = TestDb::open(backend).await else { return };
     let store = db.connect_with(test_store_config().with_change_feed(change_feed)).await;
     let ledgers = Entities::<Ledger>::start(store.clone(), Config::default());
-    let ledger = LedgerId("l2".into());
+    let ledger = LedgerId::new("l2").unwrap();
 
     // Queued together while the new entity restores, so applied in one round.
     let (first, entry, last) = tokio::join!(
