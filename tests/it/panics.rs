@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::common::{Backend, TestDb};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use persist_durable::testkit::{TestEntities, TestStore};
 use persist_durable::{
     ChangeLog, ChangeRow, CommandError, Config, DurableEntity, Entities, Id, Maintenance, MemoryStore, Offsets,
     PersistenceId, Revision, SharedStore, StateStore, StateStoreExt, StoreError, StoreStats, StoredRow, WriteRow,
@@ -135,30 +136,21 @@ async fn a_panicked_entity_is_evicted_and_restored_like_any_other() {
 
 #[actix::test]
 async fn a_panicked_entity_passivates_when_idle_and_restores_on_the_next_command() {
-    tokio::time::pause();
-    let store: SharedStore = std::sync::Arc::new(MemoryStore::new());
-    let fragiles = Entities::<Fragile>::start(store.clone(), Config::default().with_arbiters(0));
+    let store = TestStore::memory();
+    let fragiles = TestEntities::<Fragile>::start(&store);
     fragiles.send(id("a"), FragileCommand::Add(4)).await.unwrap();
     assert!(is_panicked(&fragiles.send(id("a"), FragileCommand::Explode).await));
 
-    tokio::time::advance(35 * MINUTE).await;
-    let mut resident = fragiles.stats().await.unwrap().resident_entities;
-    for _ in 0..1_000 {
-        if resident == 0 {
-            break;
-        }
-        tokio::task::yield_now().await;
-        resident = fragiles.stats().await.unwrap().resident_entities;
-    }
+    fragiles.advance(35 * MINUTE).await;
+    fragiles.until_passivated(&id("a")).await;
 
-    assert_eq!(resident, 0, "passivated");
     assert_eq!(fragiles.send(id("a"), FragileCommand::Get).await.unwrap().value, 4);
 }
 
 #[actix::test]
 async fn a_panic_outside_the_transition_stops_the_actor_and_the_next_command_starts_it_again() {
-    let store: SharedStore = std::sync::Arc::new(MemoryStore::new());
-    let fragiles = Entities::<Fragile>::start(store.clone(), Config::default().with_arbiters(0));
+    let store = TestStore::memory();
+    let fragiles = TestEntities::<Fragile>::start(&store);
     fragiles.send(id("a"), FragileCommand::Add(3)).await.unwrap();
 
     let unnamed = fragiles.send(id("a"), FragileCommand::Unnameable).await;
@@ -166,6 +158,7 @@ async fn a_panic_outside_the_transition_stops_the_actor_and_the_next_command_sta
     assert!(unnamed.is_err(), "{unnamed:?}");
     let next = fragiles.send(id("a"), FragileCommand::Add(1)).await.unwrap();
     assert_eq!(next.value, 4, "a new actor restored the stored state");
+    assert_eq!(store.row(&id("a")).await.unwrap().unwrap().payload["value"], 4);
 }
 
 /// A store that panics whenever it loads the entity `bad`.
