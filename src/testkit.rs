@@ -8,8 +8,8 @@
 //!   [`t0`], so time moves only when the test says, with [`advance`]
 //!   moving tokio's time and the recorded clock together;
 //! - waits for what the library does ([`until_passivated`],
-//!   [`until_resident`], [`TestStore::until_feed_reaches`]), woken by the
-//!   library's own changes instead of sleeping.
+//!   [`until_resident`], [`TestStore::until_feed_reaches`]) by yielding
+//!   to it, never by sleeping, so paused time moves only when the test says.
 //!
 //! A passivate-and-restore test of a counter, the body of an
 //! `#[actix::test] async fn`:
@@ -172,7 +172,7 @@ impl TestStore {
     /// there); fails the test if it does not within 10 s of real time.
     pub async fn until_feed_reaches(&self, position: u64) {
         let store = self.store.clone();
-        wait(None, "the change feed to reach its position", || {
+        wait("the change feed to reach its position", || {
             let store = store.clone();
             async move { store.feed_bounds().await.is_ok_and(|bounds| bounds.head >= position) }
         })
@@ -273,7 +273,7 @@ impl<E: DurableEntity> TestEntities<E> {
     /// does not within 10 s of real time. Time does not move meanwhile.
     pub async fn until_passivated(&self, key: &E::Key) {
         let (entities, key) = (&self.entities, key.clone());
-        wait(self.entities.changes(), "the entity to passivate", || {
+        wait("the entity to passivate", || {
             let key = key.clone();
             async move { !entities.is_resident(&key).await }
         })
@@ -283,7 +283,7 @@ impl<E: DurableEntity> TestEntities<E> {
     /// Waits until `key` has an actor that is not passivating.
     pub async fn until_resident(&self, key: &E::Key) {
         let (entities, key) = (&self.entities, key.clone());
-        wait(self.entities.changes(), "the entity to be resident", || {
+        wait("the entity to be resident", || {
             let key = key.clone();
             async move { entities.is_resident(&key).await }
         })
@@ -299,31 +299,23 @@ impl<E: DurableEntity> Deref for TestEntities<E> {
     }
 }
 
-/// Checks `done` each time the library reports a change (or the test's
-/// thread is otherwise idle), yielding in between so that the library
-/// runs and tokio's paused clock never moves on its own; fails the test
-/// after 10 s of real time.
-async fn wait<F, Fut>(changes: Option<&tokio::sync::Notify>, what: &str, mut done: F)
+/// Checks `done`, yielding in between so that the library runs (its shard
+/// is on this thread, its store on threads of its own) while tokio's paused
+/// clock does not move; fails the test after 10 s of real time. Nothing on
+/// the library's hot path tells a test of its changes: a check costs a
+/// message to one shard.
+async fn wait<F, Fut>(what: &str, mut done: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     let started = std::time::Instant::now();
     loop {
-        let changed = changes.map(tokio::sync::Notify::notified);
         if done().await {
             return;
         }
         assert!(started.elapsed() < WAIT_LIMIT, "waited {WAIT_LIMIT:?} for {what}");
-        match changed {
-            Some(changed) => {
-                tokio::select! {
-                    _ = changed => {}
-                    _ = tokio::task::yield_now() => {}
-                }
-            }
-            None => tokio::task::yield_now().await,
-        }
+        tokio::task::yield_now().await;
     }
 }
 

@@ -159,9 +159,6 @@ pub(crate) struct Shared<E: DurableEntity> {
     pub(crate) settings: E::Settings,
     /// The actor's shard, known only by what it receives; `None` for stand-alone actors.
     pub(crate) manager: Option<Recipient<FromChild<E::Key>>>,
-    /// Told of every committed write and every child started or stopped, so
-    /// that a test can wait for what the library does instead of polling.
-    pub(crate) changes: Arc<tokio::sync::Notify>,
 }
 
 impl<E: DurableEntity> EntityActor<E> {
@@ -178,7 +175,6 @@ impl<E: DurableEntity> EntityActor<E> {
             settings,
             config,
             manager: None,
-            changes: Default::default(),
         };
         Self::with_shared(key, Arc::new(shared), Owner::StandAlone)
     }
@@ -378,7 +374,6 @@ impl<E: DurableEntity> EntityActor<E> {
                 for (queued, answer) in written {
                     queued.answer(answer);
                 }
-                self.shared.changes.notify_waiters();
                 return;
             }
             Err(error) => error,

@@ -157,12 +157,6 @@ impl<E: DurableEntity> Entities<E> {
         }
     }
 
-    /// Notified of every committed write and every entity actor started or
-    /// stopped; `None` for a handle made from an address.
-    pub(crate) fn changes(&self) -> Option<&tokio::sync::Notify> {
-        self.shards.as_ref().map(|shards| &**shards.changes())
-    }
-
     /// Checks that the store's database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.store.ping().await

@@ -77,8 +77,6 @@ pub struct EntityManager<E: DurableEntity> {
 pub(crate) struct Shards<E: DurableEntity> {
     shards: Arc<[Addr<Shard<E>>]>,
     spread: Spread,
-    /// What the shards and their children tell of every change.
-    changes: Arc<tokio::sync::Notify>,
 }
 
 impl<E: DurableEntity> Shards<E> {
@@ -138,11 +136,6 @@ impl<E: DurableEntity> Shards<E> {
         Ok(purged)
     }
 
-    /// Notified of every committed write and every entity actor started or stopped.
-    pub(crate) fn changes(&self) -> &Arc<tokio::sync::Notify> {
-        &self.changes
-    }
-
     /// Whether `key` has an actor that is not passivating.
     pub(crate) async fn is_resident(&self, key: &E::Key) -> Result<bool, ManagerStopped> {
         self.of(key)
@@ -188,7 +181,6 @@ impl<E: DurableEntity> Clone for Shards<E> {
         Self {
             shards: self.shards.clone(),
             spread: self.spread.clone(),
-            changes: self.changes.clone(),
         }
     }
 }
@@ -234,17 +226,12 @@ impl<E: DurableEntity> EntityManager<E> {
                     config: self.config.clone(),
                     settings: E::Settings::clone(&self.settings),
                     manager: None,
-                    changes: counters.changes.clone(),
                 };
                 let shard = Shard::new(Arc::new(shared), Placement::new(index, spread.clone()), &counters);
                 start_unbounded(shard, self.arbiters.get(index).map(Arbiter::handle).as_ref())
             })
             .collect();
-        let shards = Shards {
-            shards,
-            spread,
-            changes: counters.changes.clone(),
-        };
+        let shards = Shards { shards, spread };
         self.shards = Some(shards.clone());
         shards
     }

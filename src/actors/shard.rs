@@ -34,8 +34,6 @@ pub(crate) struct ShardCounters {
     pub(crate) in_flight: Arc<AtomicUsize>,
     /// Entities with an actor that is not passivating.
     pub(crate) active: Arc<AtomicUsize>,
-    /// Told of every committed write and every child started or stopped.
-    pub(crate) changes: Arc<tokio::sync::Notify>,
 }
 
 use delivery::{Batch, Delivery, Held, One};
@@ -145,7 +143,7 @@ impl<E: DurableEntity> Shard<E> {
     /// `in_flight` with the other shards; `shared` is completed with the
     /// shard's own address when it starts.
     pub(crate) fn new(shared: Arc<Shared<E>>, placement: Placement, counters: &ShardCounters) -> Self {
-        let ShardCounters { in_flight, active, .. } = counters.clone();
+        let ShardCounters { in_flight, active } = counters.clone();
         let children = HashMap::with_capacity(placement.share_of(shared.config.max_resident).min(MAX_RESERVED));
         Self {
             shared,
@@ -269,7 +267,6 @@ impl<E: DurableEntity> Actor for Shard<E> {
                     config: self.shared.config.clone(),
                     settings: self.shared.settings.clone(),
                     manager,
-                    changes: self.shared.changes.clone(),
                 })
             }
         }
@@ -444,7 +441,6 @@ impl<E: DurableEntity> Shard<E> {
         };
         metrics::gauge!("persist_durable_resident_entities", "entity" => E::ENTITY_TYPE).decrement(1);
         debug!(key = %key, held = held.len(), "entity actor stopped");
-        self.shared.changes.notify_waiters();
         if self.draining.is_some() {
             // Held back, never queued at the actor: not applied, and heard as `NotDelivered`.
             drop(held);
