@@ -176,6 +176,26 @@ impl TestDb {
         }
     }
 
+    /// Where the database is, as `persist_durable::open` takes it: the
+    /// PostgreSQL URL or the SQLite file's path.
+    pub fn location(&self) -> String {
+        match &self.location {
+            Location::Postgres { url, .. } => url.clone(),
+            Location::Sqlite { path, .. } => path.display().to_string(),
+        }
+    }
+
+    /// Fails the test unless the SQL boolean expression `condition` holds on
+    /// the database, read outside the library.
+    pub fn assert_sql(&self, condition: &str) {
+        let check = format!(
+            "CREATE TEMP TABLE assertion (holds BOOLEAN NOT NULL CHECK (holds)); \
+             INSERT INTO assertion (holds) SELECT {condition}; DROP TABLE assertion;"
+        );
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.execute(&check)));
+        assert!(outcome.is_ok(), "does not hold on the database: {condition}");
+    }
+
     /// Runs `sql` on the test database directly, outside the library.
     pub fn execute(&self, sql: &str) {
         match &self.location {
@@ -412,4 +432,62 @@ pub fn metrics_snapshotter() -> &'static metrics_util::debugging::Snapshotter {
         recorder.install().expect("the only recorder of this test binary");
         snapshotter
     })
+}
+
+/// A child process of this test binary doing one task (see `child::child_process`
+/// in tests/it): how tests run the library in processes of their own, as
+/// several instances of a service would.
+pub struct ChildProcess {
+    child: std::process::Child,
+    pub stdout: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl ChildProcess {
+    /// Starts `task` with `args` in a new process.
+    pub fn start(task: &str, args: &[&str]) -> ChildProcess {
+        let mut child = Process::new(std::env::current_exe().expect("the test binary"))
+            .args([
+                "--ignored",
+                "--exact",
+                "child::child_process",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("PERSIST_DURABLE_CHILD", task)
+            .env("PERSIST_DURABLE_CHILD_ARGS", args.join("\u{1f}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("a child process starts");
+        let stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        ChildProcess { child, stdout }
+    }
+
+    /// What the child printed next from `marker` on (the test harness may
+    /// print its own words before it on the same line), skipping other
+    /// lines; `None` once it exited.
+    pub fn line(&mut self, marker: &str) -> Option<String> {
+        self.stdout
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|line| line.find(marker).map(|at| line[at..].to_owned()))
+    }
+
+    /// Waits for the child to exit; whether it exited successfully.
+    pub fn wait(mut self) -> bool {
+        self.child.wait().map(|status| status.success()).unwrap_or(false)
+    }
+
+    /// The child's process id, for signals.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

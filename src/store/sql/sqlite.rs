@@ -187,12 +187,23 @@ fn migrate(path: &str, busy_ms: u128) -> Result<(), StoreError> {
     conn.batch_execute(&format!("PRAGMA busy_timeout = {busy_ms}; PRAGMA journal_mode = WAL;"))
         .map_err(StoreError::unavailable)?;
     // Another process may apply the same migration between our check and our
-    // write; the second attempt then finds nothing pending.
-    if super::apply_migrations(&mut conn, MIGRATIONS).is_ok() {
-        return Ok(());
+    // write, or hold the database's write lock longer than the busy timeout
+    // (several processes starting at once): a later attempt finds what is
+    // still pending.
+    let give_up_at = std::time::Instant::now() + MIGRATION_PATIENCE;
+    loop {
+        match super::apply_migrations(&mut conn, MIGRATIONS) {
+            Ok(()) => return Ok(()),
+            Err(error) if std::time::Instant::now() >= give_up_at => return Err(error),
+            Err(error) => tracing::debug!(%error, "migrating failed, maybe for another process's lock; trying again"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    super::apply_migrations(&mut conn, MIGRATIONS)
 }
+
+/// How long a process keeps trying to migrate a database other processes
+/// are migrating too.
+const MIGRATION_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl SqliteBackend {
     /// One page of an entity type's ids and revisions in persistence id

@@ -111,27 +111,106 @@ fn connection_pool(database_url: &str, config: &StoreConfig) -> Result<Pool<Asyn
     ))
 }
 
-/// Applies the pending migrations, one after another, each logged.
+/// Applies the pending migrations, one after another, each logged, then
+/// rebuilds any index a failed concurrent build left INVALID.
 ///
 /// Only the connection is bounded in time: a migration that converts or
 /// indexes a large existing table may take minutes, and cutting it short
 /// would only roll it back to be tried again at the next start. Indexes on
 /// tables that may be large are built `CONCURRENTLY` (their migrations run
 /// outside a transaction), so writers go on meanwhile.
+///
+/// One process migrates at a time. The others wait for it by trying the
+/// migration lock again and again, never inside `pg_advisory_lock`: a
+/// session waiting there holds a snapshot, which a concurrent index build of
+/// the migrating session waits for, and the two would deadlock.
 async fn migrate(url: String, connect_timeout: Duration) -> Result<(), StoreError> {
     let mut conn = tokio::time::timeout(connect_timeout, AsyncPgConnection::establish(&url))
         .await
         .map_err(|_| StoreError::Timeout(connect_timeout))?
         .map_err(StoreError::unavailable)?;
-    conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
-        .await?;
+    take_migration_lock(&mut conn).await?;
     let mut harness = AsyncMigrationHarness::new(conn);
     let applied = super::apply_migrations(&mut harness, MIGRATIONS);
     let mut conn = harness.into_inner();
+    let repaired = match applied {
+        Ok(()) => rebuild_invalid_indexes(&mut conn).await,
+        Err(error) => Err(error),
+    };
+    // Released with the session in any case; this only releases it sooner.
     conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
         .await?;
-    applied
+    repaired
 }
+
+/// How long a process waits between two tries of the migration lock.
+const MIGRATION_LOCK_RETRY: Duration = Duration::from_millis(50);
+
+/// Takes the session's migration lock, trying until no other process holds it.
+async fn take_migration_lock(conn: &mut AsyncPgConnection) -> Result<(), StoreError> {
+    #[derive(QueryableByName)]
+    struct Locked {
+        #[diesel(sql_type = diesel::sql_types::Bool)]
+        locked: bool,
+    }
+    let mut waiting_since = None;
+    loop {
+        let Locked { locked } = diesel::sql_query("SELECT pg_try_advisory_lock($1) AS locked")
+            .bind::<diesel::sql_types::BigInt, _>(MIGRATION_LOCK_KEY)
+            .get_result(conn)
+            .await?;
+        if locked {
+            if let Some(since) = waiting_since {
+                tracing::info!(waited = ?std::time::Instant::elapsed(&since), "took the migration lock");
+            }
+            return Ok(());
+        }
+        if waiting_since.is_none() {
+            tracing::info!("another process is migrating this database; waiting for it");
+            waiting_since = Some(std::time::Instant::now());
+        }
+        tokio::time::sleep(MIGRATION_LOCK_RETRY).await;
+    }
+}
+
+/// Rebuilds, concurrently, each index of the crate's tables that a failed
+/// `CREATE INDEX CONCURRENTLY` (or `REINDEX CONCURRENTLY`) left INVALID:
+/// PostgreSQL keeps such an index up to date but never reads it, and
+/// `CREATE INDEX ... IF NOT EXISTS` skips it. The copies a failed
+/// `REINDEX CONCURRENTLY` leaves (`_ccnew`, `_ccold`) are dropped.
+async fn rebuild_invalid_indexes(conn: &mut AsyncPgConnection) -> Result<(), StoreError> {
+    #[derive(QueryableByName)]
+    struct Invalid {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    let invalid: Vec<Invalid> = diesel::sql_query(
+        "SELECT c.relname AS name FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid \
+         WHERE NOT i.indisvalid AND t.relnamespace = current_schema()::regnamespace \
+           AND t.relname = ANY($1) ORDER BY c.relname",
+    )
+    .bind::<diesel::sql_types::Array<Text>, _>(CRATE_TABLES)
+    .load(conn)
+    .await?;
+    for Invalid { name } in invalid {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        let leftover = name.contains("_ccnew") || name.contains("_ccold");
+        let statement = if leftover {
+            format!("DROP INDEX CONCURRENTLY IF EXISTS {quoted}")
+        } else {
+            format!("REINDEX INDEX CONCURRENTLY {quoted}")
+        };
+        tracing::warn!(index = %name, %statement, "an index is INVALID (a concurrent build failed); rebuilding it");
+        let started = std::time::Instant::now();
+        conn.batch_execute(&statement).await?;
+        tracing::info!(index = %name, took = ?started.elapsed(), "index rebuilt");
+    }
+    Ok(())
+}
+
+/// The tables the crate's migrations create.
+const CRATE_TABLES: &[&str] = &["durable_state", "state_changes", "feed_head", "feed_offsets"];
 
 impl PostgresBackend {
     /// One page of an entity type's ids and revisions in persistence id
