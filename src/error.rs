@@ -42,6 +42,41 @@ pub enum StoreError {
     /// The database answered with an error.
     #[error("database error")]
     Query(#[source] Arc<diesel::result::Error>),
+    /// The database refused a statement with an error of its own, whose
+    /// SQLSTATE says what it was: nothing of the statement was committed.
+    #[error("the database refused the statement (SQLSTATE {sqlstate})")]
+    Refused {
+        /// The five-character SQLSTATE: `P0001` for a trigger's `RAISE
+        /// EXCEPTION`, `23514` for a check violation, `40P01` for a deadlock.
+        sqlstate: String,
+        /// The driver's error.
+        #[source]
+        source: Cause,
+    },
+    /// The database refused this row's write for what it holds (a
+    /// constraint, a trigger, a value out of range), found by writing it
+    /// apart from the rest of its batch, which committed: writing it again
+    /// fails again.
+    #[error("the database refused the row of {key}")]
+    RowRefused {
+        /// The entity.
+        key: PersistenceId,
+        /// What the database said.
+        #[source]
+        source: Arc<StoreError>,
+    },
+    /// The database refused a batch of writes because of what one of its
+    /// rows holds, and splitting the batch did not get down to this row
+    /// within its bounds: it was not committed, and may well not be the
+    /// culprit. Retry.
+    #[error("the write of {key} was refused with its batch, for another row's sake as far as is known")]
+    Unisolated {
+        /// The entity.
+        key: PersistenceId,
+        /// What the database said of the batch.
+        #[source]
+        source: Arc<StoreError>,
+    },
     /// A load took longer than the configured limit. (A write that the
     /// database may have committed is [`OutcomeUnknown`](Self::OutcomeUnknown).)
     #[error("the database did not answer within {0:?}")]
@@ -140,36 +175,69 @@ impl From<diesel::result::Error> for StoreError {
 }
 
 impl StoreError {
-    /// Whether the database refused a statement because of what one of its
-    /// rows holds, as the driver classifies it: a unique, foreign key, not
-    /// null, check, restrict or exclusion violation. Only then can writing
-    /// the rows apart let the others commit. Anything else (down, slow, out
-    /// of resources, or an error the driver leaves unclassified) is the
-    /// database's, never guessed from its message, whose language depends on
-    /// the server's `lc_messages`. A trigger that refuses a row says so with
-    /// a constraint violation (PostgreSQL: `USING ERRCODE = 'check_violation'`).
-    pub(crate) fn is_row_refusal(&self) -> bool {
+    /// Whether the database may have refused the statement for what one of
+    /// its rows holds (a refusal that writing the row again would repeat),
+    /// as opposed to failing itself (down, busy, timed out, deadlocked, out
+    /// of resources): only then is a batch worth writing in parts.
+    ///
+    /// Decided by the SQLSTATE where the driver keeps it (the PostgreSQL
+    /// writer), else by what diesel classifies: a constraint violation is a
+    /// row's, a serialization failure or a lost connection the database's.
+    /// SQLite's other errors come with its own fixed English messages, which
+    /// tell a busy or broken database apart from a trigger's `RAISE(ABORT)`.
+    pub(crate) fn may_be_a_row_refusal(&self) -> bool {
         use diesel::result::{DatabaseErrorKind, Error};
-        matches!(
-            self,
-            StoreError::Query(error) if matches!(
-                error.as_ref(),
+        match self {
+            StoreError::Refused { sqlstate, .. } => !is_transient_sqlstate(sqlstate),
+            StoreError::Query(error) => match error.as_ref() {
                 Error::DatabaseError(
                     DatabaseErrorKind::UniqueViolation
-                        | DatabaseErrorKind::ForeignKeyViolation
-                        | DatabaseErrorKind::NotNullViolation
-                        | DatabaseErrorKind::CheckViolation
-                        | DatabaseErrorKind::RestrictViolation
-                        | DatabaseErrorKind::ExclusionViolation,
+                    | DatabaseErrorKind::ForeignKeyViolation
+                    | DatabaseErrorKind::NotNullViolation
+                    | DatabaseErrorKind::CheckViolation
+                    | DatabaseErrorKind::RestrictViolation
+                    | DatabaseErrorKind::ExclusionViolation,
                     _,
-                )
-            )
-        )
+                ) => true,
+                Error::DatabaseError(DatabaseErrorKind::Unknown, info) => !is_transient_sqlite_message(info.message()),
+                _ => false,
+            },
+            _ => false,
+        }
     }
 
     pub(crate) fn unavailable(error: impl std::error::Error + Send + Sync + 'static) -> Self {
         StoreError::Unavailable(Arc::new(error))
     }
+}
+
+/// SQLSTATE classes and codes of failures of the database or the session,
+/// not of what a statement writes: a connection exception (08), a
+/// transaction rollback (40: serialization failure, deadlock), insufficient
+/// resources (53), operator intervention (57: statement timeout, shutdown),
+/// system errors (58), snapshot too old (72), configuration (F0), internal
+/// errors (XX), an invalid transaction state (25: a read-only standby after
+/// a fail-over), and a lock not available or an object in use (55P03,
+/// 55006: the lock timeout).
+fn is_transient_sqlstate(sqlstate: &str) -> bool {
+    const CLASSES: [&str; 9] = ["08", "40", "53", "57", "58", "72", "F0", "XX", "25"];
+    CLASSES.iter().any(|class| sqlstate.starts_with(class)) || matches!(sqlstate, "55P03" | "55006" | "55000")
+}
+
+/// SQLite's own messages for a database that is busy, locked, full, broken
+/// or interrupted (SQLite does not translate them).
+fn is_transient_sqlite_message(message: &str) -> bool {
+    const TRANSIENT: [&str; 8] = [
+        "database is locked",
+        "database table is locked",
+        "disk I/O error",
+        "database or disk is full",
+        "out of memory",
+        "interrupted",
+        "unable to open database file",
+        "database schema has changed",
+    ];
+    TRANSIENT.iter().any(|transient| message.starts_with(transient))
 }
 
 /// The entities' manager is no longer running: its actor system stopped, or
@@ -334,6 +402,17 @@ pub enum CommandError<E: DurableEntity> {
         /// What the panic said.
         message: String,
     },
+    /// An ingested record this entity refused when it was first read, read
+    /// again: it was not applied then and is not now. It belongs in the
+    /// dead-letter topic (the ingest sends it there; after a crash that is
+    /// the second copy at most).
+    #[error("the record for {key} was refused when it was first read: {reason}")]
+    RefusedBefore {
+        /// The entity.
+        key: E::Key,
+        /// Why it was refused then.
+        reason: String,
+    },
     /// The key does not encode to an entity id that reads back as it (an
     /// empty id, one too long or with a control character): refused before
     /// anything reached the store.
@@ -383,7 +462,7 @@ impl<E: DurableEntity> CommandError<E> {
                 key: key.clone(),
                 source,
             },
-            refused if refused.is_row_refusal() => CommandError::Unstorable {
+            refused @ StoreError::RowRefused { .. } => CommandError::Unstorable {
                 key: key.clone(),
                 source: refused,
             },
@@ -411,6 +490,7 @@ impl<E: DurableEntity> CommandError<E> {
             | CommandError::NewerSchema { key, .. }
             | CommandError::Unstorable { key, .. }
             | CommandError::Panicked { key, .. }
+            | CommandError::RefusedBefore { key, .. }
             | CommandError::InvalidKey { key, .. } => key,
         }
     }
@@ -418,7 +498,7 @@ impl<E: DurableEntity> CommandError<E> {
     /// A short, stable name of the failure, for metrics, logs and the HTTP
     /// body's `kind`: `conflict`, `corrupt_state`, `store_unavailable`,
     /// `outcome_unknown`, `overloaded`, `not_delivered`, `rejected`,
-    /// `newer_schema`, `unstorable`, `panicked`, `invalid_key`.
+    /// `newer_schema`, `unstorable`, `panicked`, `refused_before`, `invalid_key`.
     pub fn kind(&self) -> &'static str {
         match self {
             CommandError::Conflict { .. } => "conflict",
@@ -431,6 +511,7 @@ impl<E: DurableEntity> CommandError<E> {
             CommandError::NewerSchema { .. } => "newer_schema",
             CommandError::Unstorable { .. } => "unstorable",
             CommandError::Panicked { .. } => "panicked",
+            CommandError::RefusedBefore { .. } => "refused_before",
             CommandError::InvalidKey { .. } => "invalid_key",
         }
     }
@@ -438,8 +519,8 @@ impl<E: DurableEntity> CommandError<E> {
     /// Whether sending the same command again may succeed: true for a
     /// conflict, an unavailable or overloaded store, an undelivered command,
     /// a newer schema and an unknown outcome (with the same event id); false
-    /// for a corrupt row, a domain refusal, an unstorable state, a panic and
-    /// an invalid key, which fail the same way again.
+    /// for a corrupt row, a domain refusal, an unstorable state, a panic, a
+    /// record refused before and an invalid key, which fail the same way again.
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
@@ -447,6 +528,7 @@ impl<E: DurableEntity> CommandError<E> {
                 | CommandError::Rejected { .. }
                 | CommandError::Unstorable { .. }
                 | CommandError::Panicked { .. }
+                | CommandError::RefusedBefore { .. }
                 | CommandError::InvalidKey { .. }
         )
     }

@@ -29,6 +29,8 @@ psql -q -v ON_ERROR_STOP=1 "$url" -f "$here/migrations/postgres/2026-11-20-00000
 psql -q -v ON_ERROR_STOP=1 "$url" <<SQL
 -- 2026-11-23-000000_schema_versions's column (that migration also alters the feed's table, absent here).
 ALTER TABLE durable_state ADD COLUMN IF NOT EXISTS state_schema_version INTEGER NOT NULL DEFAULT 1;
+-- 2026-12-08-000000_row_generations's column.
+ALTER TABLE durable_state ADD COLUMN IF NOT EXISTS generation BIGINT NOT NULL DEFAULT 0;
 TRUNCATE durable_state;
 INSERT INTO durable_state
     (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload)
@@ -44,14 +46,14 @@ write_script() { # $1: rows per statement
 \set base :client_id * :span + random(0, :span - $1 - 1)
 WITH input AS (
     SELECT d.persistence_id, d.revision AS expected, d.revision + 1 AS revision, d.state_payload AS payload,
-           d.entity_type, d.state_ser_manifest AS manifest, d.state_schema_version AS schema_version
+           d.entity_type, d.state_ser_manifest AS manifest, d.state_schema_version AS schema_version, d.generation
     FROM durable_state AS d
     WHERE d.persistence_id IN (SELECT 'UserState|bench-' || (:base + g) FROM generate_series(1, $1) AS g)
 ), inserted AS (
     INSERT INTO durable_state
         (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload,
-         state_schema_version)
-    SELECT persistence_id, entity_type, revision, now(), 1, manifest, payload, schema_version
+         state_schema_version, generation)
+    SELECT persistence_id, entity_type, revision, now(), 1, manifest, payload, schema_version, generation
     FROM input WHERE expected = 0
     ORDER BY persistence_id COLLATE "C"
     ON CONFLICT (persistence_id) DO NOTHING
@@ -59,6 +61,7 @@ WITH input AS (
 ), locked AS (
     SELECT d.ctid AS row_id, i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version
     FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
+        AND (i.generation IS NULL OR d.generation = i.generation)
     WHERE i.expected <> 0 AND (SELECT count(*) FROM inserted) >= 0
     ORDER BY d.persistence_id COLLATE "C"
     FOR UPDATE OF d

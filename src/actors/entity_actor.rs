@@ -1,3 +1,4 @@
+use std::num::NonZeroU32;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
@@ -7,12 +8,14 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
+use super::contain::{self, panic_message, Shown};
 use super::protocol::{ChildEvent, FromChild, Passivate, ReplyTo};
-use super::round::{self, panic_message, Next, Queued, Rules, Write};
+use super::round::{self, Next, Queued, Rules, Write};
 use crate::config::Config;
 use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, RecordOrigin, Revision};
 use crate::error::{CommandError, StoreError};
 use crate::store::ext::{checked, write_encoded};
+use crate::store::fresh_generation;
 use crate::store::SharedStore;
 
 pub(crate) use super::round::Answer;
@@ -112,6 +115,11 @@ pub struct EntityActor<E: DurableEntity> {
     /// Commands received and not yet part of a write, in arrival order.
     queue: Vec<Queued<E>>,
     last_active: Instant,
+    /// The [generation](crate::StoredRow::generation) of the row its state
+    /// came from (or, before the row exists, the one it will create it with):
+    /// checked with the revision by every write and freshness check, so a
+    /// row purged and created again elsewhere is never taken for its own.
+    generation: u64,
     /// Stand-alone, or which incarnation under its shard.
     owner: Owner,
 }
@@ -149,7 +157,8 @@ enum Owner {
     StandAlone,
     /// Under its shard, as the entity's incarnation `n` (from 1): the shard
     /// tells a message of this actor from one of an earlier incarnation.
-    Shard { incarnation: u32 },
+    /// Never 0, which keeps `Owner` in 4 bytes beside the lifecycle.
+    Shard { incarnation: NonZeroU32 },
 }
 
 /// What every actor of one shard shares.
@@ -180,7 +189,7 @@ impl<E: DurableEntity> EntityActor<E> {
     }
 
     /// The actor of `key`, incarnation `incarnation` (from 1) under its shard.
-    pub(crate) fn under_shard(key: E::Key, shared: Arc<Shared<E>>, incarnation: u32) -> Self {
+    pub(crate) fn under_shard(key: E::Key, shared: Arc<Shared<E>>, incarnation: NonZeroU32) -> Self {
         Self::with_shared(key, shared, Owner::Shard { incarnation })
     }
 
@@ -192,6 +201,7 @@ impl<E: DurableEntity> EntityActor<E> {
             lifecycle: Lifecycle::Running,
             queue: Vec::new(),
             last_active: Instant::now(),
+            generation: 0,
             owner,
         }
     }
@@ -200,7 +210,7 @@ impl<E: DurableEntity> EntityActor<E> {
     fn shard(&self) -> Option<(&Recipient<FromChild<E::Key>>, u32)> {
         match self.owner {
             Owner::StandAlone => None,
-            Owner::Shard { incarnation } => self.shared.manager.as_ref().map(|shard| (shard, incarnation)),
+            Owner::Shard { incarnation } => self.shared.manager.as_ref().map(|shard| (shard, incarnation.get())),
         }
     }
 
@@ -248,13 +258,18 @@ impl<E: DurableEntity> EntityActor<E> {
         for queued in &mut self.queue {
             queued.awaiting_load = true;
         }
-        let (store, key) = (self.shared.store.clone(), self.key.persistence_id());
+        let (store, key, generation) = (self.shared.store.clone(), self.key.persistence_id(), self.generation);
         let load = async move {
             let row = store.load_row(&key).await?;
             match (row, known) {
-                (Some(row), Some((revision, durable))) if row.revision == revision => Ok(Some((revision, durable))),
-                (None, Some((Revision::NONE, durable))) => Ok(Some((Revision::NONE, durable))),
-                (Some(row), _) => decode::<E>(&key, row).map(Some),
+                (Some(row), Some((revision, durable))) if row.revision == revision && row.generation == generation => {
+                    Ok(Some((revision, generation, durable)))
+                }
+                (None, Some((Revision::NONE, durable))) => Ok(Some((Revision::NONE, generation, durable))),
+                (Some(row), _) => {
+                    let generation = row.generation;
+                    decode::<E>(&key, row).map(|(revision, durable)| Some((revision, generation, durable)))
+                }
                 (None, _) => Ok(None),
             }
         };
@@ -266,7 +281,9 @@ impl<E: DurableEntity> EntityActor<E> {
                     actor.last_active = Instant::now();
                     match restored {
                         Ok(stored) => {
-                            let (revision, durable) = stored.unwrap_or_default();
+                            let (revision, generation, durable) =
+                                stored.unwrap_or_else(|| (Revision::NONE, fresh_generation(), Durable::default()));
+                            actor.generation = generation;
                             actor.phase = Phase::Ready(revision, durable);
                             for queued in &mut actor.queue {
                                 queued.fresh |= std::mem::take(&mut queued.awaiting_load);
@@ -274,7 +291,7 @@ impl<E: DurableEntity> EntityActor<E> {
                         }
                         Err(error) => {
                             actor.phase = Phase::Unloaded;
-                            warn!(key = %actor.key, %error, "restore failed; queued commands fail, the next one retries");
+                            warn!(key = %Shown(&actor.key), %error, "restore failed; queued commands fail, the next one retries");
                             for queued in actor.queue.drain(..) {
                                 queued.answer(Err(CommandError::from_store(&actor.key, error.clone())));
                             }
@@ -320,6 +337,7 @@ impl<E: DurableEntity> EntityActor<E> {
         } = write;
         self.phase = Phase::Writing { reload_after };
         let (store, key) = (self.shared.store.clone(), self.key.persistence_id());
+        let expected = (expected, Some(self.generation));
         let write = async move {
             let written = caught(
                 write_encoded::<E, _>(store.as_ref(), key, expected, revision, payloads, erases),
@@ -331,7 +349,12 @@ impl<E: DurableEntity> EntityActor<E> {
                 other => other,
             })
         };
+        let waiting = Unsettled {
+            key: self.key.clone(),
+            waiting,
+        };
         ctx.spawn(write.into_actor(self).map(move |result, actor, ctx| {
+            let waiting = waiting.settled();
             actor.contained(ctx, |actor, ctx| {
                 actor.last_active = Instant::now();
                 actor.settle(result.map(|revision| (revision, state)), waiting);
@@ -349,11 +372,13 @@ impl<E: DurableEntity> EntityActor<E> {
             return;
         };
         let message = panic_message(&panic);
-        error!(key = %self.key, panic = %message, "an entity actor panicked; stopping it");
+        error!(key = %Shown(&self.key), panic = %message, "an entity actor panicked; stopping it");
+        // None of them ran: not applied, and worth sending again. A write
+        // in flight answers its own commands, its outcome unknown.
         for queued in self.queue.drain(..) {
-            queued.reply.send(Err(CommandError::Panicked {
+            queued.answer(Err(CommandError::NotDelivered {
                 key: self.key.clone(),
-                message: message.clone(),
+                reason: format!("the entity's actor stopped after a panic in the entity's code: {message}"),
             }));
         }
         self.stop_self(ctx);
@@ -364,7 +389,7 @@ impl<E: DurableEntity> EntityActor<E> {
         let reload_after = matches!(self.phase, Phase::Writing { reload_after: true });
         let error = match result {
             Ok((revision, durable)) => {
-                debug!(key = %self.key, %revision, events = written.len(), "committed");
+                debug!(key = %Shown(&self.key), %revision, events = written.len(), "committed");
                 // After a refusal on possibly stale state, the next command reloads.
                 self.phase = if reload_after {
                     Phase::Unloaded
@@ -380,6 +405,9 @@ impl<E: DurableEntity> EntityActor<E> {
         };
         // The stored state is not what this actor believed: reload first.
         self.phase = Phase::Unloaded;
+        if matches!(error, StoreError::RowRefused { .. }) {
+            return self.refused(error, written);
+        }
         let mut retry = Vec::new();
         // Ingested records behind a failed one come later in their
         // partition: committed now, they would mark the failed one as
@@ -409,13 +437,41 @@ impl<E: DurableEntity> EntityActor<E> {
             }
         }
         if retry.is_empty() {
-            warn!(key = %self.key, %error, "write failed; reloading before the next command");
+            warn!(key = %Shown(&self.key), %error, "write failed; reloading before the next command");
         } else {
-            debug!(key = %self.key, retrying = retry.len(), "conflict; reloading to apply again");
+            debug!(key = %Shown(&self.key), retrying = retry.len(), "conflict; reloading to apply again");
             // Ahead of what arrived meanwhile: order is kept.
             retry.append(&mut self.queue);
             self.queue = retry;
         }
+    }
+
+    /// The database refused the row this write would have committed, for
+    /// what a command's state holds. When the write held several commands'
+    /// states, each goes again in a write of its own, to find which; the one
+    /// refused alone fails with `Unstorable` (an ingested record is settled
+    /// all the same, its offset noted as refused with the state before it,
+    /// unless that too is refused). Answers decided after a refused state
+    /// are decided again, on the state before it.
+    fn refused(&mut self, error: StoreError, written: Vec<(Queued<E>, Answer<E>)>) {
+        let changes = written.iter().filter(|(queued, _)| queued.changed).count();
+        let mut again = Vec::with_capacity(written.len());
+        for (mut queued, _) in written {
+            if !queued.changed {
+                again.push(queued);
+            } else if changes > 1 {
+                queued.alone = true;
+                again.push(queued);
+            } else if queued.origin.is_some() && queued.refused.is_none() {
+                queued.refused = Some(error.clone());
+                again.push(queued);
+            } else {
+                warn!(key = %Shown(&self.key), %error, "the database refused the state after a command; it fails alone");
+                queued.answer(Err(CommandError::from_store(&self.key, error.clone())));
+            }
+        }
+        again.append(&mut self.queue);
+        self.queue = again;
     }
 
     fn check_idle(&mut self, ctx: &mut Context<Self>) {
@@ -426,10 +482,10 @@ impl<E: DurableEntity> EntityActor<E> {
             return;
         }
         let Some((shard, incarnation)) = self.shard() else {
-            debug!(key = %self.key, "idle; stopping");
+            debug!(key = %Shown(&self.key), "idle; stopping");
             return self.stop_self(ctx);
         };
-        debug!(key = %self.key, "idle; asking the manager to passivate");
+        debug!(key = %Shown(&self.key), "idle; asking the manager to passivate");
         shard.do_send(FromChild {
             key: self.key.clone(),
             incarnation,
@@ -496,28 +552,87 @@ impl<E: DurableEntity> EntityActor<E> {
     }
 
     /// Queues one event, answered through `reply` once applied and committed.
+    ///
+    /// The entity's code names the command first: if that panics, the
+    /// command fails with `Panicked` (an ingested record is settled all the
+    /// same, noted as refused); nothing else does.
     fn enqueue(&mut self, event: EntityEvent<E::Command>, origin: Option<RecordOrigin>, reply: ReplyTo<Answer<E>>) {
         self.last_active = Instant::now();
+        let (name, refused) = match contain::command_name::<E>(&event.command) {
+            Ok(name) => (name, None),
+            Err(message) => {
+                let panicked = StoreError::Panicked {
+                    during: "naming the command",
+                    message,
+                };
+                (contain::UNNAMED, Some(panicked))
+            }
+        };
         let span = tracing::debug_span!(
             "command",
             entity = E::ENTITY_TYPE,
-            key = %self.key,
-            command = E::command_name(&event.command),
+            key = %Shown(&self.key),
+            command = name,
             revision = tracing::field::Empty
         );
-        self.queue.push(Queued {
+        let queued = Queued {
             event,
             origin,
             received_at: self.shared.config.clock.now(),
             reply,
+            name,
             conflicts: 0,
             awaiting_load: false,
             fresh: false,
-            encode_alone: false,
+            alone: false,
+            refused: None,
+            changed: false,
             span,
-        });
+        };
+        match refused {
+            None => self.queue.push(queued),
+            Some(panicked) if queued.origin.is_some() => self.queue.push(Queued {
+                refused: Some(panicked),
+                ..queued
+            }),
+            Some(panicked) => {
+                let error = CommandError::from_store(&self.key, panicked);
+                queued.answer(Err(error));
+            }
+        }
     }
 }
+
+/// The commands waiting for a write in flight. Dropped unsettled (the actor
+/// stopped under it), each is answered that its outcome is unknown: the
+/// write goes on in the store and may commit.
+struct Unsettled<E: DurableEntity> {
+    key: E::Key,
+    waiting: Vec<(Queued<E>, Answer<E>)>,
+}
+
+impl<E: DurableEntity> Unsettled<E> {
+    /// The commands, to be answered by the write's outcome.
+    fn settled(mut self) -> Vec<(Queued<E>, Answer<E>)> {
+        std::mem::take(&mut self.waiting)
+    }
+}
+
+impl<E: DurableEntity> Drop for Unsettled<E> {
+    fn drop(&mut self) {
+        for (queued, _) in self.waiting.drain(..) {
+            queued.answer(Err(CommandError::OutcomeUnknown {
+                key: self.key.clone(),
+                source: StoreError::OutcomeUnknown(Arc::new(StoppedMidWrite)),
+            }));
+        }
+    }
+}
+
+/// The entity's actor stopped while its write was in flight.
+#[derive(Debug, thiserror::Error)]
+#[error("the entity's actor stopped while its write was in flight")]
+struct StoppedMidWrite;
 
 /// A stored row decoded into the actor's form; a row that does not decode
 /// fails with [`StoreError::Corrupt`] naming it.
@@ -549,6 +664,13 @@ async fn caught<T>(
     })
 }
 
+/// `interval`, or a millisecond if it is shorter: the setters clamp, but
+/// the configuration's fields are public, and a zero interval would spin
+/// its timer in one poll forever, and with it the arbiter.
+pub(super) fn at_least_a_millisecond(interval: std::time::Duration) -> std::time::Duration {
+    interval.max(std::time::Duration::from_millis(1))
+}
+
 /// What a caller hears when the entity's actor stopped before answering
 /// (its mailbox closed under it): the command was not applied.
 pub(crate) fn stopped_before_answering<E: DurableEntity>(key: &E::Key) -> CommandError<E> {
@@ -560,10 +682,11 @@ pub(crate) fn stopped_before_answering<E: DurableEntity>(key: &E::Key) -> Comman
 
 /// Counts a command refused with [`CommandError::Overloaded`].
 pub(super) fn count_overloaded<E: DurableEntity>(event: &EntityEvent<E::Command>) {
+    let name = contain::command_name::<E>(&event.command).unwrap_or(contain::UNNAMED);
     metrics::counter!(
         "persist_durable_commands_total",
         "entity" => E::ENTITY_TYPE,
-        "command" => E::command_name(&event.command),
+        "command" => name,
         "outcome" => "overloaded"
     )
     .increment(1);
@@ -595,9 +718,10 @@ impl<E: DurableEntity> Actor for EntityActor<E> {
     /// restore that starts after a command arrived is what lets the actor
     /// answer it from the restored state without asking the store again.
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.shared.config.idle_check_interval, |actor, ctx| {
-            actor.contained(ctx, Self::check_idle)
-        });
+        ctx.run_interval(
+            at_least_a_millisecond(self.shared.config.idle_check_interval),
+            |actor, ctx| actor.contained(ctx, Self::check_idle),
+        );
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -636,7 +760,7 @@ impl<E: DurableEntity> Handler<Passivate> for EntityActor<E> {
     type Result = ();
 
     fn handle(&mut self, _: Passivate, ctx: &mut Self::Context) {
-        debug!(key = %self.key, "passivating once drained");
+        debug!(key = %Shown(&self.key), "passivating once drained");
         if self.lifecycle != Lifecycle::Stopping {
             self.lifecycle = Lifecycle::Draining;
         }
@@ -649,5 +773,45 @@ impl<E: DurableEntity> Handler<ExecuteRecords<E>> for EntityActor<E> {
 
     fn handle(&mut self, ExecuteRecords { records, reply }: ExecuteRecords<E>, ctx: &mut Self::Context) {
         self.contained(ctx, |actor, ctx| actor.accept_records(records, reply, ctx));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Command, UserKey, UserState};
+
+    /// Before, the commands of a write in flight when its actor stopped
+    /// were dropped with it, and heard `NotDelivered` ("not applied"),
+    /// though the write went on in the store and could commit.
+    #[test]
+    fn the_commands_of_a_write_dropped_unsettled_are_answered_outcome_unknown() {
+        let (sender, answer) = oneshot::channel();
+        let queued = Queued::<UserState> {
+            event: Command::UserLogin.into(),
+            origin: None,
+            received_at: chrono::Utc::now(),
+            reply: ReplyTo::new(sender, None),
+            name: "user_login",
+            conflicts: 0,
+            awaiting_load: false,
+            fresh: false,
+            alone: false,
+            refused: None,
+            changed: true,
+            span: tracing::Span::none(),
+        };
+        let key = UserKey::new("m", "u").unwrap();
+
+        drop(Unsettled {
+            key,
+            waiting: vec![(queued, Ok(UserState::default()))],
+        });
+
+        let answer = answer.blocking_recv().expect("answered");
+        assert!(
+            matches!(&answer, Err(error @ CommandError::OutcomeUnknown { .. }) if error.is_retryable()),
+            "{answer:?}"
+        );
     }
 }

@@ -9,15 +9,21 @@
 //!   [`Config::exclusive_writer`](crate::Config::exclusive_writer), any
 //!   answer without a write comes from memory);
 //! - an answer without a write of its own (a read, a redelivery, a no-op, a
-//!   refusal) waits for the changes queued before it to commit;
+//!   refusal, a panic, an unstorable state) waits for the changes queued
+//!   before it to commit, and is decided again if they do not;
 //! - a panic in the entity's code, or a state that cannot be encoded, fails
-//!   that one command; the commands before it still commit.
+//!   that one command; the commands before it still commit. An ingested
+//!   record failing so is settled all the same: its offset is noted with the
+//!   state before it, as refused, so that it is never taken for applied;
+//! - a command marked to be written alone (its write was refused with
+//!   others') gets a write of its own, so that a refusal falls on it alone.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use chrono::{DateTime, Utc};
 use tracing::debug;
 
+use super::contain::panic_message;
 use super::protocol::ReplyTo;
 use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, PersistenceId, RecordOrigin, Revision, Step};
 use crate::error::{CommandError, StoreError};
@@ -33,6 +39,8 @@ pub(crate) struct Queued<E: DurableEntity> {
     pub(crate) origin: Option<RecordOrigin>,
     pub(crate) received_at: DateTime<Utc>,
     pub(crate) reply: ReplyTo<Answer<E>>,
+    /// The command's name for metrics, asked of the entity once.
+    pub(crate) name: &'static str,
     /// Writes of this event lost to a conflict so far.
     pub(crate) conflicts: u32,
     /// It was queued when the load in flight started.
@@ -40,9 +48,16 @@ pub(crate) struct Queued<E: DurableEntity> {
     /// A load that started after it arrived has completed: the state it
     /// meets is at least what the store held when it arrived.
     pub(crate) fresh: bool,
-    /// Encode the state after it on its own, to find which command made a
-    /// state that cannot be encoded.
-    pub(crate) encode_alone: bool,
+    /// Write the state after it in a write of its own: its state, or the
+    /// write it shared, was refused (or did not encode), and which command's
+    /// state it was is found by writing each alone.
+    pub(crate) alone: bool,
+    /// An ingested record whose state the database refused when written
+    /// alone: next time its offset is noted, as refused, with the state
+    /// before it.
+    pub(crate) refused: Option<StoreError>,
+    /// The last round wrote a revision for it (it is not only answered).
+    pub(crate) changed: bool,
     /// The command's span: the entity, the command, and the revision written.
     pub(crate) span: tracing::Span,
 }
@@ -54,7 +69,7 @@ impl<E: DurableEntity> Queued<E> {
         metrics::counter!(
             "persist_durable_commands_total",
             "entity" => E::ENTITY_TYPE,
-            "command" => E::command_name(&self.event.command),
+            "command" => self.name,
             "outcome" => outcome
         )
         .increment(1);
@@ -117,6 +132,59 @@ pub(crate) struct Write<E: DurableEntity> {
     pub(crate) reload_after: bool,
 }
 
+/// What one command comes to, decided on the state before it.
+enum Decision<E: DurableEntity> {
+    /// A new revision, answered once it commits (with the state after it
+    /// unless the answer is given).
+    Revision(Durable<E>, Option<Answer<E>>),
+    /// No revision: only an answer.
+    Answer(Answer<E>),
+    /// The entity's code panicked on it.
+    Panicked(CommandError<E>),
+}
+
+/// Decides `queued` on `current`, a panic of the entity's code caught.
+fn decide<E: DurableEntity>(rules: &Rules<'_, E>, current: &Durable<E>, queued: &mut Queued<E>) -> Decision<E> {
+    if let (Some(refused), Some(origin)) = (&queued.refused, &queued.origin) {
+        let error = CommandError::from_store(rules.key, refused.clone());
+        return Decision::Revision(current.refused(origin, &error.to_string()), Some(Err(error)));
+    }
+    let step = catch_unwind(AssertUnwindSafe(|| {
+        current.step(
+            &queued.event,
+            queued.origin.as_ref(),
+            queued.received_at,
+            rules.settings,
+            rules.event_id_memory,
+        )
+    }));
+    let key = rules.key;
+    match step {
+        Err(panic) => Decision::Panicked(panicked(key, panic)),
+        Ok(Step::Changed(next)) => Decision::Revision(next, None),
+        // Written like a change (the offset is the machinery's), answered as what it was.
+        Ok(Step::Noted { next, rejection }) => {
+            let answer = match rejection {
+                None => Ok(next.state.clone()),
+                Some(reason) => Err(CommandError::Rejected {
+                    key: key.clone(),
+                    reason,
+                }),
+            };
+            Decision::Revision(next, Some(answer))
+        }
+        Ok(Step::Rejected(reason)) => Decision::Answer(Err(CommandError::Rejected {
+            key: key.clone(),
+            reason,
+        })),
+        Ok(Step::RefusedBefore(reason)) => Decision::Answer(Err(CommandError::RefusedBefore {
+            key: key.clone(),
+            reason,
+        })),
+        Ok(Step::Unchanged) => Decision::Answer(Ok(current.state.clone())),
+    }
+}
+
 /// Runs `queue` over the state stored at `expected`.
 pub(crate) fn run<E: DurableEntity>(
     rules: &Rules<'_, E>,
@@ -134,49 +202,24 @@ pub(crate) fn run<E: DurableEntity>(
     let mut revision = expected;
     let mut stopped = Stop::No;
     let mut erases = false;
+    // A command to be written alone, met after others changed the state.
+    let mut next_round: Option<Queued<E>> = None;
     let mut queue = queue.into_iter();
-    while let Some(queued) = queue.next() {
-        let step = catch_unwind(AssertUnwindSafe(|| {
-            current.step(
-                &queued.event,
-                queued.origin.as_ref(),
-                queued.received_at,
-                rules.settings,
-                rules.event_id_memory,
-            )
-        }));
-        let (next, answer) = match step {
-            Err(panic) => {
-                answered.push((queued, Err(panicked(rules.key, panic))));
-                stopped = Stop::Panicked;
-                break;
-            }
-            Ok(Step::Changed(next)) => (next, None),
-            // Written like a change (the offset is the machinery's), answered as what it was.
-            Ok(Step::Noted { next, rejection }) => {
-                let answer = match rejection {
-                    None => Ok(next.state.clone()),
-                    Some(reason) => Err(CommandError::Rejected {
-                        key: rules.key.clone(),
-                        reason,
-                    }),
-                };
-                (next, Some(answer))
-            }
-            Ok(unchanged) => {
-                let unchanged = match unchanged {
-                    Step::Rejected(reason) => Err(CommandError::Rejected {
-                        key: rules.key.clone(),
-                        reason,
-                    }),
-                    _ => Ok(current.state.clone()),
-                };
-                let is_read = unchanged.is_ok();
+    while let Some(mut queued) = queue.next() {
+        if queued.alone && revision != expected {
+            next_round = Some(queued);
+            break;
+        }
+        queued.changed = false;
+        let (next, answer) = match decide(rules, &current, &mut queued) {
+            Decision::Revision(next, answer) => (next, answer),
+            Decision::Answer(answer) => {
+                let is_read = answer.is_ok();
                 if revision != expected {
                     // Answered once the changes before it are committed.
-                    waiting.push((queued, unchanged));
+                    waiting.push((queued, answer));
                 } else if queued.fresh || (rules.exclusive && is_read) {
-                    answered.push((queued, unchanged));
+                    answered.push((queued, answer));
                 } else {
                     // Decided on a state the store may have moved past: read it first.
                     let mut rest = vec![queued];
@@ -189,36 +232,86 @@ pub(crate) fn run<E: DurableEntity>(
                 }
                 continue;
             }
+            Decision::Panicked(error) => {
+                // The state in memory may not be what it was: reload after.
+                stopped = Stop::Panicked;
+                match &queued.origin {
+                    // Settled like a refusal: its offset noted with the state before it.
+                    Some(origin) => (current.refused(origin, &error.to_string()), Some(Err(error))),
+                    None if revision == expected => {
+                        answered.push((queued, Err(error)));
+                        break;
+                    }
+                    None => {
+                        waiting.push((queued, Err(error)));
+                        break;
+                    }
+                }
+            }
         };
-        let key = persistence_id.get_or_insert_with(|| EntityKey::persistence_id(rules.key));
-        if rules.every_change || queued.encode_alone {
+        let (next, answer) = if rules.every_change || queued.alone {
+            let key = persistence_id.get_or_insert_with(|| EntityKey::persistence_id(rules.key));
             match encode(key, &next) {
                 Ok(payload) => {
                     if !rules.every_change {
                         payloads.clear();
-                    } else if next.is_tombstone() {
-                        // The states before the delete never reach the feed.
-                        payloads.fill(REDACTED.to_vec());
                     }
                     payloads.push(payload);
                     encoded_revision = revision.next();
+                    (next, answer)
                 }
                 Err(error) => {
                     // Its state is never committed; those after it apply
                     // to the state before it.
-                    answered.push((queued, Err(CommandError::from_store(rules.key, error))));
-                    continue;
+                    let error = CommandError::from_store(rules.key, error);
+                    let noted = queued
+                        .origin
+                        .as_ref()
+                        .map(|origin| current.refused(origin, &error.to_string()));
+                    match noted.map(|noted| encode(key, &noted).map(|payload| (noted, payload))) {
+                        Some(Ok((noted, payload))) => {
+                            if !rules.every_change {
+                                payloads.clear();
+                            }
+                            payloads.push(payload);
+                            encoded_revision = revision.next();
+                            (noted, Some(Err(error)))
+                        }
+                        _ if revision == expected => {
+                            answered.push((queued, Err(error)));
+                            continue;
+                        }
+                        _ => {
+                            waiting.push((queued, Err(error)));
+                            continue;
+                        }
+                    }
                 }
             }
+        } else {
+            (next, answer)
+        };
+        // Only the revision that deletes erases: one that notes a record
+        // on a deleted entity stays a tombstone and erases nothing more.
+        let erasing = next.is_tombstone() && !current.is_tombstone();
+        if erasing && rules.every_change {
+            // The states before the delete never reach the feed.
+            let last = payloads.len().saturating_sub(1);
+            payloads[..last].fill(REDACTED.to_vec());
         }
-        erases |= next.is_tombstone();
+        erases |= erasing;
         current = next;
         revision = revision.next();
         queued.span.record("revision", revision.0);
+        queued.changed = true;
+        let alone = queued.alone;
         let answer = answer.unwrap_or_else(|| Ok(current.state.clone()));
         waiting.push((queued, answer));
+        if alone || matches!(stopped, Stop::Panicked) {
+            break;
+        }
     }
-    let rest: Vec<Queued<E>> = queue.collect();
+    let rest: Vec<Queued<E>> = next_round.into_iter().chain(queue).collect();
     if revision == expected {
         let next = match stopped {
             Stop::Panicked => Next::Reload,
@@ -233,11 +326,11 @@ pub(crate) fn run<E: DurableEntity>(
             Err(_) => {
                 // Some command of the round made a state that cannot be
                 // encoded, and only the last was: go again from the stored
-                // state, encoding each, so only that command fails.
+                // state, each alone, so only that command fails.
                 let mut again: Vec<Queued<E>> = waiting
                     .into_iter()
                     .map(|(mut queued, _)| {
-                        queued.encode_alone = true;
+                        queued.alone = queued.changed;
                         queued
                     })
                     .collect();
@@ -287,14 +380,5 @@ fn panicked<E: DurableEntity>(key: &E::Key, panic: Box<dyn std::any::Any + Send>
     CommandError::Panicked {
         key: key.clone(),
         message: panic_message(&panic),
-    }
-}
-
-/// What a panic said, if it said it in text.
-pub(crate) fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    match (panic.downcast_ref::<&str>(), panic.downcast_ref::<String>()) {
-        (Some(text), _) => (*text).to_owned(),
-        (_, Some(text)) => text.clone(),
-        _ => "a panic without a message".to_owned(),
     }
 }

@@ -11,6 +11,7 @@ use actix::WeakAddr;
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use super::contain::Shown;
 use super::entity_actor::{Answer, EntityActor, Shared};
 use super::messages::{EntityRecords, GetManagerStats, HandOver, ManagerStats};
 use super::placement::Placement;
@@ -236,14 +237,16 @@ impl<E: DurableEntity> Shard<E> {
     }
 
     fn spawn_child(&mut self, key: &E::Key) -> Child<E> {
-        // 0 is a stand-alone actor's.
-        self.next_incarnation = self.next_incarnation.wrapping_add(1).max(1);
+        // 0 is never an incarnation.
+        let incarnation =
+            std::num::NonZeroU32::new(self.next_incarnation.wrapping_add(1)).unwrap_or(std::num::NonZeroU32::MIN);
+        self.next_incarnation = incarnation.get();
         self.active.fetch_add(1, Ordering::Relaxed);
         self.stats.activations += 1;
         metrics::counter!("persist_durable_activations_total", "entity" => E::ENTITY_TYPE).increment(1);
         // Each shard adds its own: the gauge is the sum of all shards'.
         metrics::gauge!("persist_durable_resident_entities", "entity" => E::ENTITY_TYPE).increment(1);
-        let actor = EntityActor::under_shard(key.clone(), self.shared.clone(), self.next_incarnation);
+        let actor = EntityActor::under_shard(key.clone(), self.shared.clone(), incarnation);
         let addr = start_unbounded(actor, None);
         Child {
             addr: addr.downgrade(),
@@ -365,7 +368,7 @@ impl<E: DurableEntity> Shard<E> {
         let Some(alive) = addr.upgrade() else {
             // It stopped without saying so (it never does, unless its task
             // died): as if it had, with this delivery for its successor.
-            warn!(key = %key, "an entity actor is gone without having stopped; starting it again");
+            warn!(key = %Shown(&key), "an entity actor is gone without having stopped; starting it again");
             self.child_stopped(key.clone());
             // A successor may have started already, with commands held for it.
             return match self.children.get(&key).and_then(Child::addr) {
@@ -440,7 +443,7 @@ impl<E: DurableEntity> Shard<E> {
             }
         };
         metrics::gauge!("persist_durable_resident_entities", "entity" => E::ENTITY_TYPE).decrement(1);
-        debug!(key = %key, held = held.len(), "entity actor stopped");
+        debug!(key = %Shown(&key), held = held.len(), "entity actor stopped");
         if self.draining.is_some() {
             // Held back, never queued at the actor: not applied, and heard as `NotDelivered`.
             drop(held);

@@ -40,15 +40,25 @@ pub fn validate_id(field: &'static str, value: &str) -> Result<(), InvalidInput>
 /// be read again. A key type whose constructor skips validation is refused
 /// here, before anything reaches the store.
 pub(crate) fn checked_persistence_id<K: EntityKey>(key: &K) -> Result<PersistenceId, InvalidInput> {
-    let id = key.entity_id();
-    match K::from_entity_id(&id) {
-        Ok(decoded) if decoded == *key => Ok(key.persistence_id()),
-        Ok(_) => Err(InvalidInput::MalformedKey {
-            entity_id: id,
-            reason: "it decodes to another key: the encoding is not injective",
-        }),
-        Err(invalid) => Err(invalid),
-    }
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    // The key's own code: a panic in it refuses the key, as bad input.
+    let checked = catch_unwind(AssertUnwindSafe(|| {
+        let id = key.entity_id();
+        match K::from_entity_id(&id) {
+            Ok(decoded) if decoded == *key => Ok(key.persistence_id()),
+            Ok(_) => Err(InvalidInput::MalformedKey {
+                entity_id: id,
+                reason: "it decodes to another key: the encoding is not injective",
+            }),
+            Err(invalid) => Err(invalid),
+        }
+    }));
+    checked.unwrap_or_else(|_| {
+        Err(InvalidInput::MalformedKey {
+            entity_id: String::new(),
+            reason: "encoding or decoding the key panicked",
+        })
+    })
 }
 
 /// The row key of one entity: `<entity type>|<entity id>`, Pekko's form.

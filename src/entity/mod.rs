@@ -28,7 +28,7 @@ pub(crate) use key::{checked_persistence_id, validate};
 pub use key::{validate_id, PersistenceId, MAX_ID_BYTES};
 pub use revision::Revision;
 pub use source::SourceOffsets;
-pub(crate) use source::{AppliedOffsets, RecordOrigin};
+pub(crate) use source::{AppliedOffsets, RecordOrigin, Seen, StoredOffsets};
 pub(crate) use transition::{Durable, Step};
 
 /// One type of durable entity: its state (this type), its key, its commands
@@ -41,7 +41,7 @@ pub(crate) use transition::{Durable, Step};
 /// The state is stored as a JSON object (so it must serialize as a struct or
 /// a map), under [`MANIFEST`](Self::MANIFEST). Give every field a serde
 /// default and rows written by an older version keep loading. The field name
-/// `recent_event_ids`, `source_offsets`, `deleted` and `erased_at` are the
+/// `recent_event_ids`, `source_offsets`, `refused_records`, `deleted` and `erased_at` are the
 /// machinery's: it stores the entity's remembered event ids and ingest
 /// positions beside the state.
 ///

@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::{AppliedOffsets, DurableEntity, EntityEvent, EventId, RecordOrigin};
+use super::{AppliedOffsets, DurableEntity, EntityEvent, EventId, RecordOrigin, Seen};
 
 /// An entity's state with what the machinery remembers beside it.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -18,8 +18,9 @@ pub(crate) struct Durable<E> {
     pub(crate) erased_at: Option<DateTime<Utc>>,
     /// This state is the revision that deleted the entity.
     pub(crate) tombstone: bool,
-    /// Per source partition, the last ingested record applied: a record at
-    /// or below it is a redelivery. Kept through a delete, like event ids.
+    /// Per source partition, the last ingested record settled (and those
+    /// refused): a record at or below it is a redelivery. Kept through a
+    /// delete, like event ids.
     pub(crate) source_offsets: AppliedOffsets,
 }
 
@@ -32,6 +33,9 @@ pub(crate) enum Step<E: DurableEntity> {
     Changed(Durable<E>),
     /// The domain refused the command; nothing to write.
     Rejected(E::Rejection),
+    /// An ingested record refused when it was first read (for this reason),
+    /// read again: refused again, nothing to write.
+    RefusedBefore(String),
     /// An ingested record that changed no state (a no-op, a late or
     /// refused one): its offset is written with the state as it is, and it
     /// is answered with the state, or `rejection`, once that commits.
@@ -73,8 +77,12 @@ impl<E: DurableEntity> Durable<E> {
         settings: &E::Settings,
         id_memory: usize,
     ) -> Step<E> {
-        if origin.is_some_and(|origin| self.source_offsets.contain(origin)) {
-            return Step::Unchanged;
+        if let Some(origin) = origin {
+            match self.source_offsets.seen(origin) {
+                Seen::New => {}
+                Seen::Applied => return Step::Unchanged,
+                Seen::Refused(reason) => return Step::RefusedBefore(reason),
+            }
         }
         if let Some(id) = &event.event_id {
             if self.event_ids.contains(id) {
@@ -130,10 +138,28 @@ impl<E: DurableEntity> Durable<E> {
         let Some(origin) = origin else {
             return rejection.map_or(Step::Unchanged, Step::Rejected);
         };
-        let mut next = self.clone();
-        // The deletion was the previous revision; this one only notes a record.
-        next.tombstone = false;
-        next.source_offsets.record(origin);
+        let next = match &rejection {
+            None => self.noted(origin),
+            Some(rejection) => self.refused(origin, &rejection.to_string()),
+        };
         Step::Noted { next, rejection }
+    }
+
+    /// This state with `origin`'s record remembered as settled. A deleted
+    /// entity stays deleted: the revision that notes a record after its
+    /// deletion is a tombstone too, so nothing downstream takes it for a
+    /// new entity.
+    pub(crate) fn noted(&self, origin: &RecordOrigin) -> Self {
+        let mut next = self.clone();
+        next.source_offsets.record(origin);
+        next
+    }
+
+    /// This state with `origin`'s record remembered as refused, for
+    /// `reason`: read again, it is refused again, never taken for applied.
+    pub(crate) fn refused(&self, origin: &RecordOrigin, reason: &str) -> Self {
+        let mut next = self.clone();
+        next.source_offsets.record_refused(origin, reason);
+        next
     }
 }

@@ -99,7 +99,7 @@ pub struct CommandFailure {
 impl<E: DurableEntity> From<CommandError<E>> for CommandFailure {
     fn from(error: CommandError<E>) -> Self {
         let status = match &error {
-            CommandError::Rejected { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            CommandError::Rejected { .. } | CommandError::RefusedBefore { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             CommandError::Conflict { .. } => StatusCode::CONFLICT,
             CommandError::InvalidKey { .. } => StatusCode::BAD_REQUEST,
             CommandError::CorruptState { .. } | CommandError::Unstorable { .. } | CommandError::Panicked { .. } => {

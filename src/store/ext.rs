@@ -46,7 +46,7 @@ pub trait StateStoreExt: StateStore {
     ) -> Result<Revision, StoreError> {
         let key = checked(key)?;
         let payload = payload::encode_state(&key, state)?;
-        write_encoded::<K::Entity, _>(self, key, expected, revision, vec![payload], false).await
+        write_encoded::<K::Entity, _>(self, key, (expected, None), revision, vec![payload], false).await
     }
 
     /// Writes the states after each of several commands as revisions
@@ -71,7 +71,7 @@ pub trait StateStoreExt: StateStore {
             .iter()
             .map(|state| payload::encode_state(&key, state))
             .collect::<Result<Vec<_>, _>>()?;
-        write_encoded::<K::Entity, _>(self, key, expected, revision, payloads, false).await
+        write_encoded::<K::Entity, _>(self, key, (expected, None), revision, payloads, false).await
     }
 }
 
@@ -215,13 +215,14 @@ pub(crate) async fn load_durable<E: DurableEntity, S: StateStore + ?Sized>(
     Ok(Some((row.revision, durable)))
 }
 
-/// Writes revisions `expected + 1 ..= revision` of an `E`: `payloads` holds
+/// Writes revisions `expected + 1 ..= revision` of an `E` over the row at
+/// `expected` (its revision, and its generation if known): `payloads` holds
 /// the encoded state of each when the store keeps a change feed, else only
 /// the last, the one a row needs (callers encode no more than that).
 pub(crate) async fn write_encoded<E: DurableEntity, S: StateStore + ?Sized>(
     store: &S,
     key: PersistenceId,
-    expected: Revision,
+    (expected, generation): (Revision, Option<u64>),
     revision: Revision,
     payloads: Vec<Vec<u8>>,
     erases: bool,
@@ -231,6 +232,7 @@ pub(crate) async fn write_encoded<E: DurableEntity, S: StateStore + ?Sized>(
             key,
             manifest: E::MANIFEST,
             expected,
+            generation,
             revision,
             schema_version: E::SCHEMA_VERSION,
             payloads,

@@ -117,11 +117,11 @@ impl StateStore for MemoryStore {
         write.check()?;
         let mut tables = self.tables()?;
         tables.stats.write_statements += 1;
-        let stored = tables
-            .rows
-            .get(&write.key)
-            .map_or(Revision::NONE, |row| row.stored.revision);
-        if stored != write.expected {
+        let (stored, generation) = tables.rows.get(&write.key).map_or((Revision::NONE, None), |row| {
+            (row.stored.revision, Some(row.stored.generation))
+        });
+        let other_life = matches!((generation, write.generation), (Some(stored), Some(expected)) if stored != expected);
+        if stored != write.expected || other_life {
             tables.stats.conflicts += 1;
             return Err(StoreError::Conflict {
                 key: write.key,
@@ -129,10 +129,10 @@ impl StateStore for MemoryStore {
             });
         }
         tables.stats.rows_written += 1;
+        if write.erases {
+            tables.redact(&write.key);
+        }
         if self.feed {
-            if write.erases {
-                tables.redact(&write.key);
-            }
             for (revision, payload) in write.changes() {
                 tables.record_change(&write.key, revision, write.schema_version, payload);
             }
@@ -140,6 +140,9 @@ impl StateStore for MemoryStore {
         let row = Row {
             stored: StoredRow {
                 revision: write.revision,
+                generation: generation
+                    .or(write.generation)
+                    .unwrap_or_else(super::rows::fresh_generation),
                 schema_version: write.schema_version,
                 payload: write.last_payload().to_vec(),
             },
@@ -271,8 +274,8 @@ impl Maintenance for MemoryStore {
                 .is_some_and(|row| row.stored.revision == revision && row.written_at < written_before);
             if still_idle {
                 tables.rows.remove(&id);
+                tables.redact(&id);
                 if self.feed {
-                    tables.redact(&id);
                     tables.record_change(&id, revision.next(), 1, TOMBSTONE);
                 }
                 purged.push(id);

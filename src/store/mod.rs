@@ -43,7 +43,7 @@ pub use sql::sqlite::{SqliteBackend, SqliteStore};
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub use sql::{SqlBackend, SqlStore};
 
-pub(crate) use rows::good_prefix;
+pub(crate) use rows::{fresh_generation, good_prefix};
 
 /// A shared, type-erased store with every capability, as the managers, the
 /// feed and the ingest hold it. Any of the crate's stores coerces to it:

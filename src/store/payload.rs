@@ -4,14 +4,17 @@
 //! and after a delete `erased_at`; a tombstone (the revision that deleted the
 //! entity) holds the machinery's fields alone, `deleted: true`, and no state.
 //! Ingested entities also carry `source_offsets`: per source partition, the
-//! offset of the last record applied.
+//! offset of the last record settled, and `refused_records`: the records
+//! refused at or below it, with why.
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::entity::{AppliedOffsets, Durable, DurableEntity, EventId, PersistenceId, SourceOffsets};
+use std::collections::BTreeMap;
+
+use crate::entity::{AppliedOffsets, Durable, DurableEntity, EventId, PersistenceId, StoredOffsets};
 use crate::error::{CorruptRow, StoreError};
 
 /// The change feed's record of a purged entity: a tombstone, the payload of a
@@ -21,11 +24,12 @@ pub(crate) const TOMBSTONE: &[u8] = br#"{"deleted":true}"#;
 
 /// What a change feed row of an entity holds once the entity is deleted or
 /// purged: its data erased, its place in the feed kept. The feed reads it as
-/// [`ChangeKind::Redacted`](crate::ChangeKind::Redacted).
-pub(crate) const REDACTED: &[u8] = br#"{"redacted":true}"#;
+/// [`ChangeKind::Redacted`](crate::ChangeKind::Redacted). Empty, which no
+/// encoded state is (a state encodes to a JSON object at least `{}`).
+pub(crate) const REDACTED: &[u8] = b"";
 
 #[derive(Serialize)]
-struct Envelope<'a, E> {
+struct Envelope<'a, E, O, R> {
     /// Absent from a tombstone: the erased entity's data is gone.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     state: Option<&'a E>,
@@ -35,9 +39,14 @@ struct Envelope<'a, E> {
     deleted: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     erased_at: Option<DateTime<Utc>>,
-    #[serde(skip_serializing_if = "SourceOffsets::is_empty")]
-    source_offsets: &'a SourceOffsets,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_offsets: Option<O>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    refused_records: Option<R>,
 }
+
+/// An envelope's offsets fields when there are none.
+type NoOffsets = Option<()>;
 
 /// The machinery's fields of a stored payload.
 #[derive(Deserialize)]
@@ -49,7 +58,11 @@ struct Machinery {
     #[serde(default)]
     erased_at: Option<DateTime<Utc>>,
     #[serde(default)]
-    source_offsets: SourceOffsets,
+    source_offsets: StoredOffsets,
+    /// Offsets as the JSON object's keys: text (a flattened struct reads no
+    /// numbers from keys).
+    #[serde(default)]
+    refused_records: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Machinery {
@@ -60,7 +73,7 @@ impl Machinery {
             event_ids: self.recent_event_ids,
             erased_at: self.erased_at,
             tombstone: self.deleted,
-            source_offsets: AppliedOffsets::from_map(self.source_offsets),
+            source_offsets: AppliedOffsets::from_fields(self.source_offsets, self.refused_records),
         }
     }
 }
@@ -81,27 +94,28 @@ pub(crate) fn encode<E: DurableEntity>(key: &PersistenceId, durable: &Durable<E>
             recent_event_ids: &durable.event_ids,
             deleted: durable.tombstone,
             erased_at: durable.erased_at,
-            source_offsets: durable.source_offsets.as_map(),
+            source_offsets: (!durable.source_offsets.is_empty()).then(|| durable.source_offsets.offsets_field()),
+            refused_records: durable.source_offsets.refused_field(),
         },
     )
 }
 
 /// A state with no machinery fields: what `StateStoreExt::write` stores.
 pub(crate) fn encode_state<E: DurableEntity>(key: &PersistenceId, state: &E) -> Result<Vec<u8>, StoreError> {
-    let no_offsets = SourceOffsets::new();
     to_json(
         key,
-        &Envelope {
+        &Envelope::<E, NoOffsets, NoOffsets> {
             state: Some(state),
             recent_event_ids: &[],
             deleted: false,
             erased_at: None,
-            source_offsets: &no_offsets,
+            source_offsets: None,
+            refused_records: None,
         },
     )
 }
 
-fn to_json<E: DurableEntity>(key: &PersistenceId, envelope: &Envelope<'_, E>) -> Result<Vec<u8>, StoreError> {
+fn to_json(key: &PersistenceId, envelope: &impl Serialize) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(envelope).map_err(|e| StoreError::Encode {
         key: key.clone(),
         source: Arc::new(e),

@@ -40,7 +40,7 @@ impl<E: DurableEntity> StoredState<E> {
             erased_at: durable.erased_at(),
             state: durable.state,
             recent_event_ids: durable.event_ids,
-            source_offsets: durable.source_offsets.into_map(),
+            source_offsets: durable.source_offsets.to_map(),
         }
     }
 }
@@ -50,6 +50,11 @@ impl<E: DurableEntity> StoredState<E> {
 pub struct StoredRow {
     /// The committed revision (at least 1).
     pub revision: Revision,
+    /// Which life of the row this is: set when the row is created and kept
+    /// by every write, so a row purged and created again under the same id
+    /// (at revision 1 again) is told apart from the one before it. 0 for
+    /// rows created before generations existed.
+    pub generation: u64,
     /// The schema version the state was written at (`state_schema_version`):
     /// the writing entity's [`DurableEntity::SCHEMA_VERSION`].
     pub schema_version: u32,
@@ -66,6 +71,12 @@ pub struct WriteRow {
     pub manifest: &'static str,
     /// The revision the row must have ([`Revision::NONE`]: no row yet).
     pub expected: Revision,
+    /// The row's [generation](StoredRow::generation): for a new row the one
+    /// it is created with, for an existing row the one it must still have,
+    /// so that a write based on a row since purged (and maybe created again
+    /// at the same revision) fails as a conflict. `None`: a new row gets a
+    /// fresh one, and an existing row's is not checked.
+    pub generation: Option<u64>,
     /// The revision written; above `expected`.
     pub revision: Revision,
     /// `state_schema_version` of the payloads: the entity's
@@ -80,6 +91,15 @@ pub struct WriteRow {
     /// are redacted in the same statement (the caller redacts the earlier
     /// payloads of this write itself).
     pub erases: bool,
+}
+
+/// A generation for a new row: 63 random bits, never 0 (the generation of
+/// rows from before generations). std's `RandomState` is keyed from the
+/// operating system's randomness, so two processes draw apart.
+pub(crate) fn fresh_generation() -> u64 {
+    use std::hash::BuildHasher;
+    let drawn = std::collections::hash_map::RandomState::new().hash_one(std::time::SystemTime::now());
+    (drawn >> 1).max(1)
 }
 
 impl WriteRow {

@@ -497,3 +497,46 @@ async fn a_feed_consumer_cannot_take_a_kafka_position_name() {
         refused.err()
     );
 }
+
+/// An entity whose state has one field, `redacted`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Flag {
+    redacted: bool,
+}
+
+impl persist_durable::DurableEntity for Flag {
+    const ENTITY_TYPE: &'static str = "Flag";
+    const MANIFEST: &'static str = "Flag/v1";
+    type Key = persist_durable::Id<Flag>;
+    type Command = bool;
+    type Settings = ();
+    type Rejection = std::convert::Infallible;
+
+    fn apply(&self, set: &bool, _: chrono::DateTime<chrono::Utc>, _: &()) -> Result<Option<Self>, Self::Rejection> {
+        Ok(Some(Flag { redacted: *set }))
+    }
+}
+
+/// Before, the feed marked redacted rows with the payload
+/// `{"redacted":true}`: exactly what this state encodes to, so its change
+/// read as a redaction and its data was lost to the consumer.
+#[rstest]
+#[actix::test]
+async fn a_state_that_looks_like_the_old_redaction_marker_is_read_as_itself(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = feed_store(&db).await;
+    let flags = persist_durable::Entities::<Flag>::start(store.clone(), Config::default());
+    let flag = persist_durable::Id::new("f").unwrap();
+    flags.send(flag, true).await.unwrap();
+
+    let changes = persist_durable::EntityFeed::<Flag>::from_position(store, 0)
+        .next_batch()
+        .await
+        .unwrap();
+
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].kind, persist_durable::ChangeKind::Updated);
+    assert_eq!(changes[0].state, Flag { redacted: true });
+}

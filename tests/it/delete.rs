@@ -7,8 +7,8 @@ use std::time::Duration;
 use crate::common::{key, test_store_config, view, Backend, TestDb};
 use chrono::TimeZone;
 use persist_durable::{
-    ChangeFeed, ChangeKind, Command, Config, Event, EventId, ManualClock, ProductId, Revision, SharedStore,
-    StateStoreExt, StoreError, UserKey, UserState, UserStates,
+    ChangeFeed, ChangeKind, Command, Config, Event, EventId, MaintenanceExt, ManualClock, ProductId, Revision,
+    SharedStore, StateStoreExt, StoreError, UserKey, UserState, UserStates,
 };
 use rstest::rstest;
 
@@ -324,4 +324,46 @@ async fn a_delete_racing_with_passivation_is_committed_and_survives_the_restore(
 fn a_delete_is_a_command_like_any_other_in_json() {
     let event = Event::from_json(r#"{"type":"delete_user","event_id":"erasure-7"}"#).unwrap();
     assert_eq!(event.command, Command::DeleteUser);
+}
+
+/// Nodes may differ in whether they write the feed. Before, a delete (or a
+/// purge) on a node without it left the erased data in the feed rows the
+/// other node wrote: now an erasure redacts wherever the data is.
+#[rstest]
+#[actix::test]
+async fn a_delete_or_purge_on_a_node_without_the_feed_still_erases_the_feed(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[values(false, true)] purge: bool,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let with_feed = db.connect_with(test_store_config().with_change_feed(true)).await;
+    let without_feed = db.connect().await;
+    let user = key("mall001", "erased");
+    UserStates::start(with_feed.clone(), Config::default())
+        .send(user.clone(), view("secret"))
+        .await
+        .unwrap();
+
+    if purge {
+        crate::common::age(&db, std::slice::from_ref(&user));
+        let purged = without_feed
+            .purge_idle::<UserState>(Duration::from_secs(400 * 24 * 60 * 60), 10)
+            .await
+            .unwrap();
+        assert_eq!(purged, 1);
+    } else {
+        UserStates::start(without_feed, Config::default())
+            .send(user.clone(), Command::DeleteUser)
+            .await
+            .unwrap();
+    }
+
+    let rows = with_feed.read_change_rows("UserState", 0, 100).await.unwrap();
+    assert_eq!(rows.len(), 1, "the change the feed node wrote");
+    assert!(
+        !String::from_utf8_lossy(&rows[0].payload).contains("secret"),
+        "erased from the feed too: {rows:?}"
+    );
+    let changes = ChangeFeed::from_position(with_feed, 0).next_batch().await.unwrap();
+    assert_eq!(changes[0].kind, ChangeKind::Redacted);
 }

@@ -38,6 +38,8 @@ struct Fragile {
 enum FragileCommand {
     Add(i64),
     Explode,
+    /// Panics on an odd value only: what it does depends on the state it meets.
+    ExplodeIfOdd,
     Unnameable,
     Get,
 }
@@ -54,7 +56,8 @@ impl DurableEntity for Fragile {
         match command {
             FragileCommand::Add(n) => Ok(Some(Fragile { value: self.value + n })),
             FragileCommand::Explode => panic!("the transition exploded"),
-            FragileCommand::Unnameable | FragileCommand::Get => Ok(None),
+            FragileCommand::ExplodeIfOdd if self.value % 2 == 1 => panic!("the transition exploded on an odd value"),
+            FragileCommand::ExplodeIfOdd | FragileCommand::Unnameable | FragileCommand::Get => Ok(None),
         }
     }
 
@@ -147,20 +150,140 @@ async fn a_panicked_entity_passivates_when_idle_and_restores_on_the_next_command
     assert_eq!(fragiles.send(id("a"), FragileCommand::Get).await.unwrap().value, 4);
 }
 
+/// Before, a panic in `command_name` (outside the transition) stopped the
+/// actor and failed every command queued with it as `Panicked`, though none
+/// of them had run.
 #[actix::test]
-async fn a_panic_outside_the_transition_stops_the_actor_and_the_next_command_starts_it_again() {
+async fn a_command_whose_name_panics_fails_alone_and_the_commands_around_it_commit() {
     let store = TestStore::memory();
     let fragiles = TestEntities::<Fragile>::start(&store);
-    fragiles.send(id("a"), FragileCommand::Add(3)).await.unwrap();
 
-    let unnamed = fragiles.send(id("a"), FragileCommand::Unnameable).await;
+    // Queued together while the new entity restores: one round.
+    let (before, unnamed, after) = tokio::join!(
+        fragiles.send(id("a"), FragileCommand::Add(3)),
+        fragiles.send(id("a"), FragileCommand::Unnameable),
+        fragiles.send(id("a"), FragileCommand::Add(1)),
+    );
 
-    assert!(unnamed.is_err(), "{unnamed:?}");
-    let next = fragiles.send(id("a"), FragileCommand::Add(1)).await.unwrap();
-    assert_eq!(next.value, 4, "a new actor restored the stored state");
+    assert_eq!(before.unwrap().value, 3);
+    assert!(
+        matches!(&unnamed, Err(error @ CommandError::Panicked { message, .. })
+            if message.contains("no name") && !error.is_retryable()),
+        "{unnamed:?}"
+    );
+    assert_eq!(after.unwrap().value, 4);
     assert_eq!(store.row(&id("a")).await.unwrap().unwrap().payload["value"], 4);
+    assert!(fragiles.is_resident(&id("a")).await, "the actor goes on");
 }
 
+/// A command decided on a state that then did not commit is decided again
+/// on the state that did, like a refusal: before, the panic it met on the
+/// refused state was its answer.
+#[rstest]
+#[actix::test]
+async fn a_panic_met_on_a_state_that_was_not_committed_is_decided_again(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = db.connect().await;
+    let holds_one = match backend {
+        Backend::Postgres => "convert_from(NEW.state_payload, 'UTF8') LIKE '%\"value\":1%'",
+        Backend::Sqlite => "CAST(NEW.state_payload AS TEXT) LIKE '%\"value\":1%'",
+    };
+    db.execute(&match backend {
+        Backend::Postgres => format!(
+            "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN IF {holds_one} THEN RAISE EXCEPTION 'no ones'; \
+             END IF; RETURN NEW; END $$ LANGUAGE plpgsql; \
+             CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON durable_state FOR EACH ROW EXECUTE FUNCTION refuse();"
+        ),
+        Backend::Sqlite => format!(
+            "CREATE TRIGGER refuse BEFORE INSERT ON durable_state WHEN {holds_one} \
+               BEGIN SELECT RAISE(ABORT, 'no ones'); END;"
+        ),
+    });
+    let fragiles = Entities::<Fragile>::start(store.clone(), Config::default());
+
+    // Queued together while the new entity restores: one round. The state
+    // after `Add(1)` is refused; `ExplodeIfOdd` met it, and panicked.
+    let (refused, decided_again, after) = tokio::join!(
+        fragiles.send(id("a"), FragileCommand::Add(1)),
+        fragiles.send(id("a"), FragileCommand::ExplodeIfOdd),
+        fragiles.send(id("a"), FragileCommand::Add(2)),
+    );
+
+    assert!(matches!(refused, Err(CommandError::Unstorable { .. })), "{refused:?}");
+    assert_eq!(
+        decided_again.unwrap().value,
+        0,
+        "decided on the committed state: no panic"
+    );
+    assert_eq!(after.unwrap().value, 2);
+    let stored = store.load(&id("a")).await.unwrap().unwrap();
+    assert_eq!((stored.revision, stored.state.value), (Revision(1), 2));
+}
+
+/// An entity whose key's `Display` panics: the machinery shows keys in its
+/// log lines, which must never stop an actor, a shard or a manager.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Shy {
+    value: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct ShyKey(String);
+
+impl std::fmt::Display for ShyKey {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        panic!("this key will not be shown")
+    }
+}
+
+impl persist_durable::EntityKey for ShyKey {
+    type Entity = Shy;
+    fn entity_id(&self) -> String {
+        self.0.clone()
+    }
+    fn from_entity_id(id: &str) -> Result<Self, persist_durable::InvalidInput> {
+        Ok(ShyKey(id.to_owned()))
+    }
+}
+
+impl DurableEntity for Shy {
+    const ENTITY_TYPE: &'static str = "Shy";
+    const MANIFEST: &'static str = "Shy/v1";
+    type Key = ShyKey;
+    type Command = i64;
+    type Settings = ();
+    type Rejection = Infallible;
+
+    fn apply(&self, n: &i64, _at: DateTime<Utc>, _: &()) -> Result<Option<Self>, Infallible> {
+        Ok(Some(Shy { value: self.value + n }))
+    }
+}
+
+/// Before, the first log line naming such a key (at debug, "committed")
+/// panicked in the actor: the command's answer was lost with it.
+#[actix::test]
+async fn a_key_whose_display_panics_stops_no_actor_shard_or_manager() {
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_test_writer()
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let store: SharedStore = std::sync::Arc::new(MemoryStore::new());
+    // One shard, on this thread (where the log subscriber is), one resident entity.
+    let shies = Entities::<Shy>::start(store.clone(), Config::default().with_arbiters(0).with_max_resident(1));
+
+    for round in 1..=3 {
+        for name in ["a", "b"] {
+            let state = shies.send(ShyKey(name.into()), 1).await;
+            assert_eq!(state.unwrap().value, round, "{name}");
+        }
+    }
+
+    let stats = shies.stats().await.expect("the shard answers");
+    assert!(stats.evictions >= 4, "evicted and restored each time: {stats:?}");
+}
 /// A store that panics whenever it loads the entity `bad`.
 #[derive(Debug, Default)]
 struct PanickingStore {

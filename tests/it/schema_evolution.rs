@@ -471,6 +471,7 @@ async fn the_memory_store_keeps_the_schema_version_of_each_row() {
         key: person(id).persistence_id(),
         manifest: Person::MANIFEST,
         expected: Revision::NONE,
+        generation: None,
         revision: Revision(1),
         schema_version: version,
         payloads: vec![serde_json::to_vec(payload).unwrap()],

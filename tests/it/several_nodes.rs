@@ -59,12 +59,75 @@ async fn after_a_delete_on_one_node_no_node_answers_with_the_erased_data(
 
     let read = b.send(user.clone(), Command::GetUserState).await.unwrap();
     assert!(read.recent_products.is_empty(), "b serves no erased data: {read:?}");
-    // A redelivered pre-delete event on b is acknowledged with the erased state too.
-    let event = Event::from(view("again")).with_id(EventId::new("e1").unwrap());
-    a.send(user.clone(), event.clone()).await.unwrap();
+}
+
+/// b applied an event itself, so it would recognise a redelivery of it in
+/// memory and answer with the state it holds: the erased one, unless it
+/// checks the store first.
+#[rstest]
+#[actix::test]
+async fn after_a_delete_on_one_node_a_redelivery_on_another_is_answered_with_the_erased_state(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let (a, b): (UserStates, UserStates) = two_nodes(&db).await;
+    let user = key("mall001", "user001");
+    let event = Event::from(view("secret")).with_id(EventId::new("e1").unwrap());
+    b.send(user.clone(), event.clone()).await.unwrap();
+
     a.send(user.clone(), Command::DeleteUser).await.unwrap();
     let redelivered = b.send(user.clone(), event).await.unwrap();
+
     assert!(redelivered.recent_products.is_empty(), "{redelivered:?}");
+}
+
+/// Retention on a purges an idle row that b holds; the entity comes back
+/// through a, at revision 1 again. Before, b's check and b's write both saw
+/// the revision they expected: b answered from its pre-purge memory, and its
+/// next write committed over a's acknowledged one. The row's generation
+/// tells the two lives of the row apart.
+#[rstest]
+#[actix::test]
+async fn a_purge_on_one_node_never_lets_another_lose_an_acknowledged_write(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+    #[values(false, true)] exclusive_b: bool,
+) {
+    let Some(db) = TestDb::open(backend).await else { return };
+    let store = db.connect().await;
+    let retention = Config::default().with_retention(Some(std::time::Duration::from_secs(400 * 24 * 60 * 60)));
+    let a = UserStates::start(db.connect().await, retention);
+    let b_config = if exclusive_b {
+        Config::default().with_exclusive_writer()
+    } else {
+        Config::default()
+    };
+    let b = UserStates::start(db.connect().await, b_config);
+    let user = key("mall001", "user001");
+    b.send(user.clone(), view("before-the-purge")).await.unwrap(); // revision 1, resident on b
+    crate::common::age(&db, std::slice::from_ref(&user));
+    assert_eq!(a.purge_idle().await.unwrap(), 1);
+
+    let acknowledged = a.send(user.clone(), view("after-the-purge")).await.unwrap();
+    assert_eq!(products(&acknowledged), ["after-the-purge"]);
+    assert_eq!(store.load(&user).await.unwrap().unwrap().revision, Revision(1));
+
+    if !exclusive_b {
+        let read = b.send(user.clone(), Command::GetUserState).await.unwrap();
+        assert_eq!(products(&read), ["after-the-purge"], "b answers what the store holds");
+    }
+    let written = b.send(user.clone(), view("on-b")).await.unwrap();
+    assert_eq!(
+        products(&written),
+        ["on-b", "after-the-purge"],
+        "applied over a's write"
+    );
+    let stored = store.load(&user).await.unwrap().unwrap();
+    assert_eq!(
+        products(&stored.state),
+        ["on-b", "after-the-purge"],
+        "a's write was not lost"
+    );
+    assert_eq!(stored.revision, Revision(2));
 }
 
 #[rstest]

@@ -242,4 +242,106 @@ mod tests {
         assert_eq!(stored.revision.0, 3);
         assert_eq!(recent_products(&store, &key).await, ["p3", "p2", "p1"]);
     }
+
+    fn origin(offset: i64) -> RecordOrigin {
+        RecordOrigin {
+            partition: "events/0".into(),
+            offset,
+        }
+    }
+
+    /// Before, a late, duplicate or refused record after a delete wrote a
+    /// revision with `deleted = false`, and the feed showed an `Updated`
+    /// default state right after `Deleted`: downstream, a blank new user.
+    #[actix_rt::test]
+    async fn after_a_delete_records_that_change_nothing_keep_the_entity_deleted() {
+        use crate::feed::{ChangeKind, EntityFeed};
+        use crate::{Event, EventId};
+        let store: SharedStore = Arc::new(MemoryStore::with_change_feed());
+        let manager = EntityManager::<UserState>::new(store.clone(), Config::default()).start();
+        let key = UserKey::new("m", "u").unwrap();
+        let viewed = Event::from(Command::ViewProduct {
+            product_id: ProductId::new("p1").unwrap(),
+        })
+        .with_id(EventId::new("e1").unwrap());
+        let applied = manager
+            .send(records(&key, vec![(viewed.clone(), origin(0))]))
+            .await
+            .unwrap();
+        assert!(applied[0].is_ok());
+        manager
+            .send(EntityCommand::new(key.clone(), Command::DeleteUser))
+            .await
+            .unwrap()
+            .unwrap();
+
+        // A redelivery under a new offset (the same event id), and a record
+        // from before the erasure (late).
+        let late = Event::from(Command::UserLogin).at(chrono::DateTime::UNIX_EPOCH);
+        let answers = manager
+            .send(records(&key, vec![(viewed, origin(1)), (late, origin(2))]))
+            .await
+            .unwrap();
+
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        let stored = store.load(&key).await.unwrap().unwrap();
+        assert!(stored.deleted, "still a tombstone: {stored:?}");
+        assert_eq!(stored.source_offsets["events/0"], 2, "the records are noted");
+        let changes = EntityFeed::<UserState>::from_position(store.clone(), 0)
+            .next_batch()
+            .await
+            .unwrap();
+        let kinds: Vec<ChangeKind> = changes.iter().map(|change| change.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                ChangeKind::Redacted,
+                ChangeKind::Deleted,
+                ChangeKind::Deleted,
+                ChangeKind::Deleted
+            ],
+            "nothing after the deletion looks like a new entity"
+        );
+    }
+
+    /// Before, a refused record's offset was noted like an applied one's:
+    /// read again (its dead letter never written, after a crash), it was
+    /// taken for applied and went nowhere.
+    #[actix_rt::test]
+    async fn a_refused_record_read_again_is_refused_again_never_taken_for_applied() {
+        use crate::cart::{Cart, CartCommand, CartId};
+        let store: SharedStore = Arc::new(MemoryStore::new());
+        let manager = EntityManager::<Cart>::new(store.clone(), Config::default()).start();
+        let cart = CartId::new("c").unwrap();
+        let add = CartCommand::AddItem {
+            sku: "a".into(),
+            quantity: 1,
+        };
+        let batch = vec![(CartCommand::Checkout.into(), origin(0)), (add.into(), origin(1))];
+        let first = manager
+            .send(EntityRecords {
+                key: cart.clone(),
+                records: batch.clone(),
+            })
+            .await
+            .unwrap();
+        assert!(matches!(first[0], Err(CommandError::Rejected { .. })), "{first:?}");
+        assert!(first[1].is_ok());
+
+        let again = manager
+            .send(EntityRecords {
+                key: cart.clone(),
+                records: batch,
+            })
+            .await
+            .unwrap();
+
+        assert!(
+            matches!(&again[0], Err(error @ CommandError::RefusedBefore { reason, .. })
+                if reason.contains("empty") && !error.is_retryable()),
+            "{again:?}"
+        );
+        assert_eq!(again[1].as_ref().unwrap().items.len(), 1, "applied once, not twice");
+        assert_eq!(store.load(&cart).await.unwrap().unwrap().revision.0, 2);
+    }
 }

@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
+use super::super::entity_actor::at_least_a_millisecond;
 use super::super::messages::PurgeIdle;
 use super::delivery::{Delivery, Held};
 use super::{held_commands, Shard};
@@ -84,12 +85,11 @@ impl<E: DurableEntity> Shard<E> {
     /// on, the first shard trims the feed every its interval.
     pub(super) fn schedule_retention(&mut self, ctx: &mut Context<Self>) {
         if self.shared.config.retention.is_some() {
-            ctx.run_interval(self.shared.config.retention_check_interval, |manager, ctx| {
-                manager.request_purge(None, ctx)
-            });
+            let every = at_least_a_millisecond(self.shared.config.retention_check_interval);
+            ctx.run_interval(every, |manager, ctx| manager.request_purge(None, ctx));
         }
         if let Some(feed_retention) = self.shared.config.feed_retention.filter(|_| self.placement.is_first()) {
-            ctx.run_interval(feed_retention.every, move |shard, ctx| {
+            ctx.run_interval(at_least_a_millisecond(feed_retention.every), move |shard, ctx| {
                 shard.trim_feed(feed_retention, ctx)
             });
         }

@@ -10,6 +10,7 @@ diesel::table! {
         state_ser_manifest -> Text,
         state_payload -> Bytea,
         state_schema_version -> Int4,
+        generation -> Int8,
     }
 }
 

@@ -10,6 +10,7 @@ diesel::table! {
         state_ser_manifest -> Text,
         state_payload -> Binary,
         state_schema_version -> Integer,
+        generation -> BigInt,
     }
 }
 

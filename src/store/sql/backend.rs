@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use crate::entity::{InvalidInput, PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
-use crate::store::rows::{ChangeRow, StoredRow, WriteRow};
+use crate::store::rows::{fresh_generation, ChangeRow, StoredRow, WriteRow};
 use crate::store::JSON_SERIALIZER_ID;
 
 mod sealed {
@@ -52,6 +52,9 @@ pub struct RowWrite {
     pub(crate) manifest: &'static str,
     /// The revision the row must have (0: the row must not exist).
     pub(crate) expected: i64,
+    /// The generation a new row is created with, or the one an existing row
+    /// must have (`None`: any).
+    pub(crate) generation: Option<i64>,
     pub(crate) revision: i64,
     /// `state_schema_version` of the row and of each of its changes.
     pub(crate) schema_version: i32,
@@ -68,6 +71,12 @@ impl RowWrite {
     /// with the feed on every revision's.
     pub(crate) fn bind(mut write: WriteRow, feed: bool) -> Result<Self, StoreError> {
         let expected = bigint(write.expected.0)?;
+        let generation = match (write.expected, write.generation) {
+            (Revision::NONE, None) => Some(fresh_generation()),
+            (_, generation) => generation,
+        }
+        .map(bigint)
+        .transpose()?;
         let revision = bigint(write.revision.0)?;
         let schema_version = integer(write.schema_version)?;
         let changes = if feed {
@@ -84,6 +93,7 @@ impl RowWrite {
             key: write.key,
             manifest: write.manifest,
             expected,
+            generation,
             revision,
             schema_version,
             payload,
@@ -97,11 +107,12 @@ impl RowWrite {
 }
 
 /// The columns a load reads, in the order the backends select them:
-/// `(persistence_id, revision, state_ser_id, state_schema_version, state_payload)`.
+/// `(persistence_id, revision, generation, state_ser_id, state_schema_version, state_payload)`.
 #[derive(Debug, Clone, diesel::Queryable)]
 pub struct StateRow {
     pub(crate) persistence_id: String,
     pub(crate) revision: i64,
+    pub(crate) generation: i64,
     pub(crate) state_ser_id: i32,
     pub(crate) state_schema_version: i32,
     pub(crate) state_payload: Vec<u8>,
@@ -125,6 +136,8 @@ impl StateRow {
         let schema_version = schema_version(self.state_schema_version).map_err(corrupt)?;
         Ok(StoredRow {
             revision,
+            // Written from a positive `i64`, or 0 before generations.
+            generation: u64::try_from(self.generation).unwrap_or(0),
             schema_version,
             payload: self.state_payload,
         })

@@ -175,6 +175,7 @@ mod tests {
             key: PersistenceId::new("UserState", "m-u"),
             manifest: "UserState/v1",
             expected: Revision::NONE,
+            generation: None,
             revision: Revision(1),
             schema_version: 1,
             payloads: vec![b"{}".to_vec()],

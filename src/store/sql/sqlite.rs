@@ -279,14 +279,20 @@ fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult
                 durable_state::state_ser_manifest.eq(row.manifest),
                 durable_state::state_payload.eq(&row.payload),
                 durable_state::state_schema_version.eq(row.schema_version),
+                durable_state::generation.eq(row.generation.unwrap_or(0)),
             ))
             .on_conflict(durable_state::persistence_id)
             .do_nothing()
             .execute(conn)?
     } else {
-        diesel::update(durable_state::table)
+        let mut update = diesel::update(durable_state::table)
             .filter(durable_state::persistence_id.eq(id))
             .filter(durable_state::revision.eq(row.expected))
+            .into_boxed();
+        if let Some(generation) = row.generation {
+            update = update.filter(durable_state::generation.eq(generation));
+        }
+        update
             .set((
                 durable_state::revision.eq(row.revision),
                 durable_state::db_timestamp.eq(strftime(ISO_8601_MILLIS, "now")),
@@ -300,7 +306,9 @@ fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult
     if written != 1 {
         return Ok(false);
     }
-    if row.erases && !row.changes.is_empty() {
+    // An erasure erases the feed too, whether or not this store writes it:
+    // another node's may.
+    if row.erases {
         redact(conn, id)?;
     }
     for (revision, payload) in &row.changes {
@@ -360,6 +368,7 @@ impl SqlBackend for SqliteBackend {
                             .select((
                                 durable_state::persistence_id,
                                 durable_state::revision,
+                                durable_state::generation,
                                 durable_state::state_ser_id,
                                 durable_state::state_schema_version,
                                 durable_state::state_payload,
@@ -571,8 +580,8 @@ impl Maintenance for SqliteStore {
                             if deleted != 1 {
                                 continue;
                             }
+                            redact(conn, id.as_str())?;
                             if feed {
-                                redact(conn, id.as_str())?;
                                 diesel::insert_into(state_changes::table)
                                     .values((
                                         state_changes::entity_type.eq(id.entity_type()),

@@ -94,13 +94,16 @@ type Outcomes<'a> = Pin<Box<dyn Future<Output = Vec<Result<bool, StoreError>>> +
 const MAX_SPLIT_DEPTH: u32 = 12;
 
 /// Writes `rows` in one statement; if the database refuses the statement
-/// because of a row in it (a constraint violation, as the driver classifies
-/// it), writes each half on its own, down to the refused row alone, so that
-/// every other row still commits and only the culprit gets the error.
-/// Failures of the database itself (down, timed out, outcome unknown, or
-/// unclassified) fail every row at once: trying halves would only wait
-/// longer. Splitting stops at [`MAX_SPLIT_DEPTH`] or once `until` has
-/// passed; the rows not yet written alone then share their statement's error.
+/// for what one of its rows may hold ([`StoreError::may_be_a_row_refusal`]:
+/// any refusal but the database's own failures), writes each half on its
+/// own, down to the refused row alone, so that every other row still commits
+/// and only the culprit gets the error, as [`StoreError::RowRefused`].
+/// Failures of the database itself (down, timed out, deadlocked, out of
+/// resources, outcome unknown) fail every row at once: halves would only
+/// wait longer. Splitting stops at [`MAX_SPLIT_DEPTH`] or once `until` has
+/// passed; the rows not yet written alone are then answered
+/// [`StoreError::Unisolated`], which is worth retrying: they are likely not
+/// the culprit.
 fn write_isolating<'a, B: SqlBackend>(
     backend: &'a B,
     rows: &'a [RowWrite],
@@ -110,18 +113,35 @@ fn write_isolating<'a, B: SqlBackend>(
 ) -> Outcomes<'a> {
     Box::pin(async move {
         Counters::add(&counters.write_statements, 1);
-        match backend.write_rows(rows).await {
-            Ok(written) => written.into_iter().map(Ok).collect(),
-            Err(error)
-                if rows.len() > 1 && error.is_row_refusal() && depth < MAX_SPLIT_DEPTH && Instant::now() < until =>
-            {
-                debug!(rows = rows.len(), %error, "the database refused a row of a batch; writing its halves apart");
-                let (left, right) = rows.split_at(rows.len() / 2);
-                let mut outcomes = write_isolating(backend, left, counters, depth + 1, until).await;
-                outcomes.extend(write_isolating(backend, right, counters, depth + 1, until).await);
-                outcomes
-            }
-            Err(error) => vec![Err(error); rows.len()],
+        let error = match backend.write_rows(rows).await {
+            Ok(written) => return written.into_iter().map(Ok).collect(),
+            Err(error) => error,
+        };
+        if !error.may_be_a_row_refusal() {
+            return vec![Err(error); rows.len()];
         }
+        if let [row] = rows {
+            return vec![Err(StoreError::RowRefused {
+                key: row.key.clone(),
+                source: Arc::new(error),
+            })];
+        }
+        if depth >= MAX_SPLIT_DEPTH || Instant::now() >= until {
+            let error = Arc::new(error);
+            return rows
+                .iter()
+                .map(|row| {
+                    Err(StoreError::Unisolated {
+                        key: row.key.clone(),
+                        source: error.clone(),
+                    })
+                })
+                .collect();
+        }
+        debug!(rows = rows.len(), %error, "the database refused a row of a batch; writing its halves apart");
+        let (left, right) = rows.split_at(rows.len() / 2);
+        let mut outcomes = write_isolating(backend, left, counters, depth + 1, until).await;
+        outcomes.extend(write_isolating(backend, right, counters, depth + 1, until).await);
+        outcomes
     })
 }

@@ -12,13 +12,14 @@ use diesel::sql_types::{Array, BigInt, Binary, Integer, Text};
 use diesel::upsert::excluded;
 use diesel::{ExpressionMethods, IntoSql, OptionalExtension, QueryDsl, TextExpressionMethods};
 use diesel_async::RunQueryDsl;
+use tokio_postgres::types::ToSql;
 
-use super::prepared_sql::PreparedSql;
 use super::statements::{PURGE_ROWS_SQL, PURGE_ROWS_WITH_FEED_SQL, WRITE_ROWS_SQL, WRITE_ROWS_WITH_FEED_SQL};
-use super::{sent_write_error, NoAnswer, PostgresBackend, PostgresStore, Written};
+use super::writer::sent_write_error;
+use super::{NoAnswer, PostgresBackend, PostgresStore, Written};
 use crate::entity::{PersistenceId, Revision};
 use crate::error::StoreError;
-use crate::store::payload::{REDACTED, TOMBSTONE};
+use crate::store::payload::TOMBSTONE;
 use crate::store::rows::{good_prefix, ChangeRow};
 use crate::store::schema::postgres::{durable_state, feed_head, feed_offsets, state_changes};
 use crate::store::sql::backend::{self as port, FeedRow, RowWrite, SqlBackend, StateRow};
@@ -45,52 +46,62 @@ impl SqlBackend for PostgresBackend {
     async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<bool>, StoreError> {
         // Bounded by the pool's wait timeout, apart from the statement:
         // nothing is sent until a connection is had.
-        let mut conn = self.checkout().await?;
-        // Every array is bound borrowed from the rows: no per-row copies.
-        let ids: Vec<&str> = rows.iter().map(|row| row.key.as_str()).collect();
-        let write = PreparedSql::new(if self.feed {
+        let mut conn = self.writers.get().await.map_err(StoreError::unavailable)?;
+        let sql = if self.feed {
             WRITE_ROWS_WITH_FEED_SQL
         } else {
             WRITE_ROWS_SQL
-        })
-        .bind::<Array<Text>, _>(&ids)
-        .bind::<Array<BigInt>, _>(rows.iter().map(|row| row.expected).collect::<Vec<_>>())
-        .bind::<Array<BigInt>, _>(rows.iter().map(|row| row.revision).collect::<Vec<_>>())
-        .bind::<Array<Binary>, _>(rows.iter().map(|row| row.payload.as_slice()).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(rows.iter().map(|row| row.entity_type()).collect::<Vec<_>>())
-        .bind::<Array<Text>, _>(rows.iter().map(|row| row.manifest).collect::<Vec<_>>())
-        .bind::<Array<Integer>, _>(rows.iter().map(|row| row.schema_version).collect::<Vec<_>>())
-        .bind::<Integer, _>(JSON_SERIALIZER_ID);
-        let write = if self.feed {
-            let changes = || {
-                rows.iter()
-                    .flat_map(|row| row.changes.iter().map(move |change| (row, change)))
-            };
-            write
-                .bind::<Array<Text>, _>(changes().map(|(row, _)| row.key.as_str()).collect::<Vec<_>>())
-                .bind::<Array<Text>, _>(changes().map(|(row, _)| row.entity_type()).collect::<Vec<_>>())
-                .bind::<Array<BigInt>, _>(changes().map(|(_, (revision, _))| *revision).collect::<Vec<_>>())
-                .bind::<Array<Binary>, _>(
-                    changes()
-                        .map(|(_, (_, payload))| payload.as_slice())
-                        .collect::<Vec<_>>(),
-                )
-                .bind::<Binary, _>(REDACTED)
-                .bind::<Array<Text>, _>(
-                    rows.iter()
-                        .filter(|row| row.erases)
-                        .map(|row| row.key.as_str())
-                        .collect::<Vec<_>>(),
-                )
-        } else {
-            write
         };
-        let written: Vec<Written> = match tokio::time::timeout(self.no_answer_after, write.load(&mut conn)).await {
+        let statement = conn.statement(sql).await.map_err(sent_write_error)?;
+        // Every array is bound borrowed from the rows: no per-row copies.
+        let ids: Vec<&str> = rows.iter().map(|row| row.key.as_str()).collect();
+        let expected: Vec<i64> = rows.iter().map(|row| row.expected).collect();
+        let revisions: Vec<i64> = rows.iter().map(|row| row.revision).collect();
+        let payloads: Vec<&[u8]> = rows.iter().map(|row| row.payload.as_slice()).collect();
+        let entity_types: Vec<&str> = rows.iter().map(RowWrite::entity_type).collect();
+        let manifests: Vec<&str> = rows.iter().map(|row| row.manifest).collect();
+        let schema_versions: Vec<i32> = rows.iter().map(|row| row.schema_version).collect();
+        let generations: Vec<Option<i64>> = rows.iter().map(|row| row.generation).collect();
+        let erasing: Vec<&str> = rows
+            .iter()
+            .filter(|row| row.erases)
+            .map(|row| row.key.as_str())
+            .collect();
+        let changes = || {
+            rows.iter()
+                .flat_map(|row| row.changes.iter().map(move |change| (row, change)))
+        };
+        let change_ids: Vec<&str> = changes().map(|(row, _)| row.key.as_str()).collect();
+        let change_types: Vec<&str> = changes().map(|(row, _)| row.entity_type()).collect();
+        let change_revisions: Vec<i64> = changes().map(|(_, (revision, _))| *revision).collect();
+        let change_payloads: Vec<&[u8]> = changes().map(|(_, (_, payload))| payload.as_slice()).collect();
+        let mut binds: Vec<&(dyn ToSql + Sync)> = vec![
+            &ids,
+            &expected,
+            &revisions,
+            &payloads,
+            &entity_types,
+            &manifests,
+            &schema_versions,
+            &generations,
+            &JSON_SERIALIZER_ID,
+            &erasing,
+        ];
+        if self.feed {
+            binds.extend([
+                &change_ids as &(dyn ToSql + Sync),
+                &change_types,
+                &change_revisions,
+                &change_payloads,
+            ]);
+        }
+        let answer = tokio::time::timeout(self.no_answer_after, conn.client().query(&statement, &binds));
+        let written = match answer.await {
             Ok(answer) => answer.map_err(sent_write_error)?,
             Err(_) => return Err(StoreError::OutcomeUnknown(Arc::new(NoAnswer(self.no_answer_after)))),
         };
-        let written: std::collections::HashSet<String> = written.into_iter().map(|w| w.persistence_id).collect();
-        Ok(ids.iter().map(|id| written.contains(*id)).collect())
+        let written: std::collections::HashSet<&str> = written.iter().map(|row| row.get::<_, &str>(0)).collect();
+        Ok(ids.iter().map(|id| written.contains(id)).collect())
     }
 
     async fn load_rows(&self, keys: &[&PersistenceId]) -> Result<HashMap<String, StateRow>, StoreError> {
@@ -103,6 +114,7 @@ impl SqlBackend for PostgresBackend {
             .select((
                 durable_state::persistence_id,
                 durable_state::revision,
+                durable_state::generation,
                 durable_state::state_ser_id,
                 durable_state::state_schema_version,
                 durable_state::state_payload,
@@ -289,7 +301,7 @@ impl Maintenance for PostgresStore {
             .bind::<Array<BigInt>, _>(&revisions)
             .bind::<diesel::sql_types::Timestamptz, _>(written_before);
             let purge = if backend.feed {
-                purge.bind::<Binary, _>(TOMBSTONE).bind::<Binary, _>(REDACTED)
+                purge.bind::<Binary, _>(TOMBSTONE)
             } else {
                 purge
             };

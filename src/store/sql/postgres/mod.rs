@@ -2,7 +2,6 @@
 //! driver and a deadpool connection pool. Its set-up is here, its raw SQL in
 //! `statements`, its statements behind the SQL store in `backend`.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::sql_types::Text;
@@ -13,8 +12,8 @@ use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, Ru
 use diesel_migrations::{embed_migrations, EmbeddedMigrations};
 
 mod backend;
-mod prepared_sql;
 mod statements;
+mod writer;
 
 use super::backend::{self as port, Sealed};
 use super::SqlStore;
@@ -44,6 +43,9 @@ pub type PostgresStore = SqlStore<PostgresBackend>;
 /// The statements of PostgreSQL behind a [`PostgresStore`].
 pub struct PostgresBackend {
     pool: Pool<AsyncPgConnection>,
+    /// Group commit's write statements run on connections of their own,
+    /// below diesel, where a failure keeps its SQLSTATE (see `writer`).
+    writers: writer::WriterPool,
     feed: bool,
     /// How long a sent write may go unanswered before its outcome is
     /// reported unknown: twice the server's statement timeout, so the
@@ -68,6 +70,7 @@ impl SqlStore<PostgresBackend> {
         runtime.run_unbounded(migrate(url, connect_timeout)).await?;
         let backend = PostgresBackend {
             pool: connection_pool(database_url, &config)?,
+            writers: writer::writer_pool(database_url, session_setup(&config), &config)?,
             feed: config.change_feed,
             no_answer_after: config.operation_timeout * 2,
         };
@@ -89,19 +92,15 @@ impl SqlStore<PostgresBackend> {
 ///   it long after it held a hundred thousand rows. Parsing stays cached; a
 ///   key lookup plans in microseconds.
 fn connection_pool(database_url: &str, config: &StoreConfig) -> Result<Pool<AsyncPgConnection>, StoreError> {
-    let limit_ms = config.operation_timeout.as_millis().max(1);
+    let setup = session_setup(config);
     let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
     manager_config.custom_setup = Box::new(move |url| {
-        let url = url.to_owned();
+        let (url, setup) = (url.to_owned(), setup.clone());
         Box::pin(async move {
             let mut conn = AsyncPgConnection::establish(&url).await?;
-            conn.batch_execute(&format!(
-                "SET statement_timeout = {limit_ms}; SET lock_timeout = {limit_ms}; \
-                 SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
-                 SET plan_cache_mode = force_custom_plan;"
-            ))
-            .await
-            .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+            conn.batch_execute(&setup)
+                .await
+                .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
             Ok(conn)
         })
     });
@@ -109,6 +108,17 @@ fn connection_pool(database_url: &str, config: &StoreConfig) -> Result<Pool<Asyn
         database_url,
         manager_config,
     ))
+}
+
+/// The session settings every connection of the store starts with (see
+/// [`connection_pool`]).
+fn session_setup(config: &StoreConfig) -> String {
+    let limit_ms = config.operation_timeout.as_millis().max(1);
+    format!(
+        "SET statement_timeout = {limit_ms}; SET lock_timeout = {limit_ms}; \
+         SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ COMMITTED; \
+         SET plan_cache_mode = force_custom_plan;"
+    )
 }
 
 /// Applies the pending migrations, one after another, each logged, then
@@ -252,21 +262,6 @@ impl PostgresBackend {
 #[error("no answer from the database within {0:?} of sending the write")]
 struct NoAnswer(std::time::Duration);
 
-/// Classifies the failure of a write statement that was sent. An error the
-/// server reported (it has a SQLSTATE) means the statement rolled back; one
-/// without (the connection broke) leaves the outcome unknown.
-fn sent_write_error(error: diesel::result::Error) -> StoreError {
-    use diesel::result::{DatabaseErrorKind, Error};
-    match error {
-        Error::DatabaseError(DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection, _) => {
-            StoreError::OutcomeUnknown(Arc::new(error))
-        }
-        Error::DatabaseError(..) => error.into(),
-        // The statement ran, its answer could not be read.
-        other => StoreError::OutcomeUnknown(Arc::new(other)),
-    }
-}
-
 #[derive(QueryableByName)]
 struct Written {
     #[diesel(sql_type = Text)]
@@ -326,6 +321,7 @@ mod tests {
         let config = StoreConfig::default().with_pool_size(1);
         let backend = PostgresBackend {
             pool: connection_pool(&url, &config).unwrap(),
+            writers: writer::writer_pool(&url, session_setup(&config), &config).unwrap(),
             feed: false,
             no_answer_after: config.operation_timeout,
         };
@@ -346,6 +342,7 @@ mod tests {
                 key: crate::PersistenceId::new("UserState", "m-u"),
                 manifest: "UserState/v1",
                 expected: revision - 1,
+                generation: Some(7),
                 revision,
                 schema_version: 1,
                 payload: b"{}".to_vec(),
@@ -367,7 +364,26 @@ mod tests {
                 .unwrap()
             }
         };
-        let (restores, writes) = (plans("%= ANY%").await, plans("WITH input AS%").await);
+        let restores = plans("%= ANY%").await;
+        // The writes run on a writer connection of their own.
+        let writes: Vec<PlanCounts> = backend
+            .writers
+            .get()
+            .await
+            .unwrap()
+            .client()
+            .query(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement LIKE 'WITH input AS%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| PlanCounts {
+                generic_plans: row.get(0),
+                custom_plans: row.get(1),
+            })
+            .collect();
         admin
             .batch_execute(&format!("DROP SCHEMA plans_{} CASCADE", std::process::id()))
             .await
@@ -394,7 +410,8 @@ mod tests {
     fn the_ceiling_script_runs_the_librarys_write_statement() {
         let script = include_str!("../../../../bench/scripts/pg-ceiling.sh");
         let from_inserted = &WRITE_ROWS_SQL[WRITE_ROWS_SQL.find("), inserted AS (").unwrap()..];
-        let with_constants = from_inserted.replace("$8", &JSON_SERIALIZER_ID.to_string());
+        let until_redacted = &from_inserted[..from_inserted.find("), written AS (").unwrap()];
+        let with_constants = until_redacted.replace("$9", &JSON_SERIALIZER_ID.to_string());
         assert!(
             words(script).contains(&words(&with_constants)),
             "bench/scripts/pg-ceiling.sh no longer runs the library's write statement"

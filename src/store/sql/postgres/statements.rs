@@ -60,13 +60,14 @@ macro_rules! write_ctes {
     () => {
         "\
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::integer[])
-        AS t(persistence_id, expected, revision, payload, entity_type, manifest, schema_version)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::integer[],
+                         $8::bigint[])
+        AS t(persistence_id, expected, revision, payload, entity_type, manifest, schema_version, generation)
 ), inserted AS (
     INSERT INTO durable_state
         (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload,
-         state_schema_version)
-    SELECT persistence_id, entity_type, revision, now(), $8, manifest, payload, schema_version
+         state_schema_version, generation)
+    SELECT persistence_id, entity_type, revision, now(), $9, manifest, payload, schema_version, generation
     FROM input WHERE expected = 0
     ORDER BY persistence_id COLLATE \"C\"
     ON CONFLICT (persistence_id) DO NOTHING
@@ -74,32 +75,41 @@ WITH input AS (
 ), locked AS (
     SELECT d.ctid AS row_id, i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version
     FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
+        AND (i.generation IS NULL OR d.generation = i.generation)
     WHERE i.expected <> 0 AND (SELECT count(*) FROM inserted) >= 0
     ORDER BY d.persistence_id COLLATE \"C\"
     FOR UPDATE OF d
 ), updated AS (
     UPDATE durable_state AS d
-    SET revision = l.revision, db_timestamp = now(), state_ser_id = $8, state_ser_manifest = l.manifest,
+    SET revision = l.revision, db_timestamp = now(), state_ser_id = $9, state_ser_manifest = l.manifest,
         state_payload = l.payload, state_schema_version = l.schema_version
     FROM locked AS l
     WHERE d.ctid = l.row_id AND d.revision = l.expected
     RETURNING d.persistence_id
+), written AS (
+    SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated
+), redacted AS (
+    UPDATE state_changes AS s SET state_payload = ''::bytea
+    WHERE s.persistence_id = ANY($10::text[]) AND s.persistence_id IN (SELECT persistence_id FROM written)
 )"
     };
 }
 
-/// Raw SQL (see above): the batched, revision-checked write without the feed.
+/// Raw SQL (see above): the batched, revision-checked write without the
+/// feed. A write that deletes its entity (bind 10: the ids of those) still
+/// redacts the entity's earlier feed rows, written by nodes that keep the
+/// feed: an erasure erases wherever the data is.
 pub(super) const WRITE_ROWS_SQL: &str = concat!(
     write_ctes!(),
     "
-SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated"
+SELECT persistence_id FROM written"
 );
 
 /// Raw SQL (see above): the same write, plus one change feed row per committed revision
-/// (binds 9 to 12: persistence ids, entity types, revisions, payloads; each
+/// (binds 11 to 14: persistence ids, entity types, revisions, payloads; each
 /// change has its row's schema version). A write that deletes its entity
-/// (bind 14: the ids of those) redacts the entity's earlier feed rows to the
-/// payload `$13`, in the same statement: the `UPDATE` sees the rows as they
+/// (bind 10: the ids of those) redacts the entity's earlier feed rows to the
+/// empty payload, in the same statement: the `UPDATE` sees the rows as they
 /// were before it, so not the ones `feed` inserts. Only the writer holding
 /// an entity's row lock (from `locked` or `inserted`) touches its feed rows,
 /// so these row locks add no wait that could close a circle.
@@ -108,11 +118,9 @@ SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated
 /// commit order, and a rolled-back statement rolls its positions back.
 pub(super) const WRITE_ROWS_WITH_FEED_SQL: &str = concat!(
     write_ctes!(),
-    ", written AS (
-    SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated
-), changes AS (
+    ", changes AS (
     SELECT c.persistence_id, c.entity_type, c.revision, c.payload, i.schema_version, c.ord
-    FROM unnest($9::text[], $10::text[], $11::bigint[], $12::bytea[])
+    FROM unnest($11::text[], $12::text[], $13::bigint[], $14::bytea[])
         WITH ORDINALITY AS c(persistence_id, entity_type, revision, payload, ord)
     JOIN input AS i ON i.persistence_id = c.persistence_id
     WHERE c.persistence_id IN (SELECT persistence_id FROM written)
@@ -125,9 +133,6 @@ pub(super) const WRITE_ROWS_WITH_FEED_SQL: &str = concat!(
     SELECT head.base + row_number() OVER (ORDER BY changes.ord), changes.entity_type, changes.persistence_id,
            changes.revision, now(), changes.payload, changes.schema_version
     FROM changes CROSS JOIN head
-), redacted AS (
-    UPDATE state_changes AS s SET state_payload = $13
-    WHERE s.persistence_id = ANY($14::text[]) AND s.persistence_id IN (SELECT persistence_id FROM written)
 )
 SELECT persistence_id FROM written"
 );
@@ -163,18 +168,23 @@ WITH input AS (
     };
 }
 
-/// Raw SQL (see above): the retention purge without the feed.
+/// Raw SQL (see above): the retention purge without the feed; the purged
+/// entities' earlier feed rows (written by nodes that keep the feed) are
+/// redacted all the same.
 pub(super) const PURGE_ROWS_SQL: &str = concat!(
     purge_ctes!(),
-    "
+    ", redacted AS (
+    UPDATE state_changes AS s SET state_payload = ''::bytea
+    WHERE s.persistence_id IN (SELECT persistence_id FROM purged)
+)
 SELECT persistence_id FROM purged"
 );
 
 /// Raw SQL (see above): the purge, plus one feed row per purged entity: the
 /// next revision, with the tombstone payload `$4`, so a consumer sees the
-/// entity deleted; its earlier feed rows are redacted to `$5` in the same
-/// statement. Positions come from `feed_head`, as for writes: gapless and in
-/// commit order.
+/// entity deleted; its earlier feed rows are redacted to the empty payload
+/// in the same statement. Positions come from `feed_head`, as for writes:
+/// gapless and in commit order.
 pub(super) const PURGE_ROWS_WITH_FEED_SQL: &str = concat!(
     purge_ctes!(),
     ", head AS (
@@ -186,7 +196,7 @@ pub(super) const PURGE_ROWS_WITH_FEED_SQL: &str = concat!(
            purged.persistence_id, purged.revision + 1, now(), $4
     FROM purged CROSS JOIN head
 ), redacted AS (
-    UPDATE state_changes AS s SET state_payload = $5
+    UPDATE state_changes AS s SET state_payload = ''::bytea
     WHERE s.persistence_id IN (SELECT persistence_id FROM purged)
 )
 SELECT persistence_id FROM purged"
