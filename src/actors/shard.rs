@@ -507,6 +507,9 @@ impl<E: DurableEntity> Handler<Drain> for Shard<E> {
 
     fn handle(&mut self, Drain(reply): Drain, _ctx: &mut Self::Context) {
         self.draining.get_or_insert_with(Vec::new).push(reply);
+        // Held for rows a purge is deleting, never queued at an actor: not
+        // applied, and heard as `NotDelivered` now.
+        self.drop_held_during_purge();
         let keys: Vec<E::Key> = self.children.keys().cloned().collect();
         for key in keys {
             self.begin_passivation(&key, PassivationCause::Stopped);

@@ -361,8 +361,8 @@ fn find_postgres_bin() -> Option<PathBuf> {
     versions.pop()
 }
 
-/// A lock on `durable_state` held by another session until dropped: loads
-/// and writes wait behind it, like a database that stopped answering.
+/// A lock held by another session until dropped (on the table: loads and
+/// writes wait behind it, like a database that stopped answering).
 pub struct TableLock {
     release: Option<std::sync::mpsc::Sender<()>>,
     holder: Option<std::thread::JoinHandle<()>>,
@@ -371,9 +371,55 @@ pub struct TableLock {
 impl TestDb {
     /// PostgreSQL only: takes an exclusive lock on the table in another session.
     pub fn lock_table(&self) -> TableLock {
+        self.hold_in_transaction("LOCK TABLE durable_state IN ACCESS EXCLUSIVE MODE")
+    }
+
+    /// PostgreSQL only: locks `key`'s row (`FOR UPDATE`) in another session:
+    /// writes, deletes and purges of it wait; reads do not.
+    pub fn lock_row<K: EntityKey>(&self, key: &K) -> TableLock {
+        self.hold_in_transaction(&format!(
+            "SELECT 1 FROM durable_state WHERE persistence_id = '{}' FOR UPDATE",
+            key.persistence_id()
+        ))
+    }
+
+    /// PostgreSQL only: whether some session waits for a lock on this database.
+    pub fn someone_waits_for_a_lock(&self) -> bool {
+        #[derive(diesel::QueryableByName)]
+        struct Waiting {
+            #[diesel(sql_type = diesel::sql_types::Bool)]
+            waiting: bool,
+        }
         let Location::Postgres { url, .. } = &self.location else {
-            panic!("lock_table is for PostgreSQL")
+            panic!("locks are taken on PostgreSQL")
         };
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                use diesel_async::RunQueryDsl;
+                let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
+                let Waiting { waiting } = diesel::sql_query(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock') AS waiting",
+                )
+                .get_result(&mut conn)
+                .await
+                .unwrap();
+                waiting
+            })
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// PostgreSQL only: runs `sql` in a transaction of another session, kept
+    /// open (with its locks) until the value returned is dropped.
+    fn hold_in_transaction(&self, sql: &str) -> TableLock {
+        let Location::Postgres { url, .. } = &self.location else {
+            panic!("locks are taken on PostgreSQL")
+        };
+        let sql = format!("BEGIN; {sql};");
         let url = url.clone();
         let (release, released) = std::sync::mpsc::channel::<()>();
         let (locked, is_locked) = std::sync::mpsc::channel::<()>();
@@ -384,9 +430,7 @@ impl TestDb {
                 .unwrap();
             runtime.block_on(async {
                 let mut conn = AsyncPgConnection::establish(&url).await.unwrap();
-                conn.batch_execute("BEGIN; LOCK TABLE durable_state IN ACCESS EXCLUSIVE MODE;")
-                    .await
-                    .unwrap();
+                conn.batch_execute(&sql).await.unwrap();
                 locked.send(()).unwrap();
                 let _ = tokio::task::spawn_blocking(move || released.recv()).await;
                 conn.batch_execute("ROLLBACK").await.unwrap();

@@ -281,3 +281,48 @@ async fn an_applications_own_handler_answers_every_error_kind_with_its_status_an
         (503, &json!("not_delivered"), &json!(true))
     );
 }
+
+/// Before, `stop()` returned while a retention purge held commands for the
+/// rows it was deleting; once the delete answered, actors started after the
+/// drain applied them. Now they are answered `NotDelivered`, never applied.
+#[actix::test]
+async fn a_graceful_stop_during_a_purge_applies_none_of_the_commands_the_purge_holds() {
+    let Some(db) = crate::common::TestDb::open(crate::common::Backend::Postgres).await else {
+        return;
+    };
+    let store = db.connect().await;
+    let config = Config::default().with_retention(Some(Duration::from_secs(400 * 24 * 60 * 60)));
+    let wishlists = Entities::<Wishlist>::start(store.clone(), config);
+    let idle = wishlist("idle");
+    store
+        .write(&idle, Revision::NONE, Revision(1), &Wishlist::default())
+        .await
+        .unwrap();
+    crate::common::age(&db, std::slice::from_ref(&idle));
+    let row_lock = db.lock_row(&idle);
+    // The purge's delete waits for the row lock; a command for the row is held meanwhile.
+    let purge = actix::spawn({
+        let wishlists = wishlists.clone();
+        async move { wishlists.purge_idle().await }
+    });
+    while !db.someone_waits_for_a_lock() {
+        tokio::task::yield_now().await;
+    }
+    let held = actix::spawn({
+        let (wishlists, idle) = (wishlists.clone(), idle.clone());
+        async move { wishlists.send(idle, WishlistCommand::Add("after".into())).await }
+    });
+    tokio::task::yield_now().await;
+
+    let stopped = actix::spawn({
+        let wishlists = wishlists.clone();
+        async move { wishlists.stop().await }
+    });
+    drop(row_lock);
+    stopped.await.unwrap().unwrap();
+
+    let answer = held.await.unwrap();
+    assert!(matches!(answer, Err(CommandError::NotDelivered { .. })), "{answer:?}");
+    assert_eq!(purge.await.unwrap().unwrap(), 1, "the purge itself completes");
+    assert!(store.load(&idle).await.unwrap().is_none(), "nothing applied after the purge");
+}

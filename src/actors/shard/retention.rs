@@ -145,6 +145,12 @@ impl<E: DurableEntity> Shard<E> {
             }
             return;
         };
+        if self.draining.is_some() {
+            if let Some(reply) = reply {
+                let _ = reply.send(Err(StoreError::Stopped));
+            }
+            return;
+        }
         if self.retention.run.is_some() {
             self.retention.next.extend(reply);
             return;
@@ -252,13 +258,24 @@ impl<E: DurableEntity> Shard<E> {
     }
 
     /// Sends the commands held during a delete to new actors, which restore
-    /// whatever the delete left.
+    /// whatever the delete left; none once the shard is stopping.
     fn release_purging(&mut self) {
         let purging = std::mem::take(&mut self.retention.purging);
+        if self.draining.is_some() {
+            return;
+        }
         for (key, held) in purging {
             if !held.is_empty() {
                 self.start_with(key, held);
             }
+        }
+    }
+
+    /// Drops the commands held for rows a purge is deleting: they never
+    /// reached an actor, and their callers hear `NotDelivered`.
+    pub(super) fn drop_held_during_purge(&mut self) {
+        for held in self.retention.purging.values_mut() {
+            held.clear();
         }
     }
 
