@@ -533,3 +533,65 @@ impl<E: DurableEntity> Handler<GetManagerStats> for Shard<E> {
 pub(crate) fn child_size() -> usize {
     std::mem::size_of::<Child<crate::domain::UserState>>()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use actix::prelude::*;
+    use tokio::sync::oneshot;
+
+    use super::{Child, RouteCommand, Shard, ShardCounters};
+    use crate::actors::entity_actor::{EntityActor, Shared};
+    use crate::actors::placement::{Placement, Spread};
+    use crate::domain::{Command, UserKey, UserState};
+    use crate::store::{MemoryStore, StateStoreExt};
+    use crate::Config;
+
+    /// An entity's actor whose task died without running its `stopped`
+    /// (and so without telling its shard) is noticed on the next command
+    /// for it, and started again with that command.
+    #[actix_rt::test]
+    async fn a_child_gone_without_saying_so_is_started_again_with_the_next_command() {
+        let store = Arc::new(MemoryStore::new());
+        let shared = Shared::<UserState> {
+            store: store.clone(),
+            config: Config::default(),
+            settings: Default::default(),
+            manager: None,
+        };
+        let counters = ShardCounters::default();
+        let mut shard = Shard::new(Arc::new(shared), Placement::new(0, Spread::new(1)), &counters);
+        let key = UserKey::new("m", "u").unwrap();
+        // A context never run and dropped: its address can no longer be upgraded.
+        let gone = {
+            let context = Context::<EntityActor<UserState>>::new();
+            context.address().downgrade()
+        };
+        shard.children.insert(
+            key.clone(),
+            Child {
+                addr: gone,
+                incarnation: 1,
+                last_used: 0,
+            },
+        );
+        shard.next_incarnation = 1;
+        // Counted as a started child is.
+        counters.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let shard = shard.start();
+
+        let (reply, answer) = oneshot::channel();
+        shard.do_send(RouteCommand {
+            key: key.clone(),
+            event: Command::UserLogin.into(),
+            reply,
+        });
+
+        let state = answer.await.expect("answered").expect("applied");
+        assert!(state.last_login.is_some());
+        assert_eq!(store.load(&key).await.unwrap().unwrap().revision.0, 1);
+        let stats = shard.send(crate::actors::messages::GetManagerStats).await.unwrap();
+        assert_eq!((stats.resident_entities, stats.activations), (1, 1), "{stats:?}");
+    }
+}

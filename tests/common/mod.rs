@@ -395,7 +395,10 @@ impl TestDb {
         };
         let url = url.clone();
         std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             runtime.block_on(async {
                 use diesel_async::RunQueryDsl;
                 let mut conn = AsyncPgConnection::establish(&url).await.unwrap();

@@ -324,5 +324,8 @@ async fn a_graceful_stop_during_a_purge_applies_none_of_the_commands_the_purge_h
     let answer = held.await.unwrap();
     assert!(matches!(answer, Err(CommandError::NotDelivered { .. })), "{answer:?}");
     assert_eq!(purge.await.unwrap().unwrap(), 1, "the purge itself completes");
-    assert!(store.load(&idle).await.unwrap().is_none(), "nothing applied after the purge");
+    assert!(
+        store.load(&idle).await.unwrap().is_none(),
+        "nothing applied after the purge"
+    );
 }
