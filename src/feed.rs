@@ -275,14 +275,29 @@ impl<E: DurableEntity> EntityFeed<E> {
         }
     }
 
-    /// Waits until there are changes after the current position and returns them.
+    /// Waits until there are changes after the current position and returns
+    /// them. Changes committed through this process's store wake it at
+    /// once; those of other processes show at the next poll (every
+    /// [`with_poll_interval`](Self::with_poll_interval)).
     pub async fn next(&mut self) -> Result<Vec<StateChange<E>>, StoreError> {
+        let signal = self.store.feed_signal();
         loop {
+            // Listening before reading: a commit in between still wakes it.
+            let committed = signal.as_ref().map(|signal| {
+                let mut committed = Box::pin(signal.notified());
+                committed.as_mut().enable();
+                committed
+            });
             let changes = self.next_batch().await?;
             if !changes.is_empty() {
                 return Ok(changes);
             }
-            tokio::time::sleep(self.poll_interval).await;
+            match committed {
+                Some(committed) => {
+                    let _ = tokio::time::timeout(self.poll_interval, committed).await;
+                }
+                None => tokio::time::sleep(self.poll_interval).await,
+            }
         }
     }
 

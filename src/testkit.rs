@@ -8,8 +8,21 @@
 //!   [`t0`], so time moves only when the test says, with [`advance`]
 //!   moving tokio's time and the recorded clock together;
 //! - waits for what the library does ([`until_passivated`],
-//!   [`until_resident`], [`TestStore::until_feed_reaches`]) by yielding
-//!   to it, never by sleeping, so paused time moves only when the test says.
+//!   [`until_resident`], [`TestStore::until_feed_reaches`],
+//!   [`TestStore::until_consumer_reaches`]) by yielding to it, never by
+//!   sleeping.
+//!
+//! Paused time moves only through [`advance`]. Left to itself, tokio moves
+//! a paused clock on to the next timer whenever its runtime has nothing to
+//! do, and a test waiting for the store (whose queries run on threads of
+//! their own) is exactly that: every database round trip would jump the
+//! clock to the next idle check, and entities would passivate on their
+//! own. So while a [`TestEntities`] lives, its runtime is never left with
+//! nothing to do. A test that sleeps in paused time (`tokio::time::sleep`)
+//! waits until it advances the clock past the sleep; a change feed follower
+//! of the test's own is woken by each commit through the store
+//! ([`ChangeLog::feed_signal`](crate::ChangeLog::feed_signal)), not by its
+//! poll.
 //!
 //! A passivate-and-restore test of a counter, the body of an
 //! `#[actix::test] async fn`:
@@ -168,6 +181,27 @@ impl TestStore {
         }))
     }
 
+    /// Waits until `consumer` (a change feed follower's name, as given to
+    /// [`EntityFeed::resume`](crate::EntityFeed::resume)) has saved a
+    /// position of at least `position`: the application's own consumer has
+    /// processed and committed that far. Fails the test if it does not
+    /// within 10 s of real time.
+    pub async fn until_consumer_reaches(&self, consumer: &str, position: u64) {
+        let store = self.store.clone();
+        wait("the feed consumer to reach its position", || {
+            let store = store.clone();
+            async move {
+                store
+                    .load_offset(consumer)
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some_and(|saved| saved >= position)
+            }
+        })
+        .await;
+    }
+
     /// Waits until the change feed reaches `position` (a change committed
     /// there); fails the test if it does not within 10 s of real time.
     pub async fn until_feed_reaches(&self, position: u64) {
@@ -228,6 +262,7 @@ pub struct StoredEntity {
 pub struct TestEntities<E: DurableEntity> {
     entities: Entities<E>,
     clock: ManualClock,
+    _awake: KeepAwake,
 }
 
 impl<E: DurableEntity> TestEntities<E> {
@@ -248,6 +283,7 @@ impl<E: DurableEntity> TestEntities<E> {
         Self {
             entities: Entities::start_with(store.shared(), config, settings),
             clock,
+            _awake: KeepAwake::new(),
         }
     }
 
@@ -269,13 +305,14 @@ impl<E: DurableEntity> TestEntities<E> {
         self.entities.is_resident(key).await
     }
 
-    /// Waits until `key` has no actor (it passivated); fails the test if it
-    /// does not within 10 s of real time. Time does not move meanwhile.
+    /// Waits until `key` has no actor: its passivation is done (its last
+    /// write committed, its actor stopped), not only begun. Fails the test
+    /// if it does not within 10 s of real time. Time does not move meanwhile.
     pub async fn until_passivated(&self, key: &E::Key) {
         let (entities, key) = (&self.entities, key.clone());
         wait("the entity to passivate", || {
             let key = key.clone();
-            async move { !entities.is_resident(&key).await }
+            async move { !entities.has_actor(&key).await }
         })
         .await;
     }
@@ -316,6 +353,52 @@ where
         }
         assert!(started.elapsed() < WAIT_LIMIT, "waited {WAIT_LIMIT:?} for {what}");
         tokio::task::yield_now().await;
+    }
+}
+
+/// Keeps the thread's runtime from ever having nothing to do while a
+/// [`TestEntities`] lives, so tokio never moves its paused clock on its own
+/// (see the module's documentation): one task per thread, which yields and
+/// runs again, resting the thread a little each turn so that a waiting test
+/// does not spin a core the store's threads and the database need.
+struct KeepAwake;
+
+thread_local! {
+    /// The thread's keeper task and how many `KeepAwake`s want it.
+    static KEEPER: std::cell::RefCell<(usize, Option<tokio::task::JoinHandle<()>>)> =
+        const { std::cell::RefCell::new((0, None)) };
+}
+
+/// How long the keeper rests the thread each turn.
+const KEEPER_REST: Duration = Duration::from_micros(200);
+
+impl KeepAwake {
+    fn new() -> Self {
+        KEEPER.with_borrow_mut(|(wanted, keeper)| {
+            *wanted += 1;
+            if keeper.is_none() {
+                *keeper = Some(tokio::task::spawn_local(async {
+                    loop {
+                        std::thread::sleep(KEEPER_REST);
+                        tokio::task::yield_now().await;
+                    }
+                }));
+            }
+        });
+        KeepAwake
+    }
+}
+
+impl Drop for KeepAwake {
+    fn drop(&mut self) {
+        KEEPER.with_borrow_mut(|(wanted, keeper)| {
+            *wanted -= 1;
+            if *wanted == 0 {
+                if let Some(keeper) = keeper.take() {
+                    keeper.abort();
+                }
+            }
+        });
     }
 }
 

@@ -157,6 +157,16 @@ impl<E: DurableEntity> Entities<E> {
         }
     }
 
+    /// Whether `key` has an actor, passivating or not (false for a handle
+    /// made from an address).
+    #[cfg(feature = "testkit")]
+    pub(crate) async fn has_actor(&self, key: &E::Key) -> bool {
+        match &self.shards {
+            Some(shards) => shards.has_actor(key).await.unwrap_or(false),
+            None => false,
+        }
+    }
+
     /// Checks that the store's database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.store.ping().await

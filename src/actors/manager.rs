@@ -13,7 +13,7 @@ use super::messages::{
     EntityCommand, EntityRecords, GetManagerStats, HandOver, ManagerStats, PurgeIdle, StopGracefully,
 };
 use super::placement::{Placement, Spread};
-use super::shard::{Drain, IsResident, RouteCommand, Shard, ShardCounters};
+use super::shard::{Drain, HasActor, IsResident, RouteCommand, Shard, ShardCounters};
 use super::start_unbounded;
 use crate::config::Config;
 use crate::entity::{DurableEntity, EntityEvent};
@@ -140,6 +140,14 @@ impl<E: DurableEntity> Shards<E> {
     pub(crate) async fn is_resident(&self, key: &E::Key) -> Result<bool, ManagerStopped> {
         self.of(key)
             .send(IsResident(key.clone()))
+            .await
+            .map_err(|_| ManagerStopped)
+    }
+
+    /// Whether `key` has an actor, passivating or not.
+    pub(crate) async fn has_actor(&self, key: &E::Key) -> Result<bool, ManagerStopped> {
+        self.of(key)
+            .send(HasActor(key.clone()))
             .await
             .map_err(|_| ManagerStopped)
     }

@@ -493,6 +493,21 @@ impl<E: DurableEntity> Handler<IsResident<E::Key>> for Shard<E> {
     }
 }
 
+/// Whether an entity has an actor at all, passivating or not.
+pub(crate) struct HasActor<K>(pub(crate) K);
+
+impl<K: 'static> Message for HasActor<K> {
+    type Result = bool;
+}
+
+impl<E: DurableEntity> Handler<HasActor<E::Key>> for Shard<E> {
+    type Result = bool;
+
+    fn handle(&mut self, HasActor(key): HasActor<E::Key>, _ctx: &mut Self::Context) -> bool {
+        self.children.contains_key(&key)
+    }
+}
+
 /// Stops a shard gracefully: every child passivates once what is queued at
 /// it is committed, commands arriving from now on are not delivered, and
 /// the reply comes once no child is left.

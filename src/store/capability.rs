@@ -77,6 +77,16 @@ pub trait ChangeLog: Offsets {
     /// start with `kafka/`).
     async fn feed_bounds(&self) -> Result<FeedBounds, StoreError>;
 
+    /// A signal this store notifies whenever it commits changes to the feed,
+    /// so that a follower in this process wakes at once rather than at its
+    /// next poll (changes committed by other processes show at the poll);
+    /// `None`: followers poll. Register interest before reading (as
+    /// [`EntityFeed::next`](crate::EntityFeed::next) does), or a commit in
+    /// between goes unnoticed until the poll.
+    fn feed_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        None
+    }
+
     /// Removes up to `limit` changes at positions up to `through`, and with
     /// `committed_before` only those committed before it, oldest first;
     /// returns how many. What [`ChangeLogExt::trim_feed`](super::ChangeLogExt::trim_feed)

@@ -22,6 +22,8 @@ pub struct MemoryStore {
     tables: Mutex<Tables>,
     /// Record every committed revision in the feed.
     feed: bool,
+    /// Notified when changes are committed to the feed.
+    feed_signal: std::sync::Arc<tokio::sync::Notify>,
     unavailable: AtomicBool,
 }
 
@@ -136,6 +138,7 @@ impl StateStore for MemoryStore {
             for (revision, payload) in write.changes() {
                 tables.record_change(&write.key, revision, write.schema_version, payload);
             }
+            self.feed_signal.notify_waiters();
         }
         let row = Row {
             stored: StoredRow {
@@ -182,6 +185,10 @@ impl Offsets for MemoryStore {
 
 #[async_trait]
 impl ChangeLog for MemoryStore {
+    fn feed_signal(&self) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        self.feed.then(|| self.feed_signal.clone())
+    }
+
     async fn read_change_rows(
         &self,
         entity_type: &str,
@@ -277,6 +284,7 @@ impl Maintenance for MemoryStore {
                 tables.redact(&id);
                 if self.feed {
                     tables.record_change(&id, revision.next(), 1, TOMBSTONE);
+                    self.feed_signal.notify_waiters();
                 }
                 purged.push(id);
             }

@@ -30,5 +30,6 @@ mod restart;
 mod schema_evolution;
 mod several_nodes;
 mod startup;
+mod testkit;
 mod unencodable_state;
 mod upgrade;

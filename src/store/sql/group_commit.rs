@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::backend::SqlBackend;
 use super::batch::{collect, Batching};
 use super::loads::{execute_loads, LoadRequest};
-use super::writes::{execute_writes, WriteRequest};
+use super::writes::{execute_writes, WriteRequest, Written};
 use crate::entity::{PersistenceId, Revision};
 use crate::error::StoreError;
 use crate::store::config::StoreConfig;
@@ -45,7 +45,14 @@ pub(super) struct GroupCommit {
 
 impl GroupCommit {
     /// Starts the write and load collectors of `backend` on `runtime`.
-    pub(super) fn start<B: SqlBackend>(backend: Arc<B>, runtime: &DbRuntime, config: &StoreConfig) -> Self {
+    /// `feed_signal` is notified after each statement that committed rows
+    /// with the feed on.
+    pub(super) fn start<B: SqlBackend>(
+        backend: Arc<B>,
+        runtime: &DbRuntime,
+        config: &StoreConfig,
+        feed_signal: Option<Arc<tokio::sync::Notify>>,
+    ) -> Self {
         let (writes, write_requests) = mpsc::unbounded_channel();
         let (loads, load_requests) = mpsc::unbounded_channel();
         let counters = Arc::new(Counters::default());
@@ -59,7 +66,13 @@ impl GroupCommit {
         runtime.spawn(collect(
             write_requests,
             batching(config.max_write_batches_in_flight),
-            move |batch| execute_writes(write_backend.clone(), batch, feed, split_for, write_counters.clone()),
+            move |batch| {
+                let written = Written {
+                    counters: write_counters.clone(),
+                    feed_signal: feed_signal.clone(),
+                };
+                execute_writes(write_backend.clone(), batch, feed, split_for, written)
+            },
         ));
         let (load_counters, timeout) = (counters.clone(), config.operation_timeout);
         // Bounded restores in flight: a restart with many active entities
@@ -170,7 +183,7 @@ mod tests {
     #[tokio::test]
     async fn a_queued_write_whose_statement_ends_without_an_answer_has_an_unknown_outcome() {
         let runtime = DbRuntime::new("test", 1, Duration::from_secs(1)).unwrap();
-        let group_commit = GroupCommit::start(Arc::new(DyingBackend), &runtime, &StoreConfig::default());
+        let group_commit = GroupCommit::start(Arc::new(DyingBackend), &runtime, &StoreConfig::default(), None);
         let write = WriteRow {
             key: PersistenceId::new("UserState", "m-u"),
             manifest: "UserState/v1",

@@ -49,6 +49,8 @@ pub struct SqlStore<B: SqlBackend> {
     backend: Arc<B>,
     /// Whether writes record the change feed; reading an unwritten feed is refused.
     feed: bool,
+    /// Notified when changes are committed to the feed (with the feed on).
+    feed_signal: Option<Arc<tokio::sync::Notify>>,
     /// How long a statement that may commit is waited for before its
     /// outcome is reported unknown: the wait for a connection and twice the
     /// operation timeout, so the database always decides first when it can.
@@ -69,10 +71,12 @@ impl<B: SqlBackend> SqlStore<B> {
     /// The store over `backend`, its queries running on `runtime`.
     fn start(backend: B, runtime: DbRuntime, config: &StoreConfig) -> Self {
         let backend = Arc::new(backend);
+        let feed_signal = config.change_feed.then(|| Arc::new(tokio::sync::Notify::new()));
         Self {
-            group_commit: GroupCommit::start(backend.clone(), &runtime, config),
+            group_commit: GroupCommit::start(backend.clone(), &runtime, config, feed_signal.clone()),
             backend,
             feed: config.change_feed,
+            feed_signal,
             write_bound: config.connect_timeout + config.operation_timeout * 2,
             runtime,
         }
@@ -100,6 +104,13 @@ impl<B: SqlBackend> SqlStore<B> {
     {
         self.runtime
             .run_write(self.write_bound, statement(self.backend.clone()))
+    }
+
+    /// Wakes the feed's followers in this process: changes were committed.
+    fn signal_feed(&self) {
+        if let Some(signal) = &self.feed_signal {
+            signal.notify_waiters();
+        }
     }
 
     /// Refuses to read a change feed this store does not write.

@@ -439,6 +439,10 @@ impl Offsets for SqliteStore {
 
 #[async_trait]
 impl ChangeLog for SqliteStore {
+    fn feed_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.feed_signal.clone()
+    }
+
     async fn read_change_rows(
         &self,
         entity_type: &str,
@@ -561,45 +565,51 @@ impl Maintenance for SqliteStore {
             .map(|(id, revision)| Ok((id, port::bigint(revision.0)?)))
             .collect::<Result<Vec<(PersistenceId, i64)>, StoreError>>()?;
         let written_before = iso_8601_millis(written_before);
-        self.run_write(move |backend| async move {
-            let feed = backend.feed;
-            // One immediate transaction: the checks and the deletes see no other
-            // writer, and the feed's AUTOINCREMENT positions follow commit order.
-            backend
-                .blocking(move |conn| {
-                    conn.immediate_transaction(|conn| {
-                        let mut purged = Vec::new();
-                        for (id, revision) in bound {
-                            let deleted = diesel::delete(
-                                durable_state::table
-                                    .filter(durable_state::persistence_id.eq(id.as_str()))
-                                    .filter(durable_state::revision.eq(revision))
-                                    .filter(durable_state::db_timestamp.lt(&written_before)),
-                            )
-                            .execute(conn)?;
-                            if deleted != 1 {
-                                continue;
+        let purged: Vec<PersistenceId> = self
+            .run_write(move |backend| async move {
+                let feed = backend.feed;
+                // One immediate transaction: the checks and the deletes see no other
+                // writer, and the feed's AUTOINCREMENT positions follow commit order.
+                backend
+                    .blocking(move |conn| {
+                        conn.immediate_transaction(|conn| {
+                            let mut purged = Vec::new();
+                            for (id, revision) in bound {
+                                let deleted = diesel::delete(
+                                    durable_state::table
+                                        .filter(durable_state::persistence_id.eq(id.as_str()))
+                                        .filter(durable_state::revision.eq(revision))
+                                        .filter(durable_state::db_timestamp.lt(&written_before)),
+                                )
+                                .execute(conn)?;
+                                if deleted != 1 {
+                                    continue;
+                                }
+                                redact(conn, id.as_str())?;
+                                if feed {
+                                    diesel::insert_into(state_changes::table)
+                                        .values((
+                                            state_changes::entity_type.eq(id.entity_type()),
+                                            state_changes::persistence_id.eq(id.as_str()),
+                                            state_changes::revision.eq(revision + 1),
+                                            state_changes::committed_at.eq(strftime(ISO_8601_MILLIS, "now")),
+                                            state_changes::state_payload.eq(TOMBSTONE),
+                                        ))
+                                        .execute(conn)?;
+                                }
+                                purged.push(id);
                             }
-                            redact(conn, id.as_str())?;
-                            if feed {
-                                diesel::insert_into(state_changes::table)
-                                    .values((
-                                        state_changes::entity_type.eq(id.entity_type()),
-                                        state_changes::persistence_id.eq(id.as_str()),
-                                        state_changes::revision.eq(revision + 1),
-                                        state_changes::committed_at.eq(strftime(ISO_8601_MILLIS, "now")),
-                                        state_changes::state_payload.eq(TOMBSTONE),
-                                    ))
-                                    .execute(conn)?;
-                            }
-                            purged.push(id);
-                        }
-                        diesel::QueryResult::Ok(purged)
+                            diesel::QueryResult::Ok(purged)
+                        })
                     })
-                })
-                .await
-        })
-        .await
+                    .await
+            })
+            .await?;
+        if !purged.is_empty() {
+            // Tombstones in the feed, with it on.
+            self.signal_feed();
+        }
+        Ok(purged)
     }
 
     async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError> {

@@ -30,12 +30,19 @@ impl Request for WriteRequest {
     }
 }
 
+/// Who hears of what a write statement committed.
+pub(super) struct Written {
+    pub(super) counters: Arc<Counters>,
+    /// Notified when rows were committed with the feed on.
+    pub(super) feed_signal: Option<Arc<tokio::sync::Notify>>,
+}
+
 pub(super) async fn execute_writes<B: SqlBackend>(
     backend: Arc<B>,
     mut batch: Vec<WriteRequest>,
     feed: bool,
     split_for: Duration,
-    counters: Arc<Counters>,
+    Written { counters, feed_signal }: Written,
 ) {
     // Byte order of persistence ids, the order in which PostgreSQL's write
     // statement inserts and locks rows (see its `locked` step): with every
@@ -66,6 +73,9 @@ pub(super) async fn execute_writes<B: SqlBackend>(
     let rows_written = outcomes.iter().filter(|outcome| matches!(outcome, Ok(true))).count();
     let conflicts = outcomes.iter().filter(|outcome| matches!(outcome, Ok(false))).count();
     Counters::add(&counters.rows_written, rows_written);
+    if let Some(signal) = feed_signal.filter(|_| rows_written > 0) {
+        signal.notify_waiters();
+    }
     Counters::add(&counters.conflicts, conflicts);
     if conflicts > 0 {
         let conflicted = rows

@@ -174,6 +174,10 @@ impl Offsets for PostgresStore {
 
 #[async_trait]
 impl ChangeLog for PostgresStore {
+    fn feed_signal(&self) -> Option<Arc<tokio::sync::Notify>> {
+        self.feed_signal.clone()
+    }
+
     async fn read_change_rows(
         &self,
         entity_type: &str,
@@ -289,31 +293,37 @@ impl Maintenance for PostgresStore {
             .iter()
             .map(|(_, revision)| port::bigint(revision.0))
             .collect::<Result<Vec<i64>, _>>()?;
-        self.run_write(move |backend| async move {
-            let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
-            let purge = diesel::sql_query(if backend.feed {
-                PURGE_ROWS_WITH_FEED_SQL
-            } else {
-                PURGE_ROWS_SQL
+        let purged: Vec<PersistenceId> = self
+            .run_write(move |backend| async move {
+                let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
+                let purge = diesel::sql_query(if backend.feed {
+                    PURGE_ROWS_WITH_FEED_SQL
+                } else {
+                    PURGE_ROWS_SQL
+                })
+                .into_boxed()
+                .bind::<Array<Text>, _>(&ids)
+                .bind::<Array<BigInt>, _>(&revisions)
+                .bind::<diesel::sql_types::Timestamptz, _>(written_before);
+                let purge = if backend.feed {
+                    purge.bind::<Binary, _>(TOMBSTONE)
+                } else {
+                    purge
+                };
+                let purged: Vec<Written> = purge.load(&mut backend.checkout().await?).await?;
+                let purged: HashSet<String> = purged.into_iter().map(|row| row.persistence_id).collect();
+                Ok(rows
+                    .into_iter()
+                    .map(|(id, _)| id)
+                    .filter(|id| purged.contains(id.as_str()))
+                    .collect())
             })
-            .into_boxed()
-            .bind::<Array<Text>, _>(&ids)
-            .bind::<Array<BigInt>, _>(&revisions)
-            .bind::<diesel::sql_types::Timestamptz, _>(written_before);
-            let purge = if backend.feed {
-                purge.bind::<Binary, _>(TOMBSTONE)
-            } else {
-                purge
-            };
-            let purged: Vec<Written> = purge.load(&mut backend.checkout().await?).await?;
-            let purged: HashSet<String> = purged.into_iter().map(|row| row.persistence_id).collect();
-            Ok(rows
-                .into_iter()
-                .map(|(id, _)| id)
-                .filter(|id| purged.contains(id.as_str()))
-                .collect())
-        })
-        .await
+            .await?;
+        if !purged.is_empty() {
+            // Tombstones in the feed, with it on.
+            self.signal_feed();
+        }
+        Ok(purged)
     }
 
     async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError> {
