@@ -62,6 +62,13 @@ pub enum InvalidInput {
         /// What the decoder said.
         reason: String,
     },
+    /// A request body is not the JSON its route expects (an application's
+    /// own route, with [`http::json_config`](crate::http::json_config)).
+    #[error("the body is not the JSON expected: {reason}")]
+    MalformedBody {
+        /// What the decoder said.
+        reason: String,
+    },
     /// A stored entity id does not decode to a key of its entity type.
     #[error("the entity id {entity_id:?} is malformed: {reason}")]
     MalformedKey {

@@ -10,7 +10,9 @@
 //!
 //! Every error is answered with a JSON body `{"error": ..., "kind": ...,
 //! "retryable": ...}`; [`ApiError`] has the table of statuses, and an
-//! application's own handlers, for any entity, return it with `?`.
+//! application's own handlers, for any entity, return it with `?`. Its own
+//! routes answer bad JSON bodies and other methods the same way with
+//! [`json_config`] and [`resource`].
 //!
 //! The 404 is the application's default service, which [`routes`] and
 //! [`configure`] set (an application that wants its own calls
@@ -76,8 +78,10 @@ use crate::entity::InvalidInput;
 use crate::{SharedStore, UserStateManager, UserStates};
 
 mod error;
+mod own_routes;
 
 pub use error::{ApiError, CommandFailure};
+pub use own_routes::{json_config, resource, JSON_BODY_LIMIT};
 
 /// The routes, serving `users`: `App::new().configure(http::routes(users))`.
 pub fn routes(users: UserStates) -> impl FnOnce(&mut web::ServiceConfig) {
@@ -124,17 +128,6 @@ fn path_ids(request: &HttpRequest, after: usize) -> Result<(String, String), Inv
             .map_err(|_| InvalidInput::NotUtf8 { field })
     };
     Ok((decode(mall_id, MALL_ID)?, decode(user_id, USER_ID)?))
-}
-
-/// A route at `path` that answers other methods than `allowed` with a JSON 405.
-fn resource(path: &str, allowed: &'static str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(move |request: HttpRequest| async move {
-        Err::<HttpResponse, _>(ApiError::MethodNotAllowed {
-            method: request.method().to_string(),
-            path: request.path().to_owned(),
-            allowed,
-        })
-    }))
 }
 
 /// The answer to a request no route takes: 404 with a JSON body. [`routes`]

@@ -425,3 +425,40 @@ async fn the_routes_mounted_with_configure_answer_404_and_405_as_json_too() {
     let wrong_method = test::call_service(&app, test::TestRequest::post().uri("/healthz").to_request()).await;
     assert_json_error(wrong_method, StatusCode::METHOD_NOT_ALLOWED, "POST /healthz").await;
 }
+
+/// An application's own JSON route, as a team writes one.
+#[derive(Debug, serde::Deserialize)]
+struct Watch {
+    product_id: String,
+}
+
+async fn watch(body: web::Json<Watch>) -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok().body(body.into_inner().product_id)
+}
+
+/// Before, the application's own routes answered a malformed body in
+/// actix's plain text (400), a form body with 400, and another method with
+/// a bare 404: not as the library's routes answer.
+#[actix::test]
+async fn an_applications_own_routes_answer_bad_bodies_and_methods_as_the_librarys_do() {
+    let app = App::new()
+        .app_data(http::json_config())
+        .service(http::resource("/watches", "POST").route(web::post().to(watch)));
+    let app = test::init_service(app).await;
+    let post = |body: &str| test::TestRequest::post().uri("/watches").set_payload(body.to_owned());
+    let own = |body: &str| post(body).insert_header(("content-type", "application/json"));
+
+    let ok = test::call_service(&app, own(r#"{"product_id": "p1"}"#).to_request()).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    let malformed = test::call_service(&app, own("{not json").to_request()).await;
+    assert_json_error(malformed, StatusCode::BAD_REQUEST, "malformed").await;
+    let form = post("product_id=p1").insert_header(("content-type", "application/x-www-form-urlencoded"));
+    let form = test::call_service(&app, form.to_request()).await;
+    assert_json_error(form, StatusCode::UNSUPPORTED_MEDIA_TYPE, "form").await;
+    let oversized = format!(r#"{{"product_id": "{}"}}"#, "x".repeat(http::JSON_BODY_LIMIT));
+    let oversized = test::call_service(&app, own(&oversized).to_request()).await;
+    assert_json_error(oversized, StatusCode::PAYLOAD_TOO_LARGE, "oversized").await;
+    let wrong_method = test::call_service(&app, test::TestRequest::get().uri("/watches").to_request()).await;
+    assert_eq!(wrong_method.headers().get("allow").unwrap(), "POST");
+    assert_json_error(wrong_method, StatusCode::METHOD_NOT_ALLOWED, "method").await;
+}
