@@ -53,7 +53,12 @@
 //! - `http` (default): [`http::routes`], actix-web routes for the user states.
 //! - `kafka` (off by default): `kafka::KafkaIngest`, exactly-once-in-effect
 //!   ingestion from Kafka topics, on rdkafka with its bundled librdkafka.
+//!
+//! docs.rs documents every feature. A crate depending on this one sees the
+//! `kafka` module in its own `cargo doc` once it enables the feature in its
+//! dependency, or with `cargo doc --features persist-durable/kafka`.
 #![warn(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod actors;
 mod clock;
@@ -63,11 +68,14 @@ mod entity;
 mod error;
 mod feed;
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 #[cfg(feature = "kafka")]
+#[cfg_attr(docsrs, doc(cfg(feature = "kafka")))]
 pub mod kafka;
 mod store;
 #[cfg(feature = "testkit")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
 mod users;
 
@@ -79,8 +87,8 @@ pub use config::Config;
 pub use domain::cart;
 pub use domain::{apply, apply_event, Command, Event, ProductId, StatePolicy, UserKey, UserState};
 pub use entity::{
-    decode_json, validate_id, DurableEntity, EntityEvent, EntityKey, EventId, Id, IdField, InvalidInput, PersistenceId,
-    Revision, SourceOffsets, MAX_ID_BYTES,
+    decode_json, validate_id, CompositeId, DurableEntity, EntityEvent, EntityKey, EventId, Id, IdField, InvalidInput,
+    PersistenceId, Revision, SourceOffsets, MAX_ID_BYTES,
 };
 pub use error::{Cause, CommandError, CorruptRow, ManagerStopped, StoreError};
 pub use feed::{ChangeKind, EntityFeed, SkipRefused, StateChange};
@@ -114,9 +122,9 @@ pub mod prelude {
     #[cfg(feature = "sqlite")]
     pub use crate::SqliteStore;
     pub use crate::{
-        ChangeLogExt, Command, CommandError, Config, DurableEntity, Entities, EntityFeed, EntityKey, Id, InvalidInput,
-        MaintenanceExt, ManagerStopped, MemoryStore, Revision, SharedStore, StateStoreExt, StoreConfig, StoreError,
-        UserCommand, UserKey, UserState, UserStateActor, UserStateManager, UserStates,
+        ChangeLogExt, Command, CommandError, CompositeId, Config, DurableEntity, Entities, EntityFeed, EntityKey, Id,
+        InvalidInput, MaintenanceExt, ManagerStopped, MemoryStore, Revision, SharedStore, StateStoreExt, StoreConfig,
+        StoreError, UserCommand, UserKey, UserState, UserStateActor, UserStateManager, UserStates,
     };
 }
 

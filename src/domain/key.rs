@@ -4,7 +4,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::UserState;
-use crate::entity::{validate, EntityKey, IdField, InvalidInput};
+use crate::entity::{join_parts, split_parts, validate, EntityKey, IdField, InvalidInput};
 
 /// The fields of a user's ids, as errors name them.
 pub(crate) const MALL_ID: IdField = IdField::Named("mall id");
@@ -75,36 +75,23 @@ impl EntityKey for UserKey {
     type Entity = UserState;
 
     fn entity_id(&self) -> String {
-        fn escape(id: &str, out: &mut String) {
-            for c in id.chars() {
-                match c {
-                    '%' => out.push_str("%25"),
-                    '-' => out.push_str("%2D"),
-                    c => out.push(c),
-                }
-            }
-        }
-        let mut id = String::with_capacity(self.mall_id().len() + self.user_id().len() + 1);
-        escape(self.mall_id(), &mut id);
-        id.push('-');
-        escape(self.user_id(), &mut id);
-        id
+        join_parts([self.mall_id(), self.user_id()])
     }
 
     fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
-        fn unescape(id: &str) -> String {
-            id.replace("%2D", "-").replace("%25", "%")
+        let mut parts = split_parts(id);
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(mall), Some(user), None) => UserKey::new(mall, user),
+            _ => Err(InvalidInput::MalformedKey {
+                entity_id: id.to_owned(),
+                reason: "not a mall id and a user id joined by one `-`",
+            }),
         }
-        let (mall, user) = id.split_once('-').ok_or_else(|| InvalidInput::MalformedKey {
-            entity_id: id.to_owned(),
-            reason: "no `-` between the mall id and the user id",
-        })?;
-        UserKey::new(unescape(mall), unescape(user))
     }
 }
 
 /// A product id, validated like the user ids.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ProductId(String);
 

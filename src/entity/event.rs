@@ -12,7 +12,7 @@ const MAX_JSON_BYTES: usize = 16 * 1024;
 
 /// The id a producer gave an event (a Kafka `topic-partition-offset`, a
 /// UUID...), so that a redelivered event is recognised and not applied twice.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct EventId(String);
 

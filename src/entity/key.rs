@@ -35,6 +35,32 @@ pub fn validate_id(field: &'static str, value: &str) -> Result<(), InvalidInput>
     validate(IdField::Named(field), value)
 }
 
+/// The entity id of a key of several ids: each id with `%` and `-`
+/// percent-escaped, joined by `-`. Injective: `("a-b", "c")` becomes
+/// `a%2Db-c` and `("a", "b-c")` becomes `a-b%2Dc`; ordinary ids read as
+/// they are (`mall001-user001`).
+pub(crate) fn join_parts<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut id = String::new();
+    for (i, part) in parts.into_iter().enumerate() {
+        if i > 0 {
+            id.push('-');
+        }
+        for c in part.chars() {
+            match c {
+                '%' => id.push_str("%25"),
+                '-' => id.push_str("%2D"),
+                c => id.push(c),
+            }
+        }
+    }
+    id
+}
+
+/// The ids [`join_parts`] joined, unescaped.
+pub(crate) fn split_parts(id: &str) -> impl Iterator<Item = String> + '_ {
+    id.split('-').map(|part| part.replace("%2D", "-").replace("%25", "%"))
+}
+
 /// `key`'s persistence id, once its entity id reads back as `key`: what every
 /// key must do for its row, its feed rows and its place in `entity_keys` to
 /// be read again. A key type whose constructor skips validation is refused

@@ -22,9 +22,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 pub use event::{decode_json, EntityEvent, EventId};
-pub use id::Id;
+pub use id::{CompositeId, Id};
 pub use invalid_input::{IdField, InvalidInput};
-pub(crate) use key::{checked_persistence_id, validate};
+pub(crate) use key::{checked_persistence_id, join_parts, split_parts, validate};
 pub use key::{validate_id, PersistenceId, MAX_ID_BYTES};
 pub use revision::Revision;
 pub use source::SourceOffsets;
@@ -50,23 +50,8 @@ pub(crate) use transition::{Durable, Step};
 /// ```
 /// use std::convert::Infallible;
 /// use chrono::{DateTime, Utc};
-/// use persist_durable::{Config, DurableEntity, Entities, EntityKey, InvalidInput, SharedStore, SqliteStore};
+/// use persist_durable::{Config, DurableEntity, Entities, Id, SharedStore, SqliteStore};
 /// use serde::{Deserialize, Serialize};
-///
-/// #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-/// struct CounterId(String);
-///
-/// impl std::fmt::Display for CounterId {
-///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result { f.write_str(&self.0) }
-/// }
-///
-/// impl EntityKey for CounterId {
-///     type Entity = Counter;
-///     fn entity_id(&self) -> String { self.0.clone() }
-///     fn from_entity_id(id: &str) -> Result<Self, InvalidInput> {
-///         persist_durable::validate_id("counter id", id).map(|()| CounterId(id.to_owned()))
-///     }
-/// }
 ///
 /// #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 /// struct Counter { value: i64 }
@@ -77,7 +62,7 @@ pub(crate) use transition::{Durable, Step};
 /// impl DurableEntity for Counter {
 ///     const ENTITY_TYPE: &'static str = "Counter";
 ///     const MANIFEST: &'static str = "Counter/v1";
-///     type Key = CounterId;
+///     type Key = Id<Counter>;                // a validated string; CompositeId<Counter, 2> for two
 ///     type Command = CounterCommand;
 ///     type Settings = ();
 ///     type Rejection = Infallible;
@@ -95,7 +80,7 @@ pub(crate) use transition::{Durable, Step};
 ///     let dir = tempfile::tempdir()?;
 ///     let store: SharedStore = std::sync::Arc::new(SqliteStore::open(dir.path().join("counters.db")).await?);
 ///     let counters = Entities::<Counter>::start(store, Config::default());
-///     let id = CounterId::from_entity_id("visits")?;
+///     let id = Id::new("visits")?;
 ///     counters.send(id.clone(), CounterCommand::Add(2)).await?;
 ///     assert_eq!(counters.send(id, CounterCommand::Add(3)).await?.value, 5);
 ///     Ok(())
