@@ -25,6 +25,18 @@ pub enum StoreError {
         /// The revision the write was based on.
         expected: Revision,
     },
+    /// In cluster mode: the write's fence did not hold (this node no longer
+    /// owns the entity's slice at the epoch the write carried, or its lease
+    /// has expired). Nothing was written; the entity's new owner takes it.
+    #[error("the write of {key} was fenced off: this node no longer owns slice {slice} at epoch {epoch}")]
+    Fenced {
+        /// The entity.
+        key: PersistenceId,
+        /// Its slice.
+        slice: crate::entity::Slice,
+        /// The epoch the write carried.
+        epoch: u64,
+    },
     /// The stored row cannot be decoded; only this entity is affected.
     #[error("the stored state of {key} is corrupt")]
     Corrupt {

@@ -88,15 +88,16 @@ pub use domain::cart;
 pub use domain::{apply, apply_event, Command, Event, ProductId, StatePolicy, UserKey, UserState};
 pub use entity::{
     decode_json, validate_id, CompositeId, DurableEntity, EntityEvent, EntityKey, EventId, Id, IdField, InvalidInput,
-    PersistenceId, Revision, SourceOffsets, MAX_ID_BYTES,
+    PersistenceId, Revision, Slice, SourceOffsets, MAX_ID_BYTES, SLICES,
 };
 pub use error::{Cause, CommandError, CorruptRow, ManagerStopped, StoreError};
 pub use feed::{ChangeKind, EntityFeed, SkipRefused, StateChange};
 #[cfg(all(feature = "postgres", feature = "sqlite"))]
 pub use store::{open, open_with};
 pub use store::{
-    ChangeLog, ChangeLogExt, ChangeRow, FeedBounds, FeedRetention, Maintenance, MaintenanceExt, MemoryStore, Offsets,
-    SharedStore, StateStore, StateStoreExt, Store, StoreConfig, StoreStats, StoredRow, StoredState, WriteRow,
+    ChangeLog, ChangeLogExt, ChangeRow, FeedBounds, FeedRetention, Fence, Maintenance, MaintenanceExt, MemoryStore,
+    Offsets, RowOutcome, SharedStore, StateStore, StateStoreExt, Store, StoreConfig, StoreStats, StoredRow,
+    StoredState, WriteRow,
 };
 #[cfg(feature = "postgres")]
 pub use store::{PostgresBackend, PostgresStore};

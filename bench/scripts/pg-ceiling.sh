@@ -31,6 +31,8 @@ psql -q -v ON_ERROR_STOP=1 "$url" <<SQL
 ALTER TABLE durable_state ADD COLUMN IF NOT EXISTS state_schema_version INTEGER NOT NULL DEFAULT 1;
 -- 2026-12-08-000000_row_generations's column.
 ALTER TABLE durable_state ADD COLUMN IF NOT EXISTS generation BIGINT NOT NULL DEFAULT 0;
+-- 2026-12-09-000000_slices's column.
+ALTER TABLE durable_state ADD COLUMN IF NOT EXISTS slice INTEGER;
 TRUNCATE durable_state;
 INSERT INTO durable_state
     (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload)
@@ -46,21 +48,25 @@ write_script() { # $1: rows per statement
 \set base :client_id * :span + random(0, :span - $1 - 1)
 WITH input AS (
     SELECT d.persistence_id, d.revision AS expected, d.revision + 1 AS revision, d.state_payload AS payload,
-           d.entity_type, d.state_ser_manifest AS manifest, d.state_schema_version AS schema_version, d.generation
+           d.entity_type, d.state_ser_manifest AS manifest, d.state_schema_version AS schema_version, d.generation,
+           d.slice, NULL::bigint AS fence_epoch
     FROM durable_state AS d
     WHERE d.persistence_id IN (SELECT 'UserState|bench-' || (:base + g) FROM generate_series(1, $1) AS g)
+), admitted AS (
+    SELECT * FROM input
 ), inserted AS (
     INSERT INTO durable_state
         (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload,
-         state_schema_version, generation)
-    SELECT persistence_id, entity_type, revision, now(), 1, manifest, payload, schema_version, generation
-    FROM input WHERE expected = 0
+         state_schema_version, generation, slice)
+    SELECT persistence_id, entity_type, revision, now(), 1, manifest, payload, schema_version, generation, slice
+    FROM admitted WHERE expected = 0
     ORDER BY persistence_id COLLATE "C"
     ON CONFLICT (persistence_id) DO NOTHING
     RETURNING persistence_id
 ), locked AS (
-    SELECT d.ctid AS row_id, i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version
-    FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
+    SELECT d.ctid AS row_id, i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version,
+           i.slice
+    FROM admitted AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
         AND (i.generation IS NULL OR d.generation = i.generation)
     WHERE i.expected <> 0 AND (SELECT count(*) FROM inserted) >= 0
     ORDER BY d.persistence_id COLLATE "C"
@@ -68,7 +74,7 @@ WITH input AS (
 ), updated AS (
     UPDATE durable_state AS d
     SET revision = l.revision, db_timestamp = now(), state_ser_id = 1, state_ser_manifest = l.manifest,
-        state_payload = l.payload, state_schema_version = l.schema_version
+        state_payload = l.payload, state_schema_version = l.schema_version, slice = l.slice
     FROM locked AS l
     WHERE d.ctid = l.row_id AND d.revision = l.expected
     RETURNING d.persistence_id

@@ -340,7 +340,7 @@ impl<E: DurableEntity> EntityActor<E> {
         let expected = (expected, Some(self.generation));
         let write = async move {
             let written = caught(
-                write_encoded::<E, _>(store.as_ref(), key, expected, revision, payloads, erases),
+                write_encoded::<E, _>(store.as_ref(), key, expected, revision, payloads, erases, None),
                 "writing a state",
             );
             // A store that panicked mid-write may have committed.

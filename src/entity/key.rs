@@ -135,6 +135,11 @@ impl PersistenceId {
         &self.id[self.type_len + 1..]
     }
 
+    /// The entity's [`Slice`](super::Slice).
+    pub fn slice(&self) -> super::Slice {
+        super::Slice::of(&self.id)
+    }
+
     /// The typed key, if this id belongs to `K`'s entity type and decodes.
     pub fn key<K: EntityKey>(&self) -> Option<K> {
         use super::DurableEntity;

@@ -11,6 +11,7 @@ mod id;
 mod invalid_input;
 mod key;
 mod revision;
+mod slice;
 mod source;
 mod transition;
 
@@ -27,6 +28,7 @@ pub use invalid_input::{IdField, InvalidInput};
 pub(crate) use key::{checked_persistence_id, join_parts, split_parts, validate};
 pub use key::{validate_id, PersistenceId, MAX_ID_BYTES};
 pub use revision::Revision;
+pub use slice::{Slice, SLICES};
 pub use source::SourceOffsets;
 pub(crate) use source::{AppliedOffsets, RecordOrigin, Seen, StoredOffsets};
 pub(crate) use transition::{Durable, Step};

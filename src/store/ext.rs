@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 use super::capability::{ChangeLog, Maintenance, StateStore};
 use super::payload;
-use super::rows::{FeedRetention, StoredState, WriteRow};
+use super::rows::{FeedRetention, Fence, StoredState, WriteRow};
 use crate::entity::{checked_persistence_id, Durable, DurableEntity, EntityKey, PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
 
@@ -46,7 +46,7 @@ pub trait StateStoreExt: StateStore {
     ) -> Result<Revision, StoreError> {
         let key = checked(key)?;
         let payload = payload::encode_state(&key, state)?;
-        write_encoded::<K::Entity, _>(self, key, (expected, None), revision, vec![payload], false).await
+        write_encoded::<K::Entity, _>(self, key, (expected, None), revision, vec![payload], false, None).await
     }
 
     /// Writes the states after each of several commands as revisions
@@ -71,7 +71,7 @@ pub trait StateStoreExt: StateStore {
             .iter()
             .map(|state| payload::encode_state(&key, state))
             .collect::<Result<Vec<_>, _>>()?;
-        write_encoded::<K::Entity, _>(self, key, (expected, None), revision, payloads, false).await
+        write_encoded::<K::Entity, _>(self, key, (expected, None), revision, payloads, false, None).await
     }
 }
 
@@ -226,6 +226,7 @@ pub(crate) async fn write_encoded<E: DurableEntity, S: StateStore + ?Sized>(
     revision: Revision,
     payloads: Vec<Vec<u8>>,
     erases: bool,
+    fence: Option<Fence>,
 ) -> Result<Revision, StoreError> {
     store
         .write_row(WriteRow {
@@ -237,6 +238,7 @@ pub(crate) async fn write_encoded<E: DurableEntity, S: StateStore + ?Sized>(
             schema_version: E::SCHEMA_VERSION,
             payloads,
             erases,
+            fence,
         })
         .await
 }

@@ -35,7 +35,7 @@ pub use capability::{ChangeLog, Maintenance, Offsets, StateStore, Store};
 pub use config::StoreConfig;
 pub use ext::{ChangeLogExt, MaintenanceExt, StateStoreExt};
 pub use memory::MemoryStore;
-pub use rows::{ChangeRow, FeedBounds, FeedRetention, StoreStats, StoredRow, StoredState, WriteRow};
+pub use rows::{ChangeRow, FeedBounds, FeedRetention, Fence, RowOutcome, StoreStats, StoredRow, StoredState, WriteRow};
 #[cfg(feature = "postgres")]
 pub use sql::postgres::{PostgresBackend, PostgresStore};
 #[cfg(feature = "sqlite")]

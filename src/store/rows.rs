@@ -91,6 +91,32 @@ pub struct WriteRow {
     /// are redacted in the same statement (the caller redacts the earlier
     /// payloads of this write itself).
     pub erases: bool,
+    /// In cluster mode, the ownership the write is made under: it commits
+    /// only while that node owns the row's slice at that epoch, with its
+    /// lease unexpired; otherwise it fails with [`StoreError::Fenced`].
+    pub fence: Option<Fence>,
+}
+
+/// The ownership a write in cluster mode is made under: the fencing token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The writing node.
+    pub node: std::sync::Arc<str>,
+    /// The epoch of the row's slice this node owns: changed by every
+    /// transfer of the slice.
+    pub epoch: u64,
+}
+
+/// What became of one row of a batched write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOutcome {
+    /// Committed.
+    Written,
+    /// The stored row was not at the expected revision (or generation).
+    Conflict,
+    /// Its fence did not hold: the node no longer owns the row's slice at
+    /// that epoch, or its lease has expired.
+    Fenced,
 }
 
 /// A generation for a new row: 63 random bits, never 0 (the generation of

@@ -291,7 +291,10 @@ async fn a_graceful_stop_during_a_purge_applies_none_of_the_commands_the_purge_h
         return;
     };
     let store = db.connect().await;
-    let config = Config::default().with_retention(Some(Duration::from_secs(400 * 24 * 60 * 60)));
+    // One shard, on this thread: messages to it arrive in the order sent.
+    let config = Config::default()
+        .with_arbiters(0)
+        .with_retention(Some(Duration::from_secs(400 * 24 * 60 * 60)));
     let wishlists = Entities::<Wishlist>::start(store.clone(), config);
     let idle = wishlist("idle");
     store
@@ -318,6 +321,8 @@ async fn a_graceful_stop_during_a_purge_applies_none_of_the_commands_the_purge_h
         let wishlists = wishlists.clone();
         async move { wishlists.stop().await }
     });
+    // Released only once the shard drains: a command sent now is not delivered.
+    while wishlists.send(wishlist("probe"), WishlistCommand::Get).await.is_ok() {}
     drop(row_lock);
     stopped.await.unwrap().unwrap();
 

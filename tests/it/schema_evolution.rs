@@ -468,6 +468,7 @@ async fn the_memory_store_keeps_the_schema_version_of_each_row() {
     let old = json!({"name": "Ada Lovelace", "recent_event_ids": ["e1"]});
     let write = |id: &str, version: u32, payload: &Value| WriteRow {
         erases: false,
+        fence: None,
         key: person(id).persistence_id(),
         manifest: Person::MANIFEST,
         expected: Revision::NONE,

@@ -446,3 +446,32 @@ async fn an_old_database_with_a_million_feed_rows_upgrades_in_place_under_three_
     assert_eq!(last.len(), 1);
     assert_eq!(last[0].key, key("mall-big", &format!("user-{}", 1_000_000 % 10_000)));
 }
+
+/// Rows from before slices get theirs when the store opens (in chunks), and
+/// every write sets it: Pekko's `abs(persistenceId.hashCode() % 1024)`.
+#[rstest]
+#[actix::test]
+async fn every_row_has_its_slice_the_old_ones_filled_in_at_start(
+    #[values(Backend::Sqlite, Backend::Postgres)] backend: Backend,
+) {
+    let Some(db) = old_release_database(backend).await else {
+        return;
+    };
+    let store = upgraded_store(&db).await;
+    let users = UserStates::start(store, Config::default());
+    let new_user = key("mall001", "user001");
+    users.send(new_user.clone(), Command::UserLogin).await.unwrap();
+
+    let old_id = old_persistence_id("mall-1", "user-1");
+    // Printed by Java 17: Math.abs("UserState|mall%2D1-user%2D1".hashCode() % 1024) and
+    // Math.abs("UserState|mall001-user001".hashCode() % 1024).
+    assert_eq!(persist_durable::Slice::of(&old_id).index(), 498);
+    assert_sql(
+        &db,
+        &format!("(SELECT slice FROM durable_state WHERE persistence_id = '{old_id}') = 498"),
+    );
+    assert_sql(
+        &db,
+        "(SELECT slice FROM durable_state WHERE persistence_id = 'UserState|mall001-user001') = 960",
+    );
+}

@@ -1,6 +1,32 @@
 // @generated automatically by Diesel CLI.
 
 diesel::table! {
+    cluster_leases (name) {
+        name -> Text,
+        holder -> Nullable<Text>,
+        epoch -> Int8,
+    }
+}
+
+diesel::table! {
+    cluster_nodes (node_id) {
+        node_id -> Text,
+        address -> Text,
+        lease_expires -> Timestamptz,
+        joined_at -> Timestamptz,
+        leaving -> Bool,
+    }
+}
+
+diesel::table! {
+    cluster_slices (slice) {
+        slice -> Int4,
+        owner -> Nullable<Text>,
+        epoch -> Int8,
+    }
+}
+
+diesel::table! {
     durable_state (persistence_id) {
         persistence_id -> Text,
         entity_type -> Text,
@@ -11,6 +37,7 @@ diesel::table! {
         state_payload -> Bytea,
         state_schema_version -> Int4,
         generation -> Int8,
+        slice -> Nullable<Int4>,
     }
 }
 
@@ -41,4 +68,12 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(durable_state, feed_head, feed_offsets, state_changes,);
+diesel::allow_tables_to_appear_in_same_query!(
+    cluster_leases,
+    cluster_nodes,
+    cluster_slices,
+    durable_state,
+    feed_head,
+    feed_offsets,
+    state_changes,
+);

@@ -11,6 +11,7 @@ diesel::table! {
         state_payload -> Binary,
         state_schema_version -> Integer,
         generation -> BigInt,
+        slice -> Nullable<Integer>,
     }
 }
 

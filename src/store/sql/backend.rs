@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use crate::entity::{InvalidInput, PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
-use crate::store::rows::{fresh_generation, ChangeRow, StoredRow, WriteRow};
+use crate::store::rows::{fresh_generation, ChangeRow, RowOutcome, StoredRow, WriteRow};
 use crate::store::JSON_SERIALIZER_ID;
 
 mod sealed {
@@ -27,15 +27,16 @@ pub trait SqlBackend: Sealed + Send + Sync + 'static {
     /// The store's name, as its `Debug` shows it (`PostgresStore`).
     const STORE_NAME: &'static str;
 
-    /// Writes every row whose stored revision is its expected one,
-    /// atomically per row; returns, in input order, whether each row was
-    /// written. Persistence ids in one call are unique.
+    /// Writes every row whose stored revision is its expected one (and
+    /// whose fence holds), atomically per row; returns, in input order, what
+    /// became of each. Persistence ids in one call are unique, and fenced
+    /// rows all carry one node's fence.
     ///
     /// An error means nothing was committed, except
     /// [`StoreError::OutcomeUnknown`]: the statement was sent and no answer
     /// came back. The wait for a connection is bounded apart from the
     /// statement, so a slow pool never turns into an unknown outcome.
-    async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<bool>, StoreError>;
+    async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<RowOutcome>, StoreError>;
 
     /// The stored rows among `keys`, keyed by persistence id.
     async fn load_rows(&self, keys: &[&PersistenceId]) -> Result<HashMap<String, StateRow>, StoreError>;
@@ -64,6 +65,10 @@ pub struct RowWrite {
     pub(crate) changes: Vec<(i64, Vec<u8>)>,
     /// It deletes the entity: its earlier feed rows are redacted.
     pub(crate) erases: bool,
+    /// The row's slice.
+    pub(crate) slice: i32,
+    /// In cluster mode, the writing node and the epoch of the slice it owns.
+    pub(crate) fence: Option<(std::sync::Arc<str>, i64)>,
 }
 
 impl RowWrite {
@@ -88,7 +93,13 @@ impl RowWrite {
             Vec::new()
         };
         let payload = write.payloads.pop().unwrap_or_default();
+        let fence = match write.fence {
+            Some(fence) => Some((fence.node, bigint(fence.epoch)?)),
+            None => None,
+        };
         Ok(Self {
+            slice: i32::from(write.key.slice().index()),
+            fence,
             erases: write.erases,
             key: write.key,
             manifest: write.manifest,

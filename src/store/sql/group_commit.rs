@@ -165,7 +165,7 @@ mod tests {
     impl SqlBackend for DyingBackend {
         const STORE_NAME: &'static str = "DyingStore";
 
-        async fn write_rows(&self, _rows: &[RowWrite]) -> Result<Vec<bool>, StoreError> {
+        async fn write_rows(&self, _rows: &[RowWrite]) -> Result<Vec<crate::store::RowOutcome>, StoreError> {
             panic!("the driver died mid-statement")
         }
 
@@ -193,6 +193,7 @@ mod tests {
             schema_version: 1,
             payloads: vec![b"{}".to_vec()],
             erases: false,
+            fence: None,
         };
 
         let answer = group_commit.write_row(write).await;

@@ -25,7 +25,7 @@ use crate::entity::{PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
 use crate::store::config::StoreConfig;
 use crate::store::payload::{REDACTED, TOMBSTONE};
-use crate::store::rows::{good_prefix, ChangeRow};
+use crate::store::rows::{good_prefix, ChangeRow, RowOutcome};
 use crate::store::runtime::{DbRuntime, NoAnswer};
 use crate::store::schema::sqlite::{durable_state, feed_offsets, state_changes};
 use crate::store::JSON_SERIALIZER_ID;
@@ -192,12 +192,36 @@ fn migrate(path: &str, busy_ms: u128) -> Result<(), StoreError> {
     // still pending.
     let give_up_at = std::time::Instant::now() + MIGRATION_PATIENCE;
     loop {
-        match super::apply_migrations(&mut conn, MIGRATIONS) {
+        match super::apply_migrations(&mut conn, MIGRATIONS).and_then(|()| backfill_slices(&mut conn)) {
             Ok(()) => return Ok(()),
             Err(error) if std::time::Instant::now() >= give_up_at => return Err(error),
             Err(error) => tracing::debug!(%error, "migrating failed, maybe for another process's lock; trying again"),
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Fills in the slice of every row written before rows had one, a chunk of
+/// 10,000 per transaction (see the PostgreSQL store's backfill).
+fn backfill_slices(conn: &mut SqliteConnection) -> Result<(), StoreError> {
+    loop {
+        let ids: Vec<String> = durable_state::table
+            .filter(durable_state::slice.is_null())
+            .select(durable_state::persistence_id)
+            .limit(10_000)
+            .load(conn)?;
+        if ids.is_empty() {
+            return Ok(());
+        }
+        conn.immediate_transaction(|conn| {
+            for id in &ids {
+                let slice = i32::from(crate::entity::Slice::of(id).index());
+                diesel::update(durable_state::table.filter(durable_state::persistence_id.eq(id)))
+                    .set(durable_state::slice.eq(slice))
+                    .execute(conn)?;
+            }
+            diesel::QueryResult::Ok(())
+        })?;
     }
 }
 
@@ -264,8 +288,12 @@ fn redact(conn: &mut SqliteConnection, persistence_id: &str) -> diesel::QueryRes
 
 /// Writes one row if its revision is the expected one, and then its changes
 /// to the feed: SQLite runs one writer at a time, so the feed's
-/// AUTOINCREMENT positions follow commit order.
-fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult<bool> {
+/// AUTOINCREMENT positions follow commit order. A fenced row is never
+/// written: SQLite serves one node, and cluster mode refuses it.
+fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult<RowOutcome> {
+    if row.fence.is_some() {
+        return Ok(RowOutcome::Fenced);
+    }
     let entity_type = row.entity_type().to_owned();
     let id = row.key.as_str();
     let written = if row.expected == 0 {
@@ -280,6 +308,7 @@ fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult
                 durable_state::state_payload.eq(&row.payload),
                 durable_state::state_schema_version.eq(row.schema_version),
                 durable_state::generation.eq(row.generation.unwrap_or(0)),
+                durable_state::slice.eq(row.slice),
             ))
             .on_conflict(durable_state::persistence_id)
             .do_nothing()
@@ -300,11 +329,12 @@ fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult
                 durable_state::state_ser_manifest.eq(row.manifest),
                 durable_state::state_payload.eq(&row.payload),
                 durable_state::state_schema_version.eq(row.schema_version),
+                durable_state::slice.eq(row.slice),
             ))
             .execute(conn)?
     };
     if written != 1 {
-        return Ok(false);
+        return Ok(RowOutcome::Conflict);
     }
     // An erasure erases the feed too, whether or not this store writes it:
     // another node's may.
@@ -323,14 +353,14 @@ fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult
             ))
             .execute(conn)?;
     }
-    Ok(true)
+    Ok(RowOutcome::Written)
 }
 
 #[async_trait]
 impl SqlBackend for SqliteBackend {
     const STORE_NAME: &'static str = "SqliteStore";
 
-    async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<bool>, StoreError> {
+    async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<RowOutcome>, StoreError> {
         let mut conn = self.checkout().await?;
         let rows = rows.to_vec();
         // One immediate transaction for the batch: one commit, one fsync.

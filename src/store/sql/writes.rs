@@ -15,7 +15,7 @@ use super::batch::Request;
 use super::group_commit::{count_by_entity, Counters};
 use crate::entity::{PersistenceId, Revision};
 use crate::error::StoreError;
-use crate::store::rows::WriteRow;
+use crate::store::rows::{RowOutcome, WriteRow};
 
 pub(super) struct WriteRequest {
     pub(super) write: WriteRow,
@@ -53,10 +53,11 @@ pub(super) async fn execute_writes<B: SqlBackend>(
     let mut accepted = Vec::with_capacity(batch.len());
     for WriteRequest { write, reply } in batch {
         let (key, expected, revision) = (write.key.clone(), write.expected, write.revision);
+        let epoch = write.fence.as_ref().map(|fence| fence.epoch);
         match RowWrite::bind(write, feed) {
             Ok(row) => {
                 rows.push(row);
-                accepted.push((key, expected, revision, reply));
+                accepted.push((key, expected, revision, (reply, epoch)));
             }
             Err(error) => {
                 let _ = reply.send(Err(error));
@@ -70,8 +71,14 @@ pub(super) async fn execute_writes<B: SqlBackend>(
     let started = Instant::now();
     let outcomes = write_isolating(backend.as_ref(), &rows, &counters, 0, started + split_for).await;
     metrics::histogram!("persist_durable_persist_seconds").record(started.elapsed().as_secs_f64());
-    let rows_written = outcomes.iter().filter(|outcome| matches!(outcome, Ok(true))).count();
-    let conflicts = outcomes.iter().filter(|outcome| matches!(outcome, Ok(false))).count();
+    let rows_written = outcomes
+        .iter()
+        .filter(|outcome| matches!(outcome, Ok(RowOutcome::Written)))
+        .count();
+    let conflicts = outcomes
+        .iter()
+        .filter(|outcome| matches!(outcome, Ok(RowOutcome::Conflict)))
+        .count();
     Counters::add(&counters.rows_written, rows_written);
     if let Some(signal) = feed_signal.filter(|_| rows_written > 0) {
         signal.notify_waiters();
@@ -81,23 +88,29 @@ pub(super) async fn execute_writes<B: SqlBackend>(
         let conflicted = rows
             .iter()
             .zip(&outcomes)
-            .filter(|(_, outcome)| matches!(outcome, Ok(false)));
+            .filter(|(_, outcome)| matches!(outcome, Ok(RowOutcome::Conflict)));
         count_by_entity(
             "persist_durable_conflicts_total",
             conflicted.map(|(row, _)| row.entity_type()),
         );
     }
-    for ((key, expected, revision, reply), outcome) in accepted.into_iter().zip(outcomes) {
+    for ((key, expected, revision, fence), outcome) in accepted.into_iter().zip(outcomes) {
+        let (reply, epoch) = fence;
         let result = match outcome {
-            Ok(true) => Ok(revision),
-            Ok(false) => Err(StoreError::Conflict { key, expected }),
+            Ok(RowOutcome::Written) => Ok(revision),
+            Ok(RowOutcome::Conflict) => Err(StoreError::Conflict { key, expected }),
+            Ok(RowOutcome::Fenced) => Err(StoreError::Fenced {
+                slice: key.slice(),
+                key,
+                epoch: epoch.unwrap_or(0),
+            }),
             Err(error) => Err(error),
         };
         let _ = reply.send(result);
     }
 }
 
-type Outcomes<'a> = Pin<Box<dyn Future<Output = Vec<Result<bool, StoreError>>> + Send + 'a>>;
+type Outcomes<'a> = Pin<Box<dyn Future<Output = Vec<Result<RowOutcome, StoreError>>> + Send + 'a>>;
 
 /// How far a refused batch is split: down to single rows of a batch of 4,096,
 /// and no longer than this after the batch was first sent.

@@ -20,7 +20,7 @@ use super::{NoAnswer, PostgresBackend, PostgresStore, Written};
 use crate::entity::{PersistenceId, Revision};
 use crate::error::StoreError;
 use crate::store::payload::TOMBSTONE;
-use crate::store::rows::{good_prefix, ChangeRow};
+use crate::store::rows::{good_prefix, ChangeRow, RowOutcome};
 use crate::store::schema::postgres::{durable_state, feed_head, feed_offsets, state_changes};
 use crate::store::sql::backend::{self as port, FeedRow, RowWrite, SqlBackend, StateRow};
 use crate::store::sql::sorted_unique;
@@ -43,7 +43,7 @@ struct PgChange {
 impl SqlBackend for PostgresBackend {
     const STORE_NAME: &'static str = "PostgresStore";
 
-    async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<bool>, StoreError> {
+    async fn write_rows(&self, rows: &[RowWrite]) -> Result<Vec<RowOutcome>, StoreError> {
         // Bounded by the pool's wait timeout, apart from the statement:
         // nothing is sent until a connection is had.
         let mut conn = self.writers.get().await.map_err(StoreError::unavailable)?;
@@ -62,6 +62,12 @@ impl SqlBackend for PostgresBackend {
         let manifests: Vec<&str> = rows.iter().map(|row| row.manifest).collect();
         let schema_versions: Vec<i32> = rows.iter().map(|row| row.schema_version).collect();
         let generations: Vec<Option<i64>> = rows.iter().map(|row| row.generation).collect();
+        let slices: Vec<i32> = rows.iter().map(|row| row.slice).collect();
+        let fence_epochs: Vec<Option<i64>> = rows
+            .iter()
+            .map(|row| row.fence.as_ref().map(|(_, epoch)| *epoch))
+            .collect();
+        let node: Option<&str> = rows.iter().find_map(|row| row.fence.as_ref().map(|(node, _)| &**node));
         let erasing: Vec<&str> = rows
             .iter()
             .filter(|row| row.erases)
@@ -84,8 +90,11 @@ impl SqlBackend for PostgresBackend {
             &manifests,
             &schema_versions,
             &generations,
+            &slices,
+            &fence_epochs,
             &JSON_SERIALIZER_ID,
             &erasing,
+            &node,
         ];
         if self.feed {
             binds.extend([
@@ -100,8 +109,16 @@ impl SqlBackend for PostgresBackend {
             Ok(answer) => answer.map_err(sent_write_error)?,
             Err(_) => return Err(StoreError::OutcomeUnknown(Arc::new(NoAnswer(self.no_answer_after)))),
         };
-        let written: std::collections::HashSet<&str> = written.iter().map(|row| row.get::<_, &str>(0)).collect();
-        Ok(ids.iter().map(|id| written.contains(id)).collect())
+        // Each written row, and each fenced one; the others conflicted.
+        let outcomes: HashMap<&str, bool> = written.iter().map(|row| (row.get(0), row.get(1))).collect();
+        Ok(ids
+            .iter()
+            .map(|id| match outcomes.get(id) {
+                Some(true) => RowOutcome::Written,
+                Some(false) => RowOutcome::Fenced,
+                None => RowOutcome::Conflict,
+            })
+            .collect())
     }
 
     async fn load_rows(&self, keys: &[&PersistenceId]) -> Result<HashMap<String, StateRow>, StoreError> {

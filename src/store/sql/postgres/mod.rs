@@ -144,7 +144,10 @@ async fn migrate(url: String, connect_timeout: Duration) -> Result<(), StoreErro
     let applied = super::apply_migrations(&mut harness, MIGRATIONS);
     let mut conn = harness.into_inner();
     let repaired = match applied {
-        Ok(()) => rebuild_invalid_indexes(&mut conn).await,
+        Ok(()) => match rebuild_invalid_indexes(&mut conn).await {
+            Ok(()) => backfill_slices(&mut conn).await,
+            Err(error) => Err(error),
+        },
         Err(error) => Err(error),
     };
     // Released with the session in any case; this only releases it sooner.
@@ -219,8 +222,59 @@ async fn rebuild_invalid_indexes(conn: &mut AsyncPgConnection) -> Result<(), Sto
     Ok(())
 }
 
+/// Rows a slice backfill updates per statement.
+const BACKFILL_CHUNK: i64 = 10_000;
+
+/// Fills in the slice of every row written before rows had one, a chunk per
+/// statement (each its own transaction, so writers are never held for
+/// long): the slice is Pekko's hash of the persistence id, computed here.
+/// Every write sets it too, so this finds work only once per database, or
+/// after rows were written by a release from before slices.
+async fn backfill_slices(conn: &mut AsyncPgConnection) -> Result<(), StoreError> {
+    #[derive(QueryableByName)]
+    struct Unsliced {
+        #[diesel(sql_type = Text)]
+        persistence_id: String,
+    }
+    let mut filled = 0;
+    loop {
+        let rows: Vec<Unsliced> =
+            diesel::sql_query("SELECT persistence_id FROM durable_state WHERE slice IS NULL LIMIT $1")
+                .bind::<diesel::sql_types::BigInt, _>(BACKFILL_CHUNK)
+                .load(conn)
+                .await?;
+        if rows.is_empty() {
+            if filled > 0 {
+                tracing::info!(rows = filled, "filled in the slices of rows from before slices");
+            }
+            return Ok(());
+        }
+        let slices: Vec<i32> = rows
+            .iter()
+            .map(|row| i32::from(crate::entity::Slice::of(&row.persistence_id).index()))
+            .collect();
+        let ids: Vec<String> = rows.into_iter().map(|row| row.persistence_id).collect();
+        filled += diesel::sql_query(
+            "UPDATE durable_state AS d SET slice = v.slice FROM unnest($1::text[], $2::integer[]) AS v(id, slice) \
+             WHERE d.persistence_id = v.id AND d.slice IS NULL",
+        )
+        .bind::<diesel::sql_types::Array<Text>, _>(&ids)
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Integer>, _>(&slices)
+        .execute(conn)
+        .await?;
+    }
+}
+
 /// The tables the crate's migrations create.
-const CRATE_TABLES: &[&str] = &["durable_state", "state_changes", "feed_head", "feed_offsets"];
+const CRATE_TABLES: &[&str] = &[
+    "durable_state",
+    "state_changes",
+    "feed_head",
+    "feed_offsets",
+    "cluster_nodes",
+    "cluster_slices",
+    "cluster_leases",
+];
 
 impl PostgresBackend {
     /// One page of an entity type's ids and revisions in persistence id
@@ -348,8 +402,13 @@ mod tests {
                 payload: b"{}".to_vec(),
                 changes: Vec::new(),
                 erases: false,
+                slice: 0,
+                fence: None,
             };
-            assert_eq!(backend.write_rows(&[row]).await.unwrap(), [true]);
+            assert_eq!(
+                backend.write_rows(&[row]).await.unwrap(),
+                [crate::store::RowOutcome::Written]
+            );
         }
         let plans = |pattern: &'static str| {
             let backend = &backend;
@@ -411,7 +470,7 @@ mod tests {
         let script = include_str!("../../../../bench/scripts/pg-ceiling.sh");
         let from_inserted = &WRITE_ROWS_SQL[WRITE_ROWS_SQL.find("), inserted AS (").unwrap()..];
         let until_redacted = &from_inserted[..from_inserted.find("), written AS (").unwrap()];
-        let with_constants = until_redacted.replace("$9", &JSON_SERIALIZER_ID.to_string());
+        let with_constants = until_redacted.replace("$11", &JSON_SERIALIZER_ID.to_string());
         assert!(
             words(script).contains(&words(&with_constants)),
             "bench/scripts/pg-ceiling.sh no longer runs the library's write statement"

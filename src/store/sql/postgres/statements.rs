@@ -26,9 +26,17 @@
 /// deadlock, and an `UPDATE ... FROM` takes its locks in an order its plan
 /// picks (a nested loop over `input` in the batch's order, a hash join that
 /// probes with a scan of `durable_state` in the table's physical order), so
-/// sorting the batch is not enough. The statement works in three phases, each
-/// in persistence id order whatever the plan (`COLLATE "C"`: byte order, the
-/// order the batch is already sorted in, so the sorts are one pass):
+/// sorting the batch is not enough. The statement works in phases, each in
+/// its order whatever the plan (`COLLATE "C"`: byte order, the order the
+/// batch is already sorted in, so the sorts are one pass):
+/// 0. In cluster mode, `fence` takes a share lock on the ownership row of
+///    each slice the batch writes for, in slice order, and keeps the rows
+///    whose node still owns their slice at the epoch they carry, with its
+///    lease unexpired by the database's clock (`admitted`). A transfer of a
+///    slice updates its row, so it waits for every fenced write in flight
+///    and each write after it sees the new epoch: the new owner's restore
+///    sees everything the old owner committed. Share locks wait only for a
+///    transfer, which holds no other lock.
 /// 1. `inserted` inserts the new rows in order. It can wait only for another
 ///    transaction's uncommitted insert or update of the same id.
 /// 2. `locked` locks the rows to update: `FOR UPDATE` with `ORDER BY` puts
@@ -61,28 +69,41 @@ macro_rules! write_ctes {
         "\
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::integer[],
-                         $8::bigint[])
-        AS t(persistence_id, expected, revision, payload, entity_type, manifest, schema_version, generation)
+                         $8::bigint[], $9::integer[], $10::bigint[])
+        AS t(persistence_id, expected, revision, payload, entity_type, manifest, schema_version, generation, slice,
+             fence_epoch)
+), fence AS MATERIALIZED (
+    SELECT s.slice, s.epoch
+    FROM cluster_slices AS s JOIN cluster_nodes AS n ON n.node_id = s.owner
+    WHERE s.slice IN (SELECT slice FROM input WHERE fence_epoch IS NOT NULL)
+      AND s.owner = $13 AND n.lease_expires > now()
+    ORDER BY s.slice
+    FOR SHARE OF s
+), admitted AS (
+    SELECT * FROM input AS i
+    WHERE i.fence_epoch IS NULL
+       OR EXISTS (SELECT 1 FROM fence AS f WHERE f.slice = i.slice AND f.epoch = i.fence_epoch)
 ), inserted AS (
     INSERT INTO durable_state
         (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload,
-         state_schema_version, generation)
-    SELECT persistence_id, entity_type, revision, now(), $9, manifest, payload, schema_version, generation
-    FROM input WHERE expected = 0
+         state_schema_version, generation, slice)
+    SELECT persistence_id, entity_type, revision, now(), $11, manifest, payload, schema_version, generation, slice
+    FROM admitted WHERE expected = 0
     ORDER BY persistence_id COLLATE \"C\"
     ON CONFLICT (persistence_id) DO NOTHING
     RETURNING persistence_id
 ), locked AS (
-    SELECT d.ctid AS row_id, i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version
-    FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
+    SELECT d.ctid AS row_id, i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version,
+           i.slice
+    FROM admitted AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
         AND (i.generation IS NULL OR d.generation = i.generation)
     WHERE i.expected <> 0 AND (SELECT count(*) FROM inserted) >= 0
     ORDER BY d.persistence_id COLLATE \"C\"
     FOR UPDATE OF d
 ), updated AS (
     UPDATE durable_state AS d
-    SET revision = l.revision, db_timestamp = now(), state_ser_id = $9, state_ser_manifest = l.manifest,
-        state_payload = l.payload, state_schema_version = l.schema_version
+    SET revision = l.revision, db_timestamp = now(), state_ser_id = $11, state_ser_manifest = l.manifest,
+        state_payload = l.payload, state_schema_version = l.schema_version, slice = l.slice
     FROM locked AS l
     WHERE d.ctid = l.row_id AND d.revision = l.expected
     RETURNING d.persistence_id
@@ -90,25 +111,34 @@ WITH input AS (
     SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated
 ), redacted AS (
     UPDATE state_changes AS s SET state_payload = ''::bytea
-    WHERE s.persistence_id = ANY($10::text[]) AND s.persistence_id IN (SELECT persistence_id FROM written)
+    WHERE s.persistence_id = ANY($12::text[]) AND s.persistence_id IN (SELECT persistence_id FROM written)
 )"
     };
 }
 
+/// The end of both write statements: each row written, and each row refused
+/// by its fence (its node no longer owns its slice at the epoch it carried,
+/// or the node's lease has expired), as `(persistence_id, written)`.
+macro_rules! write_outcomes {
+    () => {
+        "
+SELECT persistence_id, true AS written FROM written
+UNION ALL
+SELECT persistence_id, false FROM input
+WHERE fence_epoch IS NOT NULL AND persistence_id NOT IN (SELECT persistence_id FROM admitted)"
+    };
+}
+
 /// Raw SQL (see above): the batched, revision-checked write without the
-/// feed. A write that deletes its entity (bind 10: the ids of those) still
+/// feed. A write that deletes its entity (bind 12: the ids of those) still
 /// redacts the entity's earlier feed rows, written by nodes that keep the
 /// feed: an erasure erases wherever the data is.
-pub(super) const WRITE_ROWS_SQL: &str = concat!(
-    write_ctes!(),
-    "
-SELECT persistence_id FROM written"
-);
+pub(super) const WRITE_ROWS_SQL: &str = concat!(write_ctes!(), write_outcomes!());
 
 /// Raw SQL (see above): the same write, plus one change feed row per committed revision
-/// (binds 11 to 14: persistence ids, entity types, revisions, payloads; each
+/// (binds 14 to 17: persistence ids, entity types, revisions, payloads; each
 /// change has its row's schema version). A write that deletes its entity
-/// (bind 10: the ids of those) redacts the entity's earlier feed rows to the
+/// (bind 12: the ids of those) redacts the entity's earlier feed rows to the
 /// empty payload, in the same statement: the `UPDATE` sees the rows as they
 /// were before it, so not the ones `feed` inserts. Only the writer holding
 /// an entity's row lock (from `locked` or `inserted`) touches its feed rows,
@@ -120,7 +150,7 @@ pub(super) const WRITE_ROWS_WITH_FEED_SQL: &str = concat!(
     write_ctes!(),
     ", changes AS (
     SELECT c.persistence_id, c.entity_type, c.revision, c.payload, i.schema_version, c.ord
-    FROM unnest($11::text[], $12::text[], $13::bigint[], $14::bytea[])
+    FROM unnest($14::text[], $15::text[], $16::bigint[], $17::bytea[])
         WITH ORDINALITY AS c(persistence_id, entity_type, revision, payload, ord)
     JOIN input AS i ON i.persistence_id = c.persistence_id
     WHERE c.persistence_id IN (SELECT persistence_id FROM written)
@@ -133,8 +163,8 @@ pub(super) const WRITE_ROWS_WITH_FEED_SQL: &str = concat!(
     SELECT head.base + row_number() OVER (ORDER BY changes.ord), changes.entity_type, changes.persistence_id,
            changes.revision, now(), changes.payload, changes.schema_version
     FROM changes CROSS JOIN head
-)
-SELECT persistence_id FROM written"
+)",
+    write_outcomes!()
 );
 
 /// The retention purge's deletes, shared by both purge statements (raw SQL:

@@ -1,0 +1,1 @@
+DROP INDEX IF EXISTS durable_state_by_slice;
