@@ -58,6 +58,25 @@ pub(super) struct Owned<E: DurableEntity> {
     /// The offset the next record should have, checked once where reading
     /// started again (an assignment, a resume): a later one is a gap.
     pub(super) expect_next: Option<i64>,
+    /// The dead-letter intents stored for its records at or past where this
+    /// assignment started, by offset: read from the store at the
+    /// assignment, added to as records are dead-lettered without their
+    /// entity's noting, dropped once the stored position passes them.
+    pub(super) intents: BTreeMap<i64, Intent>,
+}
+
+/// A dead-letter intent: stored before the dead letter of a record its
+/// entity could not note as refused (its row is corrupt, say), so that the
+/// record read again is dead-lettered, never delivered (and so never
+/// applied, even once the row is repaired).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Intent {
+    /// The dead letter may not be written: read again, the record is
+    /// dead-lettered again.
+    Intended,
+    /// The broker acknowledged the dead letter: read again, the record is
+    /// settled as it is.
+    Written,
 }
 
 /// The entities a partition's records went to, bounded: at most as many as
