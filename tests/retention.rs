@@ -525,6 +525,14 @@ impl Offsets for GatedStore {
     async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError> {
         self.inner.save_offset(consumer, position).await
     }
+
+    async fn offsets_under(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        self.inner.offsets_under(prefix).await
+    }
+
+    async fn remove_offsets_below(&self, prefix: &str, below: u64) -> Result<u64, StoreError> {
+        self.inner.remove_offsets_below(prefix, below).await
+    }
 }
 
 #[async_trait::async_trait]

@@ -3,7 +3,7 @@
 //! passivation from callers; the protocol between a shard and its actors;
 //! and the typed handle [`Entities`], which picks the shard itself.
 
-mod contain;
+pub(crate) mod contain;
 mod entity_actor;
 mod handle;
 mod manager;

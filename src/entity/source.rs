@@ -9,7 +9,9 @@
 //! refused (and so did not apply) are remembered beside it, with why: read
 //! again, such a record is refused again, never taken for applied, so that
 //! it ends in the dead-letter topic even if the first dead letter was never
-//! written.
+//! written. Once the ingest has its dead letter, it sends the record again
+//! marked `dead_lettered`, and the refusal is
+//! forgotten: read again after that, it is settled, not dead-lettered twice.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -25,6 +27,29 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub(crate) struct RecordOrigin {
     pub(crate) partition: Arc<str>,
     pub(crate) offset: i64,
+    /// Sent again once its dead letter is written: the entity settles its
+    /// refusal of it (read again, it is then found settled, not refused),
+    /// and never applies it.
+    pub(crate) dead_lettered: bool,
+}
+
+impl RecordOrigin {
+    /// The record at `offset` of `partition`, to be applied.
+    pub(crate) fn new(partition: Arc<str>, offset: i64) -> Self {
+        Self {
+            partition,
+            offset,
+            dead_lettered: false,
+        }
+    }
+
+    /// The same record, now in the dead-letter topic.
+    pub(crate) fn dead_lettered(&self) -> Self {
+        Self {
+            dead_lettered: true,
+            ..self.clone()
+        }
+    }
 }
 
 /// Per source partition, the offset of the last record applied to an
@@ -91,6 +116,19 @@ impl AppliedOffsets {
     /// Remembers the record as the last one settled from its partition.
     pub(crate) fn record(&mut self, origin: &RecordOrigin) {
         self.source_mut(origin);
+    }
+
+    /// Forgets that the record was refused (it is in the dead-letter topic
+    /// now): read again, it is settled like an applied one.
+    pub(crate) fn settle_refused(&mut self, origin: &RecordOrigin) {
+        if let Some(source) = self.0.as_deref_mut().and_then(|sources| {
+            sources
+                .0
+                .iter_mut()
+                .find(|source| *source.partition == *origin.partition)
+        }) {
+            source.refused.remove(&origin.offset);
+        }
     }
 
     /// Remembers the record as settled and refused, for `reason`.
@@ -242,10 +280,7 @@ mod tests {
     use super::*;
 
     fn origin(partition: &str, offset: i64) -> RecordOrigin {
-        RecordOrigin {
-            partition: partition.into(),
-            offset,
-        }
+        RecordOrigin::new(partition.into(), offset)
     }
 
     #[test]
@@ -269,6 +304,21 @@ mod tests {
         offsets.record(&origin("t/0", 5));
         assert_eq!(offsets.seen(&origin("t/0", 4)), Seen::Refused("no such product".into()));
         assert_eq!(offsets.seen(&origin("t/0", 5)), Seen::Applied);
+    }
+
+    #[test]
+    fn a_refused_record_whose_dead_letter_is_written_is_settled_when_read_again() {
+        let mut offsets = AppliedOffsets::default();
+        offsets.record_refused(&origin("t/0", 4), "no such product");
+        offsets.record_refused(&origin("t/0", 6), "no such product");
+        offsets.settle_refused(&origin("t/0", 4));
+        assert_eq!(offsets.seen(&origin("t/0", 4)), Seen::Applied);
+        assert_eq!(
+            offsets.seen(&origin("t/0", 6)),
+            Seen::Refused("no such product".into()),
+            "another refusal stays"
+        );
+        assert_eq!(offsets.to_map()["t/0"], 6, "the remembered offset stays");
     }
 
     #[test]

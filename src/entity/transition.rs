@@ -79,6 +79,15 @@ impl<E: DurableEntity> Durable<E> {
     ) -> Step<E> {
         if let Some(origin) = origin {
             match self.source_offsets.seen(origin) {
+                // Its dead letter is written: never applied, and its
+                // refusal settled so that a later read does not refuse it again.
+                Seen::Refused(_) if origin.dead_lettered => {
+                    return Step::Noted {
+                        next: self.dead_lettered(origin),
+                        rejection: None,
+                    }
+                }
+                _ if origin.dead_lettered => return Step::Unchanged,
                 Seen::New => {}
                 Seen::Applied => return Step::Unchanged,
                 Seen::Refused(reason) => return Step::RefusedBefore(reason),
@@ -152,6 +161,14 @@ impl<E: DurableEntity> Durable<E> {
     pub(crate) fn noted(&self, origin: &RecordOrigin) -> Self {
         let mut next = self.clone();
         next.source_offsets.record(origin);
+        next
+    }
+
+    /// This state with `origin`'s refused record settled: its dead letter
+    /// is written.
+    pub(crate) fn dead_lettered(&self, origin: &RecordOrigin) -> Self {
+        let mut next = self.clone();
+        next.source_offsets.settle_refused(origin);
         next
     }
 

@@ -148,6 +148,13 @@ impl IngestConfig {
     pub(super) fn position_name(&self, topic: &str, partition: i32) -> String {
         format!("kafka/{}/{}/{}", self.group_id, topic, partition)
     }
+
+    /// The prefix of the names under which the dead-letter intents of
+    /// `topic`'s `partition` are stored (`<prefix><offset>`, and
+    /// `<prefix><offset>/written` once the dead letter is acknowledged).
+    pub(super) fn intents_prefix(&self, topic: &str, partition: i32) -> String {
+        format!("{}/dead-letters/", self.position_name(topic, partition))
+    }
 }
 
 impl std::fmt::Debug for IngestConfig {

@@ -9,10 +9,16 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tracing::{info, warn};
 
+use super::dead_letter::{IntentToStore, Refusal};
 use super::decode::IngestRecord;
 use super::ingest::{Counters, Ingest, IngestContext};
-use super::state::{Lane, Mark, Partition, Pending, RawRecord, State};
+use super::state::{Intent, Lane, Mark, Partition, Pending, RawRecord, State};
 use crate::entity::{DurableEntity, RecordOrigin};
+
+/// The reason a record read again with a dead-letter intent carries in
+/// its dead letter: the first reason is not stored with the intent.
+const REFUSED_BEFORE_A_RESTART: &str =
+    "refused when it was first read (its first dead letter, if written, says why); read again after a restart";
 
 impl<E: DurableEntity> Ingest<E> {
     /// The consumer thread's loop, until a stop is asked for.
@@ -111,10 +117,50 @@ impl<E: DurableEntity> Ingest<E> {
         }
         owned.progress.received(record.offset);
         let (epoch, label) = (owned.epoch, owned.label.clone());
-        let origin = RecordOrigin {
-            partition: label,
-            offset: record.offset,
+        let origin = RecordOrigin::new(label, record.offset);
+        let mark = Mark {
+            partition: partition.clone(),
+            epoch,
+            offset: origin.offset,
+            bytes: raw.len(),
         };
+        match owned.intents.get(&record.offset).copied() {
+            None => {}
+            // Read again after its dead letter: never delivered, so never
+            // applied, whatever became of its entity's row since.
+            Some(Intent::Written) => {
+                owned.in_flight += 1;
+                state.unsettled += 1;
+                state.unsettled_bytes += mark.bytes;
+                drop(state);
+                self.settle(&[mark], true);
+                return;
+            }
+            Some(Intent::Intended) => {
+                owned.in_flight += 1;
+                state.unsettled += 1;
+                state.unsettled_bytes += mark.bytes;
+                drop(state);
+                warn!(
+                    topic = record.topic,
+                    partition = record.partition,
+                    offset = record.offset,
+                    "record read again with a dead-letter intent; dead-lettering it again"
+                );
+                let this = self.clone();
+                self.runtime.spawn(async move {
+                    let refusal = Refusal::<E> {
+                        mark,
+                        raw: &raw,
+                        reason: REFUSED_BEFORE_A_RESTART.to_owned(),
+                        noted_by: None,
+                        intent: IntentToStore::Stored,
+                    };
+                    this.dead_letter_refused(refusal).await;
+                });
+                return;
+            }
+        }
         match decoded {
             Ok((key, event)) => {
                 // Counted in flight when its batch leaves.
@@ -143,15 +189,18 @@ impl<E: DurableEntity> Ingest<E> {
                     "record cannot be decoded; dead-lettering it");
                 let this = self.clone();
                 let reason = invalid.to_string();
-                let mark = Mark {
-                    partition,
-                    epoch,
-                    offset: origin.offset,
-                    bytes: raw.len(),
-                };
                 self.runtime.spawn(async move {
-                    // It has no entity: retried on its own, blocking no other record.
-                    this.dead_letter_or_drop(mark, &raw, &reason).await;
+                    // It has no entity: retried on its own, blocking no other
+                    // record. Its intent keeps a later decoder from applying
+                    // it when it is read again.
+                    let refusal = Refusal::<E> {
+                        mark,
+                        raw: &raw,
+                        reason,
+                        noted_by: None,
+                        intent: IntentToStore::Needed,
+                    };
+                    this.dead_letter_refused(refusal).await;
                 });
             }
         }

@@ -5,8 +5,10 @@ use std::sync::Arc;
 
 use tracing::warn;
 
+use super::dead_letter::{described, Refusal};
 use super::ingest::{Counters, Ingest};
-use super::state::{Mark, Pending, RawRecord};
+use super::state::{Mark, Pending};
+use crate::actors::contain::Shown;
 use crate::entity::DurableEntity;
 use crate::error::CommandError;
 
@@ -41,11 +43,12 @@ impl<E: DurableEntity> Ingest<E> {
                         // Settled in order with the rest once it is in the dead-letter topic.
                         self.settle(&settled, false);
                         settled.clear();
-                        warn!(key = %key, offset = pending.origin.offset, error = %refused,
+                        let record = (&pending.event, &pending.origin);
+                        let refusal = Refusal::answered(pending.mark(), &pending.raw, &key, record, &refused);
+                        warn!(key = %Shown(&key), offset = pending.origin.offset, error = %refusal.reason,
                             "record refused; dead-lettering it");
                         // Its entity's later records wait behind it meanwhile.
-                        self.dead_letter_or_drop(pending.mark(), &pending.raw, &refused.to_string())
-                            .await;
+                        self.dead_letter_refused(refusal).await;
                     }
                 }
             }
@@ -63,7 +66,8 @@ impl<E: DurableEntity> Ingest<E> {
             }
             Counters::add(&self.counters.retries, 1);
             metrics::counter!("persist_durable_ingest_retries_total", "entity" => E::ENTITY_TYPE).increment(1);
-            warn!(key = %key, records = batch.len(), %error, retry_in = ?backoff, "delivery failed; retrying");
+            warn!(key = %Shown(&key), records = batch.len(), error = %described(&error), retry_in = ?backoff,
+                "delivery failed; retrying");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(self.config.retry_backoff.1);
         }
@@ -92,22 +96,6 @@ impl<E: DurableEntity> Ingest<E> {
             state.unsettled_bytes -= bytes;
             self.settled.notify_all();
         }
-    }
-
-    /// Dead-letters a record and settles it, or, if its partition moved to
-    /// another member before the dead letter was written, drops it as no
-    /// longer this member's (the new owner reads it again).
-    pub(super) async fn dead_letter_or_drop(&self, mark: Mark, raw: &RawRecord, reason: &str) {
-        if self.dead_letter(&mark, raw, reason).await {
-            self.settle(std::slice::from_ref(&mark), true);
-            return;
-        }
-        Counters::add(&self.counters.dead_letters_dropped, 1);
-        let mut state = self.lock();
-        state.unsettled -= 1;
-        state.unsettled_bytes -= mark.bytes;
-        drop(state);
-        self.settled.notify_all();
     }
 
     /// Whether this member still owns `mark`'s partition in the assignment it was read in.

@@ -36,7 +36,11 @@ use crate::entity::DurableEntity;
 ///   [`IngestConfig::with_max_unsettled`] consumption pauses. A record that
 ///   fails for a reason that may pass (the database is down) is retried with
 ///   back-off; one that cannot be decoded, or whose command is refused, goes
-///   to the dead-letter topic.
+///   to the dead-letter topic, and is never applied: its entity remembers it
+///   as refused until the dead letter is written, and one the entity could
+///   not note (its row is corrupt) gets a dead-letter intent in the store
+///   first, so that read again it is not delivered. A crash between a dead
+///   letter and what follows it writes a second copy at most.
 ///
 /// Dropping it stops it as [`stop`](Self::stop) does, without waiting.
 pub struct KafkaIngest {
@@ -54,7 +58,9 @@ pub struct IngestStats {
     pub records_received: u64,
     /// Records whose command was committed, or found applied already.
     pub records_applied: u64,
-    /// Records sent to the dead-letter topic (or skipped without one).
+    /// Records sent to the dead-letter topic (or skipped without one), or
+    /// read again and found there already (a dead-letter intent marked
+    /// written).
     pub records_dead_lettered: u64,
     /// Deliveries retried after a failure that may pass.
     pub retries: u64,

@@ -35,6 +35,7 @@ mod deliver;
 mod error;
 mod handle;
 mod ingest;
+mod intents;
 mod positions;
 mod progress;
 mod rebalance;

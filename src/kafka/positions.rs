@@ -88,16 +88,21 @@ impl<E: DurableEntity> Ingest<E> {
                 .iter()
                 .map(|(partition, _, position)| this.save(partition, *position));
             let outcomes = futures_util::future::join_all(saves).await;
-            let mut state = this.lock();
-            for ((partition, epoch, position), saved) in moved.into_iter().zip(outcomes) {
-                if !saved {
-                    continue;
-                }
-                if let Some(owned) = state.owned.get_mut(&partition).filter(|o| o.epoch == epoch) {
-                    owned.saved = Some(owned.saved.map_or(position, |saved| saved.max(position)));
+            let stored: Vec<(Partition, u64, i64)> = moved
+                .into_iter()
+                .zip(outcomes)
+                .filter_map(|(moved, saved)| saved.then_some(moved))
+                .collect();
+            {
+                let mut state = this.lock();
+                for (partition, epoch, position) in &stored {
+                    if let Some(owned) = state.owned.get_mut(partition).filter(|o| o.epoch == *epoch) {
+                        owned.saved = Some(owned.saved.map_or(*position, |saved| saved.max(*position)));
+                    }
                 }
             }
-            drop(state);
+            // Reading never starts below a stored position again.
+            this.remove_passed_intents(&stored).await;
             this.saving.store(false, Ordering::Release);
         });
     }

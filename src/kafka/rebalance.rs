@@ -83,10 +83,10 @@ impl<E: DurableEntity> Ingest<E> {
             if let Err(error) = tpl.set_partition_offset(topic, *partition, offset) {
                 warn!(%error, topic, partition, "could not set the start position");
             }
-            starts.push(start);
+            starts.push((start, self.stored_intents(topic, *partition, start)));
         }
         let mut state = self.lock();
-        for ((topic, partition), start) in partitions.iter().zip(starts) {
+        for ((topic, partition), (start, intents)) in partitions.iter().zip(starts) {
             state.next_epoch += 1;
             let owned = Owned {
                 epoch: state.next_epoch,
@@ -97,6 +97,7 @@ impl<E: DurableEntity> Ingest<E> {
                 saved: start,
                 committed_to_kafka: start,
                 expect_next: start,
+                intents,
             };
             let key: Partition = (Arc::from(topic.as_str()), *partition);
             // Its entities stay here: nobody else wrote them meanwhile.

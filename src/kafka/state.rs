@@ -1,7 +1,7 @@
 //! The ingest's state per partition and per entity: the partitions owned,
 //! each entity's lane of records, and the records on their way.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::progress::Progress;
@@ -58,47 +58,79 @@ pub(super) struct Owned<E: DurableEntity> {
     /// The offset the next record should have, checked once where reading
     /// started again (an assignment, a resume): a later one is a gap.
     pub(super) expect_next: Option<i64>,
+    /// The dead-letter intents stored for its records at or past where this
+    /// assignment started, by offset: read from the store at the
+    /// assignment, added to as records are dead-lettered without their
+    /// entity's noting, dropped once the stored position passes them.
+    pub(super) intents: BTreeMap<i64, Intent>,
+}
+
+/// A dead-letter intent: stored before the dead letter of a record its
+/// entity could not note as refused (its row is corrupt, say), so that the
+/// record read again is dead-lettered, never delivered (and so never
+/// applied, even once the row is repaired).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Intent {
+    /// The dead letter may not be written: read again, the record is
+    /// dead-lettered again.
+    Intended,
+    /// The broker acknowledged the dead letter: read again, the record is
+    /// settled as it is.
+    Written,
 }
 
 /// The entities a partition's records went to, bounded: at most as many as
-/// could be resident, the oldest forgotten first. Handing an entity over is
-/// what keeps the next owner from a conflict with a stale actor here; one
-/// forgotten and still resident is caught by the revision check.
+/// could be resident, the least recently fed forgotten first (as the
+/// manager passivates the least recently used beyond its bound). Handing an
+/// entity over is what keeps the next owner from a conflict with a stale
+/// actor here; one forgotten and still resident is caught by the revision
+/// check.
 pub(super) struct Served<K> {
-    keys: HashSet<K>,
-    order: VecDeque<K>,
+    /// Each entity with when it was last fed.
+    last_fed: HashMap<K, u64>,
+    /// The same, by when: the least recently fed first.
+    by_recency: BTreeMap<u64, K>,
+    /// Counts every insert: a later one is more recent.
+    clock: u64,
     capacity: usize,
 }
 
 impl<K: std::hash::Hash + Eq + Clone> Served<K> {
     pub(super) fn new(capacity: usize) -> Self {
         Self {
-            keys: HashSet::new(),
-            order: VecDeque::new(),
+            last_fed: HashMap::new(),
+            by_recency: BTreeMap::new(),
+            clock: 0,
             capacity: capacity.max(1),
         }
     }
 
+    /// `key` was fed now.
     pub(super) fn insert(&mut self, key: &K) {
-        if self.keys.contains(key) {
+        self.clock += 1;
+        if let Some(fed) = self.last_fed.get_mut(key) {
+            self.by_recency.remove(fed);
+            *fed = self.clock;
+            self.by_recency.insert(self.clock, key.clone());
             return;
         }
-        if self.keys.len() >= self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.keys.remove(&oldest);
+        if self.last_fed.len() >= self.capacity {
+            if let Some((_, least_recent)) = self.by_recency.pop_first() {
+                self.last_fed.remove(&least_recent);
             }
         }
-        self.keys.insert(key.clone());
-        self.order.push_back(key.clone());
+        self.last_fed.insert(key.clone(), self.clock);
+        self.by_recency.insert(self.clock, key.clone());
     }
 }
 
 impl<K> IntoIterator for Served<K> {
     type Item = K;
-    type IntoIter = std::collections::vec_deque::IntoIter<K>;
+    type IntoIter = std::collections::btree_map::IntoValues<u64, K>;
 
+    /// The least recently fed first.
     fn into_iter(self) -> Self::IntoIter {
-        self.order.into_iter()
+        self.by_recency.into_values()
     }
 }
 
@@ -147,5 +179,33 @@ impl<E: DurableEntity> Pending<E> {
             offset: self.origin.offset,
             bytes: self.raw.len(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Before, the entity first seen was forgotten first, however recently
+    /// it was fed since: the hot entity was the one not handed over.
+    #[test]
+    fn the_served_bound_forgets_the_least_recently_fed_entity() {
+        let mut served = Served::new(2);
+        served.insert(&"hot");
+        served.insert(&"cold");
+        served.insert(&"hot");
+        served.insert(&"new");
+        let kept: Vec<&str> = served.into_iter().collect();
+        assert_eq!(kept, ["hot", "new"]);
+    }
+
+    #[test]
+    fn an_entity_fed_again_is_remembered_once() {
+        let mut served = Served::new(3);
+        for key in ["a", "b", "a", "a", "b"] {
+            served.insert(&key);
+        }
+        let kept: Vec<&str> = served.into_iter().collect();
+        assert_eq!(kept, ["a", "b"]);
     }
 }

@@ -47,7 +47,8 @@ pub trait StateStore: Send + Sync + fmt::Debug + 'static {
 }
 
 /// Named positions: a change-feed consumer's offset, a Kafka ingest's
-/// position per partition (`kafka/<group>/<topic>/<partition>`).
+/// position per partition (`kafka/<group>/<topic>/<partition>`) and the
+/// dead letters it intends to write (under `.../dead-letters/`).
 #[async_trait]
 pub trait Offsets: StateStore {
     /// The position `consumer` saved last, if any.
@@ -56,6 +57,18 @@ pub trait Offsets: StateStore {
     /// Saves the position `consumer` has processed up to: for a change-feed
     /// follower the last position handled, for an ingest the next offset to read.
     async fn save_offset(&self, consumer: &str, position: u64) -> Result<(), StoreError>;
+
+    /// Every position saved under a name that starts with `prefix`, with
+    /// its name: an ingest reads the dead-letter intents of a partition so
+    /// (`kafka/<group>/<topic>/<partition>/dead-letters/`). The prefix is
+    /// matched exactly, case and all (no pattern characters).
+    async fn offsets_under(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// Removes the positions saved under a name that starts with `prefix`
+    /// whose position is below `below`; returns how many. An ingest drops
+    /// the dead-letter intents of records below the position it stored so,
+    /// since those records are never read again.
+    async fn remove_offsets_below(&self, prefix: &str, below: u64) -> Result<u64, StoreError>;
 }
 
 /// The change feed: every committed revision, in commit order. See

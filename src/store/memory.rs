@@ -181,6 +181,25 @@ impl Offsets for MemoryStore {
         self.tables()?.offsets.insert(consumer.to_owned(), position);
         Ok(())
     }
+
+    async fn offsets_under(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self
+            .tables()?
+            .offsets
+            .iter()
+            .filter(|(name, _)| name.starts_with(prefix))
+            .map(|(name, position)| (name.clone(), *position))
+            .collect())
+    }
+
+    async fn remove_offsets_below(&self, prefix: &str, below: u64) -> Result<u64, StoreError> {
+        let mut tables = self.tables()?;
+        let before = tables.offsets.len();
+        tables
+            .offsets
+            .retain(|name, position| !(name.starts_with(prefix) && *position < below));
+        Ok((before - tables.offsets.len()) as u64)
+    }
 }
 
 #[async_trait]

@@ -156,10 +156,7 @@ mod tests {
         let command = Command::ViewProduct {
             product_id: ProductId::new(product).unwrap(),
         };
-        let origin = RecordOrigin {
-            partition: "views/0".into(),
-            offset,
-        };
+        let origin = RecordOrigin::new("views/0".into(), offset);
         (command.into(), origin)
     }
 
@@ -244,10 +241,7 @@ mod tests {
     }
 
     fn origin(offset: i64) -> RecordOrigin {
-        RecordOrigin {
-            partition: "events/0".into(),
-            offset,
-        }
+        RecordOrigin::new("events/0".into(), offset)
     }
 
     /// Before, a late, duplicate or refused record after a delete wrote a

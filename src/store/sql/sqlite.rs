@@ -46,6 +46,19 @@ diesel::define_sql_function! {
     fn strftime(format: Text, time: Text) -> Text;
 }
 
+diesel::define_sql_function! {
+    /// SQLite's `substr`: `length` characters of `text` from `start` (1
+    /// the first), to match a name's prefix exactly (`LIKE` would take `_`
+    /// and `%` in it for patterns, and ignore case).
+    fn substr(text: Text, start: Integer, length: Integer) -> Text;
+}
+
+/// The characters of a name prefix, as `substr` counts them.
+fn prefix_length(prefix: &str) -> i32 {
+    // Longer than any name stored: matches none, as it should.
+    i32::try_from(prefix.chars().count()).unwrap_or(i32::MAX)
+}
+
 /// `strftime`'s format for the `TEXT` timestamp columns, e.g. `2026-11-20T09:00:00.123Z`.
 const ISO_8601_MILLIS: &str = "%Y-%m-%dT%H:%M:%fZ";
 
@@ -462,6 +475,43 @@ impl Offsets for SqliteStore {
                 })
                 .await
                 .map(drop)
+        })
+        .await
+    }
+
+    async fn offsets_under(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let (prefix, length) = (prefix.to_owned(), prefix_length(prefix));
+        self.run(move |backend| async move {
+            let rows: Vec<(String, i64)> = backend
+                .blocking(move |conn| {
+                    feed_offsets::table
+                        .filter(substr(feed_offsets::consumer, 1, length).eq(prefix))
+                        .select((feed_offsets::consumer, feed_offsets::position))
+                        .load(conn)
+                })
+                .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(name, position)| (name, port::count(position)))
+                .collect())
+        })
+        .await
+    }
+
+    async fn remove_offsets_below(&self, prefix: &str, below: u64) -> Result<u64, StoreError> {
+        let (prefix, length, below) = (prefix.to_owned(), prefix_length(prefix), port::bigint(below)?);
+        self.run_write(move |backend| async move {
+            let removed = backend
+                .blocking(move |conn| {
+                    diesel::delete(
+                        feed_offsets::table
+                            .filter(substr(feed_offsets::consumer, 1, length).eq(prefix))
+                            .filter(feed_offsets::position.lt(below)),
+                    )
+                    .execute(conn)
+                })
+                .await?;
+            Ok(removed as u64)
         })
         .await
     }

@@ -28,6 +28,19 @@ use crate::store::JSON_SERIALIZER_ID;
 use crate::store::{ChangeLog, Maintenance, Offsets};
 use crate::store::{FeedBounds, KAFKA_POSITIONS};
 
+diesel::define_sql_function! {
+    /// PostgreSQL's `substr`: `length` characters of `text` from `start` (1
+    /// the first), to match a name's prefix exactly (`LIKE` would take `_`
+    /// and `%` in it for patterns).
+    fn substr(text: Text, start: Integer, length: Integer) -> Text;
+}
+
+/// The characters of a name prefix, as `substr` counts them.
+fn prefix_length(prefix: &str) -> i32 {
+    // Longer than any name stored: matches none, as it should.
+    i32::try_from(prefix.chars().count()).unwrap_or(i32::MAX)
+}
+
 /// A change feed row, as `read_changes` selects it.
 #[derive(diesel::Queryable)]
 struct PgChange {
@@ -184,6 +197,37 @@ impl Offsets for PostgresStore {
                 .execute(&mut backend.checkout().await?)
                 .await?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn offsets_under(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let (prefix, length) = (prefix.to_owned(), prefix_length(prefix));
+        self.run(move |backend| async move {
+            let rows: Vec<(String, i64)> = feed_offsets::table
+                .filter(substr(feed_offsets::consumer, 1, length).eq(prefix))
+                .select((feed_offsets::consumer, feed_offsets::position))
+                .load(&mut backend.checkout().await?)
+                .await?;
+            Ok(rows
+                .into_iter()
+                .map(|(name, position)| (name, port::count(position)))
+                .collect())
+        })
+        .await
+    }
+
+    async fn remove_offsets_below(&self, prefix: &str, below: u64) -> Result<u64, StoreError> {
+        let (prefix, length, below) = (prefix.to_owned(), prefix_length(prefix), port::bigint(below)?);
+        self.run_write(move |backend| async move {
+            let removed = diesel::delete(
+                feed_offsets::table
+                    .filter(substr(feed_offsets::consumer, 1, length).eq(prefix))
+                    .filter(feed_offsets::position.lt(below)),
+            )
+            .execute(&mut backend.checkout().await?)
+            .await?;
+            Ok(removed as u64)
         })
         .await
     }
