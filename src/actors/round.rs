@@ -147,7 +147,7 @@ enum Decision<E: DurableEntity> {
 fn decide<E: DurableEntity>(rules: &Rules<'_, E>, current: &Durable<E>, queued: &mut Queued<E>) -> Decision<E> {
     if let (Some(refused), Some(origin)) = (&queued.refused, &queued.origin) {
         let error = CommandError::from_store(rules.key, refused.clone());
-        return Decision::Revision(current.refused(origin, &error.to_string()), Some(Err(error)));
+        return Decision::Revision(current.refused(origin, &why(&error)), Some(Err(error)));
     }
     let step = catch_unwind(AssertUnwindSafe(|| {
         current.step(
@@ -237,7 +237,7 @@ pub(crate) fn run<E: DurableEntity>(
                 stopped = Stop::Panicked;
                 match &queued.origin {
                     // Settled like a refusal: its offset noted with the state before it.
-                    Some(origin) => (current.refused(origin, &error.to_string()), Some(Err(error))),
+                    Some(origin) => (current.refused(origin, &why(&error)), Some(Err(error))),
                     None if revision == expected => {
                         answered.push((queued, Err(error)));
                         break;
@@ -267,7 +267,7 @@ pub(crate) fn run<E: DurableEntity>(
                     let noted = queued
                         .origin
                         .as_ref()
-                        .map(|origin| current.refused(origin, &error.to_string()));
+                        .map(|origin| current.refused(origin, &why(&error)));
                     match noted.map(|noted| encode(key, &noted).map(|payload| (noted, payload))) {
                         Some(Ok((noted, payload))) => {
                             if !rules.every_change {
@@ -355,6 +355,16 @@ pub(crate) fn run<E: DurableEntity>(
             waiting,
             reload_after: matches!(stopped, Stop::Panicked),
         }),
+    }
+}
+
+/// Why a record failed, as its entity remembers it: without the key (whose
+/// `Display` is the application's code, and shown elsewhere anyway).
+fn why<E: DurableEntity>(error: &CommandError<E>) -> String {
+    match error {
+        CommandError::Panicked { message, .. } => format!("panicked: {message}"),
+        CommandError::Unstorable { source, .. } => format!("unstorable: {source}"),
+        other => other.kind().to_owned(),
     }
 }
 
