@@ -66,6 +66,16 @@ pub struct Config {
     /// trimmed otherwise ([`ChangeLogExt::trim_feed`](crate::ChangeLogExt::trim_feed)).
     /// The feed holds every entity type: one manager with it suffices.
     pub feed_retention: Option<crate::FeedRetention>,
+    /// Cluster mode: this node's membership, which decides which entities
+    /// this manager serves (see [`Cluster`](crate::Cluster)); `None`, the
+    /// default: every node serves every entity, checked by revision.
+    pub cluster: Option<crate::Cluster>,
+    /// In cluster mode, whether a command for an entity another node owns is
+    /// forwarded to that node (the default, with the HTTP forwarder of
+    /// [`http::forwarding`](crate::http)) or answered
+    /// [`CommandError::NotOwner`](crate::CommandError::NotOwner) with the
+    /// owner's address, for the application to redirect its client.
+    pub forward: bool,
 }
 
 impl Default for Config {
@@ -85,6 +95,8 @@ impl Default for Config {
             retention_check_interval: Duration::from_secs(60 * 60),
             retention_chunk_size: 500,
             feed_retention: None,
+            cluster: None,
+            forward: true,
         }
     }
 }
@@ -185,6 +197,23 @@ impl Config {
     /// Sets [`feed_retention`](Self::feed_retention).
     pub fn with_feed_retention(mut self, retention: Option<crate::FeedRetention>) -> Self {
         self.feed_retention = retention;
+        self
+    }
+
+    /// Runs the manager in cluster mode, as `cluster`'s node: it serves the
+    /// entities of the slices this node owns, answering them from memory
+    /// while its lease holds, and every write it makes is fenced by the
+    /// slice's epoch.
+    pub fn with_cluster(mut self, cluster: crate::Cluster) -> Self {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// In cluster mode, answers commands for entities owned elsewhere with
+    /// [`CommandError::NotOwner`](crate::CommandError::NotOwner) (the
+    /// owner's address in it) instead of forwarding them.
+    pub fn without_forwarding(mut self) -> Self {
+        self.forward = false;
         self
     }
 

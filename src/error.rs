@@ -37,6 +37,18 @@ pub enum StoreError {
         /// The epoch the write carried.
         epoch: u64,
     },
+    /// In cluster mode: the entity's owner, another node, answered its
+    /// forwarded command with this failure of its own store (its kind and
+    /// message, as the owner gave them).
+    #[error("node {node} answered: {message}")]
+    Remote {
+        /// The node's address.
+        node: String,
+        /// The failure's [`CommandError::kind`] there.
+        kind: String,
+        /// What the node said.
+        message: String,
+    },
     /// The stored row cannot be decoded; only this entity is affected.
     #[error("the stored state of {key} is corrupt")]
     Corrupt {
@@ -414,6 +426,17 @@ pub enum CommandError<E: DurableEntity> {
         /// What the panic said.
         message: String,
     },
+    /// In cluster mode: another node owns this entity (its slice), or the
+    /// slice moved while the command was on its way; nothing was applied
+    /// here. Send it to `owner` (the handle does, unless started
+    /// [`without_forwarding`](crate::Config::without_forwarding)).
+    #[error("{key} is owned by another node ({})", .owner.as_deref().unwrap_or("not known yet"))]
+    NotOwner {
+        /// The entity.
+        key: E::Key,
+        /// The owner's address, when known.
+        owner: Option<String>,
+    },
     /// An ingested record this entity refused when it was first read, read
     /// again: it was not applied then and is not now. It belongs in the
     /// dead-letter topic (the ingest sends it there; after a crash that is
@@ -470,6 +493,10 @@ impl<E: DurableEntity> CommandError<E> {
                     source: unstorable,
                 }
             }
+            StoreError::Fenced { .. } => CommandError::NotOwner {
+                key: key.clone(),
+                owner: None,
+            },
             StoreError::InvalidKey { source, .. } => CommandError::InvalidKey {
                 key: key.clone(),
                 source,
@@ -503,6 +530,7 @@ impl<E: DurableEntity> CommandError<E> {
             | CommandError::Unstorable { key, .. }
             | CommandError::Panicked { key, .. }
             | CommandError::RefusedBefore { key, .. }
+            | CommandError::NotOwner { key, .. }
             | CommandError::InvalidKey { key, .. } => key,
         }
     }
@@ -510,7 +538,7 @@ impl<E: DurableEntity> CommandError<E> {
     /// A short, stable name of the failure, for metrics, logs and the HTTP
     /// body's `kind`: `conflict`, `corrupt_state`, `store_unavailable`,
     /// `outcome_unknown`, `overloaded`, `not_delivered`, `rejected`,
-    /// `newer_schema`, `unstorable`, `panicked`, `refused_before`, `invalid_key`.
+    /// `newer_schema`, `unstorable`, `panicked`, `refused_before`, `not_owner`, `invalid_key`.
     pub fn kind(&self) -> &'static str {
         match self {
             CommandError::Conflict { .. } => "conflict",
@@ -524,13 +552,15 @@ impl<E: DurableEntity> CommandError<E> {
             CommandError::Unstorable { .. } => "unstorable",
             CommandError::Panicked { .. } => "panicked",
             CommandError::RefusedBefore { .. } => "refused_before",
+            CommandError::NotOwner { .. } => "not_owner",
             CommandError::InvalidKey { .. } => "invalid_key",
         }
     }
 
     /// Whether sending the same command again may succeed: true for a
     /// conflict, an unavailable or overloaded store, an undelivered command,
-    /// a newer schema and an unknown outcome (with the same event id); false
+    /// a newer schema, another owner and an unknown outcome (with the same
+    /// event id); false
     /// for a corrupt row, a domain refusal, an unstorable state, a panic, a
     /// record refused before and an invalid key, which fail the same way again.
     pub fn is_retryable(&self) -> bool {

@@ -62,6 +62,7 @@
 
 mod actors;
 mod clock;
+mod cluster;
 mod config;
 mod domain;
 mod entity;
@@ -83,21 +84,22 @@ pub use actors::{
     Entities, EntityActor, EntityCommand, EntityManager, Execute, GetManagerStats, ManagerStats, PurgeIdle,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use cluster::{Cluster, ClusterConfig, ClusterError, ClusterStats};
 pub use config::Config;
 pub use domain::cart;
 pub use domain::{apply, apply_event, Command, Event, ProductId, StatePolicy, UserKey, UserState};
 pub use entity::{
     decode_json, validate_id, CompositeId, DurableEntity, EntityEvent, EntityKey, EventId, Id, IdField, InvalidInput,
-    PersistenceId, Revision, Slice, SourceOffsets, MAX_ID_BYTES, SLICES,
+    Never, PersistenceId, Revision, Slice, SourceOffsets, MAX_ID_BYTES, SLICES,
 };
 pub use error::{Cause, CommandError, CorruptRow, ManagerStopped, StoreError};
 pub use feed::{ChangeKind, EntityFeed, SkipRefused, StateChange};
 #[cfg(all(feature = "postgres", feature = "sqlite"))]
 pub use store::{open, open_with};
 pub use store::{
-    ChangeLog, ChangeLogExt, ChangeRow, FeedBounds, FeedRetention, Fence, Maintenance, MaintenanceExt, MemoryStore,
-    Offsets, RowOutcome, SharedStore, StateStore, StateStoreExt, Store, StoreConfig, StoreStats, StoredRow,
-    StoredState, WriteRow,
+    ChangeLog, ChangeLogExt, ChangeRow, ClusterView, FeedBounds, FeedRetention, Fence, Leases, Maintenance,
+    MaintenanceExt, MemoryStore, NodeRow, Offsets, RowOutcome, SharedStore, StateStore, StateStoreExt, Store,
+    StoreConfig, StoreStats, StoredRow, StoredState, WriteRow,
 };
 #[cfg(feature = "postgres")]
 pub use store::{PostgresBackend, PostgresStore};

@@ -305,12 +305,27 @@ impl<E: DurableEntity> EntityActor<E> {
     /// Runs the queue over the state stored at `expected`, answers what it
     /// can, and writes, checks or reloads as the round decides.
     fn run_round(&mut self, expected: Revision, current: Durable<E>, ctx: &mut Context<Self>) {
+        if let Some(ownership) = self.ownership() {
+            if !ownership.owns(self.slice()) {
+                // Its slice moved to another node: nothing is answered here.
+                self.phase = Phase::Unloaded;
+                for queued in std::mem::take(&mut self.queue) {
+                    queued.answer(Err(self.not_owner()));
+                }
+                return;
+            }
+        }
         let rules = Rules {
             key: &self.key,
             settings: &self.shared.settings,
             event_id_memory: self.shared.config.event_id_memory,
             every_change: self.shared.store.keeps_change_feed(),
-            exclusive: self.shared.config.exclusive_writer,
+            // The only writer: a single-node choice, or the slice's owner
+            // under a lease it may still trust.
+            exclusive: self.shared.config.exclusive_writer
+                || self
+                    .ownership()
+                    .is_some_and(|ownership| ownership.answers_from_memory(self.slice())),
         };
         let round = round::run(&rules, expected, current, std::mem::take(&mut self.queue));
         for (queued, answer) in round.answered {
@@ -338,9 +353,23 @@ impl<E: DurableEntity> EntityActor<E> {
         self.phase = Phase::Writing { reload_after };
         let (store, key) = (self.shared.store.clone(), self.key.persistence_id());
         let expected = (expected, Some(self.generation));
+        // In cluster mode, committed only under this node's ownership of the slice.
+        let fence = self.ownership().map(|ownership| ownership.fence(self.slice()));
         let write = async move {
+            if let Some(None) = fence {
+                let slice = key.slice();
+                return Err(StoreError::Fenced { key, slice, epoch: 0 });
+            }
             let written = caught(
-                write_encoded::<E, _>(store.as_ref(), key, expected, revision, payloads, erases, None),
+                write_encoded::<E, _>(
+                    store.as_ref(),
+                    key,
+                    expected,
+                    revision,
+                    payloads,
+                    erases,
+                    fence.flatten(),
+                ),
                 "writing a state",
             );
             // A store that panicked mid-write may have committed.
@@ -407,6 +436,16 @@ impl<E: DurableEntity> EntityActor<E> {
         self.phase = Phase::Unloaded;
         if matches!(error, StoreError::RowRefused { .. }) {
             return self.refused(error, written);
+        }
+        if matches!(error, StoreError::Fenced { .. }) {
+            // Nothing committed; the slice's new owner takes these.
+            if let Some(cluster) = &self.shared.config.cluster {
+                cluster.count_fenced();
+            }
+            for (queued, _) in written {
+                queued.answer(Err(self.not_owner()));
+            }
+            return;
         }
         let mut retry = Vec::new();
         // Ingested records behind a failed one come later in their
@@ -536,6 +575,29 @@ impl<E: DurableEntity> EntityActor<E> {
             }
             reply.send(results);
         });
+    }
+
+    /// This node's ownership of slices, in cluster mode.
+    fn ownership(&self) -> Option<&crate::cluster::Ownership> {
+        self.shared
+            .config
+            .cluster
+            .as_ref()
+            .map(|cluster| &**cluster.ownership())
+    }
+
+    /// The entity's slice.
+    fn slice(&self) -> crate::entity::Slice {
+        self.key.persistence_id().slice()
+    }
+
+    /// That this node does not own the entity, with its owner as last known.
+    fn not_owner(&self) -> CommandError<E> {
+        let owner = self.ownership().and_then(|ownership| ownership.owner(self.slice()));
+        CommandError::NotOwner {
+            key: self.key.clone(),
+            owner: owner.map(|owner| owner.address.to_string()),
+        }
     }
 
     /// `count` more commands stay within [`Config::max_queued_per_entity`].

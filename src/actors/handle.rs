@@ -1,4 +1,6 @@
 use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
 
 use actix::Addr;
 
@@ -8,7 +10,7 @@ use super::messages::{
     EntityCommand, EntityRecords, GetManagerStats, HandOver, ManagerStats, PurgeIdle, StopGracefully,
 };
 use crate::config::Config;
-use crate::entity::{DurableEntity, EntityEvent};
+use crate::entity::{DurableEntity, EntityEvent, EntityKey};
 use crate::error::{CommandError, ManagerStopped, StoreError};
 use crate::store::SharedStore;
 
@@ -41,6 +43,27 @@ pub struct Entities<E: DurableEntity> {
     /// The manager's shards, when this handle started it.
     shards: Option<Shards<E>>,
     store: SharedStore,
+    /// In cluster mode: this node's membership, and how commands for
+    /// entities owned elsewhere reach their owner.
+    cluster: Option<ClusterRoute<E>>,
+}
+
+/// How a handle in cluster mode routes a command.
+struct ClusterRoute<E: DurableEntity> {
+    cluster: crate::Cluster,
+    /// Forward to the owner (else answer `NotOwner`).
+    forward: bool,
+    forwarder: Option<Arc<dyn Forward<E>>>,
+}
+
+impl<E: DurableEntity> Clone for ClusterRoute<E> {
+    fn clone(&self) -> Self {
+        Self {
+            cluster: self.cluster.clone(),
+            forward: self.forward,
+            forwarder: self.forwarder.clone(),
+        }
+    }
 }
 
 impl<E: DurableEntity> Entities<E> {
@@ -54,12 +77,33 @@ impl<E: DurableEntity> Entities<E> {
     /// `settings` (for users a [`StatePolicy`](crate::StatePolicy)), and
     /// returns its handle.
     pub fn start_with(store: SharedStore, config: Config, settings: E::Settings) -> Self {
+        let cluster = config.cluster.clone().map(|cluster| ClusterRoute {
+            cluster,
+            forward: config.forward,
+            forwarder: None,
+        });
         let (manager, shards) = EntityManager::<E>::with_settings(store.clone(), config, settings).start_with_shards();
+        if let Some(route) = &cluster {
+            // The entities of slices this node loses passivate here; their
+            // new owner restores what was committed.
+            let shards = shards.clone();
+            route.cluster.on_lost(move |slices| shards.hand_over_slices(slices));
+        }
         Self {
             manager,
             shards: Some(shards),
             store,
+            cluster,
         }
+    }
+
+    /// In cluster mode, forwards commands for entities owned elsewhere
+    /// through `forwarder` (the HTTP one: [`http::forward_to_owners`](crate::http::forward_to_owners)).
+    pub(crate) fn with_forwarder(mut self, forwarder: Arc<dyn Forward<E>>) -> Self {
+        if let Some(route) = &mut self.cluster {
+            route.forwarder = Some(forwarder);
+        }
+        self
     }
 
     /// A handle to a manager already started on `store`; its commands go
@@ -69,12 +113,19 @@ impl<E: DurableEntity> Entities<E> {
             manager,
             shards: None,
             store,
+            cluster: None,
         }
     }
 
     /// Sends `command` (a command, or an [`EntityEvent`] with its id and
     /// time) to the entity `key` and returns the state after it, once committed.
+    ///
+    /// In cluster mode, an entity another node owns gets the command through
+    /// that node (see [`Config::with_cluster`]).
     pub async fn send(&self, key: E::Key, command: impl Into<EntityEvent<E::Command>>) -> Result<E, CommandError<E>> {
+        if let (Some(shards), Some(route)) = (&self.shards, &self.cluster) {
+            return route.send(shards, key, command.into()).await;
+        }
         if let Some(shards) = &self.shards {
             return shards.send(key, command.into()).await;
         }
@@ -120,6 +171,26 @@ impl<E: DurableEntity> Entities<E> {
             Ok(())
         } else {
             Err(ManagerStopped)
+        }
+    }
+
+    /// Applies `event` here, never forwarding it: what another node's
+    /// forwarded command gets. In cluster mode an entity this node does not
+    /// own is answered `NotOwner`.
+    #[cfg_attr(not(feature = "http"), allow(dead_code))]
+    pub(crate) async fn send_here(&self, key: E::Key, event: EntityEvent<E::Command>) -> Answer<E> {
+        match &self.shards {
+            Some(shards) => shards.send(key, event).await,
+            None => self
+                .manager
+                .send(EntityCommand::new(key.clone(), event))
+                .await
+                .unwrap_or_else(|error| {
+                    Err(CommandError::NotDelivered {
+                        key,
+                        reason: error.to_string(),
+                    })
+                }),
         }
     }
 
@@ -189,6 +260,7 @@ impl<E: DurableEntity> Clone for Entities<E> {
             manager: self.manager.clone(),
             shards: self.shards.clone(),
             store: self.store.clone(),
+            cluster: self.cluster.clone(),
         }
     }
 }
@@ -200,4 +272,55 @@ impl<E: DurableEntity> fmt::Debug for Entities<E> {
             .field("store", &self.store)
             .finish()
     }
+}
+
+/// How often a command whose entity is on its way to another owner is tried
+/// again before it is answered `NotOwner`.
+const ROUTING_ATTEMPTS: u32 = 4;
+
+impl<E: DurableEntity> ClusterRoute<E> {
+    /// Sends `event` to `key`'s owner: here if this node owns its slice,
+    /// else forwarded; a slice moving meanwhile sends it again (nothing of
+    /// it was applied: its write was fenced, or it never reached an actor).
+    async fn send(&self, shards: &Shards<E>, key: E::Key, event: EntityEvent<E::Command>) -> Answer<E> {
+        let slice = key.persistence_id().slice();
+        let ownership = self.cluster.ownership();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let answer = if ownership.owns(slice) {
+                shards.send(key.clone(), event.clone()).await
+            } else {
+                match (ownership.owner(slice), &self.forwarder) {
+                    (Some(owner), Some(forwarder)) if self.forward && *owner.node != **ownership.node() => {
+                        self.cluster.count_forwarded();
+                        forwarder.forward(owner, key.clone(), event.clone()).await
+                    }
+                    (owner, _) => Err(CommandError::NotOwner {
+                        key: key.clone(),
+                        owner: owner.map(|owner| owner.address.to_string()),
+                    }),
+                }
+            };
+            match answer {
+                Err(CommandError::NotOwner { .. }) if self.forward && attempt < ROUTING_ATTEMPTS => {
+                    // Moving: the next round of the membership task settles it.
+                    tokio::time::sleep(self.cluster.renew_every() / 2).await;
+                }
+                answer => return answer,
+            }
+        }
+    }
+}
+
+/// Sends a command to the node that owns its entity, and brings back its
+/// answer: the cluster's forwarding, behind which the HTTP one sits.
+pub(crate) trait Forward<E: DurableEntity>: Send + Sync {
+    /// `event` for `key`, sent to `owner`.
+    fn forward(
+        &self,
+        owner: crate::cluster::Owner,
+        key: E::Key,
+        event: EntityEvent<E::Command>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Answer<E>> + Send>>;
 }

@@ -13,7 +13,7 @@ use super::messages::{
     EntityCommand, EntityRecords, GetManagerStats, HandOver, ManagerStats, PurgeIdle, StopGracefully,
 };
 use super::placement::{Placement, Spread};
-use super::shard::{Drain, HasActor, IsResident, RouteCommand, Shard, ShardCounters};
+use super::shard::{Drain, HandOverSlices, HasActor, IsResident, RouteCommand, Shard, ShardCounters};
 use super::start_unbounded;
 use crate::config::Config;
 use crate::entity::{DurableEntity, EntityEvent};
@@ -142,6 +142,15 @@ impl<E: DurableEntity> Shards<E> {
             .send(IsResident(key.clone()))
             .await
             .map_err(|_| ManagerStopped)
+    }
+
+    /// Passivates the entities of `slices` (this node no longer owns them),
+    /// each shard its own.
+    pub(crate) fn hand_over_slices(&self, slices: &[crate::entity::Slice]) {
+        let slices: Arc<[crate::entity::Slice]> = slices.into();
+        for shard in self.shards.iter() {
+            shard.do_send(HandOverSlices(slices.clone()));
+        }
     }
 
     /// Whether `key` has an actor, passivating or not.

@@ -15,8 +15,10 @@ mod shard;
 
 pub use entity_actor::{EntityActor, Execute};
 pub use handle::Entities;
+pub(crate) use handle::Forward;
 pub use manager::EntityManager;
 pub use messages::{EntityCommand, GetManagerStats, ManagerStats, PurgeIdle};
+pub(crate) use round::Answer;
 
 use actix::dev::channel;
 use actix::{Actor, Addr, ArbiterHandle, Context};

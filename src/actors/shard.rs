@@ -493,6 +493,31 @@ impl<E: DurableEntity> Handler<IsResident<E::Key>> for Shard<E> {
     }
 }
 
+/// Passivates the entities of these slices: in cluster mode, this node no
+/// longer owns them.
+pub(crate) struct HandOverSlices(pub(crate) std::sync::Arc<[crate::entity::Slice]>);
+
+impl Message for HandOverSlices {
+    type Result = ();
+}
+
+impl<E: DurableEntity> Handler<HandOverSlices> for Shard<E> {
+    type Result = ();
+
+    fn handle(&mut self, HandOverSlices(slices): HandOverSlices, _ctx: &mut Self::Context) {
+        use crate::entity::EntityKey;
+        let moved: Vec<E::Key> = self
+            .children
+            .keys()
+            .filter(|key| slices.contains(&key.persistence_id().slice()))
+            .cloned()
+            .collect();
+        for key in moved {
+            self.begin_passivation(&key, PassivationCause::HandedOver);
+        }
+    }
+}
+
 /// Whether an entity has an actor at all, passivating or not.
 pub(crate) struct HasActor<K>(pub(crate) K);
 

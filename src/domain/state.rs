@@ -1,10 +1,8 @@
-use std::convert::Infallible;
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{Command, Event, ProductId, UserKey};
-use crate::entity::DurableEntity;
+use crate::entity::{DurableEntity, Never};
 
 /// The latest known state of one user.
 ///
@@ -34,9 +32,9 @@ impl DurableEntity for UserState {
     type Key = UserKey;
     type Command = Command;
     type Settings = StatePolicy;
-    type Rejection = Infallible;
+    type Rejection = Never;
 
-    fn apply(&self, command: &Command, at: DateTime<Utc>, policy: &StatePolicy) -> Result<Option<Self>, Infallible> {
+    fn apply(&self, command: &Command, at: DateTime<Utc>, policy: &StatePolicy) -> Result<Option<Self>, Never> {
         Ok(transition(self, command, at, policy))
     }
 

@@ -155,6 +155,21 @@ pub trait DurableEntity:
     }
 }
 
+/// The [`Rejection`](DurableEntity::Rejection) of an entity whose commands
+/// are never refused: uninhabited, as [`Infallible`](std::convert::Infallible)
+/// is, and serializable, which cluster mode needs to forward an entity's
+/// answers between nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+pub enum Never {}
+
+impl std::fmt::Display for Never {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {}
+    }
+}
+
+impl std::error::Error for Never {}
+
 /// The key of one entity, and its injective encoding into the entity part of
 /// a persistence id: two different keys must never encode to the same id.
 pub trait EntityKey: Clone + Eq + Hash + Ord + Debug + Display + Send + Sync + Unpin + 'static {

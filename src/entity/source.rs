@@ -34,7 +34,7 @@ pub(crate) struct RecordOrigin {
 }
 
 // Made by the Kafka ingest (and the unit tests): unused without the feature.
-#[cfg_attr(not(any(feature = "kafka", test)), allow(dead_code))]
+#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
 impl RecordOrigin {
     /// The record at `offset` of `partition`, to be applied.
     pub(crate) fn new(partition: Arc<str>, offset: i64) -> Self {

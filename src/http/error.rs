@@ -101,6 +101,8 @@ impl<E: DurableEntity> From<CommandError<E>> for CommandFailure {
         let status = match &error {
             CommandError::Rejected { .. } | CommandError::RefusedBefore { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             CommandError::Conflict { .. } => StatusCode::CONFLICT,
+            // The client's request is fine; it belongs on another node.
+            CommandError::NotOwner { .. } => StatusCode::MISDIRECTED_REQUEST,
             CommandError::InvalidKey { .. } => StatusCode::BAD_REQUEST,
             CommandError::CorruptState { .. } | CommandError::Unstorable { .. } | CommandError::Panicked { .. } => {
                 StatusCode::INTERNAL_SERVER_ERROR

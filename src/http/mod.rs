@@ -78,9 +78,11 @@ use crate::entity::InvalidInput;
 use crate::{SharedStore, UserStateManager, UserStates};
 
 mod error;
+mod forwarding;
 mod own_routes;
 
 pub use error::{ApiError, CommandFailure};
+pub use forwarding::{cluster_routes, forward_to_owners, Forwardable};
 pub use own_routes::{json_config, resource, JSON_BODY_LIMIT};
 
 /// The routes, serving `users`: `App::new().configure(http::routes(users))`.

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::rows::{ChangeRow, FeedBounds, StoreStats, StoredRow, WriteRow};
-use crate::entity::{PersistenceId, Revision};
+use crate::entity::{PersistenceId, Revision, Slice};
 use crate::error::StoreError;
 
 /// Durable storage of entity states with revision-checked writes, for any
@@ -44,6 +44,93 @@ pub trait StateStore: Send + Sync + fmt::Debug + 'static {
 
     /// What the store has done since it was opened.
     fn stats(&self) -> StoreStats;
+
+    /// The statements cluster mode decides ownership with, in this store's
+    /// database; `None` for a store that cannot hold them (SQLite, memory).
+    fn leases(&self) -> Option<&dyn Leases> {
+        None
+    }
+}
+
+/// Ownership in cluster mode, decided in the database the entities live in:
+/// nodes register and renew one lease row each; slices and named leases
+/// change hands only by compare-and-set on their rows, whose epoch is the
+/// fencing token. Every expiry is decided by the database's clock. See
+/// [`Cluster`](crate::Cluster).
+#[async_trait]
+pub trait Leases: Send + Sync {
+    /// Registers `node` at `address` with a lease of `ttl` from now (or
+    /// registers it again), and moves on the epoch of every slice and named
+    /// lease it held: a previous process under the same name is fenced off.
+    async fn join(&self, node: &str, address: &str, ttl: std::time::Duration) -> Result<(), StoreError>;
+
+    /// Extends `node`'s lease to `ttl` from now, unless it has expired:
+    /// false then (its slices are no longer its own; it joins again).
+    async fn renew(&self, node: &str, ttl: std::time::Duration) -> Result<bool, StoreError>;
+
+    /// The registered nodes and every slice's owner, as the database sees them now.
+    async fn view(&self) -> Result<ClusterView, StoreError>;
+
+    /// Takes those of `slices` that no live node owns for `node`, each with
+    /// its epoch moved on; returns the slices taken and their epochs.
+    async fn acquire(&self, node: &str, slices: &[Slice]) -> Result<Vec<(Slice, u64)>, StoreError>;
+
+    /// Hands `slice` from `node` (owning it at `epoch`) to `to`, or to no
+    /// one: the epoch moves on. Waits for the writes fenced by the old epoch
+    /// that are in flight. `None` if `node` no longer owned it at `epoch`.
+    async fn transfer(&self, slice: Slice, node: &str, epoch: u64, to: Option<&str>)
+        -> Result<Option<u64>, StoreError>;
+
+    /// Marks `node` as leaving: it hands its slices over and no placement
+    /// counts it any more.
+    async fn leave(&self, node: &str) -> Result<(), StoreError>;
+
+    /// Removes `node`'s registration.
+    async fn deregister(&self, node: &str) -> Result<(), StoreError>;
+
+    /// Takes the named lease `name` for `node` if no live node holds it
+    /// (or `node` itself does), its epoch moved on; `None` if another live
+    /// node holds it.
+    async fn acquire_named(&self, name: &str, node: &str) -> Result<Option<u64>, StoreError>;
+
+    /// Gives the named lease up, if `node` still holds it at `epoch`.
+    async fn release_named(&self, name: &str, node: &str, epoch: u64) -> Result<(), StoreError>;
+
+    /// Saves `consumer`'s position only while `node` holds the named lease
+    /// `lease` at `epoch` with its node lease unexpired, checked in the same
+    /// statement (the lease row held FOR SHARE, so no hand-over commits
+    /// meanwhile); `false` if the fence did not hold and nothing was saved.
+    async fn save_offset_fenced(
+        &self,
+        consumer: &str,
+        position: u64,
+        lease: &str,
+        node: &str,
+        epoch: u64,
+    ) -> Result<bool, StoreError>;
+}
+
+/// The cluster as the database sees it: the registered nodes, and each
+/// slice's owner and epoch (by slice index).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    /// Every registered node.
+    pub nodes: Vec<NodeRow>,
+    /// Each slice's owner (`None`: no one) and epoch, by index.
+    pub slices: Vec<(Option<String>, u64)>,
+}
+
+/// A registered node, as the database sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    /// Its name.
+    pub node: String,
+    /// Where other nodes forward its slices' commands.
+    pub address: String,
+    /// Its lease has not expired, by the database's clock.
+    pub alive: bool,
+    /// It is leaving gracefully.
+    pub leaving: bool,
 }
 
 /// Named positions: a change-feed consumer's offset, a Kafka ingest's

@@ -10,6 +10,7 @@ mod adoption;
 mod cart;
 mod change_feed;
 mod child;
+mod cluster;
 mod commands;
 mod conflicts;
 mod deadlock;

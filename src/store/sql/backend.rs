@@ -43,6 +43,15 @@ pub trait SqlBackend: Sealed + Send + Sync + 'static {
 
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The store's cluster statements, if its database holds them.
+    fn leases(store: &super::SqlStore<Self>) -> Option<&dyn crate::store::Leases>
+    where
+        Self: Sized,
+    {
+        let _ = store;
+        None
+    }
 }
 
 /// One row of a write batch, with every value already checked to fit its

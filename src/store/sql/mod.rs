@@ -144,6 +144,10 @@ impl<B: SqlBackend> StateStore for SqlStore<B> {
     fn stats(&self) -> StoreStats {
         self.group_commit.stats()
     }
+
+    fn leases(&self) -> Option<&dyn crate::store::Leases> {
+        B::leases(self)
+    }
 }
 
 /// Applies `migrations` that are pending, one by one, logging each with the

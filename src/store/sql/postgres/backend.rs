@@ -154,6 +154,10 @@ impl SqlBackend for PostgresBackend {
         Ok(rows.into_iter().map(|row| (row.persistence_id.clone(), row)).collect())
     }
 
+    fn leases(store: &PostgresStore) -> Option<&dyn crate::store::Leases> {
+        Some(store)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         diesel::select(1.into_sql::<Integer>())
             .execute(&mut self.checkout().await?)

@@ -12,6 +12,7 @@ use diesel_async::{AsyncConnection, AsyncMigrationHarness, AsyncPgConnection, Ru
 use diesel_migrations::{embed_migrations, EmbeddedMigrations};
 
 mod backend;
+mod leases;
 mod statements;
 mod writer;
 

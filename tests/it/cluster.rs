@@ -1,0 +1,285 @@
+//! Cluster mode in one process: nodes (each a store, a membership and a
+//! manager of its own) on one PostgreSQL database. Each entity has one
+//! owner; every write is fenced by its slice's epoch; a command reaching
+//! another node is forwarded to the owner, or answered `NotOwner`.
+//! tests/it/cluster_processes.rs runs nodes as processes.
+
+use std::time::{Duration, Instant};
+
+use persist_durable::{
+    http, Cluster, ClusterConfig, ClusterError, Command, CommandError, Config, EntityKey, Fence, Revision, SharedStore,
+    StateStoreExt, StoreError, UserKey, UserStates, WriteRow,
+};
+
+use crate::common::{key, view, Backend, TestDb};
+
+/// Quick rounds, so that a test sees hand-overs within a second or two.
+pub(crate) fn quick(node: &str, address: &str) -> ClusterConfig {
+    ClusterConfig::new(node, address)
+        .with_lease(Duration::from_millis(1500))
+        .with_renew_every(Duration::from_millis(200))
+        .with_margin(Duration::from_millis(300))
+}
+
+/// Waits until `done`, polling every 20 ms, for at most 10 s.
+pub(crate) async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(started.elapsed() < Duration::from_secs(10), "waited 10 s for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A user whose slice `cluster` owns, and one whose slice it does not.
+fn owned_and_not(cluster: &Cluster) -> (UserKey, UserKey) {
+    let users = (0..).map(|i| key("mall", &format!("user{i}")));
+    let mut owned = None;
+    let mut other = None;
+    for user in users {
+        let mine = cluster.owns(user.persistence_id().slice());
+        match (mine, &owned, &other) {
+            (true, None, _) => owned = Some(user),
+            (false, _, None) => other = Some(user),
+            _ => {}
+        }
+        if let (Some(owned), Some(other)) = (&owned, &other) {
+            return (owned.clone(), other.clone());
+        }
+    }
+    unreachable!()
+}
+
+#[actix::test]
+async fn cluster_mode_needs_a_store_that_holds_its_leases() {
+    let Some(db) = TestDb::open(Backend::Sqlite).await else {
+        return;
+    };
+    let joined = Cluster::join(db.connect().await, quick("a", "http://127.0.0.1:1")).await;
+    assert!(matches!(joined, Err(ClusterError::Unsupported)), "{joined:?}");
+}
+
+#[actix::test]
+async fn two_nodes_share_the_slices_each_owned_by_one() {
+    let Some(db) = TestDb::open(Backend::Postgres).await else {
+        return;
+    };
+    let a = Cluster::join(db.connect().await, quick("a", "http://127.0.0.1:1"))
+        .await
+        .unwrap();
+    assert_eq!(a.stats().slices_owned, 1024, "alone, a node owns every slice");
+
+    let b = Cluster::join(db.connect().await, quick("b", "http://127.0.0.1:2"))
+        .await
+        .unwrap();
+    eventually("the slices to be shared", || {
+        a.stats().slices_owned + b.stats().slices_owned == 1024 && b.stats().slices_owned >= 460
+    })
+    .await;
+
+    for slice in persist_durable::Slice::all() {
+        assert!(a.owns(slice) != b.owns(slice), "slice {slice} has exactly one owner");
+    }
+    let (a_owned, b_owned) = (a.stats().slices_owned, b.stats().slices_owned);
+    assert!(
+        (461..=563).contains(&a_owned) && (461..=563).contains(&b_owned),
+        "{a_owned} and {b_owned}"
+    );
+    b.leave().await.unwrap();
+    a.leave().await.unwrap();
+}
+
+/// A write carries the epoch of its slice; once the slice has moved on
+/// (another node took it), the write commits nothing.
+#[actix::test]
+async fn a_write_under_an_epoch_the_slice_has_moved_past_commits_nothing() {
+    let Some(db) = TestDb::open(Backend::Postgres).await else {
+        return;
+    };
+    let store = db.connect().await;
+    let a = Cluster::join(store.clone(), quick("a", "http://127.0.0.1:1"))
+        .await
+        .unwrap();
+    let user = key("mall", "user");
+    let slice = user.persistence_id().slice();
+    let leases = store.leases().unwrap();
+    let view = leases.view().await.unwrap();
+    let epoch = view.slices[usize::from(slice.index())].1;
+    let write = |fence: Fence, expected: u64| WriteRow {
+        key: user.persistence_id(),
+        manifest: "UserState/v1",
+        expected: Revision(expected),
+        generation: None,
+        revision: Revision(expected + 1),
+        schema_version: 1,
+        payloads: vec![b"{}".to_vec()],
+        erases: false,
+        fence: Some(fence),
+    };
+    let fence = Fence {
+        node: "a".into(),
+        epoch,
+    };
+    assert_eq!(store.write_row(write(fence.clone(), 0)).await.unwrap(), Revision(1));
+
+    // Handed to no one: the epoch moves on.
+    leases
+        .transfer(slice, "a", epoch, None)
+        .await
+        .unwrap()
+        .expect("a owned it");
+    let fenced = store.write_row(write(fence, 1)).await;
+
+    assert!(matches!(fenced, Err(StoreError::Fenced { .. })), "{fenced:?}");
+    assert_eq!(
+        store.load(&user).await.unwrap().unwrap().revision,
+        Revision(1),
+        "nothing committed"
+    );
+    a.leave().await.unwrap();
+}
+
+/// A manager in cluster mode serves its node's entities, answering them
+/// from memory under its lease, and answers the others `NotOwner`, naming
+/// the owner, when it does not forward.
+#[actix::test]
+async fn a_node_serves_its_own_entities_and_names_the_owner_of_the_others() {
+    let Some(db) = TestDb::open(Backend::Postgres).await else {
+        return;
+    };
+    let (store_a, store_b) = (db.connect().await, db.connect().await);
+    let a = Cluster::join(store_a.clone(), quick("a", "http://127.0.0.1:1"))
+        .await
+        .unwrap();
+    let b = Cluster::join(store_b.clone(), quick("b", "http://127.0.0.1:2"))
+        .await
+        .unwrap();
+    eventually("the slices to be shared", || {
+        a.stats().slices_owned + b.stats().slices_owned == 1024 && b.stats().slices_owned > 0
+    })
+    .await;
+    let users_b = UserStates::start(
+        store_b.clone(),
+        Config::default().with_cluster(b.clone()).without_forwarding(),
+    );
+    let (mine, theirs) = owned_and_not(&b);
+
+    users_b.send(mine.clone(), view("p1")).await.unwrap();
+    let loads = store_b.stats().load_statements;
+    let read = users_b.send(mine.clone(), Command::GetUserState).await.unwrap();
+    let refused = users_b.send(theirs.clone(), Command::UserLogin).await;
+
+    assert_eq!(read.recent_products.len(), 1);
+    assert_eq!(
+        store_b.stats().load_statements,
+        loads,
+        "the owner answers reads from memory"
+    );
+    assert!(
+        matches!(&refused, Err(CommandError::NotOwner { owner: Some(owner), .. }) if owner == "http://127.0.0.1:1"),
+        "{refused:?}"
+    );
+    assert!(store_b.load(&theirs).await.unwrap().is_none(), "nothing applied");
+    b.leave().await.unwrap();
+    a.leave().await.unwrap();
+}
+
+/// A node with its manager and the routes other nodes forward to, served on
+/// a port of its own.
+struct Node {
+    cluster: Cluster,
+    users: UserStates,
+    store: SharedStore,
+    server: actix_web::dev::ServerHandle,
+}
+
+impl Node {
+    async fn start(db: &TestDb, name: &str) -> Node {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let store = db.connect().await;
+        let cluster = Cluster::join(store.clone(), quick(name, &address)).await.unwrap();
+        let users = http::forward_to_owners(UserStates::start(
+            store.clone(),
+            Config::default().with_cluster(cluster.clone()),
+        ));
+        let served = users.clone();
+        let server =
+            actix_web::HttpServer::new(move || actix_web::App::new().configure(http::cluster_routes(served.clone())))
+                .workers(1)
+                .listen(listener)
+                .unwrap()
+                .run();
+        let handle = server.handle();
+        actix::spawn(server);
+        Node {
+            cluster,
+            users,
+            store,
+            server: handle,
+        }
+    }
+
+    async fn stop(self) {
+        self.cluster.leave().await.unwrap();
+        self.server.stop(true).await;
+    }
+}
+
+/// A command reaching a node that does not own its entity is forwarded to
+/// the owner over HTTP and answered with the owner's answer, its refusal
+/// included.
+#[actix::test]
+async fn a_command_for_another_nodes_entity_is_forwarded_and_answered_by_the_owner() {
+    let Some(db) = TestDb::open(Backend::Postgres).await else {
+        return;
+    };
+    let a = Node::start(&db, "a").await;
+    let b = Node::start(&db, "b").await;
+    eventually("the slices to be shared", || {
+        a.cluster.stats().slices_owned + b.cluster.stats().slices_owned == 1024 && b.cluster.stats().slices_owned > 0
+    })
+    .await;
+    let (on_a, on_b) = owned_and_not(&a.cluster);
+
+    let through_b = b.users.send(on_a.clone(), view("p1")).await.unwrap();
+    let through_a = a.users.send(on_b.clone(), view("p2")).await.unwrap();
+    let read_through_b = b.users.send(on_a.clone(), Command::GetUserState).await.unwrap();
+
+    assert_eq!(through_b.recent_products[0].as_str(), "p1");
+    assert_eq!(through_a.recent_products[0].as_str(), "p2");
+    assert_eq!(read_through_b, through_b);
+    assert!(b.cluster.stats().commands_forwarded >= 2);
+    assert_eq!(a.store.load(&on_a).await.unwrap().unwrap().revision, Revision(1));
+    assert_eq!(b.store.load(&on_b).await.unwrap().unwrap().revision, Revision(1));
+    b.stop().await;
+    a.stop().await;
+}
+
+/// A node leaving hands its slices over at once: the other owns them all
+/// within a second, and its entities' state carries on there.
+#[actix::test]
+async fn a_node_leaving_hands_its_slices_over_within_a_second() {
+    let Some(db) = TestDb::open(Backend::Postgres).await else {
+        return;
+    };
+    let a = Node::start(&db, "a").await;
+    let b = Node::start(&db, "b").await;
+    eventually("the slices to be shared", || {
+        a.cluster.stats().slices_owned + b.cluster.stats().slices_owned == 1024 && b.cluster.stats().slices_owned > 0
+    })
+    .await;
+    let (on_a, _) = owned_and_not(&a.cluster);
+    a.users.send(on_a.clone(), view("before")).await.unwrap();
+
+    let leaving = Instant::now();
+    a.cluster.leave().await.unwrap();
+    eventually("b to own every slice", || b.cluster.stats().slices_owned == 1024).await;
+    let handed_over = leaving.elapsed();
+
+    assert!(handed_over < Duration::from_secs(1), "took {handed_over:?}");
+    let after = b.users.send(on_a.clone(), view("after")).await.unwrap();
+    let products: Vec<&str> = after.recent_products.iter().map(|p| p.as_str()).collect();
+    assert_eq!(products, ["after", "before"]);
+    a.server.stop(true).await;
+    b.stop().await;
+}
