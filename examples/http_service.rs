@@ -14,13 +14,24 @@
 //! `BIND_ADDR` (127.0.0.1:8080), `IDLE_TIMEOUT_SECS` (1800), `IDLE_CHECK_INTERVAL_SECS` (300),
 //! `BATCH_SIZE` (512), `BATCH_WAIT_MICROS` (1000), `CHANGE_FEED` (false), `ARBITERS` (one per
 //! core), `STORE_THREADS` (2), `RUST_LOG` (info).
+//!
+//! Several nodes on one PostgreSQL database (cluster mode): give each a `NODE_ID` and the
+//! `ADVERTISED_ADDR` the others reach it at (`http://` + its `BIND_ADDR` by default). Each
+//! owns its share of the users; a request reaching another node is forwarded to the owner.
+//!
+//! ```text
+//! DATABASE_URL=postgres://... NODE_ID=a BIND_ADDR=127.0.0.1:8081 cargo run --example http_service &
+//! DATABASE_URL=postgres://... NODE_ID=b BIND_ADDR=127.0.0.1:8082 cargo run --example http_service &
+//! ```
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use persist_durable::{http, Config, PostgresStore, SharedStore, SqliteStore, StoreConfig, UserStates};
+use persist_durable::{
+    http, Cluster, ClusterConfig, Config, PostgresStore, SharedStore, SqliteStore, StoreConfig, UserStates,
+};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -56,11 +67,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         Arc::new(SqliteStore::open_with(&database_url, store_config.with_pool_size(4)).await?)
     };
-    let users = UserStates::start(store, config);
+    let cluster = match std::env::var("NODE_ID") {
+        Ok(node) => {
+            let address = std::env::var("ADVERTISED_ADDR").unwrap_or_else(|_| format!("http://{bind_addr}"));
+            Some(Cluster::join(store.clone(), ClusterConfig::new(node, address)).await?)
+        }
+        Err(_) => None,
+    };
+    let config = match &cluster {
+        Some(cluster) => config.with_cluster(cluster.clone()),
+        None => config,
+    };
+    let users = http::forward_to_owners(UserStates::start(store, config));
     tracing::info!(%bind_addr, database = %database_url.split('@').next_back().unwrap_or(""), "listening");
 
     HttpServer::new(move || {
         App::new()
+            .configure(http::cluster_routes(users.clone()))
             .configure(http::routes(users.clone()))
             .app_data(web::Data::new(prometheus.clone()))
             .route("/metrics", web::get().to(metrics))
@@ -68,5 +91,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     .bind(&bind_addr)?
     .run()
     .await?;
+    // Stopped (SIGINT, SIGTERM): hand this node's users over before exiting.
+    if let Some(cluster) = cluster {
+        cluster.leave().await?;
+    }
     Ok(())
 }
