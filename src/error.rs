@@ -37,6 +37,14 @@ pub enum StoreError {
         /// The epoch the write carried.
         epoch: u64,
     },
+    /// In cluster mode: the named lease the save was made under (a change
+    /// feed consumer's) has moved to another node; nothing was saved. That
+    /// node goes on from the last position saved.
+    #[error("the named lease {lease} has moved to another node; nothing was saved")]
+    LeaseLost {
+        /// The lease's name.
+        lease: String,
+    },
     /// In cluster mode: the entity's owner, another node, answered its
     /// forwarded command with this failure of its own store (its kind and
     /// message, as the owner gave them).

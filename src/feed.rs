@@ -25,6 +25,7 @@ use tracing::warn;
 
 use std::sync::Arc;
 
+use crate::cluster::NamedLease;
 use crate::entity::{DurableEntity, EntityKey, PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
 use crate::store::{good_prefix, ChangeLog, ChangeRow};
@@ -149,6 +150,9 @@ impl<E: DurableEntity> StateChange<E> {
 pub struct EntityFeed<E: DurableEntity> {
     store: Arc<dyn ChangeLog>,
     consumer: Option<String>,
+    /// In cluster mode, the consumer name's named lease: only its holder
+    /// reads and saves.
+    lease: Option<NamedLease>,
     position: u64,
     batch_size: usize,
     poll_interval: Duration,
@@ -165,6 +169,7 @@ impl<E: DurableEntity> EntityFeed<E> {
         Self {
             store,
             consumer: None,
+            lease: None,
             position,
             batch_size: 500,
             poll_interval: Duration::from_millis(100),
@@ -175,6 +180,15 @@ impl<E: DurableEntity> EntityFeed<E> {
 
     /// Follows the feed for `consumer`, from the offset it last committed
     /// (the beginning if none).
+    ///
+    /// In cluster mode (the store's process joined a
+    /// [`Cluster`](crate::Cluster)), the name is followed on one node at a
+    /// time: the node holding the named lease `feed/<consumer>` reads and
+    /// commits, with each commit fenced by the lease; on the others
+    /// [`next`](Self::next) waits, and takes over from the last committed
+    /// position once the holder dies or leaves. So in steady state every
+    /// change is delivered once; across a crash, the changes after the last
+    /// commit are delivered again.
     pub async fn resume(store: Arc<dyn ChangeLog>, consumer: impl Into<String>) -> Result<Self, StoreError> {
         let consumer = consumer.into();
         if consumer.starts_with(crate::store::KAFKA_POSITIONS) {
@@ -182,11 +196,32 @@ impl<E: DurableEntity> EntityFeed<E> {
                 "the consumer name {consumer:?} is under kafka/, where the Kafka ingest keeps its partition positions"
             )));
         }
+        let lease = NamedLease::of_store(store.clone(), format!("feed/{consumer}"));
         let position = store.load_offset(&consumer).await?.unwrap_or(0);
         Ok(Self {
             consumer: Some(consumer),
+            lease,
             ..Self::from_position(store, position)
         })
+    }
+
+    /// In cluster mode, whether this node may read: it holds the consumer
+    /// name's lease (taken now if free, going on from the position last
+    /// committed, perhaps by another node).
+    async fn may_read(&mut self) -> Result<bool, StoreError> {
+        let Some(lease) = &self.lease else {
+            return Ok(true);
+        };
+        if lease.is_held() {
+            return Ok(true);
+        }
+        if !lease.acquire().await? {
+            return Ok(false);
+        }
+        if let Some(consumer) = &self.consumer {
+            self.position = self.store.load_offset(consumer).await?.unwrap_or(0);
+        }
+        Ok(true)
     }
 
     /// Reads at most `size` changes at a time (500 by default).
@@ -219,6 +254,9 @@ impl<E: DurableEntity> EntityFeed<E> {
     /// is the next one, the read fails with [`StoreError::CorruptChange`]
     /// and the position stays where it is.
     pub async fn next_batch(&mut self) -> Result<Vec<StateChange<E>>, StoreError> {
+        if !self.may_read().await? {
+            return Ok(Vec::new());
+        }
         let read = self
             .store
             .read_change_rows(E::ENTITY_TYPE, self.position, self.batch_size)
@@ -310,9 +348,15 @@ impl<E: DurableEntity> EntityFeed<E> {
     /// with the consumer's own side effect, in its transaction, and start
     /// from it with [`from_position`](Self::from_position).
     pub async fn commit(&self) -> Result<(), StoreError> {
-        match &self.consumer {
-            Some(consumer) => self.store.save_offset(consumer, self.position).await,
-            None => Err(StoreError::InvalidConfig(
+        match (&self.consumer, &self.lease) {
+            (Some(consumer), Some(lease)) => match lease.save_offset(consumer, self.position).await? {
+                true => Ok(()),
+                false => Err(StoreError::LeaseLost {
+                    lease: lease.name().to_owned(),
+                }),
+            },
+            (Some(consumer), None) => self.store.save_offset(consumer, self.position).await,
+            (None, _) => Err(StoreError::InvalidConfig(
                 "this feed has no consumer name; start it with EntityFeed::resume".into(),
             )),
         }

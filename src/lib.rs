@@ -84,7 +84,7 @@ pub use actors::{
     Entities, EntityActor, EntityCommand, EntityManager, Execute, GetManagerStats, ManagerStats, PurgeIdle,
 };
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use cluster::{Cluster, ClusterConfig, ClusterError, ClusterStats};
+pub use cluster::{Cluster, ClusterConfig, ClusterError, ClusterStats, NamedLease};
 pub use config::Config;
 pub use domain::cart;
 pub use domain::{apply, apply_event, Command, Event, ProductId, StatePolicy, UserKey, UserState};

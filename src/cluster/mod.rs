@@ -27,6 +27,7 @@
 //! SQLite serves one node: [`Cluster::join`] refuses it with
 //! [`ClusterError::Unsupported`].
 
+mod lease;
 mod membership;
 mod ownership;
 mod placement;
@@ -37,6 +38,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use lease::NamedLease;
 pub(crate) use ownership::{Owner, Ownership};
 
 use crate::entity::Slice;
@@ -210,8 +212,11 @@ impl Cluster {
     /// Returns once the first round is done: the node owns its slices.
     pub async fn join(store: SharedStore, config: ClusterConfig) -> Result<Cluster, ClusterError> {
         config.validate()?;
-        let leases = store.leases().ok_or(ClusterError::Unsupported)?;
-        leases.join(&config.node, &config.address, config.lease).await?;
+        store
+            .leases()
+            .ok_or(ClusterError::Unsupported)?
+            .join(&config.node, &config.address, config.lease)
+            .await?;
         let shared = Arc::new(Shared {
             ownership: Arc::new(Ownership::new(config.node.as_str().into())),
             config,
@@ -220,6 +225,9 @@ impl Cluster {
             subscribers: Mutex::new(Vec::new()),
         });
         membership::tick(&shared, false).await?;
+        // Work that runs once per cluster, started from the store (a change
+        // feed's consumer), finds this node through it.
+        shared.leases().set_joined(Arc::new(Joined(shared.clone())));
         let (requests, received) = mpsc::unbounded_channel();
         let task = shared.clone();
         std::thread::Builder::new()
@@ -260,6 +268,12 @@ impl Cluster {
             .send(membership::Request::Leave(reply))
             .map_err(|_| ClusterError::Left)?;
         Ok(left.await.map_err(|_| ClusterError::Left)??)
+    }
+
+    /// The named lease `name`: work that runs once per cluster, on the
+    /// node that holds it.
+    pub fn lease(&self, name: impl Into<String>) -> NamedLease {
+        NamedLease::new(self.shared.store.clone(), Arc::new(Joined(self.shared.clone())), name)
     }
 
     /// How often the membership task runs.
@@ -337,5 +351,22 @@ impl Counters {
             commands_forwarded: self.forwarded.get(),
             writes_fenced: self.fenced.get(),
         }
+    }
+}
+
+/// This node, as a store's joined node.
+struct Joined(Arc<Shared>);
+
+impl crate::store::JoinedNode for Joined {
+    fn node(&self) -> &str {
+        &self.0.config.node
+    }
+
+    fn lease_is_valid(&self) -> bool {
+        self.0.ownership.lease_is_valid()
+    }
+
+    fn round(&self) -> Duration {
+        self.0.config.renew_every
     }
 }

@@ -96,6 +96,12 @@ pub trait Leases: Send + Sync {
     /// Gives the named lease up, if `node` still holds it at `epoch`.
     async fn release_named(&self, name: &str, node: &str, epoch: u64) -> Result<(), StoreError>;
 
+    /// The node this store's process joined a cluster as, if it has.
+    fn joined(&self) -> Option<std::sync::Arc<dyn JoinedNode>>;
+
+    /// Records the node this store's process joined as.
+    fn set_joined(&self, node: std::sync::Arc<dyn JoinedNode>);
+
     /// Saves `consumer`'s position only while `node` holds the named lease
     /// `lease` at `epoch` with its node lease unexpired, checked in the same
     /// statement (the lease row held FOR SHARE, so no hand-over commits
@@ -108,6 +114,20 @@ pub trait Leases: Send + Sync {
         node: &str,
         epoch: u64,
     ) -> Result<bool, StoreError>;
+}
+
+/// The node of a cluster a store's process has joined as: what work that
+/// runs once per cluster (a named lease's holder) needs of it. Set by
+/// [`Cluster::join`](crate::Cluster::join) on the store it joins with.
+pub trait JoinedNode: Send + Sync {
+    /// The node's name.
+    fn node(&self) -> &str;
+
+    /// Whether its lease, as last renewed, may still be trusted.
+    fn lease_is_valid(&self) -> bool;
+
+    /// How often its membership runs (and so how soon a lease can move).
+    fn round(&self) -> std::time::Duration;
 }
 
 /// The cluster as the database sees it: the registered nodes, and each

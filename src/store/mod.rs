@@ -31,7 +31,7 @@ mod schema;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod sql;
 
-pub use capability::{ChangeLog, ClusterView, Leases, Maintenance, NodeRow, Offsets, StateStore, Store};
+pub use capability::{ChangeLog, ClusterView, JoinedNode, Leases, Maintenance, NodeRow, Offsets, StateStore, Store};
 pub use config::StoreConfig;
 pub use ext::{ChangeLogExt, MaintenanceExt, StateStoreExt};
 pub use memory::MemoryStore;

@@ -283,3 +283,66 @@ async fn a_node_leaving_hands_its_slices_over_within_a_second() {
     a.server.stop(true).await;
     b.stop().await;
 }
+
+/// A change feed consumer name followed on two nodes: one node at a time
+/// delivers, each change once; when it leaves, the other goes on from its
+/// last commit.
+#[actix::test]
+async fn a_feed_consumer_name_is_followed_on_one_node_at_a_time() {
+    let Some(db) = TestDb::open(Backend::Postgres).await else {
+        return;
+    };
+    let feed = || db.connect_with(crate::common::test_store_config().with_change_feed(true));
+    let (store_a, store_b) = (feed().await, feed().await);
+    let a = Cluster::join(store_a.clone(), quick("a", "http://127.0.0.1:1"))
+        .await
+        .unwrap();
+    let b = Cluster::join(store_b.clone(), quick("b", "http://127.0.0.1:2"))
+        .await
+        .unwrap();
+    let users = UserStates::start(store_a.clone(), Config::default());
+    for i in 0..20 {
+        users
+            .send(key("mall", &format!("u{i}")), Command::UserLogin)
+            .await
+            .unwrap();
+    }
+    let mut on_a = persist_durable::ChangeFeed::resume(store_a.clone(), "indexer")
+        .await
+        .unwrap();
+    let mut on_b = persist_durable::ChangeFeed::resume(store_b.clone(), "indexer")
+        .await
+        .unwrap();
+
+    let mut delivered = Vec::new();
+    let first = on_a.next_batch().await.unwrap();
+    delivered.extend(first.iter().map(|change| change.position));
+    on_a.commit().await.unwrap();
+    let none = on_b.next_batch().await.unwrap();
+    assert!(none.is_empty(), "b does not deliver while a holds the name: {none:?}");
+    assert_eq!(delivered.len(), 20);
+
+    for i in 20..30 {
+        users
+            .send(key("mall", &format!("u{i}")), Command::UserLogin)
+            .await
+            .unwrap();
+    }
+    a.leave().await.unwrap();
+    let mut taken_over = Vec::new();
+    let started = Instant::now();
+    while taken_over.len() < 10 {
+        assert!(started.elapsed() < Duration::from_secs(10), "b did not take over");
+        taken_over.extend(on_b.next_batch().await.unwrap().iter().map(|change| change.position));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    on_b.commit().await.unwrap();
+    assert_eq!(
+        taken_over,
+        (21..=30).collect::<Vec<u64>>(),
+        "from a's last commit, each once"
+    );
+    let late = on_a.commit().await;
+    assert!(matches!(late, Err(StoreError::LeaseLost { .. })), "{late:?}");
+    b.leave().await.unwrap();
+}

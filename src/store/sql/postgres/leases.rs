@@ -10,7 +10,7 @@ use tokio_postgres::Row;
 use super::{PostgresBackend, PostgresStore};
 use crate::entity::{Slice, SLICES};
 use crate::error::StoreError;
-use crate::store::capability::{ClusterView, Leases, NodeRow};
+use crate::store::capability::{ClusterView, JoinedNode, Leases, NodeRow};
 use crate::store::sql::backend::bigint;
 
 use super::writer::sent_write_error;
@@ -213,6 +213,23 @@ impl Leases for PostgresStore {
                 .map(drop)
         })
         .await
+    }
+
+    fn joined(&self) -> Option<std::sync::Arc<dyn JoinedNode>> {
+        let joined = self
+            .backend
+            .joined
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        joined.clone()
+    }
+
+    fn set_joined(&self, node: std::sync::Arc<dyn JoinedNode>) {
+        *self
+            .backend
+            .joined
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(node);
     }
 
     async fn save_offset_fenced(

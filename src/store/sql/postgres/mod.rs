@@ -47,6 +47,8 @@ pub struct PostgresBackend {
     /// Group commit's write statements run on connections of their own,
     /// below diesel, where a failure keeps its SQLSTATE (see `writer`).
     writers: writer::WriterPool,
+    /// The cluster node this process joined as, through this store.
+    joined: std::sync::RwLock<Option<std::sync::Arc<dyn crate::store::JoinedNode>>>,
     feed: bool,
     /// How long a sent write may go unanswered before its outcome is
     /// reported unknown: twice the server's statement timeout, so the
@@ -72,6 +74,7 @@ impl SqlStore<PostgresBackend> {
         let backend = PostgresBackend {
             pool: connection_pool(database_url, &config)?,
             writers: writer::writer_pool(database_url, session_setup(&config), &config)?,
+            joined: std::sync::RwLock::new(None),
             feed: config.change_feed,
             no_answer_after: config.operation_timeout * 2,
         };
@@ -377,6 +380,7 @@ mod tests {
         let backend = PostgresBackend {
             pool: connection_pool(&url, &config).unwrap(),
             writers: writer::writer_pool(&url, session_setup(&config), &config).unwrap(),
+            joined: std::sync::RwLock::new(None),
             feed: false,
             no_answer_after: config.operation_timeout,
         };
