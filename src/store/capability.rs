@@ -16,7 +16,7 @@ use std::fmt;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::rows::{ChangeRow, FeedBounds, StoreStats, StoredRow, WriteRow};
+use super::rows::{ChangeRow, FeedBounds, Fence, StoreStats, StoredRow, WriteRow};
 use crate::entity::{PersistenceId, Revision, Slice};
 use crate::error::StoreError;
 
@@ -95,6 +95,15 @@ pub trait Leases: Send + Sync {
 
     /// Gives the named lease up, if `node` still holds it at `epoch`.
     async fn release_named(&self, name: &str, node: &str, epoch: u64) -> Result<(), StoreError>;
+
+    /// [`Maintenance::purge_rows`] in cluster mode: each row is deleted only
+    /// while its fence holds (`node` owns its slice at the epoch given, its
+    /// lease unexpired), checked in the deleting statement.
+    async fn purge_rows_fenced(
+        &self,
+        rows: Vec<(PersistenceId, Revision, Fence)>,
+        written_before: DateTime<Utc>,
+    ) -> Result<Vec<PersistenceId>, StoreError>;
 
     /// The node this store's process joined a cluster as, if it has.
     fn joined(&self) -> Option<std::sync::Arc<dyn JoinedNode>>;

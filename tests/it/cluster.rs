@@ -346,3 +346,57 @@ async fn a_feed_consumer_name_is_followed_on_one_node_at_a_time() {
     assert!(matches!(late, Err(StoreError::LeaseLost { .. })), "{late:?}");
     b.leave().await.unwrap();
 }
+
+/// Retention in cluster mode: each node purges only the rows of the slices
+/// it owns, the only node where their entities may be resident.
+#[actix::test]
+async fn each_node_purges_only_the_idle_rows_of_its_own_slices() {
+    let Some(db) = TestDb::open(Backend::Postgres).await else {
+        return;
+    };
+    let (store_a, store_b) = (db.connect().await, db.connect().await);
+    let a = Cluster::join(store_a.clone(), quick("a", "http://127.0.0.1:1"))
+        .await
+        .unwrap();
+    let b = Cluster::join(store_b.clone(), quick("b", "http://127.0.0.1:2"))
+        .await
+        .unwrap();
+    eventually("the slices to be shared", || {
+        a.stats().slices_owned + b.stats().slices_owned == 1024 && b.stats().slices_owned > 0
+    })
+    .await;
+    let users: Vec<UserKey> = (0..40).map(|i| key("mall", &format!("idle{i}"))).collect();
+    for user in &users {
+        store_a
+            .write(
+                user,
+                Revision::NONE,
+                Revision(1),
+                &persist_durable::UserState::default(),
+            )
+            .await
+            .unwrap();
+    }
+    crate::common::age(&db, &users);
+    let retention = Config::default().with_retention(Some(Duration::from_secs(400 * 24 * 60 * 60)));
+    let on_a = UserStates::start(store_a.clone(), retention.clone().with_cluster(a.clone()));
+    let (of_a, of_b): (Vec<&UserKey>, Vec<&UserKey>) =
+        users.iter().partition(|user| a.owns(user.persistence_id().slice()));
+    assert!(!of_a.is_empty() && !of_b.is_empty());
+
+    assert_eq!(on_a.purge_idle().await.unwrap(), of_a.len() as u64);
+
+    for user in &of_a {
+        assert!(
+            store_a.load(*user).await.unwrap().is_none(),
+            "{user} purged by its owner"
+        );
+    }
+    for user in &of_b {
+        assert!(store_a.load(*user).await.unwrap().is_some(), "{user} is b's to purge");
+    }
+    let on_b = UserStates::start(store_b.clone(), retention.with_cluster(b.clone()));
+    assert_eq!(on_b.purge_idle().await.unwrap(), of_b.len() as u64);
+    b.leave().await.unwrap();
+    a.leave().await.unwrap();
+}

@@ -210,8 +210,19 @@ impl<E: DurableEntity> Shard<E> {
         };
         run.after = candidates.last().map(|(id, _)| id.clone());
         let written_before = run.written_before;
+        let ownership = self
+            .shared
+            .config
+            .cluster
+            .as_ref()
+            .map(|cluster| cluster.ownership().clone());
         let mut rows = Vec::with_capacity(candidates.len());
         for (id, revision) in candidates {
+            // In cluster mode, each slice's owner purges its rows: the only
+            // node where its entities can be resident.
+            if ownership.as_ref().is_some_and(|ownership| !ownership.owns(id.slice())) {
+                continue;
+            }
             match id.key::<E::Key>() {
                 // Another shard's: that shard purges it.
                 Some(key) if !self.placement.owns(&key) => continue,
@@ -233,15 +244,33 @@ impl<E: DurableEntity> Shard<E> {
         }
         let store = self.shared.store.clone();
         ctx.spawn(
-            async move { purge_counted::<E, _>(store.as_ref(), rows, written_before).await }
-                .into_actor(self)
-                .map(move |purged, manager, ctx| {
-                    manager.release_purging();
-                    match purged {
-                        Ok(ids) => manager.purge_chunk_done(ids.len() as u64, more, ctx),
-                        Err(error) => manager.finish_purge(Err(error), ctx),
+            async move {
+                match (&ownership, store.leases()) {
+                    (Some(ownership), Some(leases)) => {
+                        // Fenced: a slice that moved meanwhile loses nothing.
+                        let fenced = rows
+                            .into_iter()
+                            .filter_map(|(id, revision)| {
+                                let fence = ownership.fence(id.slice())?;
+                                Some((id, revision, fence))
+                            })
+                            .collect();
+                        let purged = leases.purge_rows_fenced(fenced, written_before).await?;
+                        metrics::counter!("persist_durable_purged_total", "entity" => E::ENTITY_TYPE)
+                            .increment(purged.len() as u64);
+                        Ok(purged)
                     }
-                }),
+                    _ => purge_counted::<E, _>(store.as_ref(), rows, written_before).await,
+                }
+            }
+            .into_actor(self)
+            .map(move |purged, manager, ctx| {
+                manager.release_purging();
+                match purged {
+                    Ok(ids) => manager.purge_chunk_done(ids.len() as u64, more, ctx),
+                    Err(error) => manager.finish_purge(Err(error), ctx),
+                }
+            }),
         );
     }
 

@@ -23,7 +23,6 @@ use crate::store::payload::TOMBSTONE;
 use crate::store::rows::{good_prefix, ChangeRow, RowOutcome};
 use crate::store::schema::postgres::{durable_state, feed_head, feed_offsets, state_changes};
 use crate::store::sql::backend::{self as port, FeedRow, RowWrite, SqlBackend, StateRow};
-use crate::store::sql::sorted_unique;
 use crate::store::JSON_SERIALIZER_ID;
 use crate::store::{ChangeLog, Maintenance, Offsets};
 use crate::store::{FeedBounds, KAFKA_POSITIONS};
@@ -350,45 +349,8 @@ impl Maintenance for PostgresStore {
         rows: Vec<(PersistenceId, Revision)>,
         written_before: DateTime<Utc>,
     ) -> Result<Vec<PersistenceId>, StoreError> {
-        let rows = sorted_unique(rows);
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let revisions = rows
-            .iter()
-            .map(|(_, revision)| port::bigint(revision.0))
-            .collect::<Result<Vec<i64>, _>>()?;
-        let purged: Vec<PersistenceId> = self
-            .run_write(move |backend| async move {
-                let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
-                let purge = diesel::sql_query(if backend.feed {
-                    PURGE_ROWS_WITH_FEED_SQL
-                } else {
-                    PURGE_ROWS_SQL
-                })
-                .into_boxed()
-                .bind::<Array<Text>, _>(&ids)
-                .bind::<Array<BigInt>, _>(&revisions)
-                .bind::<diesel::sql_types::Timestamptz, _>(written_before);
-                let purge = if backend.feed {
-                    purge.bind::<Binary, _>(TOMBSTONE)
-                } else {
-                    purge
-                };
-                let purged: Vec<Written> = purge.load(&mut backend.checkout().await?).await?;
-                let purged: HashSet<String> = purged.into_iter().map(|row| row.persistence_id).collect();
-                Ok(rows
-                    .into_iter()
-                    .map(|(id, _)| id)
-                    .filter(|id| purged.contains(id.as_str()))
-                    .collect())
-            })
-            .await?;
-        if !purged.is_empty() {
-            // Tombstones in the feed, with it on.
-            self.signal_feed();
-        }
-        Ok(purged)
+        let rows = rows.into_iter().map(|(id, revision)| (id, revision, None)).collect();
+        self.purge(rows, written_before).await
     }
 
     async fn count_entities(&self, entity_type: &str) -> Result<u64, StoreError> {
@@ -416,5 +378,68 @@ impl Maintenance for PostgresStore {
             Ok(page.into_iter().map(|(id, _)| id).collect())
         })
         .await
+    }
+}
+
+impl PostgresStore {
+    /// Deletes each of `rows` still at its revision and still old, and in
+    /// cluster mode only while its fence holds (see the purge statements).
+    pub(super) async fn purge(
+        &self,
+        rows: Vec<(PersistenceId, Revision, Option<crate::store::Fence>)>,
+        written_before: DateTime<Utc>,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        let mut rows = rows;
+        rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        rows.dedup_by(|a, b| a.0 == b.0);
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let revisions = rows
+            .iter()
+            .map(|(_, revision, _)| port::bigint(revision.0))
+            .collect::<Result<Vec<i64>, _>>()?;
+        let fence_epochs = rows
+            .iter()
+            .map(|(_, _, fence)| fence.as_ref().map(|fence| port::bigint(fence.epoch)).transpose())
+            .collect::<Result<Vec<Option<i64>>, _>>()?;
+        let node: Option<String> = rows
+            .iter()
+            .find_map(|(_, _, fence)| Some(fence.as_ref()?.node.to_string()));
+        let purged: Vec<PersistenceId> = self
+            .run_write(move |backend| async move {
+                let ids: Vec<&str> = rows.iter().map(|(id, _, _)| id.as_str()).collect();
+                let slices: Vec<i32> = rows.iter().map(|(id, _, _)| i32::from(id.slice().index())).collect();
+                let purge = diesel::sql_query(if backend.feed {
+                    PURGE_ROWS_WITH_FEED_SQL
+                } else {
+                    PURGE_ROWS_SQL
+                })
+                .into_boxed()
+                .bind::<Array<Text>, _>(&ids)
+                .bind::<Array<BigInt>, _>(&revisions)
+                .bind::<diesel::sql_types::Timestamptz, _>(written_before)
+                .bind::<Array<Integer>, _>(&slices)
+                .bind::<Array<diesel::sql_types::Nullable<BigInt>>, _>(&fence_epochs)
+                .bind::<diesel::sql_types::Nullable<Text>, _>(&node);
+                let purge = if backend.feed {
+                    purge.bind::<Binary, _>(TOMBSTONE)
+                } else {
+                    purge
+                };
+                let purged: Vec<Written> = purge.load(&mut backend.checkout().await?).await?;
+                let purged: HashSet<String> = purged.into_iter().map(|row| row.persistence_id).collect();
+                Ok(rows
+                    .into_iter()
+                    .map(|(id, _, _)| id)
+                    .filter(|id| purged.contains(id.as_str()))
+                    .collect())
+            })
+            .await?;
+        if !purged.is_empty() {
+            // Tombstones in the feed, with it on.
+            self.signal_feed();
+        }
+        Ok(purged)
     }
 }

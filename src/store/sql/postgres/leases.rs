@@ -8,10 +8,13 @@ use async_trait::async_trait;
 use tokio_postgres::Row;
 
 use super::{PostgresBackend, PostgresStore};
-use crate::entity::{Slice, SLICES};
+use chrono::{DateTime, Utc};
+
+use crate::entity::{PersistenceId, Revision, Slice, SLICES};
 use crate::error::StoreError;
 use crate::store::capability::{ClusterView, JoinedNode, Leases, NodeRow};
 use crate::store::sql::backend::bigint;
+use crate::store::Fence;
 
 use super::writer::sent_write_error;
 
@@ -213,6 +216,18 @@ impl Leases for PostgresStore {
                 .map(drop)
         })
         .await
+    }
+
+    async fn purge_rows_fenced(
+        &self,
+        rows: Vec<(PersistenceId, Revision, Fence)>,
+        written_before: DateTime<Utc>,
+    ) -> Result<Vec<PersistenceId>, StoreError> {
+        let rows = rows
+            .into_iter()
+            .map(|(id, revision, fence)| (id, revision, Some(fence)))
+            .collect();
+        self.purge(rows, written_before).await
     }
 
     fn joined(&self) -> Option<std::sync::Arc<dyn JoinedNode>> {

@@ -169,7 +169,9 @@ pub(super) const WRITE_ROWS_WITH_FEED_SQL: &str = concat!(
 
 /// The retention purge's deletes, shared by both purge statements (raw SQL:
 /// see above). Binds: `$1` persistence ids (unique), `$2` the revision each
-/// was found at, `$3` the cutoff. A row is deleted only if it still has that
+/// was found at, `$3` the cutoff; in cluster mode `$4` their slices, `$5`
+/// the epochs their node owns them at and `$6` the node, fenced as writes
+/// are (a node that lost a slice purges nothing of it). A row is deleted only if it still has that
 /// revision and was still last written before the cutoff, so a row written
 /// meanwhile by any node is kept.
 ///
@@ -183,10 +185,22 @@ macro_rules! purge_ctes {
     () => {
         "\
 WITH input AS (
-    SELECT * FROM unnest($1::text[], $2::bigint[]) AS t(persistence_id, revision)
+    SELECT * FROM unnest($1::text[], $2::bigint[], $4::integer[], $5::bigint[])
+        AS t(persistence_id, revision, slice, fence_epoch)
+), fence AS MATERIALIZED (
+    SELECT s.slice, s.epoch
+    FROM cluster_slices AS s JOIN cluster_nodes AS n ON n.node_id = s.owner
+    WHERE s.slice IN (SELECT slice FROM input WHERE fence_epoch IS NOT NULL)
+      AND s.owner = $6 AND n.lease_expires > now()
+    ORDER BY s.slice
+    FOR SHARE OF s
+), admitted AS (
+    SELECT * FROM input AS i
+    WHERE i.fence_epoch IS NULL
+       OR EXISTS (SELECT 1 FROM fence AS f WHERE f.slice = i.slice AND f.epoch = i.fence_epoch)
 ), locked AS MATERIALIZED (
     SELECT d.persistence_id, d.revision
-    FROM input AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.revision
+    FROM admitted AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.revision
     WHERE d.db_timestamp < $3
     ORDER BY d.persistence_id COLLATE \"C\"
     FOR UPDATE OF d
@@ -211,7 +225,7 @@ SELECT persistence_id FROM purged"
 );
 
 /// Raw SQL (see above): the purge, plus one feed row per purged entity: the
-/// next revision, with the tombstone payload `$4`, so a consumer sees the
+/// next revision, with the tombstone payload `$7`, so a consumer sees the
 /// entity deleted; its earlier feed rows are redacted to the empty payload
 /// in the same statement. Positions come from `feed_head`, as for writes:
 /// gapless and in commit order.
@@ -223,7 +237,7 @@ pub(super) const PURGE_ROWS_WITH_FEED_SQL: &str = concat!(
 ), feed AS (
     INSERT INTO state_changes (position, entity_type, persistence_id, revision, committed_at, state_payload)
     SELECT head.base + row_number() OVER (ORDER BY purged.persistence_id COLLATE \"C\"), purged.entity_type,
-           purged.persistence_id, purged.revision + 1, now(), $4
+           purged.persistence_id, purged.revision + 1, now(), $7
     FROM purged CROSS JOIN head
 ), redacted AS (
     UPDATE state_changes AS s SET state_payload = ''::bytea
