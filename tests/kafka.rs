@@ -51,7 +51,7 @@ enum TallyCommand {
     Add { seq: u64 },
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
 #[error("sequence number 0 is refused")]
 struct ZeroRefused;
 
@@ -1633,4 +1633,80 @@ async fn refused_records_across_a_killed_consumer_are_dead_lettered_at_most_twic
         "read again, no record is dead-lettered again"
     );
     assert_tallies_reach(&store, &expected(tallies, 1..=per_tally), Duration::from_secs(5)).await;
+}
+
+// ---------------------------------------------------------------------------
+// Cluster mode: the ingest's records reach their entity's owner.
+
+/// A node of a cluster of tallies: its store, membership and manager, and
+/// the routes other nodes forward to, on a port of its own.
+struct TallyNode {
+    cluster: persist_durable::Cluster,
+    tallies: Entities<Tally>,
+    server: actix_web::dev::ServerHandle,
+}
+
+impl TallyNode {
+    async fn start(db: &TestDb, name: &str) -> TallyNode {
+        use persist_durable::{http, Cluster, ClusterConfig};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let store = db.connect().await;
+        let config = ClusterConfig::new(name, address)
+            .with_lease(Duration::from_millis(1500))
+            .with_renew_every(Duration::from_millis(200))
+            .with_margin(Duration::from_millis(300));
+        let cluster = Cluster::join(store.clone(), config).await.unwrap();
+        let tallies = http::forward_to_owners(Entities::<Tally>::start(
+            store,
+            Config::default().with_cluster(cluster.clone()),
+        ));
+        let served = tallies.clone();
+        let server =
+            actix_web::HttpServer::new(move || actix_web::App::new().configure(http::cluster_routes(served.clone())))
+                .workers(1)
+                .listen(listener)
+                .unwrap()
+                .run();
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        TallyNode {
+            cluster,
+            tallies,
+            server: handle,
+        }
+    }
+}
+
+/// In cluster mode, a node consuming a partition applies the records of the
+/// entities it owns and forwards the others' to their owners, with where
+/// each came from: every record is applied once, by its entity's owner.
+#[actix_rt::test]
+async fn in_cluster_mode_records_reach_their_entitys_owner_and_apply_once() {
+    let Some((broker, db)) = setup("tallies", 2).await else {
+        return;
+    };
+    let a = TallyNode::start(&db, "a").await;
+    let b = TallyNode::start(&db, "b").await;
+    let started = Instant::now();
+    while a.cluster.stats().slices_owned + b.cluster.stats().slices_owned != 1024 || b.cluster.stats().slices_owned == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the slices were not shared"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    produce(&broker.producer(), "tallies", &workload(8, 1, 40)).await;
+
+    let ingest = KafkaIngest::start(ingest_config(&broker, "cluster", "tallies"), &b.tallies, JsonRecords).unwrap();
+
+    let store = db.connect().await;
+    assert_tallies_reach(&store, &expected(8, 1..=40), Duration::from_secs(60)).await;
+    assert!(b.cluster.stats().commands_forwarded > 0, "some tallies are a's");
+    ingest.stop().await;
+    for node in [b, a] {
+        node.cluster.leave().await.unwrap();
+        node.server.stop(true).await;
+    }
 }

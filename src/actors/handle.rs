@@ -197,6 +197,15 @@ impl<E: DurableEntity> Entities<E> {
     /// Sends an ingest's `records` for `key`, answered one result per record.
     #[allow(dead_code)] // used by the `kafka` feature
     pub(crate) async fn send_records(&self, key: E::Key, records: Records<E>) -> Vec<Answer<E>> {
+        if let (Some(shards), Some(route)) = (&self.shards, &self.cluster) {
+            return route.send_records(shards, key, records).await;
+        }
+        self.send_records_here(key, records).await
+    }
+
+    /// Queues an ingest's `records` here, never forwarding them (what
+    /// another node's forwarded records get).
+    pub(crate) async fn send_records_here(&self, key: E::Key, records: Records<E>) -> Vec<Answer<E>> {
         if let Some(shards) = &self.shards {
             return shards.send_records(key, records).await;
         }
@@ -313,6 +322,37 @@ impl<E: DurableEntity> ClusterRoute<E> {
     }
 }
 
+impl<E: DurableEntity> ClusterRoute<E> {
+    /// Sends an ingest's `records` to `key`'s owner: here if this node owns
+    /// its slice, else forwarded with where each came from, so the owner
+    /// remembers their offsets. Not retried here: the ingest retries what
+    /// may pass, in order.
+    async fn send_records(&self, shards: &Shards<E>, key: E::Key, records: Records<E>) -> Vec<Answer<E>> {
+        let slice = key.persistence_id().slice();
+        let ownership = self.cluster.ownership();
+        if ownership.owns(slice) {
+            return shards.send_records(key, records).await;
+        }
+        match (ownership.owner(slice), &self.forwarder) {
+            (Some(owner), Some(forwarder)) if self.forward && *owner.node != **ownership.node() => {
+                self.cluster.count_forwarded();
+                forwarder.forward_records(owner, key, records).await
+            }
+            (owner, _) => {
+                let owner = owner.map(|owner| owner.address.to_string());
+                (0..records.len())
+                    .map(|_| {
+                        Err(CommandError::NotOwner {
+                            key: key.clone(),
+                            owner: owner.clone(),
+                        })
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 /// Sends a command to the node that owns its entity, and brings back its
 /// answer: the cluster's forwarding, behind which the HTTP one sits.
 pub(crate) trait Forward<E: DurableEntity>: Send + Sync {
@@ -323,4 +363,12 @@ pub(crate) trait Forward<E: DurableEntity>: Send + Sync {
         key: E::Key,
         event: EntityEvent<E::Command>,
     ) -> std::pin::Pin<Box<dyn Future<Output = Answer<E>> + Send>>;
+
+    /// An ingest's `records` for `key`, sent to `owner`: one answer each.
+    fn forward_records(
+        &self,
+        owner: crate::cluster::Owner,
+        key: E::Key,
+        records: Records<E>,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Vec<Answer<E>>> + Send>>;
 }

@@ -13,6 +13,7 @@ mod protocol;
 mod round;
 mod shard;
 
+pub(crate) use entity_actor::Records;
 pub use entity_actor::{EntityActor, Execute};
 pub use handle::Entities;
 pub(crate) use handle::Forward;

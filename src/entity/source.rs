@@ -33,8 +33,8 @@ pub(crate) struct RecordOrigin {
     pub(crate) dead_lettered: bool,
 }
 
-// Made by the Kafka ingest (and the unit tests): unused without the feature.
-#[cfg_attr(not(feature = "kafka"), allow(dead_code))]
+// Made by the Kafka ingest and the records other nodes forward.
+#[cfg_attr(not(any(feature = "kafka", feature = "http")), allow(dead_code))]
 impl RecordOrigin {
     /// The record at `offset` of `partition`, to be applied.
     pub(crate) fn new(partition: Arc<str>, offset: i64) -> Self {

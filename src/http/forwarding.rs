@@ -17,9 +17,9 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::actors::{Answer, Forward};
+use crate::actors::{Answer, Forward, Records};
 use crate::cluster::Owner;
-use crate::entity::{DurableEntity, EntityEvent, EntityKey, EventId, InvalidInput, Revision};
+use crate::entity::{DurableEntity, EntityEvent, EntityKey, EventId, InvalidInput, RecordOrigin, Revision};
 use crate::error::{CommandError, StoreError};
 use crate::Entities;
 
@@ -41,6 +41,11 @@ fn route<E: DurableEntity>() -> String {
     format!("/_persist_durable/forward/{}", E::ENTITY_TYPE)
 }
 
+/// Where a node takes the ingested records other nodes forward for `E`.
+fn records_route<E: DurableEntity>() -> String {
+    format!("{}/records", route::<E>())
+}
+
 /// How long a forwarded command is waited for before its outcome is unknown.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -48,11 +53,18 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(15);
 /// mount it on every node's actix-web application beside its own routes.
 pub fn cluster_routes<E: Forwardable>(entities: Entities<E>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |config| {
-        config.service(
-            super::resource(&route::<E>(), "POST")
-                .app_data(web::Data::new(entities))
-                .route(web::post().to(receive::<E>)),
-        );
+        let entities = web::Data::new(entities);
+        config
+            .service(
+                super::resource(&route::<E>(), "POST")
+                    .app_data(entities.clone())
+                    .route(web::post().to(receive::<E>)),
+            )
+            .service(
+                super::resource(&records_route::<E>(), "POST")
+                    .app_data(entities)
+                    .route(web::post().to(receive_records::<E>)),
+            );
     }
 }
 
@@ -69,6 +81,23 @@ struct Forwarded {
     command: serde_json::Value,
     event_id: Option<EventId>,
     event_time: Option<DateTime<Utc>>,
+}
+
+/// Ingested records for one entity, forwarded with where each came from.
+#[derive(Serialize, Deserialize)]
+struct ForwardedRecords {
+    entity_id: String,
+    records: Vec<ForwardedRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ForwardedRecord {
+    command: serde_json::Value,
+    event_id: Option<EventId>,
+    event_time: Option<DateTime<Utc>>,
+    partition: String,
+    offset: i64,
+    dead_lettered: bool,
 }
 
 /// Its answer.
@@ -114,6 +143,43 @@ async fn receive<E: Forwardable>(entities: web::Data<Entities<E>>, body: web::By
     };
     let answer = entities.send_here(key, event).await;
     HttpResponse::Ok().json(encode(answer))
+}
+
+async fn receive_records<E: Forwardable>(entities: web::Data<Entities<E>>, body: web::Bytes) -> HttpResponse {
+    let forwarded: ForwardedRecords = match serde_json::from_slice(&body) {
+        Ok(forwarded) => forwarded,
+        Err(error) => return bad_request(error.to_string()),
+    };
+    let key = match E::Key::from_entity_id(&forwarded.entity_id) {
+        Ok(key) => key,
+        Err(invalid) => return bad_request(invalid.to_string()),
+    };
+    let mut records = Vec::with_capacity(forwarded.records.len());
+    for record in forwarded.records {
+        let command: E::Command = match serde_json::from_value(record.command) {
+            Ok(command) => command,
+            Err(error) => return bad_request(error.to_string()),
+        };
+        let origin = RecordOrigin::new(record.partition.into(), record.offset);
+        let origin = if record.dead_lettered {
+            origin.dead_lettered()
+        } else {
+            origin
+        };
+        let event = EntityEvent {
+            command,
+            event_id: record.event_id,
+            event_time: record.event_time,
+        };
+        records.push((event, origin));
+    }
+    let answers: Vec<Reply> = entities
+        .send_records_here(key, records)
+        .await
+        .into_iter()
+        .map(encode)
+        .collect();
+    HttpResponse::Ok().json(answers)
 }
 
 fn bad_request(reason: String) -> HttpResponse {
@@ -240,6 +306,15 @@ fn remote(node: &str, kind: &str, message: &str) -> StoreError {
 struct HttpForwarder;
 
 impl<E: Forwardable> Forward<E> for HttpForwarder {
+    fn forward_records(
+        &self,
+        owner: Owner,
+        key: E::Key,
+        records: Records<E>,
+    ) -> Pin<Box<dyn Future<Output = Vec<Answer<E>>> + Send>> {
+        Box::pin(Self::send_records::<E>(owner, key, records))
+    }
+
     fn forward(
         &self,
         owner: Owner,
@@ -287,6 +362,70 @@ impl<E: Forwardable> Forward<E> for HttpForwarder {
                 }),
             }
         })
+    }
+}
+
+impl HttpForwarder {
+    async fn send_records<E: Forwardable>(owner: Owner, key: E::Key, records: Records<E>) -> Vec<Answer<E>> {
+        let len = records.len();
+        let undelivered = |reason: String| -> Vec<Answer<E>> {
+            (0..len)
+                .map(|_| {
+                    Err(CommandError::NotDelivered {
+                        key: key.clone(),
+                        reason: reason.clone(),
+                    })
+                })
+                .collect()
+        };
+        let mut forwarded = Vec::with_capacity(len);
+        for (event, origin) in records {
+            let command = match serde_json::to_value(&event.command) {
+                Ok(command) => command,
+                Err(error) => return undelivered(format!("a record cannot be sent to its owner: {error}")),
+            };
+            forwarded.push(ForwardedRecord {
+                command,
+                event_id: event.event_id,
+                event_time: event.event_time,
+                partition: origin.partition.to_string(),
+                offset: origin.offset,
+                dead_lettered: origin.dead_lettered,
+            });
+        }
+        let body = ForwardedRecords {
+            entity_id: key.entity_id(),
+            records: forwarded,
+        };
+        let url = format!("{}{}", owner.address.trim_end_matches('/'), records_route::<E>());
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        match client().post(url, body).await {
+            Ok(reply) => match serde_json::from_slice::<Vec<Reply>>(&reply) {
+                Ok(replies) if replies.len() == len => replies
+                    .into_iter()
+                    .map(|reply| decode(&owner.address, key.clone(), reply))
+                    .collect(),
+                _ => (0..len)
+                    .map(|_| {
+                        Err(CommandError::OutcomeUnknown {
+                            key: key.clone(),
+                            source: remote(&owner.address, "outcome_unknown", "an unreadable answer"),
+                        })
+                    })
+                    .collect(),
+            },
+            Err(Sending::NotSent(reason)) => {
+                undelivered(format!("the owner {} could not be reached: {reason}", owner.address))
+            }
+            Err(Sending::Unknown(reason)) => (0..len)
+                .map(|_| {
+                    Err(CommandError::OutcomeUnknown {
+                        key: key.clone(),
+                        source: remote(&owner.address, "outcome_unknown", &reason),
+                    })
+                })
+                .collect(),
+        }
     }
 }
 
