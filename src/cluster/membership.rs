@@ -53,6 +53,7 @@ pub(super) async fn tick(shared: &Shared, leaving: bool) -> Result<(), StoreErro
     if leases.renew(&node, config.lease).await? {
         shared.ownership.renewed(sent, config.trust());
         shared.counters.renewals.increment();
+        metrics::counter!("persist_durable_cluster_renewals_total").increment(1);
     } else {
         // The lease expired (a stall, a partition from the database): every
         // slice may have moved on. Drop them all, and join again: the
@@ -65,6 +66,7 @@ pub(super) async fn tick(shared: &Shared, leaving: bool) -> Result<(), StoreErro
             shared.ownership.set(*slice, 0);
         }
         shared.counters.leases_lost.increment();
+        metrics::counter!("persist_durable_cluster_leases_lost_total").increment(1);
         shared.lost(lost);
         let sent = Instant::now();
         leases.join(&node, &config.address, config.lease).await?;
@@ -118,6 +120,7 @@ async fn settle(shared: &Shared, node: &Arc<str>, view: &ClusterView, leaving: b
                 if leases.transfer(slice, node, *epoch, Some(to)).await?.is_some() {
                     debug!(%slice, to, "slice handed over");
                     shared.counters.handed_over.increment();
+                    metrics::counter!("persist_durable_cluster_handovers_total", "direction" => "out").increment(1);
                 }
             }
             (false, placed_here) => {
@@ -137,6 +140,7 @@ async fn settle(shared: &Shared, node: &Arc<str>, view: &ClusterView, leaving: b
         for (slice, epoch) in leases.acquire(node, &wanted).await? {
             shared.ownership.set(slice, epoch);
             shared.counters.taken.increment();
+            metrics::counter!("persist_durable_cluster_handovers_total", "direction" => "in").increment(1);
         }
     }
     if !lost.is_empty() {

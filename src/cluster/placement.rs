@@ -6,12 +6,11 @@
 //! tells another what to do: each hands over what it should no longer own
 //! and takes what it should, by compare-and-set on the ownership rows.
 //!
-//! - Balance: no node gets more than `⌈1024 / N⌉` slices, so with the rest
-//!   spread by hash each is within a few percent of its share.
+//! - Balance: each node gets `⌊1024 / N⌋` slices or one more.
 //! - Stickiness: a slice stays with its current owner while that owner is
-//!   live and within the bound, so a node joining takes about `1024 / N` slices
-//!   from the others (each gives up only its excess over the new bound), and
-//!   a node leaving gives away only its own.
+//!   live and within its share, so a node joining takes about `1024 / N`
+//!   slices from the others (each gives up only its excess over its new
+//!   share), and a node leaving gives away only its own.
 //! - Rendezvous: a slice to be placed goes to the node that ranks it highest
 //!   (`hash(node, slice)`) among those with room.
 
@@ -24,11 +23,27 @@ use crate::entity::SLICES;
 pub(crate) fn place<'a>(live: &[&'a str], current: &[Option<&'a str>]) -> Vec<&'a str> {
     assert!(!live.is_empty(), "placing slices needs a live node");
     let slices = usize::from(SLICES);
-    let bound = slices.div_ceil(live.len());
+    // Each node's share: the slices divided evenly, the remainder one each
+    // to the nodes that hold the most now (so a placement at its shares is
+    // kept as it is).
+    let mut holding: HashMap<&str, usize> = live.iter().map(|node| (*node, 0)).collect();
+    for owner in current.iter().flatten() {
+        if let Some(count) = holding.get_mut(owner) {
+            *count += 1;
+        }
+    }
+    let mut by_holding: Vec<&'a str> = live.to_vec();
+    by_holding.sort_unstable_by(|a, b| holding[b].cmp(&holding[a]).then(a.cmp(b)));
+    let (base, extra) = (slices / live.len(), slices % live.len());
+    let share: HashMap<&str, usize> = by_holding
+        .iter()
+        .enumerate()
+        .map(|(i, node)| (*node, base + usize::from(i < extra)))
+        .collect();
     let mut load: HashMap<&str, usize> = live.iter().map(|node| (*node, 0)).collect();
     let mut placed: Vec<Option<&'a str>> = vec![None; slices];
-    // Current owners keep what they have, within the bound: the slices they
-    // rank highest first, so what they give up is what others rank higher.
+    // Current owners keep what they have, within their share: the slices
+    // they rank highest first, so what they give up is what others rank higher.
     let mut kept: Vec<(u64, usize, &'a str)> = current
         .iter()
         .enumerate()
@@ -40,18 +55,18 @@ pub(crate) fn place<'a>(live: &[&'a str], current: &[Option<&'a str>]) -> Vec<&'
     kept.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     for (_, slice, owner) in kept {
         let count = load.get_mut(owner).expect("live");
-        if *count < bound {
+        if *count < share[owner] {
             *count += 1;
             placed[slice] = Some(owner);
         }
     }
-    // The rest to the node that ranks each highest among those with room.
+    // The rest to the node that ranks each highest among those below their share.
     for (slice, place) in placed.iter_mut().enumerate().filter(|(_, place)| place.is_none()) {
         let node = live
             .iter()
-            .filter(|node| load[**node] < bound)
+            .filter(|node| load[**node] < share[**node])
             .max_by_key(|node| (rank(node, slice), **node))
-            .expect("the bound leaves room for every slice");
+            .expect("the shares add up to every slice");
         *load.get_mut(node).expect("live") += 1;
         *place = Some(node);
     }
@@ -156,6 +171,6 @@ mod tests {
         let current: Vec<Option<&str>> = (0..1024).map(|i| Some(if i % 2 == 0 { "dead" } else { "a" })).collect();
         let placement = place(&live, &current);
         assert!(placement.iter().all(|node| live.contains(node)));
-        assert_eq!(counts(&placement)["a"], 512, "a keeps what it had, within the bound");
+        assert_eq!(counts(&placement)["a"], 512, "a keeps what it had, within its share");
     }
 }
