@@ -76,6 +76,11 @@ pub struct Config {
     /// [`CommandError::NotOwner`](crate::CommandError::NotOwner) with the
     /// owner's address, for the application to redirect its client.
     pub forward: bool,
+    /// How this manager fires its entities' durable timers (see
+    /// [`timers`](crate::timers)); `None`: this node fires none (the timers
+    /// its entities set are stored all the same, and fired by the nodes
+    /// that do).
+    pub timers: Option<crate::TimerConfig>,
 }
 
 impl Default for Config {
@@ -97,6 +102,7 @@ impl Default for Config {
             feed_retention: None,
             cluster: None,
             forward: true,
+            timers: Some(crate::TimerConfig::default()),
         }
     }
 }
@@ -185,6 +191,12 @@ impl Config {
     /// of the manager's entity type not written for `period`.
     pub fn with_retention(mut self, retention: Option<Duration>) -> Self {
         self.retention = retention;
+        self
+    }
+
+    /// Sets [`timers`](Self::timers): `None` fires no timer on this node.
+    pub fn with_timers(mut self, timers: Option<crate::TimerConfig>) -> Self {
+        self.timers = timers;
         self
     }
 

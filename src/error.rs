@@ -37,6 +37,16 @@ pub enum StoreError {
         /// The epoch the write carried.
         epoch: u64,
     },
+    /// The write committed a timer's fire, and the timer is no longer at
+    /// the due time it fired for: it fired already (on another node, or
+    /// twice here), or was moved or cancelled meanwhile. Nothing was written.
+    #[error("timer {name} of {key} is no longer due as it fired")]
+    TimerGone {
+        /// The entity.
+        key: PersistenceId,
+        /// The timer.
+        name: String,
+    },
     /// In cluster mode: the named lease the save was made under (a change
     /// feed consumer's) has moved to another node; nothing was saved. That
     /// node goes on from the last position saved.
@@ -319,6 +329,9 @@ pub enum CorruptRow {
     /// The row's schema version is negative.
     #[error("the schema version {0} is negative")]
     SchemaVersion(i32),
+    /// A stored timer's schedule is not a form this version reads.
+    #[error("the timer's schedule {0:?} does not read")]
+    Schedule(String),
 }
 
 /// Why a command was not applied. The entity's stored state is unchanged by
@@ -445,6 +458,18 @@ pub enum CommandError<E: DurableEntity> {
         /// The owner's address, when known.
         owner: Option<String>,
     },
+    /// The state after the command wants a timer that cannot be stored (a
+    /// due time out of range, a cron expression that does not parse, a
+    /// command that does not encode): nothing of the command was stored.
+    /// An ingested record failing so is settled all the same, noted as refused.
+    #[error("the state after the command for {key} wants a timer that cannot be stored: {source}")]
+    InvalidTimer {
+        /// The entity.
+        key: E::Key,
+        /// What is wrong with the timer.
+        #[source]
+        source: crate::timers::TimerError,
+    },
     /// An ingested record this entity refused when it was first read, read
     /// again: it was not applied then and is not now. It belongs in the
     /// dead-letter topic (the ingest sends it there; after a crash that is
@@ -501,6 +526,10 @@ impl<E: DurableEntity> CommandError<E> {
                     source: unstorable,
                 }
             }
+            StoreError::TimerGone { name, .. } => CommandError::NotDelivered {
+                key: key.clone(),
+                reason: format!("the timer {name} fired already, or was moved or cancelled"),
+            },
             StoreError::Fenced { .. } => CommandError::NotOwner {
                 key: key.clone(),
                 owner: None,
@@ -539,6 +568,7 @@ impl<E: DurableEntity> CommandError<E> {
             | CommandError::Panicked { key, .. }
             | CommandError::RefusedBefore { key, .. }
             | CommandError::NotOwner { key, .. }
+            | CommandError::InvalidTimer { key, .. }
             | CommandError::InvalidKey { key, .. } => key,
         }
     }
@@ -562,6 +592,7 @@ impl<E: DurableEntity> CommandError<E> {
             CommandError::RefusedBefore { .. } => "refused_before",
             CommandError::NotOwner { .. } => "not_owner",
             CommandError::InvalidKey { .. } => "invalid_key",
+            CommandError::InvalidTimer { .. } => "invalid_timer",
         }
     }
 
@@ -570,7 +601,8 @@ impl<E: DurableEntity> CommandError<E> {
     /// a newer schema, another owner and an unknown outcome (with the same
     /// event id); false
     /// for a corrupt row, a domain refusal, an unstorable state, a panic, a
-    /// record refused before and an invalid key, which fail the same way again.
+    /// record refused before, an invalid key and an invalid timer, which fail
+    /// the same way again.
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
@@ -580,6 +612,7 @@ impl<E: DurableEntity> CommandError<E> {
                 | CommandError::Panicked { .. }
                 | CommandError::RefusedBefore { .. }
                 | CommandError::InvalidKey { .. }
+                | CommandError::InvalidTimer { .. }
         )
     }
 }

@@ -78,6 +78,7 @@ mod store;
 #[cfg(feature = "testkit")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testkit")))]
 pub mod testkit;
+pub mod timers;
 mod users;
 
 pub use actors::{
@@ -99,7 +100,7 @@ pub use store::{open, open_with};
 pub use store::{
     ChangeLog, ChangeLogExt, ChangeRow, ClusterView, FeedBounds, FeedRetention, Fence, Leases, Maintenance,
     MaintenanceExt, MemoryStore, NodeRow, Offsets, RowOutcome, SharedStore, StateStore, StateStoreExt, Store,
-    StoreConfig, StoreStats, StoredRow, StoredState, WriteRow,
+    StoreConfig, StoreStats, StoredRow, StoredState, StoredTimer, TimerChange, TimerFired, Timers, WriteRow,
 };
 #[cfg(feature = "postgres")]
 pub use store::{PostgresBackend, PostgresStore};
@@ -107,6 +108,7 @@ pub use store::{PostgresBackend, PostgresStore};
 pub use store::{SqlBackend, SqlStore};
 #[cfg(feature = "sqlite")]
 pub use store::{SqliteBackend, SqliteStore};
+pub use timers::{Missed, PendingTimer, Schedule, Timer, TimerConfig, TimerError};
 pub use users::{
     ChangeFeed, StoredUserState, UserCommand, UserCommandError, UserStateActor, UserStateChange, UserStateManager,
     UserStates,
@@ -127,7 +129,7 @@ pub mod prelude {
     pub use crate::{
         ChangeLogExt, Command, CommandError, CompositeId, Config, DurableEntity, Entities, EntityFeed, EntityKey, Id,
         InvalidInput, MaintenanceExt, ManagerStopped, MemoryStore, Revision, SharedStore, StateStoreExt, StoreConfig,
-        StoreError, UserCommand, UserKey, UserState, UserStateActor, UserStateManager, UserStates,
+        StoreError, Timer, UserCommand, UserKey, UserState, UserStateActor, UserStateManager, UserStates,
     };
 }
 

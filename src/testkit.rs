@@ -293,11 +293,14 @@ impl<E: DurableEntity> TestEntities<E> {
     }
 
     /// Moves time forward by `by`: tokio's paused clock (idle timers fire)
-    /// and the recorded clock alike.
+    /// and the recorded clock alike; then fires every durable timer due by
+    /// the new time and returns once each fire is committed (and any timer
+    /// those fires made due by then, too).
     pub async fn advance(&self, by: Duration) {
         self.clock
             .advance(chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX));
         tokio::time::advance(by).await;
+        self.entities.fire_due().await;
     }
 
     /// Whether `key` has an actor that is not passivating.

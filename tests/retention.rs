@@ -598,6 +598,27 @@ impl Maintenance for GatedStore {
     }
 }
 
+#[async_trait::async_trait]
+impl persist_durable::Timers for GatedStore {
+    async fn due_timers(
+        &self,
+        entity_type: &str,
+        before: chrono::DateTime<chrono::Utc>,
+        slices: Option<&[persist_durable::Slice]>,
+        limit: usize,
+    ) -> Result<Vec<persist_durable::StoredTimer>, StoreError> {
+        self.inner.due_timers(entity_type, before, slices, limit).await
+    }
+
+    async fn timers_of(&self, key: &PersistenceId) -> Result<Vec<persist_durable::StoredTimer>, StoreError> {
+        self.inner.timers_of(key).await
+    }
+
+    async fn cancel_timer(&self, key: &PersistenceId, name: &str) -> Result<bool, StoreError> {
+        self.inner.cancel_timer(key, name).await
+    }
+}
+
 #[actix::test]
 async fn a_command_for_an_entity_whose_row_is_being_purged_waits_for_the_delete() {
     let gated = Arc::new(GatedStore {

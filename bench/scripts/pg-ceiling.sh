@@ -33,6 +33,12 @@ ALTER TABLE durable_state ADD COLUMN IF NOT EXISTS state_schema_version INTEGER 
 ALTER TABLE durable_state ADD COLUMN IF NOT EXISTS generation BIGINT NOT NULL DEFAULT 0;
 -- 2026-12-09-000000_slices's column.
 ALTER TABLE durable_state ADD COLUMN IF NOT EXISTS slice INTEGER;
+-- 2026-12-10-000000_entity_timers's table (empty: the writes fire no timer).
+CREATE TABLE IF NOT EXISTS entity_timers (
+    persistence_id TEXT NOT NULL, name TEXT NOT NULL, entity_type TEXT NOT NULL, slice INTEGER NOT NULL,
+    due TIMESTAMPTZ NOT NULL, schedule TEXT NOT NULL, command BYTEA NOT NULL, missed INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (persistence_id, name)
+);
 TRUNCATE durable_state;
 INSERT INTO durable_state
     (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload)
@@ -49,7 +55,7 @@ write_script() { # $1: rows per statement
 WITH input AS (
     SELECT d.persistence_id, d.revision AS expected, d.revision + 1 AS revision, d.state_payload AS payload,
            d.entity_type, d.state_ser_manifest AS manifest, d.state_schema_version AS schema_version, d.generation,
-           d.slice, NULL::bigint AS fence_epoch
+           d.slice, NULL::bigint AS fence_epoch, NULL::text AS fire_name, NULL::timestamptz AS fire_due
     FROM durable_state AS d
     WHERE d.persistence_id IN (SELECT 'UserState|bench-' || (:base + g) FROM generate_series(1, $1) AS g)
 ), admitted AS (
@@ -59,24 +65,31 @@ WITH input AS (
         (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload,
          state_schema_version, generation, slice)
     SELECT persistence_id, entity_type, revision, now(), 1, manifest, payload, schema_version, generation, slice
-    FROM admitted WHERE expected = 0
+    FROM admitted WHERE expected = 0 AND fire_name IS NULL
     ORDER BY persistence_id COLLATE "C"
     ON CONFLICT (persistence_id) DO NOTHING
     RETURNING persistence_id
 ), locked AS (
     SELECT d.ctid AS row_id, i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version,
-           i.slice
+           i.slice, i.fire_name, i.fire_due
     FROM admitted AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
         AND (i.generation IS NULL OR d.generation = i.generation)
     WHERE i.expected <> 0 AND (SELECT count(*) FROM inserted) >= 0
     ORDER BY d.persistence_id COLLATE "C"
     FOR UPDATE OF d
+), fired_timer AS MATERIALIZED (
+    SELECT t.persistence_id
+    FROM locked AS l JOIN entity_timers AS t
+      ON t.persistence_id = l.persistence_id AND t.name = l.fire_name AND t.due = l.fire_due
+    ORDER BY t.persistence_id COLLATE "C"
+    FOR UPDATE OF t
 ), updated AS (
     UPDATE durable_state AS d
     SET revision = l.revision, db_timestamp = now(), state_ser_id = 1, state_ser_manifest = l.manifest,
         state_payload = l.payload, state_schema_version = l.schema_version, slice = l.slice
     FROM locked AS l
     WHERE d.ctid = l.row_id AND d.revision = l.expected
+      AND (l.fire_name IS NULL OR l.persistence_id IN (SELECT persistence_id FROM fired_timer))
     RETURNING d.persistence_id
 )
 SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated;

@@ -17,6 +17,9 @@ pub(crate) fn command_name<E: DurableEntity>(command: &E::Command) -> Result<&'s
 /// The name metrics count a command under when its own panicked.
 pub(crate) const UNNAMED: &str = "unnamed";
 
+/// The name metrics count a timer's fire under.
+pub(crate) const TIMER: &str = "timer";
+
 /// A key shown in a log line: its `Display`, or a note that it panicked.
 pub(crate) struct Shown<'a, K>(pub(crate) &'a K);
 

@@ -10,13 +10,14 @@ use tracing::{debug, error, warn};
 
 use super::contain::{self, panic_message, Shown};
 use super::protocol::{ChildEvent, FromChild, Passivate, ReplyTo};
-use super::round::{self, Next, Queued, Rules, Write};
+use super::round::{self, Next, Queued, Rules, Work, Write};
 use crate::config::Config;
 use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, RecordOrigin, Revision};
 use crate::error::{CommandError, StoreError};
-use crate::store::ext::{checked, write_encoded};
+use crate::store::ext::{checked, entity_write};
 use crate::store::fresh_generation;
-use crate::store::SharedStore;
+use crate::store::{SharedStore, StoredTimer, TimerChange, WriteRow};
+use crate::timers::SchedulerHandle;
 
 pub(crate) use super::round::Answer;
 
@@ -29,10 +30,10 @@ impl<E: DurableEntity> Message for Execute<E> {
     type Result = Result<E, CommandError<E>>;
 }
 
-/// A command from the entity's shard, with the caller's reply: the actor
-/// answers the caller directly.
+/// A command (or a timer's fire) from the entity's shard, with the
+/// caller's reply: the actor answers the caller directly.
 pub(crate) struct Deliver<E: DurableEntity> {
-    pub(crate) event: EntityEvent<E::Command>,
+    pub(crate) work: Work<E::Command>,
     pub(crate) reply: ReplyTo<Answer<E>>,
 }
 
@@ -168,6 +169,9 @@ pub(crate) struct Shared<E: DurableEntity> {
     pub(crate) settings: E::Settings,
     /// The actor's shard, known only by what it receives; `None` for stand-alone actors.
     pub(crate) manager: Option<Recipient<FromChild<E::Key>>>,
+    /// The manager's timer scheduler, told of the timers this node sets
+    /// within its window; `None` for stand-alone actors, and with firing off.
+    pub(crate) scheduler: Option<SchedulerHandle>,
 }
 
 impl<E: DurableEntity> EntityActor<E> {
@@ -184,6 +188,7 @@ impl<E: DurableEntity> EntityActor<E> {
             settings,
             config,
             manager: None,
+            scheduler: None,
         };
         Self::with_shared(key, Arc::new(shared), Owner::StandAlone)
     }
@@ -326,6 +331,7 @@ impl<E: DurableEntity> EntityActor<E> {
                 || self
                     .ownership()
                     .is_some_and(|ownership| ownership.answers_from_memory(self.slice())),
+            now: self.shared.config.clock.now(),
         };
         let round = round::run(&rules, expected, current, std::mem::take(&mut self.queue));
         for (queued, answer) in round.answered {
@@ -349,8 +355,13 @@ impl<E: DurableEntity> EntityActor<E> {
             erases,
             waiting,
             reload_after,
+            timers,
+            fired,
         } = write;
         self.phase = Phase::Writing { reload_after };
+        // The timers this write sets (or moves on) that fall within the
+        // scheduler's window, handed to it once committed.
+        let soon = self.timers_due_soon(&timers, fired.as_ref(), &waiting);
         let (store, key) = (self.shared.store.clone(), self.key.persistence_id());
         let expected = (expected, Some(self.generation));
         // In cluster mode, committed only under this node's ownership of the slice.
@@ -360,18 +371,14 @@ impl<E: DurableEntity> EntityActor<E> {
                 let slice = key.slice();
                 return Err(StoreError::Fenced { key, slice, epoch: 0 });
             }
-            let written = caught(
-                write_encoded::<E, _>(
-                    store.as_ref(),
-                    key,
-                    expected,
-                    revision,
-                    payloads,
-                    erases,
-                    fence.flatten(),
-                ),
-                "writing a state",
-            );
+            let write = WriteRow {
+                erases,
+                fence: fence.flatten(),
+                timers,
+                fired,
+                ..entity_write::<E>(key, expected, revision, payloads)
+            };
+            let written = caught(store.write_row(write), "writing a state");
             // A store that panicked mid-write may have committed.
             written.await.map_err(|error| match error {
                 panicked @ StoreError::Panicked { .. } => StoreError::OutcomeUnknown(Arc::new(panicked)),
@@ -384,6 +391,9 @@ impl<E: DurableEntity> EntityActor<E> {
         };
         ctx.spawn(write.into_actor(self).map(move |result, actor, ctx| {
             let waiting = waiting.settled();
+            if let (Ok(_), Some(scheduler)) = (&result, &actor.shared.scheduler) {
+                scheduler.expect(soon);
+            }
             actor.contained(ctx, |actor, ctx| {
                 actor.last_active = Instant::now();
                 actor.settle(result.map(|revision| (revision, state)), waiting);
@@ -533,15 +543,60 @@ impl<E: DurableEntity> EntityActor<E> {
         self.lifecycle = Lifecycle::PassivationRequested;
     }
 
-    /// Queues `event`, answered through `reply` once it is applied and committed.
-    fn accept(&mut self, event: EntityEvent<E::Command>, reply: ReplyTo<Answer<E>>, ctx: &mut Context<Self>) {
+    /// Queues `work`, answered through `reply` once it is applied and committed.
+    fn accept(&mut self, work: Work<E::Command>, reply: ReplyTo<Answer<E>>, ctx: &mut Context<Self>) {
         if !self.has_room_for(1) {
-            count_overloaded::<E>(&event);
+            count_overloaded::<E>(&work);
             reply.send(Err(self.overloaded()));
             return;
         }
-        self.enqueue(event, None, reply);
+        self.enqueue(work, None, reply);
         self.pump(ctx);
+    }
+
+    /// Of the timers a write sets and the next occurrence of the one it
+    /// fires, those due within the scheduler's window, as it will hold them.
+    fn timers_due_soon(
+        &self,
+        changes: &[TimerChange],
+        fired: Option<&crate::store::TimerFired>,
+        waiting: &[(Queued<E>, Answer<E>)],
+    ) -> Vec<StoredTimer> {
+        let Some(scheduler) = &self.shared.scheduler else {
+            return Vec::new();
+        };
+        let key = self.key.persistence_id();
+        let mut soon: Vec<StoredTimer> = changes
+            .iter()
+            .filter_map(|change| match change {
+                TimerChange::Set {
+                    name,
+                    due,
+                    schedule,
+                    command,
+                    missed,
+                } if scheduler.holds(*due) => Some(StoredTimer {
+                    key: key.clone(),
+                    name: name.clone(),
+                    due: *due,
+                    schedule: schedule.clone(),
+                    command: command.clone(),
+                    missed: *missed,
+                }),
+                _ => None,
+            })
+            .collect();
+        let next = fired.and_then(|fired| fired.next.filter(|next| scheduler.holds(*next)));
+        let fire = waiting.iter().find_map(|(queued, _)| match &queued.work {
+            Work::Fire(fire) => Some(fire),
+            Work::Command(_) => None,
+        });
+        if let (Some(next), Some(fire)) = (next, fire) {
+            if !changes.iter().any(|change| change.name() == fire.name) {
+                soon.push(fire.stored(key, next));
+            }
+        }
+        soon
     }
 
     /// Queues `records` together, or refuses them all if they do not fit;
@@ -551,7 +606,7 @@ impl<E: DurableEntity> EntityActor<E> {
             let refused = records
                 .iter()
                 .map(|(event, _)| {
-                    count_overloaded::<E>(event);
+                    count_overloaded::<E>(&Work::Command(event.clone()));
                     Err(self.overloaded())
                 })
                 .collect();
@@ -562,7 +617,7 @@ impl<E: DurableEntity> EntityActor<E> {
             .into_iter()
             .map(|(event, origin)| {
                 let (sender, answer) = oneshot::channel();
-                self.enqueue(event, Some(origin), ReplyTo::new(sender, None));
+                self.enqueue(Work::Command(event), Some(origin), ReplyTo::new(sender, None));
                 answer
             })
             .collect();
@@ -618,9 +673,13 @@ impl<E: DurableEntity> EntityActor<E> {
     /// The entity's code names the command first: if that panics, the
     /// command fails with `Panicked` (an ingested record is settled all the
     /// same, noted as refused); nothing else does.
-    fn enqueue(&mut self, event: EntityEvent<E::Command>, origin: Option<RecordOrigin>, reply: ReplyTo<Answer<E>>) {
+    fn enqueue(&mut self, work: Work<E::Command>, origin: Option<RecordOrigin>, reply: ReplyTo<Answer<E>>) {
         self.last_active = Instant::now();
-        let (name, refused) = match contain::command_name::<E>(&event.command) {
+        let named = match &work {
+            Work::Command(event) => contain::command_name::<E>(&event.command),
+            Work::Fire(_) => Ok(contain::TIMER),
+        };
+        let (name, refused) = match named {
             Ok(name) => (name, None),
             Err(message) => {
                 let panicked = StoreError::Panicked {
@@ -637,8 +696,11 @@ impl<E: DurableEntity> EntityActor<E> {
             command = name,
             revision = tracing::field::Empty
         );
+        // A fire is written alone: the write that commits it consumes its
+        // timer, and fails alone if the timer is gone.
+        let alone = matches!(work, Work::Fire(_));
         let queued = Queued {
-            event,
+            work,
             origin,
             received_at: self.shared.config.clock.now(),
             reply,
@@ -646,7 +708,7 @@ impl<E: DurableEntity> EntityActor<E> {
             conflicts: 0,
             awaiting_load: false,
             fresh: false,
-            alone: false,
+            alone,
             refused: None,
             changed: false,
             span,
@@ -743,8 +805,11 @@ pub(crate) fn stopped_before_answering<E: DurableEntity>(key: &E::Key) -> Comman
 }
 
 /// Counts a command refused with [`CommandError::Overloaded`].
-pub(super) fn count_overloaded<E: DurableEntity>(event: &EntityEvent<E::Command>) {
-    let name = contain::command_name::<E>(&event.command).unwrap_or(contain::UNNAMED);
+pub(super) fn count_overloaded<E: DurableEntity>(work: &Work<E::Command>) {
+    let name = match work {
+        Work::Command(event) => contain::command_name::<E>(&event.command).unwrap_or(contain::UNNAMED),
+        Work::Fire(_) => contain::TIMER,
+    };
     metrics::counter!(
         "persist_durable_commands_total",
         "entity" => E::ENTITY_TYPE,
@@ -804,7 +869,9 @@ impl<E: DurableEntity> Handler<Execute<E>> for EntityActor<E> {
 
     fn handle(&mut self, Execute(event): Execute<E>, ctx: &mut Self::Context) -> Self::Result {
         let (sender, answer) = oneshot::channel();
-        self.contained(ctx, |actor, ctx| actor.accept(event, ReplyTo::new(sender, None), ctx));
+        self.contained(ctx, |actor, ctx| {
+            actor.accept(Work::Command(event), ReplyTo::new(sender, None), ctx)
+        });
         let key = self.key.clone();
         Box::pin(async move { answer.await.unwrap_or_else(|_| Err(stopped_before_answering(&key))) })
     }
@@ -813,8 +880,8 @@ impl<E: DurableEntity> Handler<Execute<E>> for EntityActor<E> {
 impl<E: DurableEntity> Handler<Deliver<E>> for EntityActor<E> {
     type Result = ();
 
-    fn handle(&mut self, Deliver { event, reply }: Deliver<E>, ctx: &mut Self::Context) {
-        self.contained(ctx, |actor, ctx| actor.accept(event, reply, ctx));
+    fn handle(&mut self, Deliver { work, reply }: Deliver<E>, ctx: &mut Self::Context) {
+        self.contained(ctx, |actor, ctx| actor.accept(work, reply, ctx));
     }
 }
 
@@ -850,7 +917,7 @@ mod tests {
     fn the_commands_of_a_write_dropped_unsettled_are_answered_outcome_unknown() {
         let (sender, answer) = oneshot::channel();
         let queued = Queued::<UserState> {
-            event: Command::UserLogin.into(),
+            work: Work::Command(Command::UserLogin.into()),
             origin: None,
             received_at: chrono::Utc::now(),
             reply: ReplyTo::new(sender, None),

@@ -11,8 +11,10 @@ use super::messages::{
 };
 use crate::config::Config;
 use crate::entity::{DurableEntity, EntityEvent, EntityKey};
-use crate::error::{CommandError, ManagerStopped, StoreError};
+use crate::error::{CommandError, CorruptRow, ManagerStopped, StoreError};
+use crate::store::ext::checked;
 use crate::store::SharedStore;
+use crate::timers::{Missed, PendingTimer, Schedule};
 
 /// A cloneable, typed handle to the entities of one type: one `?` per command.
 ///
@@ -247,6 +249,23 @@ impl<E: DurableEntity> Entities<E> {
         }
     }
 
+    /// Cancels the entity's timer `name`; whether it had one. A fire of it
+    /// in flight then commits nothing. The state is not told: a later
+    /// change of what it wants of that timer sets it again.
+    pub async fn cancel_timer(&self, key: &E::Key, name: &str) -> Result<bool, StoreError> {
+        let id = checked(key)?;
+        self.store.cancel_timer(&id, name).await
+    }
+
+    /// Fires every timer due by the clock's now and waits for each fire's
+    /// answer: the testkit's `advance`.
+    #[cfg(feature = "testkit")]
+    pub(crate) async fn fire_due(&self) {
+        if let Some(shards) = &self.shards {
+            shards.fire_due().await;
+        }
+    }
+
     /// Checks that the store's database answers.
     pub async fn ping(&self) -> Result<(), StoreError> {
         self.store.ping().await
@@ -260,6 +279,40 @@ impl<E: DurableEntity> Entities<E> {
     /// The store the entities persist to.
     pub fn store(&self) -> &SharedStore {
         &self.store
+    }
+}
+
+impl<E: DurableEntity> Entities<E>
+where
+    E::Command: serde::de::DeserializeOwned,
+{
+    /// The entity's pending timers, by name, with the commands they deliver.
+    /// A stored timer that does not read back fails with
+    /// [`StoreError::Corrupt`], naming the entity.
+    pub async fn timers(&self, key: &E::Key) -> Result<Vec<PendingTimer<E::Command>>, StoreError> {
+        let id = checked(key)?;
+        let stored = self.store.timers_of(&id).await?;
+        stored
+            .into_iter()
+            .map(|timer| {
+                let corrupt = |source: CorruptRow| StoreError::Corrupt {
+                    key: id.clone(),
+                    revision: None,
+                    source,
+                };
+                let schedule =
+                    Schedule::decode(&timer.schedule).ok_or_else(|| corrupt(CorruptRow::Schedule(timer.schedule)))?;
+                let command = serde_json::from_slice(&timer.command)
+                    .map_err(|error| corrupt(CorruptRow::Payload(Arc::new(error))))?;
+                Ok(PendingTimer {
+                    name: timer.name,
+                    due: timer.due,
+                    schedule,
+                    missed: Missed::from_code(timer.missed),
+                    command,
+                })
+            })
+            .collect()
     }
 }
 

@@ -13,12 +13,14 @@ use super::messages::{
     EntityCommand, EntityRecords, GetManagerStats, HandOver, ManagerStats, PurgeIdle, StopGracefully,
 };
 use super::placement::{Placement, Spread};
+use super::round::Work;
 use super::shard::{Drain, HandOverSlices, HasActor, IsResident, RouteCommand, Shard, ShardCounters};
 use super::start_unbounded;
 use crate::config::Config;
 use crate::entity::{DurableEntity, EntityEvent};
 use crate::error::{ManagerStopped, StoreError};
 use crate::store::SharedStore;
+use crate::timers::{Fire, FireTarget, Firing, Scheduler, SchedulerHandle};
 
 /// Routes each [`EntityCommand`] to its entity's
 /// [`EntityActor`](crate::EntityActor), starting (and so restoring) the
@@ -73,10 +75,12 @@ pub struct EntityManager<E: DurableEntity> {
     arbiters: Vec<Arbiter>,
 }
 
-/// The shards of one manager, in placement order, and how keys spread over them.
+/// The shards of one manager, in placement order, and how keys spread over
+/// them, with the manager's timer scheduler.
 pub(crate) struct Shards<E: DurableEntity> {
     shards: Arc<[Addr<Shard<E>>]>,
     spread: Spread,
+    scheduler: Option<SchedulerHandle>,
 }
 
 impl<E: DurableEntity> Shards<E> {
@@ -88,10 +92,20 @@ impl<E: DurableEntity> Shards<E> {
     /// Queues `event` for `key` at its shard now, in order; the answer comes
     /// straight from the entity's actor.
     pub(crate) fn send(&self, key: E::Key, event: EntityEvent<E::Command>) -> impl Future<Output = Answer<E>> + Send {
+        self.route(key, Work::Command(event))
+    }
+
+    /// Queues a timer's `fire` for `key` at its shard now: delivered like a
+    /// command, and answered once its write commits.
+    pub(crate) fn fire(&self, key: E::Key, fire: Fire) -> impl Future<Output = Answer<E>> + Send {
+        self.route(key, Work::Fire(Box::new(fire)))
+    }
+
+    fn route(&self, key: E::Key, work: Work<E::Command>) -> impl Future<Output = Answer<E>> + Send {
         let (reply, answer) = oneshot::channel();
         self.of(&key).do_send(RouteCommand {
             key: key.clone(),
-            event,
+            work,
             reply,
         });
         // Dropped unanswered: the shard or the actor stopped first.
@@ -161,8 +175,21 @@ impl<E: DurableEntity> Shards<E> {
             .map_err(|_| ManagerStopped)
     }
 
-    /// Stops every shard gracefully (see [`Drain`]); true once all have.
+    /// Fires every timer due by the clock's now, and returns once each is
+    /// answered (the testkit's `advance`).
+    #[cfg_attr(not(feature = "testkit"), allow(dead_code))]
+    pub(crate) async fn fire_due(&self) {
+        if let Some(scheduler) = &self.scheduler {
+            scheduler.fire_due().await;
+        }
+    }
+
+    /// Stops every shard gracefully (see [`Drain`]), and the firing of
+    /// timers; true once all have.
     pub(crate) async fn drain(&self) -> bool {
+        if let Some(scheduler) = &self.scheduler {
+            scheduler.stop();
+        }
         let drained: Vec<_> = self
             .shards
             .iter()
@@ -198,6 +225,7 @@ impl<E: DurableEntity> Clone for Shards<E> {
         Self {
             shards: self.shards.clone(),
             spread: self.spread.clone(),
+            scheduler: self.scheduler.clone(),
         }
     }
 }
@@ -228,7 +256,7 @@ impl<E: DurableEntity> EntityManager<E> {
     }
 
     /// The shards: one per arbiter (one on this thread without arbiters),
-    /// started on first need.
+    /// started on first need, with the timer scheduler (on this thread).
     fn shards(&mut self) -> Shards<E> {
         if let Some(shards) = &self.shards {
             return shards.clone();
@@ -236,6 +264,25 @@ impl<E: DurableEntity> EntityManager<E> {
         self.arbiters = (0..self.config.arbiters).map(|_| Arbiter::new()).collect();
         let spread = Spread::new(self.arbiters.len().max(1));
         let counters = ShardCounters::default();
+        // The scheduler fires through the shards, and the shards' actors
+        // tell it of the timers they set: made first, started after.
+        let started = Arc::new(std::sync::OnceLock::new());
+        let scheduler = self.config.timers.map(|timers| {
+            let ownership = self.config.cluster.as_ref().map(|cluster| cluster.ownership().clone());
+            let target = Arc::new(ToShards(started.clone()));
+            Scheduler::new(
+                E::ENTITY_TYPE,
+                self.store.clone(),
+                timers,
+                self.config.clock.clone(),
+                ownership,
+                target,
+            )
+        });
+        let (scheduler, handle) = match scheduler {
+            Some((scheduler, handle)) => (Some(scheduler), Some(handle)),
+            None => (None, None),
+        };
         let shards: Arc<[Addr<Shard<E>>]> = (0..spread.shards())
             .map(|index| {
                 let shared = Shared {
@@ -243,13 +290,22 @@ impl<E: DurableEntity> EntityManager<E> {
                     config: self.config.clone(),
                     settings: E::Settings::clone(&self.settings),
                     manager: None,
+                    scheduler: handle.clone(),
                 };
                 let shard = Shard::new(Arc::new(shared), Placement::new(index, spread.clone()), &counters);
                 start_unbounded(shard, self.arbiters.get(index).map(Arbiter::handle).as_ref())
             })
             .collect();
-        let shards = Shards { shards, spread };
+        let shards = Shards {
+            shards,
+            spread,
+            scheduler: handle,
+        };
         self.shards = Some(shards.clone());
+        let _ = started.set(shards.clone());
+        if let Some(scheduler) = scheduler {
+            actix::spawn(scheduler.run());
+        }
         shards
     }
 }
@@ -327,5 +383,22 @@ impl<E: DurableEntity> Handler<PurgeIdle> for EntityManager<E> {
     fn handle(&mut self, _: PurgeIdle, _ctx: &mut Self::Context) -> Self::Result {
         let shards = self.shards();
         Box::pin(async move { shards.purge_idle().await })
+    }
+}
+
+/// The scheduler's way to its manager's shards, set once they are started.
+struct ToShards<E: DurableEntity>(Arc<std::sync::OnceLock<Shards<E>>>);
+
+impl<E: DurableEntity> FireTarget for ToShards<E> {
+    fn fire(&self, key: crate::entity::PersistenceId, fire: Fire) -> Firing {
+        let Some(shards) = self.0.get() else {
+            return Box::pin(async { Err("the manager is starting".to_owned()) });
+        };
+        let Some(entity) = key.key::<E::Key>() else {
+            tracing::error!(%key, timer = %fire.name, "a stored timer names no entity of this type; it is not fired");
+            return Box::pin(async { Err("the timer's persistence id is not a key".to_owned()) });
+        };
+        let answer = shards.fire(entity, fire);
+        Box::pin(async move { answer.await.map(drop).map_err(|error| error.to_string()) })
     }
 }

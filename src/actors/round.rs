@@ -16,7 +16,15 @@
 //!   record failing so is settled all the same: its offset is noted with the
 //!   state before it, as refused, so that it is never taken for applied;
 //! - a command marked to be written alone (its write was refused with
-//!   others') gets a write of its own, so that a refusal falls on it alone.
+//!   others') gets a write of its own, so that a refusal falls on it alone;
+//! - a timer's fire is always written alone, and always writes a revision
+//!   (the state as it is, if the fire changes nothing): the statement that
+//!   commits it consumes the timer, and commits nothing if the timer is no
+//!   longer due (fired elsewhere, moved or cancelled);
+//! - the timers the state wants are compared before and after the write,
+//!   and their changes committed with it; a state wanting a timer that
+//!   cannot be stored fails the command that made it, as an unstorable
+//!   state does.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -28,13 +36,24 @@ use super::protocol::ReplyTo;
 use crate::entity::{Durable, DurableEntity, EntityEvent, EntityKey, PersistenceId, RecordOrigin, Revision, Step};
 use crate::error::{CommandError, StoreError};
 use crate::store::payload::{encode as encode_durable, REDACTED};
+use crate::store::{TimerChange, TimerFired};
+use crate::timers::{self, Declared, Fire, TimerError};
 
 /// What a command is answered with: the state after it, or why not.
 pub(crate) type Answer<E> = Result<E, CommandError<E>>;
 
+/// What a queued item asks of the entity.
+pub(crate) enum Work<C> {
+    /// A command, with its event's id and time.
+    Command(EntityEvent<C>),
+    /// A durable timer's fire: its command is decoded by the state that
+    /// wants the timer, when the fire is decided.
+    Fire(Box<Fire>),
+}
+
 /// A command in an entity's queue.
 pub(crate) struct Queued<E: DurableEntity> {
-    pub(crate) event: EntityEvent<E::Command>,
+    pub(crate) work: Work<E::Command>,
     /// Where an ingested record came from.
     pub(crate) origin: Option<RecordOrigin>,
     pub(crate) received_at: DateTime<Utc>,
@@ -91,6 +110,9 @@ pub(crate) struct Rules<'a, E: DurableEntity> {
     /// No other process writes these entities: answers without a write may
     /// come from memory.
     pub(crate) exclusive: bool,
+    /// The clock's now: when timers set by this round first fire, and how
+    /// late a fire is.
+    pub(crate) now: DateTime<Utc>,
 }
 
 /// What a round decided.
@@ -130,6 +152,10 @@ pub(crate) struct Write<E: DurableEntity> {
     pub(crate) waiting: Vec<(Queued<E>, Answer<E>)>,
     /// Load the state again once committed (a later command panicked).
     pub(crate) reload_after: bool,
+    /// The timers it sets and cancels.
+    pub(crate) timers: Vec<TimerChange>,
+    /// The timer whose fire it commits.
+    pub(crate) fired: Option<TimerFired>,
 }
 
 /// What one command comes to, decided on the state before it.
@@ -149,9 +175,20 @@ fn decide<E: DurableEntity>(rules: &Rules<'_, E>, current: &Durable<E>, queued: 
         let error = CommandError::from_store(rules.key, refused.clone());
         return Decision::Revision(current.refused(origin, &why(&error)), Some(Err(error)));
     }
+    let event = match &queued.work {
+        Work::Command(event) => event,
+        Work::Fire(fire) => {
+            if let Some(refused) = &queued.refused {
+                // Its state was refused: consumed with the state as it is.
+                let error = CommandError::from_store(rules.key, refused.clone());
+                return Decision::Revision(current.clone(), Some(Err(error)));
+            }
+            return decide_fire(rules, current, fire);
+        }
+    };
     let step = catch_unwind(AssertUnwindSafe(|| {
         current.step(
-            &queued.event,
+            event,
             queued.origin.as_ref(),
             queued.received_at,
             rules.settings,
@@ -185,6 +222,87 @@ fn decide<E: DurableEntity>(rules: &Rules<'_, E>, current: &Durable<E>, queued: 
     }
 }
 
+/// Decides a timer's fire on `current`. It always writes a revision, so
+/// that the write consumes the timer: the state after its command, or the
+/// state as it is when the command changes nothing, is refused, or panics,
+/// when a missed occurrence is skipped, and when the state no longer wants
+/// the timer. Only a stored command that no longer decodes is answered
+/// without a write: the timer stays, to fire once the code reads it again.
+fn decide_fire<E: DurableEntity>(rules: &Rules<'_, E>, current: &Durable<E>, fire: &Fire) -> Decision<E> {
+    let key = rules.key;
+    let as_it_is = |answer: Answer<E>| Decision::Revision(current.clone(), Some(answer));
+    let (deliver, _) = fire.outcome(rules.now);
+    if !deliver {
+        return as_it_is(Ok(current.state.clone()));
+    }
+    let command = catch_unwind(AssertUnwindSafe(|| {
+        timers::command_of(&current.state, rules.settings, &fire.name, &fire.command)
+    }));
+    let command = match command {
+        Err(panic) => return as_it_is(Err(panicked(key, panic))),
+        // Not wanted any more (a transition that cancelled it raced its fire).
+        Ok(None) => return as_it_is(Ok(current.state.clone())),
+        Ok(Some(Err(source))) => {
+            return Decision::Answer(Err(CommandError::InvalidTimer {
+                key: key.clone(),
+                source,
+            }))
+        }
+        Ok(Some(Ok(command))) => command,
+    };
+    // Applied at the time it was due, whenever it fired.
+    let event = EntityEvent::from(command);
+    let step = catch_unwind(AssertUnwindSafe(|| {
+        current.step(&event, None, fire.due, rules.settings, rules.event_id_memory)
+    }));
+    match step {
+        Err(panic) => as_it_is(Err(panicked(key, panic))),
+        Ok(Step::Changed(next)) => Decision::Revision(next, None),
+        Ok(Step::Noted { next, rejection }) => {
+            let answer = rejection.map_or_else(
+                || Ok(next.state.clone()),
+                |reason| {
+                    Err(CommandError::Rejected {
+                        key: key.clone(),
+                        reason,
+                    })
+                },
+            );
+            Decision::Revision(next, Some(answer))
+        }
+        Ok(Step::Rejected(reason)) => as_it_is(Err(CommandError::Rejected {
+            key: key.clone(),
+            reason,
+        })),
+        Ok(Step::RefusedBefore(reason)) => as_it_is(Err(CommandError::RefusedBefore {
+            key: key.clone(),
+            reason,
+        })),
+        Ok(Step::Unchanged) => as_it_is(Ok(current.state.clone())),
+    }
+}
+
+/// The timers `durable` wants, for comparing: none for a deleted entity
+/// (its erasure deleted them) or one not stored yet; a panic of the
+/// entity's code caught.
+fn wanted<E: DurableEntity>(rules: &Rules<'_, E>, durable: &Durable<E>) -> Result<Vec<Declared>, TimerError> {
+    if durable.is_tombstone() {
+        return Ok(Vec::new());
+    }
+    catch_unwind(AssertUnwindSafe(|| timers::declared(&durable.state, rules.settings)))
+        .unwrap_or_else(|panic| Err(TimerError::Panicked(panic_message(&panic))))
+}
+
+/// What a write from `before` (the timers the stored state wants) to
+/// `after` does to the timers.
+fn timer_changes<E: DurableEntity>(
+    rules: &Rules<'_, E>,
+    before: &[Declared],
+    after: &Durable<E>,
+) -> Result<Vec<TimerChange>, TimerError> {
+    timers::changes(before, &wanted(rules, after)?, rules.now)
+}
+
 /// Runs `queue` over the state stored at `expected`.
 pub(crate) fn run<E: DurableEntity>(
     rules: &Rules<'_, E>,
@@ -202,6 +320,9 @@ pub(crate) fn run<E: DurableEntity>(
     let mut revision = expected;
     let mut stopped = Stop::No;
     let mut erases = false;
+    // The timers the stored state wants, read at the round's first change.
+    let mut before: Option<Vec<Declared>> = None;
+    let mut fired: Option<TimerFired> = None;
     // A command to be written alone, met after others changed the state.
     let mut next_round: Option<Queued<E>> = None;
     let mut queue = queue.into_iter();
@@ -249,9 +370,36 @@ pub(crate) fn run<E: DurableEntity>(
                 }
             }
         };
+        let before = before.get_or_insert_with(|| {
+            // A stored state whose timers no longer read (the code changed)
+            // is taken to want none: what the new state wants is set anew.
+            if expected == Revision::NONE {
+                Vec::new()
+            } else {
+                wanted(rules, &current).unwrap_or_default()
+            }
+        });
+        if let Work::Fire(fire) = &queued.work {
+            fired = Some(fire.outcome(rules.now).1);
+        }
         let (next, answer) = if rules.every_change || queued.alone {
             let key = persistence_id.get_or_insert_with(|| EntityKey::persistence_id(rules.key));
-            match encode(key, &next) {
+            let checked = encode(key, &next)
+                .map_err(|error| CommandError::from_store(rules.key, error))
+                .and_then(|payload| {
+                    // Written alone: its timers are its own, checked now.
+                    if !queued.alone {
+                        return Ok(payload);
+                    }
+                    match timer_changes(rules, before, &next) {
+                        Ok(_) => Ok(payload),
+                        Err(source) => Err(CommandError::InvalidTimer {
+                            key: rules.key.clone(),
+                            source,
+                        }),
+                    }
+                });
+            match checked {
                 Ok(payload) => {
                     if !rules.every_change {
                         payloads.clear();
@@ -262,12 +410,13 @@ pub(crate) fn run<E: DurableEntity>(
                 }
                 Err(error) => {
                     // Its state is never committed; those after it apply
-                    // to the state before it.
-                    let error = CommandError::from_store(rules.key, error);
-                    let noted = queued
-                        .origin
-                        .as_ref()
-                        .map(|origin| current.refused(origin, &why(&error)));
+                    // to the state before it. A record is noted as refused,
+                    // a fire consumed with the state as it is.
+                    let noted = match (&queued.origin, &queued.work) {
+                        (Some(origin), _) => Some(current.refused(origin, &why(&error))),
+                        (None, Work::Fire(_)) => Some(current.clone()),
+                        (None, Work::Command(_)) => None,
+                    };
                     match noted.map(|noted| encode(key, &noted).map(|payload| (noted, payload))) {
                         Some(Ok((noted, payload))) => {
                             if !rules.every_change {
@@ -311,7 +460,7 @@ pub(crate) fn run<E: DurableEntity>(
             break;
         }
     }
-    let rest: Vec<Queued<E>> = next_round.into_iter().chain(queue).collect();
+    let mut rest: Vec<Queued<E>> = next_round.into_iter().chain(queue).collect();
     if revision == expected {
         let next = match stopped {
             Stop::Panicked => Next::Reload,
@@ -343,6 +492,27 @@ pub(crate) fn run<E: DurableEntity>(
             }
         }
     }
+    let timers = match timer_changes(rules, before.as_deref().unwrap_or_default(), &current) {
+        Ok(timers) => timers,
+        Err(_) => {
+            // Some command of the round made a state wanting a timer that
+            // cannot be stored: go again from the stored state, each
+            // alone, so that only that command fails.
+            let mut again: Vec<Queued<E>> = waiting
+                .into_iter()
+                .map(|(mut queued, _)| {
+                    queued.alone = queued.changed;
+                    queued
+                })
+                .collect();
+            again.append(&mut rest);
+            return Round {
+                answered,
+                rest: again,
+                next: Next::Reload,
+            };
+        }
+    };
     Round {
         answered,
         rest,
@@ -354,6 +524,8 @@ pub(crate) fn run<E: DurableEntity>(
             erases,
             waiting,
             reload_after: matches!(stopped, Stop::Panicked),
+            timers,
+            fired,
         }),
     }
 }

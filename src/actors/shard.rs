@@ -16,8 +16,9 @@ use super::entity_actor::{Answer, EntityActor, Shared};
 use super::messages::{EntityRecords, GetManagerStats, HandOver, ManagerStats};
 use super::placement::Placement;
 use super::protocol::{ChildEvent, FromChild, InFlight, Passivate, ReplyTo};
+use super::round::Work;
 use super::start_unbounded;
-use crate::entity::{DurableEntity, EntityEvent};
+use crate::entity::DurableEntity;
 
 mod delivery;
 mod retention;
@@ -270,6 +271,7 @@ impl<E: DurableEntity> Actor for Shard<E> {
                     config: self.shared.config.clone(),
                     settings: self.shared.settings.clone(),
                     manager,
+                    scheduler: self.shared.scheduler.clone(),
                 })
             }
         }
@@ -286,7 +288,7 @@ fn held_commands<E: DurableEntity>(held: &[Held<E>]) -> usize {
 /// with `do_send`, answered by the entity's actor directly.
 pub(crate) struct RouteCommand<E: DurableEntity> {
     pub(crate) key: E::Key,
-    pub(crate) event: EntityEvent<E::Command>,
+    pub(crate) work: Work<E::Command>,
     pub(crate) reply: oneshot::Sender<Answer<E>>,
 }
 
@@ -297,9 +299,9 @@ impl<E: DurableEntity> Message for RouteCommand<E> {
 impl<E: DurableEntity> Handler<RouteCommand<E>> for Shard<E> {
     type Result = ();
 
-    fn handle(&mut self, RouteCommand { key, event, reply }: RouteCommand<E>, _ctx: &mut Self::Context) {
+    fn handle(&mut self, RouteCommand { key, work, reply }: RouteCommand<E>, _ctx: &mut Self::Context) {
         let reply = ReplyTo::new(reply, None);
-        self.route(key, One { event, reply });
+        self.route(key, One { work, reply });
     }
 }
 
@@ -581,7 +583,7 @@ mod tests {
     use actix::prelude::*;
     use tokio::sync::oneshot;
 
-    use super::{Child, RouteCommand, Shard, ShardCounters};
+    use super::{Child, RouteCommand, Shard, ShardCounters, Work};
     use crate::actors::entity_actor::{EntityActor, Shared};
     use crate::actors::placement::{Placement, Spread};
     use crate::domain::{Command, UserKey, UserState};
@@ -599,6 +601,7 @@ mod tests {
             config: Config::default(),
             settings: Default::default(),
             manager: None,
+            scheduler: None,
         };
         let counters = ShardCounters::default();
         let mut shard = Shard::new(Arc::new(shared), Placement::new(0, Spread::new(1)), &counters);
@@ -624,7 +627,7 @@ mod tests {
         let (reply, answer) = oneshot::channel();
         shard.do_send(RouteCommand {
             key: key.clone(),
-            event: Command::UserLogin.into(),
+            work: Work::Command(Command::UserLogin.into()),
             reply,
         });
 

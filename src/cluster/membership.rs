@@ -95,6 +95,7 @@ async fn settle(shared: &Shared, node: &Arc<str>, view: &ClusterView, leaving: b
     }
     let current: Vec<Option<&str>> = view.slices.iter().map(|(owner, _)| owner.as_deref()).collect();
     let placement = place(&placing, &current);
+    let mut handing = Vec::new();
     let mut lost = Vec::new();
     let mut wanted = Vec::new();
     for slice in Slice::all() {
@@ -116,12 +117,7 @@ async fn settle(shared: &Shared, node: &Arc<str>, view: &ClusterView, leaving: b
                 // hand it over (which waits for this node's writes in flight).
                 shared.ownership.set(slice, 0);
                 lost.push(slice);
-                let to = placement[index];
-                if leases.transfer(slice, node, *epoch, Some(to)).await?.is_some() {
-                    debug!(%slice, to, "slice handed over");
-                    shared.counters.handed_over.increment();
-                    metrics::counter!("persist_durable_cluster_handovers_total", "direction" => "out").increment(1);
-                }
+                handing.push((slice, *epoch, Some(placement[index].to_owned())));
             }
             (false, placed_here) => {
                 if held != 0 {
@@ -135,6 +131,15 @@ async fn settle(shared: &Shared, node: &Arc<str>, view: &ClusterView, leaving: b
                 }
             }
         }
+    }
+    if !handing.is_empty() {
+        // One statement for them all: hundreds of them one by one could
+        // outlast the lease.
+        let moved = leases.transfer(node, &handing).await?;
+        debug!(%node, slices = moved.len(), "slices handed over");
+        shared.counters.handed_over.add(moved.len() as u64);
+        metrics::counter!("persist_durable_cluster_handovers_total", "direction" => "out")
+            .increment(moved.len() as u64);
     }
     if !wanted.is_empty() {
         for (slice, epoch) in leases.acquire(node, &wanted).await? {

@@ -20,6 +20,10 @@ pub(crate) struct Ownership {
     base: Instant,
     /// Every slice's owner as last read, by index, with its address.
     owners: RwLock<Vec<Option<Owner>>>,
+    /// Counts the changes of this node's slices, each told to `changed`'s
+    /// waiters: the timer schedulers read their new slices' timers.
+    version: AtomicU64,
+    changed: tokio::sync::Notify,
 }
 
 /// A slice's owner, for forwarding its commands.
@@ -37,6 +41,8 @@ impl Ownership {
             valid_until: AtomicU64::new(0),
             base: Instant::now(),
             owners: RwLock::new(vec![None; usize::from(SLICES)]),
+            version: AtomicU64::new(0),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -91,7 +97,21 @@ impl Ownership {
 
     /// This node owns `slice` at `epoch` (0: no longer).
     pub(crate) fn set(&self, slice: Slice, epoch: u64) {
-        self.epochs[usize::from(slice.index())].store(epoch, Ordering::Release);
+        let before = self.epochs[usize::from(slice.index())].swap(epoch, Ordering::AcqRel);
+        if before != epoch {
+            self.version.fetch_add(1, Ordering::AcqRel);
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// How many times this node's slices changed.
+    pub(crate) fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// Waits for the next change of this node's slices.
+    pub(crate) async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// Every slice this node owns, with its epoch.

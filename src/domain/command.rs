@@ -52,6 +52,12 @@ pub enum Command {
     /// state back to its default. Redelivered or late events from before the
     /// deletion are not applied; later commands start from the default state.
     DeleteUser,
+    /// The user used the cart and has not been seen since, for the
+    /// [cart reminder](crate::StatePolicy::with_cart_reminder)'s delay: what
+    /// its durable timer delivers. Records when, in
+    /// [`cart_abandoned_at`](crate::UserState::cart_abandoned_at), for a
+    /// notification to follow from the change feed.
+    CartAbandoned,
 }
 
 impl Command {
@@ -75,6 +81,7 @@ impl Command {
             Command::SetMarketingOptIn { .. } => "set_marketing_opt_in",
             Command::GetUserState => "get_user_state",
             Command::DeleteUser => "delete_user",
+            Command::CartAbandoned => "cart_abandoned",
         }
     }
 }
@@ -100,6 +107,7 @@ mod tests {
             ),
             (r#"{"type":"get_user_state"}"#, Command::GetUserState),
             (r#"{"type":"delete_user"}"#, Command::DeleteUser),
+            (r#"{"type":"cart_abandoned"}"#, Command::CartAbandoned),
         ];
         for (json, expected) in cases {
             let decoded = Command::from_json(json).unwrap();

@@ -1,8 +1,11 @@
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{Command, Event, ProductId, UserKey};
 use crate::entity::{DurableEntity, Never};
+use crate::timers::Timer;
 
 /// The latest known state of one user.
 ///
@@ -22,6 +25,9 @@ pub struct UserState {
     pub marketing_opt_in: bool,
     /// When the last state-changing event for this user happened.
     pub last_event_time: Option<DateTime<Utc>>,
+    /// When the user's cart was last found abandoned (used, then not seen
+    /// for the [cart reminder](StatePolicy::with_cart_reminder)'s delay).
+    pub cart_abandoned_at: Option<DateTime<Utc>>,
 }
 
 /// The user state as an entity: keyed by [`UserKey`], changed by [`Command`]s,
@@ -45,6 +51,31 @@ impl DurableEntity for UserState {
     fn is_delete(command: &Command) -> bool {
         matches!(command, Command::DeleteUser)
     }
+
+    /// With a [cart reminder](StatePolicy::with_cart_reminder): a user who
+    /// used the cart gets [`Command::CartAbandoned`] that long after their
+    /// last event, unless they were reminded since. Every event moves it on.
+    fn timers(&self, policy: &StatePolicy) -> Vec<Timer<Command>> {
+        let (Some(delay), Some(used)) = (policy.cart_reminder, self.last_cart_use) else {
+            return Vec::new();
+        };
+        if self.cart_abandoned_at.is_some_and(|reminded| reminded >= used) {
+            return Vec::new();
+        }
+        let seen = self.last_event_time.unwrap_or(used).max(used);
+        match chrono::Duration::from_std(delay)
+            .ok()
+            .and_then(|delay| seen.checked_add_signed(delay))
+        {
+            Some(due) => vec![Timer::at(Self::CART_REMINDER, due, Command::CartAbandoned)],
+            None => Vec::new(),
+        }
+    }
+}
+
+impl UserState {
+    /// The name of the cart reminder's timer.
+    pub const CART_REMINDER: &'static str = "cart-abandoned";
 }
 
 /// The knobs of the state transition.
@@ -53,12 +84,16 @@ impl DurableEntity for UserState {
 pub struct StatePolicy {
     /// How many recently viewed products are kept.
     pub recent_products_limit: usize,
+    /// How long after their last event a user who used the cart gets
+    /// [`Command::CartAbandoned`]; `None` (the default): never.
+    pub cart_reminder: Option<Duration>,
 }
 
 impl Default for StatePolicy {
     fn default() -> Self {
         Self {
             recent_products_limit: 3,
+            cart_reminder: None,
         }
     }
 }
@@ -67,6 +102,14 @@ impl StatePolicy {
     /// Keeps `limit` recently viewed products.
     pub fn with_recent_products_limit(mut self, limit: usize) -> Self {
         self.recent_products_limit = limit;
+        self
+    }
+
+    /// Reminds of an abandoned cart: a user who used the cart and was not
+    /// seen for `after` gets [`Command::CartAbandoned`], delivered by a
+    /// durable timer (see [`timers`](crate::timers)).
+    pub fn with_cart_reminder(mut self, after: Duration) -> Self {
+        self.cart_reminder = Some(after);
         self
     }
 }
@@ -96,6 +139,11 @@ fn transition(state: &UserState, command: &Command, at: DateTime<Utc>, policy: &
     match command {
         // Reads change nothing; a delete is the machinery's (is_delete).
         Command::GetUserState | Command::DeleteUser => return None,
+        // Not the user's own doing: not an event of theirs.
+        Command::CartAbandoned => {
+            next.cart_abandoned_at = latest(next.cart_abandoned_at);
+            return Some(next);
+        }
         Command::UserLogin => next.last_login = latest(next.last_login),
         Command::UseCart => next.last_cart_use = latest(next.last_cart_use),
         Command::ViewProduct { product_id } => {

@@ -153,6 +153,21 @@ pub trait DurableEntity:
         let _ = command;
         "command"
     }
+
+    /// The durable timers this state wants, each delivering a command to
+    /// the entity when due (see [`timers`](crate::timers)); none by default.
+    ///
+    /// Pure, as [`apply`](Self::apply) is. Only changes count: after each
+    /// write the timers the new state wants are compared with the old
+    /// state's, in the statement that commits it. A timer wanted alike is
+    /// left as it is (a recurring timer keeps its next occurrence, a fired
+    /// one-shot timer is not set again); one wanted differently is set anew;
+    /// one no longer wanted is cancelled. A fire is delivered only while the
+    /// state still wants its timer.
+    fn timers(&self, settings: &Self::Settings) -> Vec<crate::timers::Timer<Self::Command>> {
+        let _ = settings;
+        Vec::new()
+    }
 }
 
 /// The [`Rejection`](DurableEntity::Rejection) of an entity whose commands

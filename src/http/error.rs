@@ -99,7 +99,9 @@ pub struct CommandFailure {
 impl<E: DurableEntity> From<CommandError<E>> for CommandFailure {
     fn from(error: CommandError<E>) -> Self {
         let status = match &error {
-            CommandError::Rejected { .. } | CommandError::RefusedBefore { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            CommandError::Rejected { .. } | CommandError::RefusedBefore { .. } | CommandError::InvalidTimer { .. } => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             CommandError::Conflict { .. } => StatusCode::CONFLICT,
             // The client's request is fine; it belongs on another node.
             CommandError::NotOwner { .. } => StatusCode::MISDIRECTED_REQUEST,

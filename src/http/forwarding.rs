@@ -278,6 +278,10 @@ fn decode<E: Forwardable>(owner: &str, key: E::Key, reply: Reply) -> Answer<E> {
             key,
             reason: failure.message,
         },
+        "invalid_timer" => CommandError::InvalidTimer {
+            key,
+            source: crate::timers::TimerError::Remote(failure.message),
+        },
         "not_owner" => CommandError::NotOwner {
             key,
             owner: failure.owner,

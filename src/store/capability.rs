@@ -16,7 +16,7 @@ use std::fmt;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::rows::{ChangeRow, FeedBounds, Fence, StoreStats, StoredRow, WriteRow};
+use super::rows::{ChangeRow, FeedBounds, Fence, StoreStats, StoredRow, StoredTimer, WriteRow};
 use crate::entity::{PersistenceId, Revision, Slice};
 use crate::error::StoreError;
 
@@ -75,11 +75,16 @@ pub trait Leases: Send + Sync {
     /// its epoch moved on; returns the slices taken and their epochs.
     async fn acquire(&self, node: &str, slices: &[Slice]) -> Result<Vec<(Slice, u64)>, StoreError>;
 
-    /// Hands `slice` from `node` (owning it at `epoch`) to `to`, or to no
-    /// one: the epoch moves on. Waits for the writes fenced by the old epoch
-    /// that are in flight. `None` if `node` no longer owned it at `epoch`.
-    async fn transfer(&self, slice: Slice, node: &str, epoch: u64, to: Option<&str>)
-        -> Result<Option<u64>, StoreError>;
+    /// Hands each of `moves`' slices from `node` (owning it at the epoch
+    /// given) to the node given, or to no one: their epochs move on. One
+    /// statement, locking the slices in order; it waits for the writes
+    /// fenced by the old epochs that are in flight. Returns the slices moved
+    /// with their new epochs (not those `node` no longer owned at that epoch).
+    async fn transfer(
+        &self,
+        node: &str,
+        moves: &[(Slice, u64, Option<String>)],
+    ) -> Result<Vec<(Slice, u64)>, StoreError>;
 
     /// Marks `node` as leaving: it hands its slices over and no placement
     /// counts it any more.
@@ -280,9 +285,33 @@ pub trait Maintenance: StateStore {
     ) -> Result<Vec<PersistenceId>, StoreError>;
 }
 
+/// Durable timers' rows: what a scheduler reads of them, and what an
+/// application lists and cancels. Timers are set and consumed by the
+/// writes that commit their entity's state ([`WriteRow::timers`],
+/// [`WriteRow::fired`]).
+#[async_trait]
+pub trait Timers: StateStore {
+    /// Up to `limit` timers of `entity_type` due before `before`, earliest
+    /// first; in cluster mode (`slices`), only those of the slices given.
+    async fn due_timers(
+        &self,
+        entity_type: &str,
+        before: DateTime<Utc>,
+        slices: Option<&[Slice]>,
+        limit: usize,
+    ) -> Result<Vec<StoredTimer>, StoreError>;
+
+    /// Every pending timer of the entity `key`, by name.
+    async fn timers_of(&self, key: &PersistenceId) -> Result<Vec<StoredTimer>, StoreError>;
+
+    /// Cancels the entity's timer `name`; whether it had one. A fire of it
+    /// in flight then commits nothing.
+    async fn cancel_timer(&self, key: &PersistenceId, name: &str) -> Result<bool, StoreError>;
+}
+
 /// Every capability at once: what the crate's stores are, and what a
 /// manager runs on (its retention purges, an ingest on it stores positions,
 /// a feed reads from it). Implemented for every type that has them all.
-pub trait Store: ChangeLog + Maintenance {}
+pub trait Store: ChangeLog + Maintenance + Timers {}
 
-impl<S: ChangeLog + Maintenance + ?Sized> Store for S {}
+impl<S: ChangeLog + Maintenance + Timers + ?Sized> Store for S {}

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 
 use super::capability::{ChangeLog, Maintenance, StateStore};
 use super::payload;
-use super::rows::{FeedRetention, Fence, StoredState, WriteRow};
+use super::rows::{FeedRetention, StoredState, WriteRow};
 use crate::entity::{checked_persistence_id, Durable, DurableEntity, EntityKey, PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
 
@@ -46,7 +46,13 @@ pub trait StateStoreExt: StateStore {
     ) -> Result<Revision, StoreError> {
         let key = checked(key)?;
         let payload = payload::encode_state(&key, state)?;
-        write_encoded::<K::Entity, _>(self, key, (expected, None), revision, vec![payload], false, None).await
+        self.write_row(entity_write::<K::Entity>(
+            key,
+            (expected, None),
+            revision,
+            vec![payload],
+        ))
+        .await
     }
 
     /// Writes the states after each of several commands as revisions
@@ -71,7 +77,8 @@ pub trait StateStoreExt: StateStore {
             .iter()
             .map(|state| payload::encode_state(&key, state))
             .collect::<Result<Vec<_>, _>>()?;
-        write_encoded::<K::Entity, _>(self, key, (expected, None), revision, payloads, false, None).await
+        self.write_row(entity_write::<K::Entity>(key, (expected, None), revision, payloads))
+            .await
     }
 }
 
@@ -215,32 +222,30 @@ pub(crate) async fn load_durable<E: DurableEntity, S: StateStore + ?Sized>(
     Ok(Some((row.revision, durable)))
 }
 
-/// Writes revisions `expected + 1 ..= revision` of an `E` over the row at
-/// `expected` (its revision, and its generation if known): `payloads` holds
-/// the encoded state of each when the store keeps a change feed, else only
-/// the last, the one a row needs (callers encode no more than that).
-pub(crate) async fn write_encoded<E: DurableEntity, S: StateStore + ?Sized>(
-    store: &S,
+/// The write of revisions `expected + 1 ..= revision` of an `E` over the
+/// row at `expected` (its revision, and its generation if known): `payloads`
+/// holds the encoded state of each when the store keeps a change feed, else
+/// only the last, the one a row needs (callers encode no more than that).
+/// It erases nothing, carries no fence and changes no timer; callers set those.
+pub(crate) fn entity_write<E: DurableEntity>(
     key: PersistenceId,
     (expected, generation): (Revision, Option<u64>),
     revision: Revision,
     payloads: Vec<Vec<u8>>,
-    erases: bool,
-    fence: Option<Fence>,
-) -> Result<Revision, StoreError> {
-    store
-        .write_row(WriteRow {
-            key,
-            manifest: E::MANIFEST,
-            expected,
-            generation,
-            revision,
-            schema_version: E::SCHEMA_VERSION,
-            payloads,
-            erases,
-            fence,
-        })
-        .await
+) -> WriteRow {
+    WriteRow {
+        key,
+        manifest: E::MANIFEST,
+        expected,
+        generation,
+        revision,
+        schema_version: E::SCHEMA_VERSION,
+        payloads,
+        erases: false,
+        fence: None,
+        timers: Vec::new(),
+        fired: None,
+    }
 }
 
 /// [`purge_rows`](Maintenance::purge_rows) for rows of `E`, counted in

@@ -1,15 +1,15 @@
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::capability::{ChangeLog, Maintenance, Offsets, StateStore};
+use super::capability::{ChangeLog, Maintenance, Offsets, StateStore, Timers};
 use super::payload::{REDACTED, TOMBSTONE};
-use super::rows::{ChangeRow, FeedBounds, StoreStats, StoredRow, WriteRow};
+use super::rows::{ChangeRow, FeedBounds, StoreStats, StoredRow, StoredTimer, TimerChange, WriteRow};
 use super::KAFKA_POSITIONS;
-use crate::entity::{PersistenceId, Revision};
+use crate::entity::{PersistenceId, Revision, Slice};
 use crate::error::StoreError;
 
 /// A store in process memory, for unit tests of actor logic.
@@ -38,6 +38,8 @@ struct Tables {
     changes: Vec<ChangeRow>,
     /// The last feed position given out.
     head: u64,
+    /// Pending timers, by entity and name.
+    timers: BTreeMap<(PersistenceId, String), StoredTimer>,
     stats: StoreStats,
 }
 
@@ -92,6 +94,66 @@ impl Tables {
         }
     }
 
+    /// Deletes every timer of `key`.
+    fn delete_timers(&mut self, key: &PersistenceId) {
+        self.timers.retain(|(id, _), _| id != key);
+    }
+
+    /// Whether `write`'s fire, if it commits one, finds its timer still due.
+    fn fire_holds(&self, write: &WriteRow) -> bool {
+        write.fired.as_ref().is_none_or(|fired| {
+            self.timers
+                .get(&(write.key.clone(), fired.name.clone()))
+                .is_some_and(|timer| timer.due == fired.due)
+        })
+    }
+
+    /// What a committed `write` does to its entity's timers.
+    fn write_timers(&mut self, write: &WriteRow) {
+        if write.erases {
+            return self.delete_timers(&write.key);
+        }
+        if let Some(fired) = &write.fired {
+            let changed_here = write.timers.iter().any(|change| change.name() == fired.name);
+            let slot = (write.key.clone(), fired.name.clone());
+            match (changed_here, fired.next) {
+                (true, _) => {}
+                (false, None) => {
+                    self.timers.remove(&slot);
+                }
+                (false, Some(next)) => {
+                    if let Some(timer) = self.timers.get_mut(&slot) {
+                        timer.due = next;
+                    }
+                }
+            }
+        }
+        for change in &write.timers {
+            match change {
+                TimerChange::Set {
+                    name,
+                    due,
+                    schedule,
+                    command,
+                    missed,
+                } => {
+                    let timer = StoredTimer {
+                        key: write.key.clone(),
+                        name: name.clone(),
+                        due: *due,
+                        schedule: schedule.clone(),
+                        command: command.clone(),
+                        missed: *missed,
+                    };
+                    self.timers.insert((write.key.clone(), name.clone()), timer);
+                }
+                TimerChange::Cancel { name } => {
+                    self.timers.remove(&(write.key.clone(), name.clone()));
+                }
+            }
+        }
+    }
+
     fn record_change(&mut self, key: &PersistenceId, revision: Revision, schema_version: u32, payload: &[u8]) {
         self.head += 1;
         let position = self.head;
@@ -130,6 +192,11 @@ impl StateStore for MemoryStore {
                 expected: write.expected,
             });
         }
+        if !tables.fire_holds(&write) {
+            let name = write.fired.map(|fired| fired.name).unwrap_or_default();
+            return Err(StoreError::TimerGone { key: write.key, name });
+        }
+        tables.write_timers(&write);
         tables.stats.rows_written += 1;
         if write.erases {
             tables.redact(&write.key);
@@ -301,6 +368,7 @@ impl Maintenance for MemoryStore {
             if still_idle {
                 tables.rows.remove(&id);
                 tables.redact(&id);
+                tables.delete_timers(&id);
                 if self.feed {
                     tables.record_change(&id, revision.next(), 1, TOMBSTONE);
                     self.feed_signal.notify_waiters();
@@ -333,5 +401,43 @@ impl Maintenance for MemoryStore {
         ids.sort_unstable();
         ids.truncate(limit.max(1));
         Ok(ids)
+    }
+}
+
+#[async_trait]
+impl Timers for MemoryStore {
+    async fn due_timers(
+        &self,
+        entity_type: &str,
+        before: DateTime<Utc>,
+        slices: Option<&[Slice]>,
+        limit: usize,
+    ) -> Result<Vec<StoredTimer>, StoreError> {
+        let tables = self.tables()?;
+        let mut due: Vec<StoredTimer> = tables
+            .timers
+            .values()
+            .filter(|timer| timer.key.entity_type() == entity_type && timer.due < before)
+            .filter(|timer| slices.is_none_or(|slices| slices.contains(&timer.key.slice())))
+            .cloned()
+            .collect();
+        due.sort_by(|a, b| (a.due, &a.key, &a.name).cmp(&(b.due, &b.key, &b.name)));
+        due.truncate(limit.max(1));
+        Ok(due)
+    }
+
+    async fn timers_of(&self, key: &PersistenceId) -> Result<Vec<StoredTimer>, StoreError> {
+        let tables = self.tables()?;
+        Ok(tables
+            .timers
+            .values()
+            .filter(|timer| timer.key == *key)
+            .cloned()
+            .collect())
+    }
+
+    async fn cancel_timer(&self, key: &PersistenceId, name: &str) -> Result<bool, StoreError> {
+        let mut tables = self.tables()?;
+        Ok(tables.timers.remove(&(key.clone(), name.to_owned())).is_some())
     }
 }

@@ -31,11 +31,16 @@ mod schema;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 mod sql;
 
-pub use capability::{ChangeLog, ClusterView, JoinedNode, Leases, Maintenance, NodeRow, Offsets, StateStore, Store};
+pub use capability::{
+    ChangeLog, ClusterView, JoinedNode, Leases, Maintenance, NodeRow, Offsets, StateStore, Store, Timers,
+};
 pub use config::StoreConfig;
 pub use ext::{ChangeLogExt, MaintenanceExt, StateStoreExt};
 pub use memory::MemoryStore;
-pub use rows::{ChangeRow, FeedBounds, FeedRetention, Fence, RowOutcome, StoreStats, StoredRow, StoredState, WriteRow};
+pub use rows::{
+    ChangeRow, FeedBounds, FeedRetention, Fence, RowOutcome, StoreStats, StoredRow, StoredState, StoredTimer,
+    TimerChange, TimerFired, WriteRow,
+};
 #[cfg(feature = "postgres")]
 pub use sql::postgres::{PostgresBackend, PostgresStore};
 #[cfg(feature = "sqlite")]

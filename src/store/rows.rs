@@ -95,6 +95,72 @@ pub struct WriteRow {
     /// only while that node owns the row's slice at that epoch, with its
     /// lease unexpired; otherwise it fails with [`StoreError::Fenced`].
     pub fence: Option<Fence>,
+    /// The entity's timers this write sets and cancels, committed with it.
+    pub timers: Vec<TimerChange>,
+    /// The timer whose fire this write commits: it commits only while that
+    /// timer is still at the due time it fired for (else it fails with
+    /// [`StoreError::TimerGone`]), and consumes it.
+    pub fired: Option<TimerFired>,
+}
+
+/// A change of one of an entity's timers, committed with its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TimerChange {
+    /// Sets the timer `name` (or sets it anew) to fire at `due`.
+    Set {
+        /// Its name.
+        name: String,
+        /// When it fires first.
+        due: DateTime<Utc>,
+        /// Its schedule, encoded.
+        schedule: String,
+        /// The command it delivers, encoded.
+        command: Vec<u8>,
+        /// What it does with missed occurrences, encoded.
+        missed: i32,
+    },
+    /// Cancels the timer `name`.
+    Cancel {
+        /// Its name.
+        name: String,
+    },
+}
+
+impl TimerChange {
+    /// The timer it changes.
+    pub fn name(&self) -> &str {
+        match self {
+            TimerChange::Set { name, .. } | TimerChange::Cancel { name } => name,
+        }
+    }
+}
+
+/// The timer a write commits the fire of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TimerFired {
+    /// Its name.
+    pub name: String,
+    /// The due time it fired for: the write commits only if the timer is still there.
+    pub due: DateTime<Utc>,
+    /// When it fires next (a recurring timer), or `None`: deleted.
+    pub next: Option<DateTime<Utc>>,
+}
+
+/// A pending timer as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTimer {
+    /// The entity.
+    pub key: PersistenceId,
+    /// Its name.
+    pub name: String,
+    /// When it fires next.
+    pub due: DateTime<Utc>,
+    /// Its schedule, encoded.
+    pub schedule: String,
+    /// The command it delivers, encoded.
+    pub command: Vec<u8>,
+    /// What it does with missed occurrences, encoded.
+    pub missed: i32,
 }
 
 /// The ownership a write in cluster mode is made under: the fencing token.
@@ -117,6 +183,9 @@ pub enum RowOutcome {
     /// Its fence did not hold: the node no longer owns the row's slice at
     /// that epoch, or its lease has expired.
     Fenced,
+    /// It committed a timer's fire, and the timer is no longer at the due
+    /// time it fired for (fired already, moved or cancelled).
+    TimerGone,
 }
 
 /// A generation for a new row: 63 random bits, never 0 (the generation of

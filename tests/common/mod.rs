@@ -271,7 +271,7 @@ fn postgres_required() -> bool {
 }
 
 /// Where to create test databases, decided once per test binary.
-fn postgres_admin_url() -> Option<String> {
+pub fn postgres_admin_url() -> Option<String> {
     static URL: OnceLock<Result<String, String>> = OnceLock::new();
     let url = URL.get_or_init(|| match std::env::var("DATABASE_URL") {
         Ok(url) if url.starts_with("postgres") => Ok(url),

@@ -32,5 +32,6 @@ mod schema_evolution;
 mod several_nodes;
 mod startup;
 mod testkit;
+mod timers;
 mod unencodable_state;
 mod upgrade;

@@ -402,6 +402,27 @@ impl Maintenance for PanickingStore {
     }
 }
 
+#[async_trait::async_trait]
+impl persist_durable::Timers for PanickingStore {
+    async fn due_timers(
+        &self,
+        entity_type: &str,
+        before: chrono::DateTime<chrono::Utc>,
+        slices: Option<&[persist_durable::Slice]>,
+        limit: usize,
+    ) -> Result<Vec<persist_durable::StoredTimer>, StoreError> {
+        self.inner.due_timers(entity_type, before, slices, limit).await
+    }
+
+    async fn timers_of(&self, key: &PersistenceId) -> Result<Vec<persist_durable::StoredTimer>, StoreError> {
+        self.inner.timers_of(key).await
+    }
+
+    async fn cancel_timer(&self, key: &PersistenceId, name: &str) -> Result<bool, StoreError> {
+        self.inner.cancel_timer(key, name).await
+    }
+}
+
 /// Before it was contained, this panic unwound through the actor, whose
 /// context actix then polled once more while it was dropped: a second panic
 /// there aborted the whole test process.

@@ -469,6 +469,8 @@ async fn the_memory_store_keeps_the_schema_version_of_each_row() {
     let write = |id: &str, version: u32, payload: &Value| WriteRow {
         erases: false,
         fence: None,
+        timers: Vec::new(),
+        fired: None,
         key: person(id).persistence_id(),
         manifest: Person::MANIFEST,
         expected: Revision::NONE,

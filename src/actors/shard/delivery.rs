@@ -8,7 +8,8 @@ use actix::prelude::*;
 
 use super::super::entity_actor::{count_overloaded, Answer, Deliver, EntityActor, ExecuteRecords, Records};
 use super::super::protocol::{InFlight, ReplyTo};
-use crate::entity::{DurableEntity, EntityEvent};
+use super::super::round::Work;
+use crate::entity::DurableEntity;
 use crate::error::CommandError;
 
 /// Something a shard delivers to one entity's actor.
@@ -31,9 +32,9 @@ pub(super) trait Delivery<E: DurableEntity>: Sized + 'static {
     fn held(self) -> Held<E>;
 }
 
-/// One command of a caller.
+/// One command of a caller, or one timer's fire.
 pub(crate) struct One<E: DurableEntity> {
-    pub(crate) event: EntityEvent<E::Command>,
+    pub(crate) work: Work<E::Command>,
     pub(crate) reply: ReplyTo<Answer<E>>,
 }
 
@@ -74,7 +75,7 @@ impl<E: DurableEntity> Delivery<E> for One<E> {
 
     fn holding(self, slot: InFlight) -> Self {
         Self {
-            event: self.event,
+            work: self.work,
             reply: self.reply.holding(slot),
         }
     }
@@ -84,13 +85,13 @@ impl<E: DurableEntity> Delivery<E> for One<E> {
         // dropped with the message and the caller hears `NotDelivered`.
         let Some(child) = child else { return };
         child.do_send(Deliver {
-            event: self.event,
+            work: self.work,
             reply: self.reply,
         });
     }
 
     fn refuse(self, key: E::Key, reason: String) {
-        count_overloaded::<E>(&self.event);
+        count_overloaded::<E>(&self.work);
         self.reply.send(Err(CommandError::Overloaded { key, reason }));
     }
 
@@ -124,7 +125,7 @@ impl<E: DurableEntity> Delivery<E> for Batch<E> {
             .records
             .iter()
             .map(|(event, _)| {
-                count_overloaded::<E>(event);
+                count_overloaded::<E>(&Work::Command(event.clone()));
                 Err(CommandError::Overloaded {
                     key: key.clone(),
                     reason: reason.clone(),

@@ -42,6 +42,19 @@ diesel::table! {
 }
 
 diesel::table! {
+    entity_timers (persistence_id, name) {
+        persistence_id -> Text,
+        name -> Text,
+        entity_type -> Text,
+        slice -> Int4,
+        due -> Timestamptz,
+        schedule -> Text,
+        command -> Bytea,
+        missed -> Int4,
+    }
+}
+
+diesel::table! {
     feed_head (id) {
         id -> Int4,
         position -> Int8,
@@ -73,6 +86,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     cluster_nodes,
     cluster_slices,
     durable_state,
+    entity_timers,
     feed_head,
     feed_offsets,
     state_changes,

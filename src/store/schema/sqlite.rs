@@ -16,6 +16,19 @@ diesel::table! {
 }
 
 diesel::table! {
+    entity_timers (persistence_id, name) {
+        persistence_id -> Text,
+        name -> Text,
+        entity_type -> Text,
+        slice -> Integer,
+        due -> Text,
+        schedule -> Text,
+        command -> Binary,
+        missed -> Integer,
+    }
+}
+
+diesel::table! {
     feed_offsets (consumer) {
         consumer -> Text,
         position -> BigInt,
@@ -35,4 +48,4 @@ diesel::table! {
     }
 }
 
-diesel::allow_tables_to_appear_in_same_query!(durable_state, feed_offsets, state_changes,);
+diesel::allow_tables_to_appear_in_same_query!(durable_state, entity_timers, feed_offsets, state_changes,);

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use crate::entity::{InvalidInput, PersistenceId, Revision};
 use crate::error::{CorruptRow, StoreError};
-use crate::store::rows::{fresh_generation, ChangeRow, RowOutcome, StoredRow, WriteRow};
+use crate::store::rows::{fresh_generation, ChangeRow, RowOutcome, StoredRow, StoredTimer, TimerChange, WriteRow};
 use crate::store::JSON_SERIALIZER_ID;
 
 mod sealed {
@@ -78,6 +78,24 @@ pub struct RowWrite {
     pub(crate) slice: i32,
     /// In cluster mode, the writing node and the epoch of the slice it owns.
     pub(crate) fence: Option<(std::sync::Arc<str>, i64)>,
+    /// The timers it sets and cancels (none when it erases: an erasure
+    /// deletes them all).
+    pub(crate) timers: Vec<TimerChange>,
+    /// The timer whose fire it commits.
+    pub(crate) fired: Option<BoundFire>,
+}
+
+/// The fire a row's write commits: the row is written only while the timer
+/// `name` is at `due`.
+#[derive(Debug, Clone)]
+pub(crate) struct BoundFire {
+    pub(crate) name: String,
+    pub(crate) due: DateTime<Utc>,
+    /// What the write does to the timer: `Some(None)` deletes it,
+    /// `Some(Some(next))` moves it to its next occurrence, `None` leaves it
+    /// to the write's own change of it (its state set it anew or cancelled
+    /// it, or the write erases the entity): one statement changes a row once.
+    pub(crate) consume: Option<Option<DateTime<Utc>>>,
 }
 
 impl RowWrite {
@@ -106,7 +124,18 @@ impl RowWrite {
             Some(fence) => Some((fence.node, bigint(fence.epoch)?)),
             None => None,
         };
+        let timers = if write.erases { Vec::new() } else { write.timers };
+        let fired = write.fired.map(|fired| {
+            let changed_here = write.erases || timers.iter().any(|change| change.name() == fired.name);
+            BoundFire {
+                consume: (!changed_here).then_some(fired.next),
+                name: fired.name,
+                due: fired.due,
+            }
+        });
         Ok(Self {
+            timers,
+            fired,
             slice: i32::from(write.key.slice().index()),
             fence,
             erases: write.erases,
@@ -160,6 +189,46 @@ impl StateRow {
             generation: u64::try_from(self.generation).unwrap_or(0),
             schema_version,
             payload: self.state_payload,
+        })
+    }
+}
+
+/// A timer row as a backend reads it, its due time in the database's form
+/// (`DateTime` on PostgreSQL, `TEXT` on SQLite):
+/// `(persistence_id, name, due, schedule, command, missed)`.
+#[derive(Debug, Clone, diesel::Queryable)]
+pub(crate) struct TimerRow<Due> {
+    pub(crate) persistence_id: String,
+    pub(crate) name: String,
+    pub(crate) due: Due,
+    pub(crate) schedule: String,
+    pub(crate) command: Vec<u8>,
+    pub(crate) missed: i32,
+}
+
+impl<Due> TimerRow<Due> {
+    /// The stored timer, its due time read by `due`.
+    pub(crate) fn decode(
+        self,
+        due: impl FnOnce(Due) -> Result<DateTime<Utc>, CorruptRow>,
+    ) -> Result<StoredTimer, StoreError> {
+        let key = parse_id(&self.persistence_id).map_err(|source| StoreError::Corrupt {
+            key: PersistenceId::new("?", &self.persistence_id),
+            revision: None,
+            source,
+        })?;
+        let due = due(self.due).map_err(|source| StoreError::Corrupt {
+            key: key.clone(),
+            revision: None,
+            source,
+        })?;
+        Ok(StoredTimer {
+            key,
+            name: self.name,
+            due,
+            schedule: self.schedule,
+            command: self.command,
+            missed: self.missed,
         })
     }
 }

@@ -194,6 +194,8 @@ mod tests {
             payloads: vec![b"{}".to_vec()],
             erases: false,
             fence: None,
+            timers: Vec::new(),
+            fired: None,
         };
 
         let answer = group_commit.write_row(write).await;

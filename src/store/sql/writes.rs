@@ -54,10 +54,11 @@ pub(super) async fn execute_writes<B: SqlBackend>(
     for WriteRequest { write, reply } in batch {
         let (key, expected, revision) = (write.key.clone(), write.expected, write.revision);
         let epoch = write.fence.as_ref().map(|fence| fence.epoch);
+        let fired = write.fired.as_ref().map(|fired| fired.name.clone());
         match RowWrite::bind(write, feed) {
             Ok(row) => {
                 rows.push(row);
-                accepted.push((key, expected, revision, (reply, epoch)));
+                accepted.push((key, expected, revision, (reply, epoch, fired)));
             }
             Err(error) => {
                 let _ = reply.send(Err(error));
@@ -94,8 +95,8 @@ pub(super) async fn execute_writes<B: SqlBackend>(
             conflicted.map(|(row, _)| row.entity_type()),
         );
     }
-    for ((key, expected, revision, fence), outcome) in accepted.into_iter().zip(outcomes) {
-        let (reply, epoch) = fence;
+    for ((key, expected, revision, answer), outcome) in accepted.into_iter().zip(outcomes) {
+        let (reply, epoch, fired) = answer;
         let result = match outcome {
             Ok(RowOutcome::Written) => Ok(revision),
             Ok(RowOutcome::Conflict) => Err(StoreError::Conflict { key, expected }),
@@ -103,6 +104,10 @@ pub(super) async fn execute_writes<B: SqlBackend>(
                 slice: key.slice(),
                 key,
                 epoch: epoch.unwrap_or(0),
+            }),
+            Ok(RowOutcome::TimerGone) => Err(StoreError::TimerGone {
+                key,
+                name: fired.unwrap_or_default(),
             }),
             Err(error) => Err(error),
         };

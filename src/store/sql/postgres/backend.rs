@@ -20,7 +20,7 @@ use super::{NoAnswer, PostgresBackend, PostgresStore, Written};
 use crate::entity::{PersistenceId, Revision};
 use crate::error::StoreError;
 use crate::store::payload::TOMBSTONE;
-use crate::store::rows::{good_prefix, ChangeRow, RowOutcome};
+use crate::store::rows::{good_prefix, ChangeRow, RowOutcome, TimerChange};
 use crate::store::schema::postgres::{durable_state, feed_head, feed_offsets, state_changes};
 use crate::store::sql::backend::{self as port, FeedRow, RowWrite, SqlBackend, StateRow};
 use crate::store::JSON_SERIALIZER_ID;
@@ -93,6 +93,57 @@ impl SqlBackend for PostgresBackend {
         let change_types: Vec<&str> = changes().map(|(row, _)| row.entity_type()).collect();
         let change_revisions: Vec<i64> = changes().map(|(_, (revision, _))| *revision).collect();
         let change_payloads: Vec<&[u8]> = changes().map(|(_, (_, payload))| payload.as_slice()).collect();
+        let fire_names: Vec<Option<&str>> = rows
+            .iter()
+            .map(|row| row.fired.as_ref().map(|f| f.name.as_str()))
+            .collect();
+        let fire_dues: Vec<Option<DateTime<Utc>>> = rows.iter().map(|row| row.fired.as_ref().map(|f| f.due)).collect();
+        // NULL: delete the timer; a time: move it there; NULL and not consumed: leave it to the write's own change.
+        let fire_nexts: Vec<Option<DateTime<Utc>>> = rows
+            .iter()
+            .map(|row| row.fired.as_ref().and_then(|f| f.consume.flatten()))
+            .collect();
+        let fire_consumes: Vec<Option<bool>> = rows
+            .iter()
+            .map(|row| row.fired.as_ref().map(|f| f.consume.is_some()))
+            .collect();
+        let timers = || {
+            rows.iter()
+                .flat_map(|row| row.timers.iter().map(move |change| (row, change)))
+        };
+        let set = || {
+            timers().filter_map(|(row, change)| match change {
+                TimerChange::Set {
+                    name,
+                    due,
+                    schedule,
+                    command,
+                    missed,
+                } => Some((
+                    row.key.as_str(),
+                    name.as_str(),
+                    *due,
+                    schedule.as_str(),
+                    command.as_slice(),
+                    *missed,
+                )),
+                TimerChange::Cancel { .. } => None,
+            })
+        };
+        let set_ids: Vec<&str> = set().map(|t| t.0).collect();
+        let set_names: Vec<&str> = set().map(|t| t.1).collect();
+        let set_dues: Vec<DateTime<Utc>> = set().map(|t| t.2).collect();
+        let set_schedules: Vec<&str> = set().map(|t| t.3).collect();
+        let set_commands: Vec<&[u8]> = set().map(|t| t.4).collect();
+        let set_missed: Vec<i32> = set().map(|t| t.5).collect();
+        let cancelled = || {
+            timers().filter_map(|(row, change)| match change {
+                TimerChange::Cancel { name } => Some((row.key.as_str(), name.as_str())),
+                TimerChange::Set { .. } => None,
+            })
+        };
+        let cancel_ids: Vec<&str> = cancelled().map(|t| t.0).collect();
+        let cancel_names: Vec<&str> = cancelled().map(|t| t.1).collect();
         let mut binds: Vec<&(dyn ToSql + Sync)> = vec![
             &ids,
             &expected,
@@ -107,6 +158,18 @@ impl SqlBackend for PostgresBackend {
             &JSON_SERIALIZER_ID,
             &erasing,
             &node,
+            &fire_names,
+            &fire_dues,
+            &fire_nexts,
+            &set_ids,
+            &set_names,
+            &set_dues,
+            &set_schedules,
+            &set_commands,
+            &set_missed,
+            &cancel_ids,
+            &cancel_names,
+            &fire_consumes,
         ];
         if self.feed {
             binds.extend([
@@ -121,13 +184,14 @@ impl SqlBackend for PostgresBackend {
             Ok(answer) => answer.map_err(sent_write_error)?,
             Err(_) => return Err(StoreError::OutcomeUnknown(Arc::new(NoAnswer(self.no_answer_after)))),
         };
-        // Each written row, and each fenced one; the others conflicted.
-        let outcomes: HashMap<&str, bool> = written.iter().map(|row| (row.get(0), row.get(1))).collect();
+        // Each row written, fenced, or whose fire found its timer gone; the others conflicted.
+        let outcomes: HashMap<&str, &str> = written.iter().map(|row| (row.get(0), row.get(1))).collect();
         Ok(ids
             .iter()
             .map(|id| match outcomes.get(id) {
-                Some(true) => RowOutcome::Written,
-                Some(false) => RowOutcome::Fenced,
+                Some(&"w") => RowOutcome::Written,
+                Some(&"f") => RowOutcome::Fenced,
+                Some(_) => RowOutcome::TimerGone,
                 None => RowOutcome::Conflict,
             })
             .collect())

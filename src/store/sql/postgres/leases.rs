@@ -145,21 +145,43 @@ impl Leases for PostgresStore {
 
     async fn transfer(
         &self,
-        slice: Slice,
         node: &str,
-        epoch_held: u64,
-        to: Option<&str>,
-    ) -> Result<Option<u64>, StoreError> {
-        let (node, to, held) = (node.to_owned(), to.map(str::to_owned), bigint(epoch_held)?);
+        moves: &[(Slice, u64, Option<String>)],
+    ) -> Result<Vec<(Slice, u64)>, StoreError> {
+        let node = node.to_owned();
+        let slices: Vec<i32> = moves.iter().map(|(slice, _, _)| i32::from(slice.index())).collect();
+        let held: Vec<i64> = moves
+            .iter()
+            .map(|(_, held, _)| bigint(*held))
+            .collect::<Result<_, _>>()?;
+        let to: Vec<Option<String>> = moves.iter().map(|(_, _, to)| to.clone()).collect();
         self.run_write(move |backend| async move {
+            // Locked in slice order, as the writes' fences take their share
+            // locks: a transfer and a write never wait for each other in a circle.
             let moved = backend
                 .lease_statement(
-                    "UPDATE cluster_slices SET owner = $3, epoch = epoch + 1
-                     WHERE slice = $1 AND owner = $2 AND epoch = $4 RETURNING epoch",
-                    &[&i32::from(slice.index()), &node, &to, &held],
+                    "WITH moves AS (
+                         SELECT * FROM unnest($2::integer[], $3::bigint[], $4::text[]) AS m(slice, held, to_node)
+                     ), locked AS (
+                         SELECT s.slice, m.to_node
+                         FROM cluster_slices AS s JOIN moves AS m ON m.slice = s.slice
+                         WHERE s.owner = $1 AND s.epoch = m.held
+                         ORDER BY s.slice
+                         FOR UPDATE OF s
+                     )
+                     UPDATE cluster_slices AS s SET owner = l.to_node, epoch = s.epoch + 1
+                     FROM locked AS l WHERE s.slice = l.slice
+                     RETURNING s.slice, s.epoch",
+                    &[&node, &slices, &held, &to],
                 )
                 .await?;
-            Ok(moved.first().map(|row| epoch(row, 0)))
+            Ok(moved
+                .iter()
+                .filter_map(|row| {
+                    let slice = u16::try_from(row.get::<_, i32>(0)).ok().and_then(Slice::new)?;
+                    Some((slice, epoch(row, 1)))
+                })
+                .collect())
         })
         .await
     }

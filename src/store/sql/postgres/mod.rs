@@ -14,6 +14,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations};
 mod backend;
 mod leases;
 mod statements;
+mod timers;
 mod writer;
 
 use super::backend::{self as port, Sealed};
@@ -409,6 +410,8 @@ mod tests {
                 erases: false,
                 slice: 0,
                 fence: None,
+                timers: Vec::new(),
+                fired: None,
             };
             assert_eq!(
                 backend.write_rows(&[row]).await.unwrap(),

@@ -46,11 +46,21 @@
 ///    before the first lock. A row at another revision is not returned.
 /// 3. `updated` updates only rows that `locked` returned, whose locks this
 ///    transaction already holds, so it waits for nobody (it may update a row
-///    before `locked` has locked the next). It finds each by the `ctid` of
+///    before `locked` has locked the next), and only those whose timer
+///    `fired_timer` found still due, if they commit a timer's fire. It finds each by the `ctid` of
 ///    the version `locked` locked, a TID scan instead of a second index
 ///    lookup: a locked, live row version keeps its `ctid` until this
 ///    transaction ends. With the feed, `head` takes the
 ///    `feed_head` lock after all of this, and its holder waits for nobody.
+///
+/// 2b. `fired_timer` locks the timer row of each locked row that commits a
+///    fire, if it is still at the due time fired for: a cancel or another
+///    fire of it either committed first (the row is gone or moved and this
+///    write commits nothing), or waits for this one. Every statement that
+///    locks a timer row (this one, the timer changes after `written`, the
+///    purge's deletes) holds its entity's row lock first, but a cancel
+///    (`Timers::cancel_timer`), which locks that one row and waits for
+///    nothing else: no wait for a timer row closes a cycle.
 ///
 /// No cycle of waits is possible. Place a waiting statement at (phase, id):
 /// one waiting in phase 1 at `k` waits for a transaction that inserted `k`
@@ -69,9 +79,10 @@ macro_rules! write_ctes {
         "\
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bytea[], $5::text[], $6::text[], $7::integer[],
-                         $8::bigint[], $9::integer[], $10::bigint[])
+                         $8::bigint[], $9::integer[], $10::bigint[], $14::text[], $15::timestamptz[],
+                         $16::timestamptz[], $25::boolean[])
         AS t(persistence_id, expected, revision, payload, entity_type, manifest, schema_version, generation, slice,
-             fence_epoch)
+             fence_epoch, fire_name, fire_due, fire_next, fire_consume)
 ), fence AS MATERIALIZED (
     SELECT s.slice, s.epoch
     FROM cluster_slices AS s JOIN cluster_nodes AS n ON n.node_id = s.owner
@@ -79,64 +90,112 @@ WITH input AS (
       AND s.owner = $13 AND n.lease_expires > now()
     ORDER BY s.slice
     FOR SHARE OF s
+), checked AS (
+    SELECT i.*,
+           (i.fence_epoch IS NULL
+            OR EXISTS (SELECT 1 FROM fence AS f WHERE f.slice = i.slice AND f.epoch = i.fence_epoch)) AS fenced_in
+    FROM input AS i
 ), admitted AS (
-    SELECT * FROM input AS i
-    WHERE i.fence_epoch IS NULL
-       OR EXISTS (SELECT 1 FROM fence AS f WHERE f.slice = i.slice AND f.epoch = i.fence_epoch)
+    SELECT * FROM checked WHERE fenced_in
 ), inserted AS (
     INSERT INTO durable_state
         (persistence_id, entity_type, revision, db_timestamp, state_ser_id, state_ser_manifest, state_payload,
          state_schema_version, generation, slice)
     SELECT persistence_id, entity_type, revision, now(), $11, manifest, payload, schema_version, generation, slice
-    FROM admitted WHERE expected = 0
+    FROM admitted WHERE expected = 0 AND fire_name IS NULL
     ORDER BY persistence_id COLLATE \"C\"
     ON CONFLICT (persistence_id) DO NOTHING
     RETURNING persistence_id
 ), locked AS (
     SELECT d.ctid AS row_id, i.persistence_id, i.expected, i.revision, i.payload, i.manifest, i.schema_version,
-           i.slice
+           i.slice, i.fire_name, i.fire_due
     FROM admitted AS i JOIN durable_state AS d ON d.persistence_id = i.persistence_id AND d.revision = i.expected
         AND (i.generation IS NULL OR d.generation = i.generation)
     WHERE i.expected <> 0 AND (SELECT count(*) FROM inserted) >= 0
     ORDER BY d.persistence_id COLLATE \"C\"
     FOR UPDATE OF d
+), fired_timer AS MATERIALIZED (
+    SELECT t.persistence_id
+    FROM locked AS l JOIN entity_timers AS t
+      ON t.persistence_id = l.persistence_id AND t.name = l.fire_name AND t.due = l.fire_due
+    ORDER BY t.persistence_id COLLATE \"C\"
+    FOR UPDATE OF t
 ), updated AS (
     UPDATE durable_state AS d
     SET revision = l.revision, db_timestamp = now(), state_ser_id = $11, state_ser_manifest = l.manifest,
         state_payload = l.payload, state_schema_version = l.schema_version, slice = l.slice
     FROM locked AS l
     WHERE d.ctid = l.row_id AND d.revision = l.expected
+      AND (l.fire_name IS NULL OR l.persistence_id IN (SELECT persistence_id FROM fired_timer))
     RETURNING d.persistence_id
 ), written AS (
     SELECT persistence_id FROM inserted UNION ALL SELECT persistence_id FROM updated
 ), redacted AS (
     UPDATE state_changes AS s SET state_payload = ''::bytea
     WHERE s.persistence_id = ANY($12::text[]) AND s.persistence_id IN (SELECT persistence_id FROM written)
+), timers_set AS (
+    INSERT INTO entity_timers AS t (persistence_id, name, entity_type, slice, due, schedule, command, missed)
+    SELECT n.persistence_id, n.name, i.entity_type, i.slice, n.due, n.schedule, n.command, n.missed
+    FROM unnest($17::text[], $18::text[], $19::timestamptz[], $20::text[], $21::bytea[], $22::integer[])
+        AS n(persistence_id, name, due, schedule, command, missed)
+    JOIN input AS i ON i.persistence_id = n.persistence_id
+    WHERE n.persistence_id IN (SELECT persistence_id FROM written)
+    ON CONFLICT (persistence_id, name) DO UPDATE
+    SET due = EXCLUDED.due, schedule = EXCLUDED.schedule, command = EXCLUDED.command, missed = EXCLUDED.missed
+), timers_cancelled AS (
+    DELETE FROM entity_timers AS t
+    USING unnest($23::text[], $24::text[]) AS c(persistence_id, name)
+    WHERE t.persistence_id = c.persistence_id AND t.name = c.name
+      AND c.persistence_id IN (SELECT persistence_id FROM written)
+), timers_erased AS (
+    DELETE FROM entity_timers AS t
+    WHERE t.persistence_id = ANY($12::text[]) AND t.persistence_id IN (SELECT persistence_id FROM written)
+), timers_fired AS (
+    DELETE FROM entity_timers AS t
+    USING input AS i
+    WHERE i.fire_consume AND i.fire_next IS NULL
+      AND t.persistence_id = i.persistence_id AND t.name = i.fire_name AND t.due = i.fire_due
+      AND i.persistence_id IN (SELECT persistence_id FROM written)
+), timers_advanced AS (
+    UPDATE entity_timers AS t SET due = i.fire_next
+    FROM input AS i
+    WHERE i.fire_consume AND i.fire_next IS NOT NULL
+      AND t.persistence_id = i.persistence_id AND t.name = i.fire_name AND t.due = i.fire_due
+      AND i.persistence_id IN (SELECT persistence_id FROM written)
 )"
     };
 }
 
-/// The end of both write statements: each row written, and each row refused
-/// by its fence (its node no longer owns its slice at the epoch it carried,
-/// or the node's lease has expired), as `(persistence_id, written)`.
+/// The end of both write statements, `(persistence_id, outcome)`: each row
+/// written (`w`), refused by its fence (`f`: its node no longer owns its
+/// slice at the epoch it carried, or the node's lease has expired), or a
+/// timer's fire whose timer is no longer at the due time it fired for (`g`:
+/// fired already, moved or cancelled); the other rows conflicted.
 macro_rules! write_outcomes {
     () => {
         "
-SELECT persistence_id, true AS written FROM written
+SELECT persistence_id, 'w' AS outcome FROM written
 UNION ALL
-SELECT persistence_id, false FROM input
-WHERE fence_epoch IS NOT NULL AND persistence_id NOT IN (SELECT persistence_id FROM admitted)"
+SELECT persistence_id, 'f' FROM checked WHERE NOT fenced_in
+UNION ALL
+SELECT persistence_id, 'g' FROM locked
+WHERE fire_name IS NOT NULL AND persistence_id NOT IN (SELECT persistence_id FROM fired_timer)
+UNION ALL
+SELECT persistence_id, 'g' FROM admitted WHERE fire_name IS NOT NULL AND expected = 0"
     };
 }
 
 /// Raw SQL (see above): the batched, revision-checked write without the
-/// feed. A write that deletes its entity (bind 12: the ids of those) still
+/// feed, with its timers (binds 14 to 16 and 25: the timer each row fires,
+/// if it does, its due time, its next, and whether the write consumes it;
+/// 17 to 22: the timers set; 23 and 24: those cancelled; all for rows
+/// written only, after their row's lock, as the feed's rows are). A write that deletes its entity (bind 12: the ids of those) still
 /// redacts the entity's earlier feed rows, written by nodes that keep the
 /// feed: an erasure erases wherever the data is.
 pub(super) const WRITE_ROWS_SQL: &str = concat!(write_ctes!(), write_outcomes!());
 
 /// Raw SQL (see above): the same write, plus one change feed row per committed revision
-/// (binds 14 to 17: persistence ids, entity types, revisions, payloads; each
+/// (binds 26 to 29: persistence ids, entity types, revisions, payloads; each
 /// change has its row's schema version). A write that deletes its entity
 /// (bind 12: the ids of those) redacts the entity's earlier feed rows to the
 /// empty payload, in the same statement: the `UPDATE` sees the rows as they
@@ -150,7 +209,7 @@ pub(super) const WRITE_ROWS_WITH_FEED_SQL: &str = concat!(
     write_ctes!(),
     ", changes AS (
     SELECT c.persistence_id, c.entity_type, c.revision, c.payload, i.schema_version, c.ord
-    FROM unnest($14::text[], $15::text[], $16::bigint[], $17::bytea[])
+    FROM unnest($26::text[], $27::text[], $28::bigint[], $29::bytea[])
         WITH ORDINALITY AS c(persistence_id, entity_type, revision, payload, ord)
     JOIN input AS i ON i.persistence_id = c.persistence_id
     WHERE c.persistence_id IN (SELECT persistence_id FROM written)
@@ -220,6 +279,8 @@ pub(super) const PURGE_ROWS_SQL: &str = concat!(
     ", redacted AS (
     UPDATE state_changes AS s SET state_payload = ''::bytea
     WHERE s.persistence_id IN (SELECT persistence_id FROM purged)
+), timers AS (
+    DELETE FROM entity_timers AS t WHERE t.persistence_id IN (SELECT persistence_id FROM purged)
 )
 SELECT persistence_id FROM purged"
 );
@@ -242,6 +303,8 @@ pub(super) const PURGE_ROWS_WITH_FEED_SQL: &str = concat!(
 ), redacted AS (
     UPDATE state_changes AS s SET state_payload = ''::bytea
     WHERE s.persistence_id IN (SELECT persistence_id FROM purged)
+), timers AS (
+    DELETE FROM entity_timers AS t WHERE t.persistence_id IN (SELECT persistence_id FROM purged)
 )
 SELECT persistence_id FROM purged"
 );

@@ -1,3 +1,7 @@
+//! The embedded backend: SQLite through diesel's synchronous driver on
+//! blocking threads. Its set-up and statements are here, its timers' in
+//! `timers`.
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -30,6 +34,8 @@ use crate::store::runtime::{DbRuntime, NoAnswer};
 use crate::store::schema::sqlite::{durable_state, feed_offsets, state_changes};
 use crate::store::JSON_SERIALIZER_ID;
 use crate::store::{ChangeLog, FeedBounds, Maintenance, Offsets, KAFKA_POSITIONS};
+
+mod timers;
 
 const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
@@ -307,6 +313,11 @@ fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult
     if row.fence.is_some() {
         return Ok(RowOutcome::Fenced);
     }
+    if let Some(fired) = &row.fired {
+        if !timers::still_due(conn, row.key.as_str(), &fired.name, fired.due)? {
+            return Ok(RowOutcome::TimerGone);
+        }
+    }
     let entity_type = row.entity_type().to_owned();
     let id = row.key.as_str();
     let written = if row.expected == 0 {
@@ -353,7 +364,9 @@ fn write_row(conn: &mut SqliteConnection, row: &RowWrite) -> diesel::QueryResult
     // another node's may.
     if row.erases {
         redact(conn, id)?;
+        timers::delete_all(conn, id)?;
     }
+    timers::write(conn, row)?;
     for (revision, payload) in &row.changes {
         diesel::insert_into(state_changes::table)
             .values((
@@ -666,6 +679,7 @@ impl Maintenance for SqliteStore {
                                     continue;
                                 }
                                 redact(conn, id.as_str())?;
+                                timers::delete_all(conn, id.as_str())?;
                                 if feed {
                                     diesel::insert_into(state_changes::table)
                                         .values((
@@ -725,7 +739,7 @@ impl Maintenance for SqliteStore {
 
 /// `time` as the `TEXT` timestamp columns hold it ([`ISO_8601_MILLIS`]):
 /// fixed width, so text order is time order and a bound compares with `<`.
-fn iso_8601_millis(time: chrono::DateTime<chrono::Utc>) -> String {
+pub(super) fn iso_8601_millis(time: chrono::DateTime<chrono::Utc>) -> String {
     time.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
