@@ -54,8 +54,8 @@ pub enum Command {
     DeleteUser,
     /// The user used the cart and has not been seen since, for the
     /// [cart reminder](crate::StatePolicy::with_cart_reminder)'s delay: what
-    /// its durable timer delivers. Records when, in
-    /// [`cart_abandoned_at`](crate::UserState::cart_abandoned_at), for a
+    /// its durable timer delivers. Sets
+    /// [`cart_abandoned`](crate::UserState::cart_abandoned), for a
     /// notification to follow from the change feed.
     CartAbandoned,
 }

@@ -25,9 +25,12 @@ pub struct UserState {
     pub marketing_opt_in: bool,
     /// When the last state-changing event for this user happened.
     pub last_event_time: Option<DateTime<Utc>>,
-    /// When the user's cart was last found abandoned (used, then not seen
-    /// for the [cart reminder](StatePolicy::with_cart_reminder)'s delay).
-    pub cart_abandoned_at: Option<DateTime<Utc>>,
+    /// The cart the user last used was found abandoned: they were not seen
+    /// for the [cart reminder](StatePolicy::with_cart_reminder)'s delay
+    /// after. Cleared when they use the cart again. (A flag, not a time: it
+    /// fits the state's padding, and a resident user stays within its
+    /// memory budget; the change feed says when.)
+    pub cart_abandoned: bool,
 }
 
 /// The user state as an entity: keyed by [`UserKey`], changed by [`Command`]s,
@@ -54,12 +57,13 @@ impl DurableEntity for UserState {
 
     /// With a [cart reminder](StatePolicy::with_cart_reminder): a user who
     /// used the cart gets [`Command::CartAbandoned`] that long after their
-    /// last event, unless they were reminded since. Every event moves it on.
+    /// last event, unless they were reminded since they last used it. Every
+    /// event moves it on.
     fn timers(&self, policy: &StatePolicy) -> Vec<Timer<Command>> {
         let (Some(delay), Some(used)) = (policy.cart_reminder, self.last_cart_use) else {
             return Vec::new();
         };
-        if self.cart_abandoned_at.is_some_and(|reminded| reminded >= used) {
+        if self.cart_abandoned {
             return Vec::new();
         }
         let seen = self.last_event_time.unwrap_or(used).max(used);
@@ -141,11 +145,14 @@ fn transition(state: &UserState, command: &Command, at: DateTime<Utc>, policy: &
         Command::GetUserState | Command::DeleteUser => return None,
         // Not the user's own doing: not an event of theirs.
         Command::CartAbandoned => {
-            next.cart_abandoned_at = latest(next.cart_abandoned_at);
+            next.cart_abandoned = true;
             return Some(next);
         }
         Command::UserLogin => next.last_login = latest(next.last_login),
-        Command::UseCart => next.last_cart_use = latest(next.last_cart_use),
+        Command::UseCart => {
+            next.last_cart_use = latest(next.last_cart_use);
+            next.cart_abandoned = false;
+        }
         Command::ViewProduct { product_id } => {
             next.recent_products.retain(|seen| seen != product_id);
             next.recent_products.insert(0, product_id.clone());
