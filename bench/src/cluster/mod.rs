@@ -99,7 +99,7 @@ const READS_PER_PROBE: usize = 10;
 
 /// How long renewals are held at the database after a stalled node resumes,
 /// at most: well within the lease the other nodes renewed just before.
-const RENEWALS_HELD: Duration = Duration::from_millis(1500);
+const RENEWALS_HELD: Duration = Duration::from_millis(500);
 
 /// What the run waits for.
 #[derive(Debug, Clone, Copy)]
@@ -289,12 +289,13 @@ impl Run {
     ///
     /// Before the stall, counters of its slices are read through it (so it
     /// holds them in memory); once they moved, each gets an add through
-    /// another node, then reads and an add through the stalled node, which
-    /// wait in its socket until it resumes. Renewals are held at the
-    /// database until the reads are answered (1.5 s at most), so that it
-    /// resumes believing it owns its slices: it must answer the reads with
-    /// the new values (not from its memory, its lease having run out by its
-    /// own clock) and commit nothing under its old epochs.
+    /// another node, then reads through the stalled node, which wait in its
+    /// socket until it resumes. Renewals are held at the database until the
+    /// reads are answered (0.5 s at most), so that it resumes believing it
+    /// owns its slices: it must answer the reads with the new values (not
+    /// from its memory, its lease having run out by its own clock), and
+    /// commit nothing under its old epochs (the requests that waited for it
+    /// include adds).
     async fn stall(&mut self, index: usize) -> Result<Value, AnyError> {
         let name = Self::name(index);
         let owned = self.db.owned_by(name).await?;
@@ -321,7 +322,7 @@ impl Run {
             let acknowledged = self.load.add_until_acknowledged(*counter, &others).await?;
             floors.push(acknowledged.value().unwrap_or(0));
         }
-        // Reads, then an add, of each probed counter wait in its socket.
+        // Reads of each probed counter wait in its socket.
         let mut reads = Vec::new();
         for (counter, floor) in probes.iter().zip(&floors) {
             for _ in 0..READS_PER_PROBE {
@@ -331,13 +332,6 @@ impl Run {
                 }));
             }
         }
-        let adds: Vec<_> = probes
-            .iter()
-            .map(|counter| {
-                let (load, counter) = (self.load.clone(), *counter);
-                tokio::spawn(async move { load.add_once(counter, index, STEP_LIMIT / 2).await })
-            })
-            .collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
         // Renewals wait at the database while it resumes: it believes it
         // owns its slices until the hold ends, or its reads are answered.
@@ -349,22 +343,22 @@ impl Run {
         let mut reads = Box::pin(futures_util::future::join_all(reads));
         let early = tokio::time::timeout(RENEWALS_HELD, &mut reads).await.ok();
         held.release().await?;
+        let held_for = resumed.elapsed().as_secs_f64();
+        let answered_while_held = early.is_some();
         let reads = match early {
             Some(reads) => reads,
             None => reads.await,
         };
-        let held_for = resumed.elapsed().as_secs_f64();
-        let (mut answered, mut stale) = (0, 0);
+        let (mut stale, mut answers) = (0, BTreeMap::new());
         for read in reads {
             let (read, floor) = read?;
-            if let Some(value) = read.value() {
-                answered += 1;
-                stale += u64::from(value < floor);
-            }
+            stale += u64::from(read.value().is_some_and(|value| value < floor));
+            *answers.entry(format!("read: {}", outcome(&read.answer))).or_insert(0) += 1;
         }
-        let mut adds_acknowledged = 0;
-        for add in adds {
-            adds_acknowledged += u64::from(add.await?.value().is_some());
+        // Then an add of each through it, as it takes its share back.
+        for counter in &probes {
+            let add = self.load.add_once(*counter, index, STEP_LIMIT / 2).await;
+            *answers.entry(format!("add: {}", outcome(&add.answer))).or_insert(0) += 1;
         }
         let rejoined = self.until(Condition::Balanced, resumed).await?;
         let after = self.node_stats(index).await?;
@@ -381,9 +375,9 @@ impl Run {
             "writes_fenced": delta("writes_fenced"),
             "commits_after_its_lease_moved": self.db.commits_by_non_owners(Some((name, stalled_at))).await?,
             "renewals_held_after_resuming_seconds": held_for,
-            "probe_reads_answered": answered,
+            "probe_reads_all_answered_while_held": answered_while_held,
             "probe_reads_stale": stale,
-            "probe_adds_acknowledged": adds_acknowledged,
+            "probe_answers": answers,
         }))
     }
 
@@ -505,13 +499,17 @@ impl Run {
 /// The attempts that got no value, by what they got.
 fn errors(history: &[history::Op]) -> BTreeMap<String, u64> {
     let mut errors = BTreeMap::new();
-    for op in history {
-        let key = match &op.answer {
-            Answer::Value(_) => continue,
-            Answer::Refused { status, kind } => format!("{status} {kind}"),
-            Answer::Nothing(reason) => format!("no answer: {reason}"),
-        };
-        *errors.entry(key).or_insert(0) += 1;
+    for op in history.iter().filter(|op| op.value().is_none()) {
+        *errors.entry(outcome(&op.answer)).or_insert(0) += 1;
     }
     errors
+}
+
+/// An answer, in a word or two: `value`, `421 not_owner`, `no answer: timeout`.
+fn outcome(answer: &Answer) -> String {
+    match answer {
+        Answer::Value(_) => "value".into(),
+        Answer::Refused { status, kind } => format!("{status} {kind}"),
+        Answer::Nothing(reason) => format!("no answer: {reason}"),
+    }
 }
