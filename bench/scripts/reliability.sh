@@ -8,7 +8,7 @@
 #
 # Usage: bench/scripts/reliability.sh [DATABASE_URL]    (a database of its own: it is truncated)
 #   The outage scenario stops and starts the local cluster with pg_ctlcluster (run as root).
-#   env: SCALE (1; CI uses 0.1: the cluster scenario then runs one round of faults, about 30 s),
+#   env: SCALE (1; CI uses 0.1: the cluster scenario then runs one round of faults, 35-40 s in a dev build),
 #        PROFILE (--release; CI uses --profile=dev), OUT (bench/results/reliability.jsonl)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
