@@ -5,6 +5,7 @@
 //! cargo run --release -p persist-durable-bench --bin reliability -- kill9     --database-url postgres://... --kills 20
 //! cargo run --release -p persist-durable-bench --bin reliability -- outage    --database-url postgres://...
 //! cargo run --release -p persist-durable-bench --bin reliability -- two-nodes --database-url postgres://...
+//! cargo run --release -p persist-durable-bench --bin reliability -- cluster   --database-url postgres://...
 //! ```
 //!
 //! The client runs the library in child processes (`serve`), which read
@@ -15,6 +16,10 @@
 //! database: each user's revision must equal the number of its commands,
 //! since every command changes state and none may be lost or applied twice.
 //! Each scenario ends with one JSON line of figures.
+//!
+//! `cluster` runs three nodes in cluster mode as child processes serving
+//! HTTP, and checks every answer for linearizability besides the stored
+//! values (see `bench/src/cluster/mod.rs`).
 
 use std::collections::{HashMap, VecDeque};
 use std::error::Error;
@@ -35,6 +40,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
+
+#[path = "../cluster/mod.rs"]
+mod cluster;
 
 type AnyError = Box<dyn Error + Send + Sync>;
 
@@ -88,6 +96,10 @@ enum Scenario {
         #[command(flatten)]
         common: Common,
     },
+    /// Three nodes in cluster mode over HTTP: SIGKILL, SIGSTOP past the lease, graceful leave, deletes.
+    Cluster(cluster::ClusterOptions),
+    /// One node of the cluster scenario (used by it).
+    ClusterNode(cluster::NodeOptions),
     /// Serve commands from stdin (used by the scenarios).
     Serve {
         #[arg(long, env = "DATABASE_URL")]
@@ -132,10 +144,28 @@ fn main() -> Result<(), AnyError> {
             cluster_version,
         } => runtime()?.block_on(outage(common, outage_seconds, cluster_version))?,
         Scenario::TwoNodes { common } => runtime()?.block_on(two_nodes(common))?,
+        Scenario::Cluster(options) => runtime()?.block_on(cluster::run(options))?,
+        Scenario::ClusterNode(options) => {
+            let system = actix::System::new();
+            let served = system.block_on(cluster::serve_node(options));
+            // Its blocking read of stdin may still run (SIGTERM ended it),
+            // and dropping the runtime would wait for it: exit before.
+            if let Err(error) = served {
+                eprintln!("Error: {error:?}");
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
     };
     println!("{report}");
     if report["lost"] != json!(0) || report["applied_twice"] != json!(0) {
         return Err("acknowledged commands were lost or applied twice".into());
+    }
+    if report
+        .get("violations")
+        .is_some_and(|violations| violations != &json!(0))
+    {
+        return Err(format!("{} violations: {}", report["violations"], report["violation_examples"]).into());
     }
     Ok(())
 }
