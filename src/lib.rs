@@ -137,3 +137,20 @@ pub mod prelude {
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+/// The `docs/` pages' code blocks, compiled as the README's are.
+#[cfg(doctest)]
+mod docs_doctests {
+    #[doc = include_str!("../docs/lifecycle.md")]
+    struct Lifecycle;
+    #[doc = include_str!("../docs/http.md")]
+    struct Http;
+    #[doc = include_str!("../docs/change-feed.md")]
+    struct ChangeFeed;
+    #[doc = include_str!("../docs/kafka-in.md")]
+    struct KafkaIn;
+    #[doc = include_str!("../docs/cluster.md")]
+    struct Cluster;
+    #[doc = include_str!("../docs/timers.md")]
+    struct Timers;
+}
