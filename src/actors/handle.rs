@@ -348,14 +348,17 @@ impl<E: DurableEntity> ClusterRoute<E> {
         let slice = key.persistence_id().slice();
         let ownership = self.cluster.ownership();
         let mut attempt = 0;
+        let started = tokio::time::Instant::now();
         loop {
             attempt += 1;
+            let mut forwarded = false;
             let answer = if ownership.owns(slice) {
                 shards.send(key.clone(), event.clone()).await
             } else {
                 match (ownership.owner(slice), &self.forwarder) {
                     (Some(owner), Some(forwarder)) if self.forward && *owner.node != **ownership.node() => {
                         self.cluster.count_forwarded();
+                        forwarded = true;
                         forwarder.forward(owner, key.clone(), event.clone()).await
                     }
                     (owner, _) => Err(CommandError::NotOwner {
@@ -367,6 +370,13 @@ impl<E: DurableEntity> ClusterRoute<E> {
             match answer {
                 Err(CommandError::NotOwner { .. }) if self.forward && attempt < ROUTING_ATTEMPTS => {
                     // Moving: the next round of the membership task settles it.
+                    tokio::time::sleep(self.cluster.renew_every() / 2).await;
+                }
+                // The owner could not be reached, so nothing was sent: it may
+                // have died, and its slices move once its lease expires.
+                Err(CommandError::NotDelivered { .. })
+                    if forwarded && started.elapsed() < self.cluster.failover_within() =>
+                {
                     tokio::time::sleep(self.cluster.renew_every() / 2).await;
                 }
                 answer => return answer,

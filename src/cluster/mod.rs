@@ -281,6 +281,13 @@ impl Cluster {
         self.shared.config.renew_every
     }
 
+    /// How long a node that died may still hold its slices: its lease, a
+    /// renewal period of the node that takes them, and one of this node's
+    /// to learn of it.
+    pub(crate) fn failover_within(&self) -> Duration {
+        self.shared.config.lease + 2 * self.shared.config.renew_every
+    }
+
     /// What this node owns, for the managers and the routing.
     pub(crate) fn ownership(&self) -> &Arc<Ownership> {
         &self.shared.ownership

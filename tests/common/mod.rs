@@ -418,7 +418,9 @@ impl TestDb {
 
     /// PostgreSQL only: runs `sql` in a transaction of another session, kept
     /// open (with its locks) until the value returned is dropped.
-    fn hold_in_transaction(&self, sql: &str) -> TableLock {
+    /// PostgreSQL only: runs `sql` in a transaction of another session, held
+    /// open (with its locks) until the returned guard is dropped.
+    pub fn hold_in_transaction(&self, sql: &str) -> TableLock {
         let Location::Postgres { url, .. } = &self.location else {
             panic!("locks are taken on PostgreSQL")
         };
