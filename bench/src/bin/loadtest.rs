@@ -114,6 +114,12 @@ struct Options {
     /// the stored revision, to measure what that check costs.
     #[arg(long)]
     exclusive_writer: bool,
+    /// Cluster mode (PostgreSQL): join a cluster of this one node (it owns
+    /// every slice) before starting, so every write is fenced and reads are
+    /// answered from memory under the lease: what fencing costs against
+    /// the exclusive writer, and what it recovers of the default mode's checks.
+    #[arg(long)]
+    cluster: bool,
     /// Random seed, so runs can be repeated.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -346,8 +352,19 @@ where
 
 async fn run_actors(options: &Options, location: &str, backend: &str) -> Result<serde_json::Value, AnyError> {
     let store = open_store(options, location, backend).await?;
+    let cluster = if options.cluster {
+        let config = persist_durable::ClusterConfig::new("loadtest", "http://127.0.0.1:1");
+        Some(persist_durable::Cluster::join(store.clone(), config).await?)
+    } else {
+        None
+    };
+    let config = match &cluster {
+        Some(cluster) => manager_config(options).with_cluster(cluster.clone()),
+        None => manager_config(options),
+    };
+    let started = Instant::now();
     // The typed handle: it picks each user's shard in this thread.
-    let users = UserStates::start(store.clone(), manager_config(options));
+    let users = UserStates::start(store.clone(), config);
     let mut workload = Workload::new(options)?;
     let mut report = drive(
         &mut workload,
@@ -374,6 +391,15 @@ async fn run_actors(options: &Options, location: &str, backend: &str) -> Result<
     report["conflicts"] = json!(store_stats.conflicts);
     report["load_statements"] = json!(store_stats.load_statements);
     report["exclusive_writer"] = json!(options.exclusive_writer);
+    report["cluster"] = json!(options.cluster);
+    if let Some(cluster) = cluster {
+        // The lease's traffic: one renewal (and one read) per node per period, whatever it owns.
+        let stats = cluster.stats();
+        report["cluster_renewals_per_sec"] = json!(stats.renewals as f64 / started.elapsed().as_secs_f64());
+        report["cluster_slices_owned"] = json!(stats.slices_owned);
+        report["cluster_writes_fenced"] = json!(stats.writes_fenced);
+        cluster.leave().await?;
+    }
     Ok(report)
 }
 
