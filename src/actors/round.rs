@@ -460,7 +460,7 @@ pub(crate) fn run<E: DurableEntity>(
             break;
         }
     }
-    let mut rest: Vec<Queued<E>> = next_round.into_iter().chain(queue).collect();
+    let rest: Vec<Queued<E>> = next_round.into_iter().chain(queue).collect();
     if revision == expected {
         let next = match stopped {
             Stop::Panicked => Next::Reload,
@@ -472,46 +472,16 @@ pub(crate) fn run<E: DurableEntity>(
         let key = persistence_id.get_or_insert_with(|| EntityKey::persistence_id(rules.key));
         match encode(key, &current) {
             Ok(payload) => payloads = vec![payload],
-            Err(_) => {
-                // Some command of the round made a state that cannot be
-                // encoded, and only the last was: go again from the stored
-                // state, each alone, so only that command fails.
-                let mut again: Vec<Queued<E>> = waiting
-                    .into_iter()
-                    .map(|(mut queued, _)| {
-                        queued.alone = queued.changed;
-                        queued
-                    })
-                    .collect();
-                again.extend(rest);
-                return Round {
-                    answered,
-                    rest: again,
-                    next: Next::Reload,
-                };
-            }
+            // Some command of the round made a state that cannot be encoded,
+            // and only the last was: each again alone, so only it fails.
+            Err(_) => return each_alone(answered, waiting, rest),
         }
     }
     let timers = match timer_changes(rules, before.as_deref().unwrap_or_default(), &current) {
         Ok(timers) => timers,
-        Err(_) => {
-            // Some command of the round made a state wanting a timer that
-            // cannot be stored: go again from the stored state, each
-            // alone, so that only that command fails.
-            let mut again: Vec<Queued<E>> = waiting
-                .into_iter()
-                .map(|(mut queued, _)| {
-                    queued.alone = queued.changed;
-                    queued
-                })
-                .collect();
-            again.append(&mut rest);
-            return Round {
-                answered,
-                rest: again,
-                next: Next::Reload,
-            };
-        }
+        // Some command of the round made a state wanting a timer that
+        // cannot be stored: each again alone, so only it fails.
+        Err(_) => return each_alone(answered, waiting, rest),
     };
     Round {
         answered,
@@ -527,6 +497,29 @@ pub(crate) fn run<E: DurableEntity>(
             timers,
             fired,
         }),
+    }
+}
+
+/// The round again from the stored state, each command that changed it in
+/// a write of its own: one of them made a state that cannot be stored, and
+/// which one is found by writing each alone.
+fn each_alone<E: DurableEntity>(
+    answered: Vec<(Queued<E>, Answer<E>)>,
+    waiting: Vec<(Queued<E>, Answer<E>)>,
+    rest: Vec<Queued<E>>,
+) -> Round<E> {
+    let mut again: Vec<Queued<E>> = waiting
+        .into_iter()
+        .map(|(mut queued, _)| {
+            queued.alone = queued.changed;
+            queued
+        })
+        .collect();
+    again.extend(rest);
+    Round {
+        answered,
+        rest: again,
+        next: Next::Reload,
     }
 }
 

@@ -121,9 +121,12 @@ impl std::fmt::Debug for SchedulerHandle {
 }
 
 impl SchedulerHandle {
-    /// Whether a timer due at `due` falls within the scheduler's window.
+    /// Whether a timer due at `due` falls within the scheduler's window, or
+    /// may: before its first read, every timer is handed over (a read in
+    /// flight may not see a timer committed meanwhile).
     pub(crate) fn holds(&self, due: DateTime<Utc>) -> bool {
-        due.timestamp_millis() < self.horizon.load(Ordering::Acquire)
+        let horizon = self.horizon.load(Ordering::Acquire);
+        horizon == i64::MIN || due.timestamp_millis() < horizon
     }
 
     /// Hands the scheduler timers committed on this node within its window.
@@ -363,11 +366,13 @@ impl Scheduler {
         self.state.due.insert((timer.due, slot.0, slot.1), timer);
     }
 
-    /// Timers committed on this node: held if within the window.
+    /// Timers committed on this node: held if within the window, or if no
+    /// window is read yet (the read to come may have begun before their
+    /// commit, and not see them).
     fn expect(&mut self, timers: Vec<StoredTimer>) {
         let now = self.clock.now();
         for timer in timers {
-            let within = self.state.horizon.is_some_and(|horizon| timer.due < horizon);
+            let within = self.state.horizon.is_none_or(|horizon| timer.due < horizon);
             let owned = self
                 .ownership
                 .as_ref()
