@@ -6,13 +6,13 @@
 //! - Each node registers (its name and the address other nodes forward to)
 //!   and renews one lease row every [`ClusterConfig::renew_every`], whatever
 //!   it owns; every expiry is decided by the database's clock.
-//! - Slices are placed on the live nodes by rendezvous hashing with bounded
-//!   loads (each node within a few percent of its share; a join or a leave
-//!   moves about `1024 / N` slices), and change hands only by
-//!   compare-and-set on their ownership row, whose epoch is the fencing
-//!   token.
-//! - Every write for a slice (group commit, delete, purge, a singleton's
-//!   position) commits only if its node still owns the slice at the epoch it
+//! - Slices are placed on the live nodes in exact shares (⌊1024/N⌋ or
+//!   ⌈1024/N⌉ each; a join or a leave moves only what it must, the rest
+//!   stays where it is, new homes by rendezvous hashing), and change hands
+//!   only by compare-and-set on their ownership row, whose epoch is the
+//!   fencing token; a round's hand-overs are one statement.
+//! - Every write for a slice (group commit, delete, purge, a timer's fire,
+//!   a singleton's position) commits only if its node still owns the slice at the epoch it
 //!   carries, with its lease unexpired, checked in the same statement, which
 //!   holds the ownership row `FOR SHARE`: a transfer waits for the old
 //!   owner's writes in flight, and a node stalled past its lease commits
