@@ -377,6 +377,63 @@ async fn a_feed_consumer_name_is_followed_on_one_node_at_a_time() {
     b.leave().await.unwrap();
 }
 
+/// A feed consumer's node that dies with changes delivered and not
+/// committed (its renewals stuck, as a process stopped): the other node takes
+/// the name over once the dead node's lease has run out, and goes on from
+/// its last commit. Each change is delivered at most twice, none is lost.
+#[actix::test]
+async fn a_feed_consumer_taken_over_from_a_dead_node_delivers_each_change_at_most_twice() {
+    let Some(db) = TestDb::open(Backend::Postgres).await else {
+        return;
+    };
+    let feed = || db.connect_with(crate::common::test_store_config().with_change_feed(true));
+    let (store_a, store_b) = (feed().await, feed().await);
+    let _a = Cluster::join(store_a.clone(), quick("a", "http://127.0.0.1:1"))
+        .await
+        .unwrap();
+    let b = Cluster::join(store_b.clone(), quick("b", "http://127.0.0.1:2"))
+        .await
+        .unwrap();
+    let users = UserStates::start(store_b.clone(), Config::default());
+    let login = |i: usize| users.send(key("mall", &format!("u{i}")), Command::UserLogin);
+    for i in 0..20 {
+        login(i).await.unwrap();
+    }
+    let mut on_a = persist_durable::ChangeFeed::resume(store_a.clone(), "indexer")
+        .await
+        .unwrap();
+    let mut on_b = persist_durable::ChangeFeed::resume(store_b.clone(), "indexer")
+        .await
+        .unwrap();
+    let mut delivered: Vec<u64> = on_a.next_batch().await.unwrap().iter().map(|c| c.position).collect();
+    on_a.commit().await.unwrap();
+    for i in 20..30 {
+        login(i).await.unwrap();
+    }
+    delivered.extend(on_a.next_batch().await.unwrap().iter().map(|c| c.position));
+    assert_eq!(delivered.len(), 30);
+
+    // a dies before it commits the last ten.
+    let _stuck = db.hold_in_transaction("SELECT 1 FROM cluster_nodes WHERE node_id = 'a' FOR UPDATE");
+    let started = Instant::now();
+    let mut taken_over = Vec::new();
+    while taken_over.len() < 10 {
+        assert!(started.elapsed() < Duration::from_secs(10), "b did not take over");
+        taken_over.extend(on_b.next_batch().await.unwrap().iter().map(|change| change.position));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    on_b.commit().await.unwrap();
+
+    assert_eq!(taken_over, (21..=30).collect::<Vec<u64>>(), "from a's last commit");
+    let mut all = delivered.clone();
+    all.extend(&taken_over);
+    for position in 1..=30u64 {
+        let times = all.iter().filter(|p| **p == position).count();
+        assert!((1..=2).contains(&times), "change {position} delivered {times} times");
+    }
+    b.leave().await.unwrap();
+}
+
 /// Retention in cluster mode: each node purges only the rows of the slices
 /// it owns, the only node where their entities may be resident.
 #[actix::test]
